@@ -1,0 +1,51 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+// Dependencies run one way:
+//   TensorCore ← LanguageModel ← Editing ← Evaluation ← Pipeline ← dafnet
+//   Storage needs only TensorCore; Tokenizers needs nothing.
+// Only the `dafnet` executable imports ArgumentParser.
+let optimize: [SwiftSetting] = [.unsafeFlags(["-Ounchecked", "-wmo"], .when(configuration: .release))]
+
+let package = Package(
+    name: "dafnet",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "LanguageModel"]),
+        .executable(name: "dafnet", targets: ["dafnet"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+    ],
+    targets: [
+        // System libraries (Debian: libopenblas-dev, libzstd-dev, libarchive-dev), found through pkg-config.
+        .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas",
+                       providers: [.apt(["libopenblas-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CArchive", pkgConfig: "libarchive", providers: [.apt(["libarchive-dev"])]),
+
+        .target(name: "TensorCore", dependencies: ["COpenBLAS"], swiftSettings: optimize),
+        .target(name: "Tokenizers", swiftSettings: optimize),
+        .target(name: "Storage",
+                dependencies: ["TensorCore", "CZstd", "CArchive", .product(name: "Crypto", package: "swift-crypto")],
+                swiftSettings: optimize),
+        .target(name: "LanguageModel", dependencies: ["TensorCore", "Tokenizers", "Storage"],
+                swiftSettings: optimize),
+        .executableTarget(
+            name: "dafnet",
+            dependencies: ["TensorCore", "Tokenizers", "Storage", "LanguageModel",
+                           .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Logging", package: "swift-log")],
+            swiftSettings: optimize),
+
+        .testTarget(name: "TensorCoreTests", dependencies: ["TensorCore"]),
+        .testTarget(name: "TokenizersTests", dependencies: ["Tokenizers"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "StorageTests", dependencies: ["Storage"]),
+        .testTarget(name: "LanguageModelTests", dependencies: ["LanguageModel"], resources: [.copy("Fixtures")]),
+    ],
+    // Swift 5 language mode: the kernels hand raw buffers to concurrent loops, which the Swift 6
+    // data-race checker cannot see are disjoint.
+    swiftLanguageModes: [.v5]
+)

@@ -1,0 +1,119 @@
+import Foundation
+
+/// Strides and sizes of a causal multi-head attention call with grouped key/value heads.
+public struct AttentionShape: Sendable {
+    public var B: Int, T: Int, NH: Int, NKV: Int, HS: Int
+    /// Element distance between consecutive positions in q, k, v and out (defaults: packed [B, T, heads, HS]).
+    public var qStride: Int, kStride: Int, vStride: Int, outStride: Int
+    public var scale: Float
+
+    public init(B: Int, T: Int, NH: Int, NKV: Int? = nil, HS: Int,
+                qStride: Int? = nil, kStride: Int? = nil, vStride: Int? = nil, outStride: Int? = nil,
+                scale: Float? = nil) {
+        let kv = NKV ?? NH
+        precondition(NH % kv == 0, "query heads \(NH) not a multiple of key/value heads \(kv)")
+        self.B = B; self.T = T; self.NH = NH; self.NKV = kv; self.HS = HS
+        self.qStride = qStride ?? NH * HS
+        self.kStride = kStride ?? kv * HS
+        self.vStride = vStride ?? kv * HS
+        self.outStride = outStride ?? NH * HS
+        self.scale = scale ?? 1 / Float(HS).squareRoot()
+    }
+}
+
+extension Kernels {
+    /// Causal attention: out[b,t,h,:] = Σ_{s≤t, keyMask[b,s]≠0} softmax_s(scale·q·k) v.
+    /// q: [B, T, NH, HS]; k, v: [B, T, NKV, HS] (query head h reads kv head h / (NH/NKV)); strides per position.
+    /// Saves the probabilities `probs` [B, NH, T, T] for the backward pass. A query row with no visible
+    /// key (a padded position with left padding) gets zero output.
+    public static func attentionForward(
+        _ out: UnsafeMutablePointer<Float>, probs: UnsafeMutablePointer<Float>,
+        q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
+        keyMask: UnsafePointer<Float>?, _ s: AttentionShape
+    ) {
+        let T = s.T, HS = s.HS, group = s.NH / s.NKV
+        for b in 0..<s.B {
+            for h in 0..<s.NH {
+                let g = h / group
+                let qh = q + b * T * s.qStride + h * HS
+                let kg = k + b * T * s.kStride + g * HS
+                let vg = v + b * T * s.vStride + g * HS
+                let P = probs + (b * s.NH + h) * T * T
+                // S = scale · Q Kᵀ
+                BLAS.gemm(P, qh, kg, M: T, N: T, K: HS, transB: true, alpha: s.scale, lda: s.qStride, ldb: s.kStride)
+                let mask = keyMask.map { $0 + b * T }
+                Parallel.forChunks(T, costPerItem: 8 * T) { rows in
+                    for t in rows { maskedSoftmaxRow(P + t * T, visible: t + 1, T: T, keyMask: mask) }
+                }
+                let oh = out + b * T * s.outStride + h * HS
+                BLAS.gemm(oh, P, vg, M: T, N: HS, K: T, ldb: s.vStride, ldc: s.outStride)
+            }
+        }
+    }
+
+    @inline(__always)
+    static func maskedSoftmaxRow(_ row: UnsafeMutablePointer<Float>, visible: Int, T: Int, keyMask: UnsafePointer<Float>?) {
+        var mx = -Float.infinity
+        for j in 0..<visible where keyMask?[j] ?? 1 != 0 { mx = max(mx, row[j]) }
+        if mx == -.infinity {
+            row.update(repeating: 0, count: T)
+            return
+        }
+        var sum: Float = 0
+        for j in 0..<visible {
+            if keyMask?[j] ?? 1 != 0 {
+                let e = expf(row[j] - mx)
+                row[j] = e
+                sum += e
+            } else {
+                row[j] = 0
+            }
+        }
+        let inv = 1 / sum
+        for j in 0..<visible { row[j] *= inv }
+        for j in visible..<T { row[j] = 0 }
+    }
+
+    /// Adds attention gradients into dq, dk, dv (same layouts and strides as q, k, v).
+    public static func attentionBackward(
+        dq: UnsafeMutablePointer<Float>, dk: UnsafeMutablePointer<Float>, dv: UnsafeMutablePointer<Float>,
+        dout: UnsafePointer<Float>, probs: UnsafePointer<Float>,
+        q: UnsafePointer<Float>, k: UnsafePointer<Float>, v: UnsafePointer<Float>,
+        _ s: AttentionShape
+    ) {
+        let T = s.T, HS = s.HS, group = s.NH / s.NKV
+        let dP = UnsafeMutablePointer<Float>.allocate(capacity: T * T)
+        defer { dP.deallocate() }
+        for b in 0..<s.B {
+            for h in 0..<s.NH {
+                let g = h / group
+                let P = probs + (b * s.NH + h) * T * T
+                let doh = dout + b * T * s.outStride + h * HS
+                let qh = q + b * T * s.qStride + h * HS
+                let kg = k + b * T * s.kStride + g * HS
+                let vg = v + b * T * s.vStride + g * HS
+                // dV_g += Pᵀ · dO_h
+                BLAS.gemm(dv + b * T * s.vStride + g * HS, P, doh, M: T, N: HS, K: T, transA: true, beta: 1,
+                          lda: T, ldb: s.outStride, ldc: s.vStride)
+                // dP = dO_h · V_gᵀ
+                BLAS.gemm(dP, doh, vg, M: T, N: T, K: HS, transB: true, lda: s.outStride, ldb: s.vStride)
+                // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale   (in place in dP)
+                let scale = s.scale
+                Parallel.forChunks(T, costPerItem: 4 * T) { rows in
+                    for t in rows {
+                        let p = P + t * T, d = dP + t * T
+                        var dot: Float = 0
+                        for j in 0...t { dot += p[j] * d[j] }
+                        for j in 0...t { d[j] = p[j] * (d[j] - dot) * scale }
+                        for j in (t + 1)..<T { d[j] = 0 }
+                    }
+                }
+                // dQ_h += dS · K_g ; dK_g += dSᵀ · Q_h
+                BLAS.gemm(dq + b * T * s.qStride + h * HS, dP, kg, M: T, N: HS, K: T, beta: 1,
+                          lda: T, ldb: s.kStride, ldc: s.qStride)
+                BLAS.gemm(dk + b * T * s.kStride + g * HS, dP, qh, M: T, N: HS, K: T, transA: true, beta: 1,
+                          lda: T, ldb: s.qStride, ldc: s.kStride)
+            }
+        }
+    }
+}

@@ -1,0 +1,72 @@
+/// Forward and backward kernels on raw buffers, llm.c style: outputs first, then inputs, then
+/// dimensions; backward functions *add* into gradient buffers.
+public enum Kernels {}
+
+/// How a linear layer's weight is stored.
+public enum WeightLayout: Sendable {
+    /// `[out, in]`: `torch.nn.Linear` (Llama, the DAFNet auxiliary network).
+    case outIn
+    /// `[in, out]`: GPT-2's `Conv1D`.
+    case inOut
+}
+
+extension Kernels {
+    /// out[N, OC] = inp[N, C] · Wᵀ + bias (bias optional).
+    public static func linearForward(
+        _ out: UnsafeMutablePointer<Float>,
+        _ inp: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
+        N: Int, C: Int, OC: Int, layout: WeightLayout = .outIn
+    ) {
+        if let bias {
+            for n in 0..<N { (out + n * OC).update(from: bias, count: OC) }
+        }
+        BLAS.gemm(out, inp, weight, M: N, N: OC, K: C, transB: layout == .outIn, beta: bias == nil ? 0 : 1)
+    }
+
+    /// Adds the gradients of `linearForward`: dinp += dout · W, dweight += doutᵀ · inp (layout-aware),
+    /// dbias += Σ_n dout. Any of the gradient outputs may be nil.
+    public static func linearBackward(
+        dinp: UnsafeMutablePointer<Float>?, dweight: UnsafeMutablePointer<Float>?, dbias: UnsafeMutablePointer<Float>?,
+        dout: UnsafePointer<Float>, inp: UnsafePointer<Float>, weight: UnsafePointer<Float>,
+        N: Int, C: Int, OC: Int, layout: WeightLayout = .outIn
+    ) {
+        if let dinp {
+            // dinp[N, C] += dout[N, OC] · W[OC, C]   (outIn)   or dout · W[C, OC]ᵀ   (inOut)
+            BLAS.gemm(dinp, dout, weight, M: N, N: C, K: OC, transB: layout == .inOut, beta: 1)
+        }
+        if let dweight {
+            switch layout {
+            case .outIn: // dW[OC, C] += doutᵀ[OC, N] · inp[N, C]
+                BLAS.gemm(dweight, dout, inp, M: OC, N: C, K: N, transA: true, beta: 1)
+            case .inOut: // dW[C, OC] += inpᵀ[C, N] · dout[N, OC]
+                BLAS.gemm(dweight, inp, dout, M: C, N: OC, K: N, transA: true, beta: 1)
+            }
+        }
+        if let dbias {
+            for n in 0..<N {
+                let row = dout + n * OC
+                for o in 0..<OC { dbias[o] += row[o] }
+            }
+        }
+    }
+
+    /// out[N, C] = wte[ids[n], :] (+ wpe[pos[n], :] when given).
+    public static func embeddingForward(
+        _ out: UnsafeMutablePointer<Float>, ids: UnsafePointer<Int32>, table: UnsafePointer<Float>,
+        N: Int, C: Int
+    ) {
+        for n in 0..<N { (out + n * C).update(from: table + Int(ids[n]) * C, count: C) }
+    }
+
+    /// dtable[ids[n], :] += dout[n, :]
+    public static func embeddingBackward(
+        dtable: UnsafeMutablePointer<Float>, dout: UnsafePointer<Float>, ids: UnsafePointer<Int32>,
+        N: Int, C: Int
+    ) {
+        for n in 0..<N {
+            let d = dtable + Int(ids[n]) * C
+            let g = dout + n * C
+            for c in 0..<C { d[c] += g[c] }
+        }
+    }
+}

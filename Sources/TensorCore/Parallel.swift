@@ -1,0 +1,35 @@
+import Dispatch
+import Foundation
+
+/// Splits work across the machine's cores when there is enough of it.
+public enum Parallel {
+    /// Number of worker chunks to use (the core count).
+    public static let cores: Int = max(1, ProcessInfo.processInfo.activeProcessorCount)
+
+    /// Below this many scalar operations a loop stays on the calling thread: the dispatch costs more.
+    public static let minimumWork = 1 << 15
+
+    /// Calls `body(range)` over disjoint chunks of `0..<count`, in parallel when `count * costPerItem`
+    /// is large enough. `body` must only write memory that belongs to its own range.
+    @inline(__always)
+    public static func forChunks(_ count: Int, costPerItem: Int = 1, _ body: (Range<Int>) -> Void) {
+        if count <= 0 { return }
+        let chunks = min(cores, count)
+        if chunks <= 1 || count * costPerItem < minimumWork {
+            body(0..<count)
+            return
+        }
+        let size = (count + chunks - 1) / chunks
+        DispatchQueue.concurrentPerform(iterations: chunks) { c in
+            let lo = c * size
+            let hi = min(count, lo + size)
+            if lo < hi { body(lo..<hi) }
+        }
+    }
+
+    /// Calls `body(i)` for each `i` in `0..<count`, in parallel when worthwhile.
+    @inline(__always)
+    public static func forEach(_ count: Int, costPerItem: Int = 1, _ body: (Int) -> Void) {
+        forChunks(count, costPerItem: costPerItem) { range in for i in range { body(i) } }
+    }
+}

@@ -1,0 +1,110 @@
+import Foundation
+
+/// Aligned, zero-initialised Float32 storage shared by tensors and their views.
+/// Reference semantics: a `Tensor` and its views write the same memory (as in PyTorch); call `copy()`
+/// for an independent tensor.
+public final class TensorStorage: @unchecked Sendable {
+    public let pointer: UnsafeMutablePointer<Float>
+    public let count: Int
+
+    public init(count: Int) {
+        precondition(count >= 0, "negative element count")
+        self.count = count
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * MemoryLayout<Float>.stride, alignment: 64)
+        pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
+        pointer.initialize(repeating: 0, count: max(count, 1))
+    }
+
+    deinit { UnsafeMutableRawPointer(pointer).deallocate() }
+}
+
+/// A contiguous row-major Float32 tensor: storage, an element offset into it, and a shape.
+public struct Tensor: @unchecked Sendable, CustomStringConvertible {
+    public let storage: TensorStorage
+    public let offset: Int
+    public let shape: [Int]
+
+    /// Zeros of the given shape.
+    public init(shape: [Int]) {
+        let n = shape.reduce(1, *)
+        self.storage = TensorStorage(count: n)
+        self.offset = 0
+        self.shape = shape
+    }
+
+    public init(shape: [Int], repeating value: Float) {
+        self.init(shape: shape)
+        data.update(repeating: value, count: count)
+    }
+
+    public init(shape: [Int], values: [Float]) {
+        precondition(shape.reduce(1, *) == values.count, "shape \(shape) does not hold \(values.count) values")
+        self.init(shape: shape)
+        values.withUnsafeBufferPointer { data.update(from: $0.baseAddress!, count: values.count) }
+    }
+
+    public init(storage: TensorStorage, offset: Int, shape: [Int]) {
+        precondition(offset >= 0 && offset + shape.reduce(1, *) <= storage.count, "view out of storage bounds")
+        self.storage = storage
+        self.offset = offset
+        self.shape = shape
+    }
+
+    public var count: Int { shape.reduce(1, *) }
+    public var rank: Int { shape.count }
+    public var data: UnsafeMutablePointer<Float> { storage.pointer + offset }
+    public var buffer: UnsafeMutableBufferPointer<Float> { UnsafeMutableBufferPointer(start: data, count: count) }
+
+    /// Size of dimension `i` (negative counts from the end).
+    public func dim(_ i: Int) -> Int { shape[i < 0 ? shape.count + i : i] }
+
+    /// Same memory, another shape (the element count must match).
+    public func reshaped(_ newShape: [Int]) -> Tensor {
+        precondition(newShape.reduce(1, *) == count, "cannot reshape \(shape) to \(newShape)")
+        return Tensor(storage: storage, offset: offset, shape: newShape)
+    }
+
+    /// A view of rows `range` along the first dimension.
+    public func rows(_ range: Range<Int>) -> Tensor {
+        precondition(rank >= 1 && range.lowerBound >= 0 && range.upperBound <= shape[0], "rows \(range) out of \(shape)")
+        let inner = shape.dropFirst().reduce(1, *)
+        return Tensor(storage: storage, offset: offset + range.lowerBound * inner,
+                      shape: [range.count] + shape.dropFirst())
+    }
+
+    /// A view of row `i` along the first dimension, with that dimension dropped.
+    public func row(_ i: Int) -> Tensor { rows(i..<(i + 1)).reshaped(Array(shape.dropFirst())) }
+
+    /// An independent copy.
+    public func copy() -> Tensor {
+        let t = Tensor(shape: shape)
+        t.data.update(from: data, count: count)
+        return t
+    }
+
+    public func fill(_ value: Float) { data.update(repeating: value, count: count) }
+    public func zero() { fill(0) }
+
+    /// Copies the values of `other` (same element count) into this tensor.
+    public func assign(_ other: Tensor) {
+        precondition(other.count == count, "assign: \(other.shape) into \(shape)")
+        data.update(from: other.data, count: count)
+    }
+
+    public var array: [Float] { Array(buffer) }
+
+    public subscript(_ i: Int) -> Float {
+        get { data[i] }
+        nonmutating set { data[i] = newValue }
+    }
+
+    public subscript(_ i: Int, _ j: Int) -> Float {
+        get { data[i * shape[1] + j] }
+        nonmutating set { data[i * shape[1] + j] = newValue }
+    }
+
+    public var description: String {
+        let head = array.prefix(8).map { String(format: "%.4g", $0) }.joined(separator: ", ")
+        return "Tensor(\(shape), [\(head)\(count > 8 ? ", …" : "")])"
+    }
+}

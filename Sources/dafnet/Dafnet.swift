@@ -1,0 +1,24 @@
+import ArgumentParser
+
+@main
+struct Dafnet: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "dafnet",
+        abstract: "Keep a language model's facts up to date with DAFNet sequential editing.",
+        version: "0.1.0",
+        subcommands: [
+            Bench.self,
+            // Add one line per subcommand (one file per subcommand under Commands/).
+        ]
+    )
+}
+
+/// `dafnet bench …`: benchmarks. Each benchmark is its own subcommand file.
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Measure speed: kernels, language models, edits, the store.",
+        subcommands: [
+            BenchKernels.self,
+        ]
+    )
+}
