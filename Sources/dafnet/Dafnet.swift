@@ -8,6 +8,9 @@ struct Dafnet: ParsableCommand {
         version: "0.1.0",
         subcommands: [
             Bench.self,
+            Tokenize.self,
+            Generate.self,
+            CheckReference.self,
             // Add one line per subcommand (one file per subcommand under Commands/).
         ]
     )

@@ -117,3 +117,25 @@ extension Kernels {
         }
     }
 }
+
+extension Kernels {
+    /// Inference attention against a key/value cache: Tq new queries at absolute positions
+    /// `past..<past+Tq` attend keys 0...past+t. q: [Tq, NH·HS] (stride qStride); kCache, vCache:
+    /// [≥ past+Tq, NKV·HS] packed; out: [Tq, NH·HS] packed. One sequence (B = 1).
+    public static func attentionCached(
+        _ out: UnsafeMutablePointer<Float>, q: UnsafePointer<Float>, qStride: Int,
+        kCache: UnsafePointer<Float>, vCache: UnsafePointer<Float>,
+        past: Int, Tq: Int, NH: Int, NKV: Int, HS: Int
+    ) {
+        let Tk = past + Tq, group = NH / NKV, kvStride = NKV * HS
+        let scale = 1 / Float(HS).squareRoot()
+        let S = UnsafeMutablePointer<Float>.allocate(capacity: Tq * Tk)
+        defer { S.deallocate() }
+        for h in 0..<NH {
+            let g = h / group
+            BLAS.gemm(S, q + h * HS, kCache + g * HS, M: Tq, N: Tk, K: HS, transB: true, alpha: scale, lda: qStride, ldb: kvStride)
+            for t in 0..<Tq { maskedSoftmaxRow(S + t * Tk, visible: past + t + 1, T: Tk, keyMask: nil) }
+            BLAS.gemm(out + h * HS, S, vCache + g * HS, M: Tq, N: HS, K: Tk, ldb: kvStride, ldc: NH * HS)
+        }
+    }
+}

@@ -1,0 +1,527 @@
+import Foundation
+import TensorCore
+
+/// A linear layer of the model, by its HF name, with an optional edit `ΔW` ([in, out]) and `Δb` ([out])
+/// added to its forward without touching the base weights: y = W x + b + ΔWᵀ x + Δb.
+public final class LinearModule: @unchecked Sendable {
+    public let name: String
+    public let inFeatures: Int
+    public let outFeatures: Int
+    public let layout: WeightLayout
+    public let weight: Parameter
+    public let bias: Parameter?
+    /// Edit to the weight, [inFeatures, outFeatures] (the DAFNet `x1ᵀ x2` orientation).
+    public var deltaWeight: Tensor?
+    /// Edit to the bias, [outFeatures].
+    public var deltaBias: Tensor?
+
+    init(name: String, inFeatures: Int, outFeatures: Int, layout: WeightLayout, weight: Parameter, bias: Parameter?) {
+        self.name = name
+        self.inFeatures = inFeatures
+        self.outFeatures = outFeatures
+        self.layout = layout
+        self.weight = weight
+        self.bias = bias
+    }
+
+    /// out[N, out] = inp[N, in] · W (+ b) (+ ΔW, Δb).
+    func forward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, N: Int) {
+        Kernels.linearForward(out, inp, weight.value.data, bias?.value.data, N: N, C: inFeatures, OC: outFeatures, layout: layout)
+        if let d = deltaWeight {
+            BLAS.gemm(out, inp, d.data, M: N, N: outFeatures, K: inFeatures, beta: 1)
+        }
+        if let db = deltaBias {
+            for n in 0..<N { BLAS.axpy(out + n * outFeatures, db.data, count: outFeatures, alpha: 1) }
+        }
+    }
+
+    /// Adds ∂/∂inp into `dinp` (when given) and, with `parameterGradients`, ∂/∂W and ∂/∂b into the grads.
+    func backward(dinp: UnsafeMutablePointer<Float>?, dout: UnsafePointer<Float>, inp: UnsafePointer<Float>, N: Int,
+                  parameterGradients: Bool) {
+        Kernels.linearBackward(dinp: dinp, dweight: parameterGradients ? weight.grad.data : nil,
+                               dbias: parameterGradients ? bias?.grad.data : nil, dout: dout, inp: inp,
+                               weight: weight.value.data, N: N, C: inFeatures, OC: outFeatures, layout: layout)
+        if let dinp, let d = deltaWeight {
+            BLAS.gemm(dinp, dout, d.data, M: N, N: inFeatures, K: outFeatures, transB: true, beta: 1)
+        }
+    }
+}
+
+/// Token ids of B sequences of length T, with an optional attention mask (1 = real token).
+public struct TokenBatch: Sendable {
+    public let B: Int
+    public let T: Int
+    public let ids: [Int32]
+    public let mask: [Float]?
+    /// Position ids: 0..<T without a mask; with a mask, the count of real tokens before each one
+    /// (HF's `cumsum(mask) − 1`), so left padding does not shift positions.
+    public let positions: [Int32]
+
+    public init(ids: [Int32], B: Int, T: Int, mask: [Float]? = nil) {
+        precondition(ids.count == B * T && (mask?.count ?? B * T) == B * T, "batch of \(B)×\(T) needs \(B * T) ids")
+        self.B = B; self.T = T; self.ids = ids; self.mask = mask
+        var pos = [Int32](repeating: 0, count: B * T)
+        for b in 0..<B {
+            var seen: Int32 = 0
+            for t in 0..<T {
+                if let mask {
+                    if mask[b * T + t] != 0 { seen += 1 }
+                    pos[b * T + t] = max(seen - 1, 0)
+                } else {
+                    pos[b * T + t] = Int32(t)
+                }
+            }
+        }
+        positions = pos
+    }
+
+    /// One sequence.
+    public init(_ sequence: [Int]) { self.init(ids: sequence.map(Int32.init), B: 1, T: sequence.count) }
+
+    /// Sequences of different lengths padded on the right with `pad`, with the mask marking real tokens.
+    public init(rightPadded sequences: [[Int]], pad: Int = 0) {
+        let T = sequences.map(\.count).max() ?? 0
+        var ids = [Int32](repeating: Int32(pad), count: sequences.count * T)
+        var mask = [Float](repeating: 0, count: sequences.count * T)
+        for (b, s) in sequences.enumerated() {
+            for (t, id) in s.enumerated() { ids[b * T + t] = Int32(id); mask[b * T + t] = 1 }
+        }
+        let full = mask.allSatisfy { $0 == 1 }
+        self.init(ids: ids, B: sequences.count, T: T, mask: full ? nil : mask)
+    }
+}
+
+/// What the backward pass captured for a linear module: its input `u` [N, in] and the gradient at its
+/// output `delta` [N, out], one row per position (the DAFNet gradient signal).
+public struct ModuleSignal: Sendable {
+    public let u: Tensor
+    public let delta: Tensor
+}
+
+/// Per-sequence key/value cache for greedy generation.
+public final class KVCache: @unchecked Sendable {
+    public let capacity: Int
+    public private(set) var length = 0
+    let keys: [Tensor]
+    let values: [Tensor]
+
+    init(layers: Int, capacity: Int, kvDim: Int) {
+        self.capacity = capacity
+        keys = (0..<layers).map { _ in Tensor(shape: [capacity, kvDim]) }
+        values = (0..<layers).map { _ in Tensor(shape: [capacity, kvDim]) }
+    }
+
+    func advance(_ n: Int) { length += n }
+    public func reset() { length = 0 }
+}
+
+/// A decoder-only transformer (GPT-2 or Llama family): parameters in one contiguous block with named
+/// views, forward with saved activations, a hand-written backward mirroring it (llm.c style),
+/// gradient-signal capture and per-module edits.
+public final class TransformerLM: @unchecked Sendable {
+    public let spec: TransformerSpec
+    /// Every parameter under its HF name, views into one block (and one gradient block).
+    public let parameters: [Parameter]
+    public let parameterBlock: Tensor
+    public let gradientBlock: Tensor
+    private let byName: [String: Parameter]
+
+    struct Layer {
+        let norm1: Parameter, norm1Bias: Parameter?
+        let qkv: [LinearModule]
+        let attnOut: LinearModule
+        let norm2: Parameter, norm2Bias: Parameter?
+        let mlpIn: [LinearModule]
+        let mlpOut: LinearModule
+    }
+
+    let layers: [Layer]
+    let tokenEmbedding: Parameter
+    let positionEmbedding: Parameter?
+    let finalNorm: Parameter, finalNormBias: Parameter?
+    let head: Parameter
+    let rotary: RotaryTable?
+    public let linears: [String: LinearModule]
+
+    /// Zero-initialised parameters for `spec` (load or initialise them afterwards).
+    public init(spec: TransformerSpec) {
+        self.spec = spec
+        let shapes = spec.parameterShapes()
+        let total = shapes.reduce(0) { $0 + $1.shape.reduce(1, *) }
+        parameterBlock = Tensor(shape: [total])
+        gradientBlock = Tensor(shape: [total])
+        var params: [Parameter] = []
+        var offset = 0
+        for (name, shape) in shapes {
+            let n = shape.reduce(1, *)
+            let v = Tensor(storage: parameterBlock.storage, offset: offset, shape: shape)
+            let g = Tensor(storage: gradientBlock.storage, offset: offset, shape: shape)
+            let isNormOrBias = name.hasSuffix(".bias") || shape.count == 1
+            params.append(Parameter(name: name, value: v, grad: g, decay: !isNormOrBias && !name.contains("wpe")))
+            offset += n
+        }
+        parameters = params
+        let map = Dictionary(uniqueKeysWithValues: params.map { ($0.name, $0) })
+        byName = map
+        func p(_ n: String) -> Parameter { map[n]! }
+        func opt(_ n: String) -> Parameter? { map[n] }
+        var lin: [String: LinearModule] = [:]
+        func linear(_ name: String, _ inF: Int, _ outF: Int) -> LinearModule {
+            let m = LinearModule(name: name, inFeatures: inF, outFeatures: outF, layout: spec.layout,
+                                 weight: p(name + ".weight"), bias: opt(name + ".bias"))
+            lin[name] = m
+            return m
+        }
+        let names = spec.names
+        var ls: [Layer] = []
+        for l in 0..<spec.layers {
+            let pre = names.layerPrefix(l) + "."
+            let qkvOuts = names.qkv.count == 1 ? [spec.qDim + 2 * spec.kvDim] : [spec.qDim, spec.kvDim, spec.kvDim]
+            ls.append(Layer(
+                norm1: p(pre + names.norm1 + ".weight"), norm1Bias: opt(pre + names.norm1 + ".bias"),
+                qkv: zip(names.qkv, qkvOuts).map { linear(pre + $0, spec.hidden, $1) },
+                attnOut: linear(pre + names.attnOut, spec.qDim, spec.hidden),
+                norm2: p(pre + names.norm2 + ".weight"), norm2Bias: opt(pre + names.norm2 + ".bias"),
+                mlpIn: names.mlpIn.map { linear(pre + $0, spec.hidden, spec.intermediate) },
+                mlpOut: linear(pre + names.mlpOut, spec.intermediate, spec.hidden)))
+        }
+        layers = ls
+        linears = lin
+        tokenEmbedding = p(names.tokenEmbedding + ".weight")
+        positionEmbedding = names.positionEmbedding.flatMap { opt($0 + ".weight") }
+        finalNorm = p(names.finalNorm + ".weight")
+        finalNormBias = opt(names.finalNorm + ".bias")
+        head = spec.tiedHead ? tokenEmbedding : p(names.head! + ".weight")
+        if case let .rotary(theta) = spec.positions {
+            rotary = RotaryTable(headDim: spec.headDim, maxPositions: spec.maxPositions, theta: theta)
+        } else {
+            rotary = nil
+        }
+    }
+
+    public func parameter(_ name: String) -> Parameter? { byName[name] }
+
+    public var parameterCount: Int { parameterBlock.count }
+
+    /// GPT-2-style initialisation: normal(0, std) weights, zero biases, unit norm gains, and the residual
+    /// output projections scaled by 1/√(2·layers).
+    public func initialise(seed: UInt64, std: Float = 0.02) {
+        var rng = RNG(seed: seed)
+        let residualProjections = Set(layers.flatMap { [$0.attnOut.name, $0.mlpOut.name] }.map { $0 + ".weight" })
+        for p in parameters {
+            if p.value.rank == 1 {
+                p.value.fill(p.name.hasSuffix(".bias") ? 0 : 1)
+            } else {
+                let s = residualProjections.contains(p.name) ? std / Float(2 * spec.layers).squareRoot() : std
+                for i in 0..<p.value.count { p.value[i] = rng.normal() * s }
+            }
+        }
+    }
+
+    /// Removes every module edit.
+    public func clearEdits() {
+        for m in linears.values { m.deltaWeight = nil; m.deltaBias = nil }
+    }
+
+    // MARK: Activations
+
+    final class Activations {
+        let B: Int, T: Int, N: Int
+        var residual: [Tensor]           // L+1 × [N, C]: the stream entering each layer, and the final one
+        var ln1: [Tensor], ln1Mean: [Tensor], ln1Rstd: [Tensor]
+        var qkv: [[Tensor]]              // per layer, per projection
+        var probs: [Tensor]              // [B, NH, T, T]
+        var att: [Tensor]                // [N, qDim]
+        var res1: [Tensor]               // [N, C]
+        var ln2: [Tensor], ln2Mean: [Tensor], ln2Rstd: [Tensor]
+        var mlpPre: [[Tensor]]           // per layer, per input projection [N, FF]
+        var mlpAct: [Tensor]             // [N, FF]
+        let lnf: Tensor, lnfMean: Tensor, lnfRstd: Tensor
+        let logits: Tensor
+        let scratch: Tensor              // [N, C]
+        var batch: TokenBatch?
+
+        init(spec s: TransformerSpec, B: Int, T: Int, qkvOuts: [Int], mlpInCount: Int) {
+            self.B = B; self.T = T; N = B * T
+            let N = B * T, C = s.hidden, L = s.layers
+            func many(_ shape: [Int]) -> [Tensor] { (0..<L).map { _ in Tensor(shape: shape) } }
+            residual = (0...L).map { _ in Tensor(shape: [N, C]) }
+            ln1 = many([N, C]); ln1Mean = many([N]); ln1Rstd = many([N])
+            qkv = (0..<L).map { _ in qkvOuts.map { Tensor(shape: [N, $0]) } }
+            probs = many([B, s.heads, T, T])
+            att = many([N, s.qDim])
+            res1 = many([N, C])
+            ln2 = many([N, C]); ln2Mean = many([N]); ln2Rstd = many([N])
+            mlpPre = (0..<L).map { _ in (0..<mlpInCount).map { _ in Tensor(shape: [N, s.intermediate]) } }
+            mlpAct = many([N, s.intermediate])
+            lnf = Tensor(shape: [N, C]); lnfMean = Tensor(shape: [N]); lnfRstd = Tensor(shape: [N])
+            logits = Tensor(shape: [N, s.vocabSize])
+            scratch = Tensor(shape: [N, C])
+        }
+    }
+
+    private var acts: Activations?
+
+    private func activations(B: Int, T: Int) -> Activations {
+        if let a = acts, a.B == B, a.T == T { return a }
+        let qkvOuts = layers[0].qkv.map(\.outFeatures)
+        let a = Activations(spec: spec, B: B, T: T, qkvOuts: qkvOuts, mlpInCount: layers[0].mlpIn.count)
+        acts = a
+        return a
+    }
+
+    /// Releases the saved activations.
+    public func releaseActivations() { acts = nil }
+
+    // MARK: Forward
+
+    private func norm(_ out: Tensor, mean: Tensor, rstd: Tensor, _ inp: Tensor, _ w: Parameter, _ b: Parameter?, N: Int) {
+        switch spec.norm {
+        case let .layer(eps):
+            Kernels.layerNormForward(out.data, mean: mean.data, rstd: rstd.data, inp.data, weight: w.value.data,
+                                     bias: b?.value.data, N: N, C: spec.hidden, eps: eps)
+        case let .rms(eps):
+            Kernels.rmsNormForward(out.data, rrms: rstd.data, inp.data, weight: w.value.data, N: N, C: spec.hidden, eps: eps)
+        }
+    }
+
+    private func normBackward(dinp: Tensor, dout: Tensor, inp: Tensor, mean: Tensor, rstd: Tensor,
+                              _ w: Parameter, _ b: Parameter?, N: Int, parameterGradients: Bool) {
+        switch spec.norm {
+        case .layer:
+            Kernels.layerNormBackward(dinp: dinp.data, dweight: parameterGradients ? w.grad.data : nil,
+                                      dbias: parameterGradients ? b?.grad.data : nil, dout: dout.data, inp: inp.data,
+                                      weight: w.value.data, mean: mean.data, rstd: rstd.data, N: N, C: spec.hidden)
+        case .rms:
+            Kernels.rmsNormBackward(dinp: dinp.data, dweight: parameterGradients ? w.grad.data : nil, dout: dout.data,
+                                    inp: inp.data, weight: w.value.data, rrms: rstd.data, N: N, C: spec.hidden)
+        }
+    }
+
+    /// q, k, v pointers and per-position strides into the projection outputs (fused or separate).
+    private func qkvPointers(_ t: [Tensor]) -> (UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>, UnsafeMutablePointer<Float>, Int, Int) {
+        if t.count == 1 {
+            let w = spec.qDim + 2 * spec.kvDim
+            return (t[0].data, t[0].data + spec.qDim, t[0].data + spec.qDim + spec.kvDim, w, w)
+        }
+        return (t[0].data, t[1].data, t[2].data, spec.qDim, spec.kvDim)
+    }
+
+    /// Forward pass over a batch; returns the logits [B·T, vocab] and keeps what backward needs.
+    /// The returned tensor is reused by the next forward of the same shape: copy it to keep it.
+    @discardableResult
+    public func forward(_ batch: TokenBatch) -> Tensor {
+        let a = activations(B: batch.B, T: batch.T)
+        a.batch = batch
+        let N = a.N, C = spec.hidden
+        precondition(batch.positions.allSatisfy { Int($0) < spec.maxPositions }, "sequence longer than the model's \(spec.maxPositions) positions")
+        batch.ids.withUnsafeBufferPointer { ids in
+            Kernels.embeddingForward(a.residual[0].data, ids: ids.baseAddress!, table: tokenEmbedding.value.data, N: N, C: C)
+        }
+        if let wpe = positionEmbedding {
+            let x = a.residual[0].data
+            for n in 0..<N { BLAS.axpy(x + n * C, wpe.value.data + Int(batch.positions[n]) * C, count: C, alpha: 1) }
+        }
+        for (l, layer) in layers.enumerated() {
+            forwardLayer(l, layer, a, batch: batch, cache: nil)
+        }
+        return finishForward(a.residual[spec.layers], lnf: a.lnf, mean: a.lnfMean, rstd: a.lnfRstd, logits: a.logits, N: N)
+    }
+
+    private func finishForward(_ x: Tensor, lnf: Tensor, mean: Tensor, rstd: Tensor, logits: Tensor, N: Int) -> Tensor {
+        norm(lnf, mean: mean, rstd: rstd, x, finalNorm, finalNormBias, N: N)
+        BLAS.gemm(logits.data, lnf.data, head.value.data, M: N, N: spec.vocabSize, K: spec.hidden, transB: true)
+        return logits
+    }
+
+    private func forwardLayer(_ l: Int, _ layer: Layer, _ a: Activations, batch: TokenBatch, cache: KVCache?) {
+        let N = a.N, C = spec.hidden
+        let x = a.residual[l]
+        norm(a.ln1[l], mean: a.ln1Mean[l], rstd: a.ln1Rstd[l], x, layer.norm1, layer.norm1Bias, N: N)
+        for (m, out) in zip(layer.qkv, a.qkv[l]) { m.forward(out.data, a.ln1[l].data, N: N) }
+        let (q, k, v, qs, kvs) = qkvPointers(a.qkv[l])
+        if let rotary {
+            batch.positions.withUnsafeBufferPointer { pos in
+                Kernels.rotary(q, positions: pos.baseAddress!, table: rotary, N: N, heads: spec.heads, stride: qs)
+                Kernels.rotary(k, positions: pos.baseAddress!, table: rotary, N: N, heads: spec.kvHeads, stride: kvs)
+            }
+        }
+        if let cache {
+            let past = cache.length
+            let kc = cache.keys[l].data + past * spec.kvDim, vc = cache.values[l].data + past * spec.kvDim
+            for t in 0..<N {
+                (kc + t * spec.kvDim).update(from: k + t * kvs, count: spec.kvDim)
+                (vc + t * spec.kvDim).update(from: v + t * kvs, count: spec.kvDim)
+            }
+            Kernels.attentionCached(a.att[l].data, q: q, qStride: qs, kCache: cache.keys[l].data, vCache: cache.values[l].data,
+                                    past: past, Tq: N, NH: spec.heads, NKV: spec.kvHeads, HS: spec.headDim)
+        } else {
+            let shape = AttentionShape(B: a.B, T: a.T, NH: spec.heads, NKV: spec.kvHeads, HS: spec.headDim,
+                                       qStride: qs, kStride: kvs, vStride: kvs, outStride: spec.qDim)
+            Kernels.attentionForward(a.att[l].data, probs: a.probs[l].data, q: q, k: k, v: v, keyMask: batch.mask, shape)
+        }
+        layer.attnOut.forward(a.scratch.data, a.att[l].data, N: N)
+        Kernels.add(a.res1[l].data, x.data, a.scratch.data, count: N * C)
+        norm(a.ln2[l], mean: a.ln2Mean[l], rstd: a.ln2Rstd[l], a.res1[l], layer.norm2, layer.norm2Bias, N: N)
+        for (m, out) in zip(layer.mlpIn, a.mlpPre[l]) { m.forward(out.data, a.ln2[l].data, N: N) }
+        let count = N * spec.intermediate
+        switch spec.mlp {
+        case .gelu: Kernels.geluForward(a.mlpAct[l].data, a.mlpPre[l][0].data, count: count)
+        case .swiglu: Kernels.swigluForward(a.mlpAct[l].data, gate: a.mlpPre[l][0].data, up: a.mlpPre[l][1].data, count: count)
+        }
+        layer.mlpOut.forward(a.scratch.data, a.mlpAct[l].data, N: N)
+        Kernels.add(a.residual[l + 1].data, a.res1[l].data, a.scratch.data, count: N * C)
+    }
+
+    // MARK: Backward
+
+    /// Backward from `dlogits` [B·T, vocab] through the last forward. Adds parameter gradients when
+    /// `parameterGradients` (else stops at the lowest captured module's layer), and returns the
+    /// signals of the modules named in `capture`.
+    @discardableResult
+    public func backward(dlogits: Tensor, parameterGradients: Bool = true, capture: Set<String> = []) -> [String: ModuleSignal] {
+        guard let a = acts, let batch = a.batch else { preconditionFailure("backward before forward") }
+        let N = a.N, C = spec.hidden, FF = spec.intermediate
+        var signals: [String: ModuleSignal] = [:]
+        var stopLayer = 0
+        if !parameterGradients {
+            let capturedLayers = layers.indices.filter { l in spec.linearModules(layer: l).contains { capture.contains($0) } }
+            stopLayer = capturedLayers.min() ?? spec.layers
+        }
+        func captured(_ m: LinearModule, dout: UnsafePointer<Float>, inp: Tensor) {
+            guard capture.contains(m.name) else { return }
+            let d = Tensor(shape: [N, m.outFeatures])
+            d.data.update(from: dout, count: N * m.outFeatures)
+            signals[m.name] = ModuleSignal(u: inp.copy(), delta: d)
+        }
+        // Head and final norm.
+        let dres = Tensor(shape: [N, C])
+        let dlnf = Tensor(shape: [N, C])
+        BLAS.gemm(dlnf.data, dlogits.data, head.value.data, M: N, N: C, K: spec.vocabSize)
+        if parameterGradients {
+            BLAS.gemm(head.grad.data, dlogits.data, a.lnf.data, M: spec.vocabSize, N: C, K: N, transA: true, beta: 1)
+        }
+        normBackward(dinp: dres, dout: dlnf, inp: a.residual[spec.layers], mean: a.lnfMean, rstd: a.lnfRstd,
+                     finalNorm, finalNormBias, N: N, parameterGradients: parameterGradients)
+
+        let dact = Tensor(shape: [N, FF])
+        let dpre = layers[0].mlpIn.map { _ in Tensor(shape: [N, FF]) }
+        let dln = Tensor(shape: [N, C])
+        let datt = Tensor(shape: [N, spec.qDim])
+        let dqkv = layers[0].qkv.map { Tensor(shape: [N, $0.outFeatures]) }
+        for l in stride(from: spec.layers - 1, through: stopLayer, by: -1) {
+            let layer = layers[l]
+            // residual[l+1] = res1 + mlpOut(act)
+            dact.zero()
+            layer.mlpOut.backward(dinp: dact.data, dout: dres.data, inp: a.mlpAct[l].data, N: N, parameterGradients: parameterGradients)
+            captured(layer.mlpOut, dout: dres.data, inp: a.mlpAct[l])
+            for t in dpre { t.zero() }
+            switch spec.mlp {
+            case .gelu:
+                Kernels.geluBackward(dinp: dpre[0].data, dout: dact.data, inp: a.mlpPre[l][0].data, count: N * FF)
+            case .swiglu:
+                Kernels.swigluBackward(dgate: dpre[0].data, dup: dpre[1].data, dout: dact.data, gate: a.mlpPre[l][0].data,
+                                       up: a.mlpPre[l][1].data, count: N * FF)
+            }
+            dln.zero()
+            for (m, d) in zip(layer.mlpIn, dpre) {
+                m.backward(dinp: dln.data, dout: d.data, inp: a.ln2[l].data, N: N, parameterGradients: parameterGradients)
+                captured(m, dout: d.data, inp: a.ln2[l])
+            }
+            normBackward(dinp: dres, dout: dln, inp: a.res1[l], mean: a.ln2Mean[l], rstd: a.ln2Rstd[l],
+                         layer.norm2, layer.norm2Bias, N: N, parameterGradients: parameterGradients)
+            // res1 = residual[l] + attnOut(att)
+            datt.zero()
+            layer.attnOut.backward(dinp: datt.data, dout: dres.data, inp: a.att[l].data, N: N, parameterGradients: parameterGradients)
+            captured(layer.attnOut, dout: dres.data, inp: a.att[l])
+            for t in dqkv { t.zero() }
+            let (q, k, v, qs, kvs) = qkvPointers(a.qkv[l])
+            let (dq, dk, dv, _, _) = qkvPointers(dqkv)
+            let shape = AttentionShape(B: a.B, T: a.T, NH: spec.heads, NKV: spec.kvHeads, HS: spec.headDim,
+                                       qStride: qs, kStride: kvs, vStride: kvs, outStride: spec.qDim)
+            Kernels.attentionBackward(dq: dq, dk: dk, dv: dv, dout: datt.data, probs: a.probs[l].data, q: q, k: k, v: v, shape)
+            if let rotary {
+                batch.positions.withUnsafeBufferPointer { pos in
+                    Kernels.rotary(dq, positions: pos.baseAddress!, table: rotary, N: N, heads: spec.heads, stride: qs, inverse: true)
+                    Kernels.rotary(dk, positions: pos.baseAddress!, table: rotary, N: N, heads: spec.kvHeads, stride: kvs, inverse: true)
+                }
+            }
+            dln.zero()
+            for (m, d) in zip(layer.qkv, dqkv) {
+                m.backward(dinp: dln.data, dout: d.data, inp: a.ln1[l].data, N: N, parameterGradients: parameterGradients)
+                captured(m, dout: d.data, inp: a.ln1[l])
+            }
+            normBackward(dinp: dres, dout: dln, inp: a.residual[l], mean: a.ln1Mean[l], rstd: a.ln1Rstd[l],
+                         layer.norm1, layer.norm1Bias, N: N, parameterGradients: parameterGradients)
+        }
+        if parameterGradients {
+            batch.ids.withUnsafeBufferPointer { ids in
+                Kernels.embeddingBackward(dtable: tokenEmbedding.grad.data, dout: dres.data, ids: ids.baseAddress!, N: N, C: C)
+            }
+            if let wpe = positionEmbedding {
+                for n in 0..<N { BLAS.axpy(wpe.grad.data + Int(batch.positions[n]) * C, dres.data + n * C, count: C, alpha: 1) }
+            }
+        }
+        return signals
+    }
+
+    public func zeroGradients() { gradientBlock.zero() }
+
+    // MARK: Generation
+
+    /// A key/value cache for one sequence of up to `capacity` tokens.
+    public func makeCache(capacity: Int? = nil) -> KVCache {
+        KVCache(layers: spec.layers, capacity: min(capacity ?? spec.maxPositions, spec.maxPositions), kvDim: spec.kvDim)
+    }
+
+    /// Runs `tokens` (continuing the cached sequence) and returns the logits of the last one [vocab].
+    public func forwardCached(_ tokens: [Int], cache: KVCache) throws -> Tensor {
+        guard !tokens.isEmpty else { throw LMError.invalidInput("no tokens to run") }
+        guard cache.length + tokens.count <= cache.capacity else {
+            throw LMError.invalidInput("sequence of \(cache.length + tokens.count) tokens exceeds the cache of \(cache.capacity)")
+        }
+        let T = tokens.count, C = spec.hidden
+        let positions = (0..<T).map { Int32(cache.length + $0) }
+        let a = Activations(spec: spec, B: 1, T: T, qkvOuts: layers[0].qkv.map(\.outFeatures), mlpInCount: layers[0].mlpIn.count)
+        let batch = TokenBatch(ids: tokens.map(Int32.init), B: 1, T: T)
+        var ids = batch.ids
+        for (i, t) in tokens.enumerated() where t < 0 || t >= spec.vocabSize {
+            throw LMError.invalidInput("token \(t) at \(i) outside the vocabulary of \(spec.vocabSize)")
+        }
+        ids.withUnsafeMutableBufferPointer { p in
+            Kernels.embeddingForward(a.residual[0].data, ids: p.baseAddress!, table: tokenEmbedding.value.data, N: T, C: C)
+        }
+        if let wpe = positionEmbedding {
+            for n in 0..<T { BLAS.axpy(a.residual[0].data + n * C, wpe.value.data + Int(positions[n]) * C, count: C, alpha: 1) }
+        }
+        let posBatch = TokenBatch(ids: batch.ids, B: 1, T: T, mask: nil, positions: positions)
+        for (l, layer) in layers.enumerated() { forwardLayer(l, layer, a, batch: posBatch, cache: cache) }
+        cache.advance(T)
+        let last = a.residual[spec.layers].rows((T - 1)..<T)
+        let lnf = Tensor(shape: [1, C]), mean = Tensor(shape: [1]), rstd = Tensor(shape: [1])
+        let logits = Tensor(shape: [1, spec.vocabSize])
+        return finishForward(last, lnf: lnf, mean: mean, rstd: rstd, logits: logits, N: 1).reshaped([spec.vocabSize])
+    }
+
+    /// Greedy decoding with a key/value cache: the prompt followed by up to `maxNewTokens` argmax tokens,
+    /// stopping early at `stop` (e.g. the end-of-sequence id).
+    public func generateGreedy(prompt: [Int], maxNewTokens: Int, stop: Int? = nil) throws -> [Int] {
+        let cache = makeCache(capacity: min(prompt.count + maxNewTokens, spec.maxPositions))
+        var out = prompt
+        var logits = try forwardCached(prompt, cache: cache)
+        for _ in 0..<maxNewTokens {
+            let next = logits.argmaxRows()[0]
+            out.append(next)
+            if next == stop || cache.length >= cache.capacity { break }
+            logits = try forwardCached([next], cache: cache)
+        }
+        return out
+    }
+}
+
+extension TokenBatch {
+    /// Explicit positions (a sequence continuing a cache).
+    init(ids: [Int32], B: Int, T: Int, mask: [Float]?, positions: [Int32]) {
+        self.B = B; self.T = T; self.ids = ids; self.mask = mask; self.positions = positions
+    }
+}
