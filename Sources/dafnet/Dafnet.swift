@@ -11,6 +11,7 @@ struct Dafnet: ParsableCommand {
             Tokenize.self,
             Generate.self,
             CheckReference.self,
+            TokenizerCommand.self,
             // Add one line per subcommand (one file per subcommand under Commands/).
         ]
     )
@@ -22,6 +23,7 @@ struct Bench: ParsableCommand {
         abstract: "Measure speed: kernels, language models, edits, the store.",
         subcommands: [
             BenchKernels.self,
+            BenchLM.self,
         ]
     )
 }

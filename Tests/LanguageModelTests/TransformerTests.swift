@@ -1,0 +1,175 @@
+import XCTest
+import Storage
+import TensorCore
+@testable import LanguageModel
+
+final class TransformerTests: XCTestCase {
+    var tmp: URL!
+
+    override func setUpWithError() throws {
+        tmp = FileManager.default.temporaryDirectory.appendingPathComponent("lmtests-\(UUID().uuidString)")
+        try FileManager.default.createDirectory(at: tmp, withIntermediateDirectories: true)
+    }
+
+    override func tearDownWithError() throws { try? FileManager.default.removeItem(at: tmp) }
+
+    func load(_ name: String) throws -> ModelFolder { try ModelFolder.load(ReferenceParityTests.fixture(name)) }
+
+    /// Padded batches give each sequence the logits it has alone (right padding, and left padding with a mask).
+    func testPaddedBatchMatchesSingleSequences() throws {
+        for name in ["gpt2-tiny", "llama-tiny"] {
+            let model = try load(name).model
+            let a = [5, 17, 40, 2, 9, 33], b = [7, 8, 100]
+            let la = model.forward(TokenBatch(a)).copy(), lb = model.forward(TokenBatch(b)).copy()
+            let V = model.spec.vocabSize
+            let right = model.forward(TokenBatch(rightPadded: [a, b]))
+            XCTAssertLessThan(right.rows(0..<6).maxAbsDifference(la), 1e-4, name)
+            XCTAssertLessThan(right.rows(6..<9).maxAbsDifference(lb), 1e-4, name)
+            // Left padding: b occupies the last three positions of row 1.
+            let ids: [Int32] = a.map(Int32.init) + [0, 0, 0] + b.map(Int32.init)
+            let mask: [Float] = Array(repeating: 1, count: 6) + [0, 0, 0, 1, 1, 1]
+            let left = model.forward(TokenBatch(ids: ids, B: 2, T: 6, mask: mask))
+            XCTAssertLessThan(left.rows(9..<12).maxAbsDifference(lb), 1e-4, name)
+            XCTAssertEqual(left.count, 12 * V)
+        }
+    }
+
+    /// y = W x + b + ΔWᵀ x + Δb equals the forward of a model whose weights have the edit merged in.
+    func testModuleEditEqualsMergedWeights() throws {
+        for name in ["gpt2-tiny", "llama-tiny"] {
+            let folder = try load(name)
+            let model = folder.model
+            var rng = RNG(seed: 4)
+            let target = model.spec.linearModules(layer: 1).last!
+            let m = model.linears[target]!
+            m.deltaWeight = Tensor.randn([m.inFeatures, m.outFeatures], std: 0.05, rng: &rng)
+            if m.bias != nil { m.deltaBias = Tensor.randn([m.outFeatures], std: 0.05, rng: &rng) }
+            let ids = [3, 14, 15, 92, 65, 35]
+            let edited = model.forward(TokenBatch(ids)).copy()
+            let merged = model.mergedParameters()
+            model.clearEdits()
+            let before = model.forward(TokenBatch(ids)).copy()
+            XCTAssertGreaterThan(edited.maxAbsDifference(before), 1e-3, "\(name): the edit changes the output")
+            for (n, t) in merged { model.parameter(n)!.value.assign(t) }
+            let after = model.forward(TokenBatch(ids))
+            XCTAssertLessThan(after.maxAbsDifference(edited), 1e-4, name)
+        }
+    }
+
+    /// Signals captured without parameter gradients (backward stops at the edited layer) are the same.
+    func testSignalsWithoutParameterGradients() throws {
+        let model = try load("gpt2-tiny").model
+        let ids = [1, 2, 3, 4, 5, 6, 7]
+        let labels: [Int32] = [2, 3, 4, 5, 6, 7, 8]
+        let mask: [Float] = [0, 0, 0, 0, 1, 1, 1]
+        let modules: Set = ["transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"]
+        func signals(_ full: Bool) -> [String: ModuleSignal] {
+            let logits = model.forward(TokenBatch(ids))
+            let d = Tensor(shape: logits.shape)
+            Kernels.crossEntropy(losses: nil, dlogits: d.data, logits: logits.data, labels: labels, mask: mask, N: 7, V: model.spec.vocabSize)
+            model.zeroGradients()
+            return model.backward(dlogits: d, parameterGradients: full, capture: modules)
+        }
+        let a = signals(true), b = signals(false)
+        XCTAssertEqual(Set(b.keys), modules)
+        XCTAssertEqual(model.gradientBlock.maxAbs(), 0, "no parameter gradient without parameterGradients")
+        for m in modules {
+            XCTAssertEqual(a[m]!.u.maxAbsDifference(b[m]!.u), 0)
+            XCTAssertEqual(a[m]!.delta.maxAbsDifference(b[m]!.delta), 0)
+        }
+    }
+
+    /// The cached greedy decode equals recomputing the full forward at every step.
+    func testCachedGenerationEqualsFullRecompute() throws {
+        for name in ["gpt2-tiny", "llama-tiny"] {
+            let model = try load(name).model
+            var seq = [11, 22, 33]
+            let cached = try model.generateGreedy(prompt: seq, maxNewTokens: 6)
+            for _ in 0..<6 {
+                let logits = model.forward(TokenBatch(seq))
+                seq.append(logits.rows((seq.count - 1)..<seq.count).argmaxRows()[0])
+            }
+            XCTAssertEqual(cached, seq, name)
+        }
+    }
+
+    /// A written folder loads back with identical logits, in float32 and (approximately) bfloat16.
+    func testWriteAndReloadFolder() throws {
+        for name in ["gpt2-tiny", "llama-tiny"] {
+            let folder = try load(name)
+            let out = tmp.appendingPathComponent(name)
+            try ModelFolder.write(model: folder.model, configData: folder.configData, to: out, tokenizerFrom: folder.url)
+            let back = try ModelFolder.load(out, requireTokenizer: true)
+            let ids = [4, 8, 15, 16, 23, 42]
+            let a = folder.model.forward(TokenBatch(ids)).copy()
+            XCTAssertEqual(back.model.forward(TokenBatch(ids)).maxAbsDifference(a), 0, name)
+            XCTAssertEqual(back.tokenizer!.encode("The capital of France"), folder.tokenizer!.encode("The capital of France"))
+            let half = tmp.appendingPathComponent(name + "-bf16")
+            try ModelFolder.write(model: folder.model, configData: folder.configData, to: half, dtype: .BF16)
+            let h = try ModelFolder.load(half)
+            XCTAssertLessThan(h.model.forward(TokenBatch(ids)).maxAbsDifference(a), 0.2, "\(name): bfloat16 weights load and compute")
+            XCTAssertEqual(try SafetensorsFile(contentsOf: half.appendingPathComponent("model.safetensors")).info(folder.model.parameters[0].name).dtype, .BF16)
+        }
+    }
+
+    // MARK: Malformed folders: clear errors, no crash.
+
+    func copyFixture(_ name: String) throws -> URL {
+        let dst = tmp.appendingPathComponent("copy-\(name)-\(UUID().uuidString)")
+        try FileManager.default.copyItem(at: ReferenceParityTests.fixture(name), to: dst)
+        return dst
+    }
+
+    func expectError(_ url: URL, contains text: String, file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertThrowsError(try ModelFolder.load(url), file: file, line: line) { error in
+            XCTAssertTrue("\(error)".contains(text), "error \"\(error)\" does not mention \"\(text)\"", file: file, line: line)
+        }
+    }
+
+    func editConfig(_ url: URL, _ change: (inout [String: Any]) -> Void) throws {
+        let c = url.appendingPathComponent("config.json")
+        var o = try JSONSerialization.jsonObject(with: Data(contentsOf: c)) as! [String: Any]
+        change(&o)
+        try JSONSerialization.data(withJSONObject: o).write(to: c)
+    }
+
+    func testUnknownModelTypeIsNamed() throws {
+        let d = try copyFixture("gpt2-tiny")
+        try editConfig(d) { $0["model_type"] = "mamba" }
+        expectError(d, contains: "model_type \"mamba\" is not supported")
+    }
+
+    func testBadConfigFieldsAreNamed() throws {
+        let d = try copyFixture("llama-tiny")
+        try editConfig(d) { $0["num_key_value_heads"] = 3 }
+        expectError(d, contains: "num_key_value_heads")
+        try editConfig(d) { $0["num_key_value_heads"] = 2; $0["hidden_size"] = "wide" }
+        expectError(d, contains: "hidden_size")
+        try editConfig(d) { $0.removeValue(forKey: "hidden_size") }
+        expectError(d, contains: "hidden_size")
+        try Data("{not json".utf8).write(to: d.appendingPathComponent("config.json"))
+        expectError(d, contains: "not valid JSON")
+    }
+
+    func testMissingTensorAndShapeMismatch() throws {
+        let d = try copyFixture("gpt2-tiny")
+        try editConfig(d) { $0["n_layer"] = 4 }
+        expectError(d, contains: "transformer.h.3.ln_1.weight\" is missing")
+        try editConfig(d) { $0["n_layer"] = 3; $0["vocab_size"] = 1001 }
+        expectError(d, contains: "has shape [1000, 64]")
+    }
+
+    func testMissingFilesAndCorruptWeights() throws {
+        let d = try copyFixture("gpt2-tiny")
+        try FileManager.default.removeItem(at: d.appendingPathComponent("config.json"))
+        expectError(d, contains: "config.json: file not found")
+        let e = try copyFixture("llama-tiny")
+        let weights = e.appendingPathComponent("model.safetensors")
+        let bytes = try Data(contentsOf: weights)
+        try bytes.prefix(bytes.count / 2).write(to: weights)
+        XCTAssertThrowsError(try ModelFolder.load(e))
+        let f = try copyFixture("gpt2-tiny")
+        try Data("{\"model\": 3}".utf8).write(to: f.appendingPathComponent("tokenizer.json"))
+        XCTAssertThrowsError(try ModelFolder.load(f)) { XCTAssertTrue("\($0)".contains("tokenizer"), "\($0)") }
+    }
+}
