@@ -11,7 +11,7 @@ let package = Package(
     name: "dafnet",
     platforms: [.macOS(.v14)],
     products: [
-        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "LanguageModel"]),
+        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World"]),
         .executable(name: "dafnet", targets: ["dafnet"]),
     ],
     dependencies: [
@@ -31,11 +31,12 @@ let package = Package(
         .target(name: "Storage",
                 dependencies: ["TensorCore", "CZstd", "CArchive", .product(name: "Crypto", package: "swift-crypto")],
                 swiftSettings: optimize),
+        .target(name: "World", dependencies: ["TensorCore"], swiftSettings: optimize),
         .target(name: "LanguageModel", dependencies: ["TensorCore", "Tokenizers", "Storage"],
                 swiftSettings: optimize),
         .executableTarget(
             name: "dafnet",
-            dependencies: ["TensorCore", "Tokenizers", "Storage", "LanguageModel",
+            dependencies: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: optimize),
