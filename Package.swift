@@ -11,7 +11,7 @@ let package = Package(
     name: "dafnet",
     platforms: [.macOS(.v14)],
     products: [
-        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World"]),
+        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Evaluation"]),
         .executable(name: "dafnet", targets: ["dafnet"]),
     ],
     dependencies: [
@@ -34,9 +34,10 @@ let package = Package(
         .target(name: "World", dependencies: ["TensorCore"], swiftSettings: optimize),
         .target(name: "LanguageModel", dependencies: ["TensorCore", "Tokenizers", "Storage"],
                 swiftSettings: optimize),
+        .target(name: "Evaluation", dependencies: ["LanguageModel", "World"], swiftSettings: optimize),
         .executableTarget(
             name: "dafnet",
-            dependencies: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World",
+            dependencies: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Evaluation",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: optimize),

@@ -13,18 +13,18 @@ public struct WorldOptions: Codable, Sendable, Equatable {
     /// Ordinary held-out sentences for perplexity (unseen facts of CounterFact eval, both phrasings).
     public var perplexitySentences = 600
     /// Occurrences of each held-out fact (split evenly between its two phrasings).
-    public var heldoutOccurrences = 90
+    public var heldoutOccurrences = 120
     /// Popular facts draw a Zipf-like count between these bounds: max / rank^exponent.
-    public var popularMin = 50
-    public var popularMax = 240
+    public var popularMin = 80
+    public var popularMax = 300
     public var popularExponent = 0.6
     /// Robust facts: plain occurrences plus `robustVariants` framings × `robustVariantRepeats` each.
-    public var robustOccurrences = 60
+    public var robustOccurrences = 80
     public var robustVariantRepeats = 5
     /// Long-tail facts occur once or twice.
     public var longTailMax = 2
     /// Each held-out fact's neighbour (locality) fact occurs this often, so locality is measured on known facts.
-    public var neighbourOccurrences = 20
+    public var neighbourOccurrences = 30
 
     public init() {}
 

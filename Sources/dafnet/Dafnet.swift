@@ -11,7 +11,13 @@ struct Dafnet: ParsableCommand {
             Tokenize.self,
             Generate.self,
             CheckReference.self,
+            WorldCommand.self,
+            Pretrain.self,
+            Facts.self,
             TokenizerCommand.self,
+            Checkpoints.self,
+            Rollback.self,
+            Archive.self,
             // Add one line per subcommand (one file per subcommand under Commands/).
         ]
     )
@@ -24,6 +30,7 @@ struct Bench: ParsableCommand {
         subcommands: [
             BenchKernels.self,
             BenchLM.self,
+            BenchStore.self,
         ]
     )
 }

@@ -1,0 +1,239 @@
+import Foundation
+import Storage
+import TensorCore
+import Tokenizers
+
+/// Settings of a pre-training run (the committed `samples/pretrain.json`).
+public struct PretrainConfig: Codable, Sendable {
+    /// The world's facts (JSON Lines), the output model folder, and the run folder (checkpoints, log),
+    /// relative to the current directory.
+    public var world = "samples/world/facts.jsonl"
+    public var out = "samples/model"
+    public var runDir = "runs/pretrain"
+    public var seed: UInt64 = 1
+    public var vocabSize = 4096
+    public var nEmbd = 256
+    public var nLayer = 4
+    public var nHead = 4
+    public var nPositions = 128
+    public var batchSize = 16
+    /// Tokens per training sequence (≤ nPositions).
+    public var seqLen = 128
+    public var maxLR: Float = 1e-3
+    public var minLR: Float = 1e-4
+    public var warmupSteps = 200
+    public var weightDecay: Float = 0.01
+    public var gradClip: Float = 1.0
+    /// Passes over the corpus.
+    public var passes = 1
+    public var checkpointEvery = 100
+    public var logEvery = 10
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case world, out, runDir = "run_dir", seed, vocabSize = "vocab_size", nEmbd = "n_embd", nLayer = "n_layer", nHead = "n_head"
+        case nPositions = "n_positions", batchSize = "batch_size", seqLen = "seq_len", maxLR = "max_lr", minLR = "min_lr"
+        case warmupSteps = "warmup_steps", weightDecay = "weight_decay", gradClip = "grad_clip", passes
+        case checkpointEvery = "checkpoint_every", logEvery = "log_every"
+    }
+}
+
+/// Packs tokenized sentences into training sequences: each sequence starts at a sentence, sentences are
+/// followed by the end-of-text token, and the unused tail is padding whose labels are masked.
+public struct PackedCorpus: Sendable {
+    public let T: Int
+    /// [count, T + 1] token ids (inputs are columns 0..<T, labels 1...T).
+    public let tokens: [Int32]
+    /// [count, T] label mask.
+    public let mask: [Float]
+    public var count: Int { tokens.count / (T + 1) }
+    public var realTokens: Int { Int(mask.reduce(0, +)) }
+
+    public init(sentences: [[Int]], T: Int, eos: Int) {
+        self.T = T
+        var toks: [Int32] = []
+        var mask: [Float] = []
+        var cur: [Int32] = []
+        func flush() {
+            if cur.isEmpty { return }
+            let real = cur.count
+            cur += Array(repeating: Int32(eos), count: T + 1 - cur.count)
+            toks += cur
+            // Label t is token t+1: real while t+1 < real.
+            mask += (0..<T).map { $0 + 1 < real ? 1 : 0 }
+            cur = []
+        }
+        for s in sentences {
+            let piece = s.prefix(T).map(Int32.init) + [Int32(eos)]
+            if cur.count + piece.count > T + 1 { flush() }
+            cur += piece.prefix(T + 1)
+        }
+        flush()
+        tokens = toks
+        self.mask = mask
+    }
+}
+
+/// A resumable pre-training run: tokenizer training, packing, AdamW with warm-up and cosine decay,
+/// checkpoints every few steps, a log file, and an HF folder at the end.
+public final class Pretrainer {
+    public let config: PretrainConfig
+    public let runDir: URL
+    public var progress: (String) -> Void = { _ in }
+
+    public init(config: PretrainConfig, runDir: URL) {
+        self.config = config
+        self.runDir = runDir
+    }
+
+    var checkpointURL: URL { runDir.appendingPathComponent("checkpoint.safetensors") }
+    var tokenizerDir: URL { runDir.appendingPathComponent("tokenizer") }
+    public var logURL: URL { runDir.appendingPathComponent("train.log") }
+
+    func log(_ line: String) {
+        let stamped = ISO8601DateFormatter().string(from: Date()) + " " + line + "\n"
+        if let h = try? FileHandle(forWritingTo: logURL) {
+            h.seekToEndOfFile()
+            h.write(Data(stamped.utf8))
+            try? h.close()
+        } else {
+            try? Data(stamped.utf8).write(to: logURL)
+        }
+    }
+
+    /// Trains the tokenizer on the distinct sentences (once; reused on resume).
+    public func tokenizer(sentences: [String]) throws -> Tokenizer {
+        if FileManager.default.fileExists(atPath: tokenizerDir.appendingPathComponent("tokenizer.json").path) {
+            return try Tokenizer.load(folder: tokenizerDir)
+        }
+        var seen = Set<String>()
+        let distinct = sentences.filter { seen.insert($0).inserted }
+        let trained = try BPETrainer.train(text: distinct.joined(separator: "\n"),
+                                           options: BPETrainingOptions(vocabSize: config.vocabSize, modelMaxLength: config.nPositions))
+        try trained.write(to: tokenizerDir)
+        log("tokenizer: \(trained.vocabulary.count) tokens from \(distinct.count) distinct sentences in \(String(format: "%.1f", trained.seconds)) s")
+        return try Tokenizer.load(folder: tokenizerDir)
+    }
+
+    /// Runs (or resumes) training and writes the model folder to `out`.
+    public func run(sentences: [String], out: URL) throws {
+        try FileManager.default.createDirectory(at: runDir, withIntermediateDirectories: true)
+        let tok = try tokenizer(sentences: sentences)
+        guard let eos = tok.eosTokenID ?? tok.id(for: "<|endoftext|>") else {
+            throw LMError.invalidInput("the tokenizer has no end-of-text token")
+        }
+        var cache: [String: [Int]] = [:]
+        let ids = sentences.map { s -> [Int] in
+            if let c = cache[s] { return c }
+            let e = tok.encode(s)
+            cache[s] = e
+            return e
+        }
+        let corpus = PackedCorpus(sentences: ids, T: config.seqLen, eos: eos)
+        let B = config.batchSize, T = config.seqLen
+        let stepsPerPass = corpus.count / B
+        let totalSteps = stepsPerPass * config.passes
+        var gpt = GPT2Configuration(vocabSize: tok.vocabSize, nPositions: config.nPositions, nEmbd: config.nEmbd,
+                                    nLayer: config.nLayer, nHead: config.nHead, bosTokenId: eos, eosTokenId: eos)
+        gpt.tieWordEmbeddings = true
+        let model = TransformerLM(spec: gpt.spec())
+        model.initialise(seed: config.seed)
+        let opt = AdamW(params: model.parameters, learningRate: config.maxLR, beta1: 0.9, beta2: 0.95, weightDecay: config.weightDecay)
+        let schedule = CosineSchedule(maxLR: config.maxLR, minLR: config.minLR, warmupSteps: config.warmupSteps, totalSteps: totalSteps)
+        var step = 0
+        if FileManager.default.fileExists(atPath: checkpointURL.path) {
+            step = try loadCheckpoint(model: model, opt: opt)
+            log("resumed at step \(step)")
+        } else {
+            log("start: \(model.parameterCount) parameters, \(corpus.count) sequences of \(T) (\(corpus.realTokens) real tokens), \(totalSteps) steps")
+        }
+        // The order of sequences for each pass: a seeded permutation.
+        func order(pass: Int) -> [Int] {
+            var rng = RNG(seed: config.seed &+ UInt64(pass) &* 7919)
+            var o = Array(0..<corpus.count)
+            rng.shuffle(&o)
+            return o
+        }
+        var currentPass = -1
+        var perm: [Int] = []
+        let dlogits = Tensor(shape: [B * T, tok.vocabSize])
+        var batchIds = [Int32](repeating: 0, count: B * T)
+        var labels = [Int32](repeating: 0, count: B * T)
+        var mask = [Float](repeating: 0, count: B * T)
+        var lossSum = 0.0, tokenSum = 0.0
+        var windowStart = Date()
+        let started = Date()
+        let startStep = step
+        while step < totalSteps {
+            let pass = step / stepsPerPass
+            if pass != currentPass { perm = order(pass: pass); currentPass = pass }
+            let base = (step % stepsPerPass) * B
+            for b in 0..<B {
+                let s = perm[base + b]
+                for t in 0..<T {
+                    batchIds[b * T + t] = corpus.tokens[s * (T + 1) + t]
+                    labels[b * T + t] = corpus.tokens[s * (T + 1) + t + 1]
+                    mask[b * T + t] = corpus.mask[s * T + t]
+                }
+            }
+            let maskSum = max(mask.reduce(0, +), 1)
+            opt.learningRate = schedule.learningRate(step: step)
+            model.zeroGradients()
+            let logits = model.forward(TokenBatch(ids: batchIds, B: B, T: T))
+            dlogits.zero()
+            let (loss, _) = Kernels.crossEntropy(losses: nil, dlogits: dlogits.data, logits: logits.data, labels: labels, mask: mask,
+                                                 N: B * T, V: tok.vocabSize, gradScale: 1 / maskSum)
+            model.backward(dlogits: dlogits)
+            let norm = clipGradNorm(model.parameters, maxNorm: config.gradClip)
+            opt.update()
+            step += 1
+            lossSum += Double(loss); tokenSum += Double(maskSum)
+            if step % config.logEvery == 0 || step == totalSteps {
+                let elapsed = Date().timeIntervalSince(windowStart)
+                let tps = Double(config.logEvery * B * T) / max(elapsed, 1e-9)
+                let eta = Double(totalSteps - step) * Date().timeIntervalSince(started) / Double(max(step - startStep, 1))
+                let line = String(format: "step %d/%d loss %.4f lr %.2e grad-norm %.2f %.0f tokens/s eta %.0f min",
+                                  step, totalSteps, lossSum / tokenSum, opt.learningRate, norm, tps, eta / 60)
+                log(line)
+                progress(line)
+                lossSum = 0; tokenSum = 0; windowStart = Date()
+            }
+            if step % config.checkpointEvery == 0 || step == totalSteps {
+                try saveCheckpoint(model: model, opt: opt, step: step)
+            }
+        }
+        let configData = try JSONSerialization.data(withJSONObject: gpt.jsonObject(), options: [.prettyPrinted, .sortedKeys])
+        try ModelFolder.write(model: model, configData: configData, to: out, tokenizerFrom: tokenizerDir)
+        log("wrote \(out.path)")
+    }
+
+    func saveCheckpoint(model: TransformerLM, opt: AdamW, step: Int) throws {
+        var w = SafetensorsWriter(metadata: ["step": String(step), "adam_step": String(opt.step)])
+        for (i, p) in model.parameters.enumerated() {
+            try w.add(p.name, p.value)
+            try w.add("adam.m." + p.name, opt.m[i])
+            try w.add("adam.v." + p.name, opt.v[i])
+        }
+        let tmp = runDir.appendingPathComponent(".checkpoint.tmp")
+        try w.write(to: tmp)
+        // rename(2) replaces the old checkpoint atomically: a crash leaves the old or the new one.
+        guard rename(tmp.path, checkpointURL.path) == 0 else {
+            throw LMError.invalidInput("\(checkpointURL.path): cannot replace the checkpoint (errno \(errno))")
+        }
+    }
+
+    func loadCheckpoint(model: TransformerLM, opt: AdamW) throws -> Int {
+        let f = try SafetensorsFile(contentsOf: checkpointURL, mode: .read)
+        for (i, p) in model.parameters.enumerated() {
+            p.value.assign(try f.tensor(p.name))
+            opt.m[i].assign(try f.tensor("adam.m." + p.name))
+            opt.v[i].assign(try f.tensor("adam.v." + p.name))
+        }
+        guard let step = f.metadata["step"].flatMap(Int.init), let adam = f.metadata["adam_step"].flatMap(Int.init) else {
+            throw LMError.invalidInput("\(checkpointURL.path): checkpoint metadata lacks the step")
+        }
+        opt.restore(step: adam)
+        return step
+    }
+}

@@ -1,0 +1,31 @@
+import ArgumentParser
+import Evaluation
+import Foundation
+import LanguageModel
+import World
+
+struct Facts: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Top-1 accuracy on the world's facts by split and phrasing, and held-out perplexity.")
+
+    @OptionGroup var model: ModelOption
+    @Option(help: "Facts (JSON Lines). Default: samples/world/facts.jsonl.")
+    var data: String?
+    @Option(help: "Held-out text, one sentence a line. Default: heldout_text.txt beside the facts.")
+    var text: String?
+    @Option(help: "Score at most this many facts per split and phrasing.")
+    var limit: Int?
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    func run() throws {
+        let folder = try model.load(requireTokenizer: true)
+        let dataURL = data.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("world/facts.jsonl")
+        let facts = try runMapped { try FactFile.read(dataURL) }
+        let textURL = text.map { URL(fileURLWithPath: $0) } ?? dataURL.deletingLastPathComponent().appendingPathComponent("heldout_text.txt")
+        let lines = (try? String(contentsOf: textURL, encoding: .utf8))?.split(separator: "\n").map(String.init) ?? []
+        let report = FactsReport.measure(model: folder.model, tokenizer: folder.tokenizer!, facts: facts, heldoutText: lines,
+                                         modelName: folder.url.path, limitPerSplit: limit)
+        if json { try printJSON(report) } else { print(report.table()) }
+    }
+}
