@@ -116,8 +116,9 @@ public final class Pretrainer {
         return try Tokenizer.load(folder: tokenizerDir)
     }
 
-    /// Runs (or resumes) training and writes the model folder to `out`.
-    public func run(sentences: [String], out: URL) throws {
+    /// Runs (or resumes) training and writes the model folder to `out`. `stopAfter` ends the run early
+    /// at that step, checkpointed and without writing the folder (as an interruption would).
+    public func run(sentences: [String], out: URL, stopAfter: Int? = nil) throws {
         try FileManager.default.createDirectory(at: runDir, withIntermediateDirectories: true)
         let tok = try tokenizer(sentences: sentences)
         guard let eos = tok.eosTokenID ?? tok.id(for: "<|endoftext|>") else {
@@ -199,9 +200,10 @@ public final class Pretrainer {
                 progress(line)
                 lossSum = 0; tokenSum = 0; windowStart = Date()
             }
-            if step % config.checkpointEvery == 0 || step == totalSteps {
+            if step % config.checkpointEvery == 0 || step == totalSteps || step == stopAfter {
                 try saveCheckpoint(model: model, opt: opt, step: step)
             }
+            if step == stopAfter { log("stopped at step \(step)"); return }
         }
         let configData = try JSONSerialization.data(withJSONObject: gpt.jsonObject(), options: [.prettyPrinted, .sortedKeys])
         try ModelFolder.write(model: model, configData: configData, to: out, tokenizerFrom: tokenizerDir)
