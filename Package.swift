@@ -11,7 +11,7 @@ let package = Package(
     name: "dafnet",
     platforms: [.macOS(.v14)],
     products: [
-        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Evaluation"]),
+        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Editing", "Evaluation"]),
         .executable(name: "dafnet", targets: ["dafnet"]),
     ],
     dependencies: [
@@ -34,10 +34,11 @@ let package = Package(
         .target(name: "World", dependencies: ["TensorCore"], swiftSettings: optimize),
         .target(name: "LanguageModel", dependencies: ["TensorCore", "Tokenizers", "Storage"],
                 swiftSettings: optimize),
-        .target(name: "Evaluation", dependencies: ["LanguageModel", "World"], swiftSettings: optimize),
+        .target(name: "Editing", dependencies: ["LanguageModel", "Storage", "World"], swiftSettings: optimize),
+        .target(name: "Evaluation", dependencies: ["LanguageModel", "World", "Editing"], swiftSettings: optimize),
         .executableTarget(
             name: "dafnet",
-            dependencies: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Evaluation",
+            dependencies: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Editing", "Evaluation",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: optimize),
@@ -46,6 +47,7 @@ let package = Package(
         .testTarget(name: "TokenizersTests", dependencies: ["Tokenizers"], resources: [.copy("Fixtures")]),
         .testTarget(name: "StorageTests", dependencies: ["Storage"]),
         .testTarget(name: "WorldTests", dependencies: ["World"]),
+        .testTarget(name: "EditingTests", dependencies: ["Editing"], resources: [.copy("Fixtures")]),
         .testTarget(name: "LanguageModelTests", dependencies: ["LanguageModel"], resources: [.copy("Fixtures")]),
     ],
     // Swift 5 language mode: the kernels hand raw buffers to concurrent loops, which the Swift 6

@@ -435,3 +435,61 @@ extension Tape {
         }
     }
 }
+
+// MARK: - Segment operations (variable-length groups of rows, e.g. the tokens of each edit)
+
+extension Tape {
+    /// Softmax of a score per row within each segment of consecutive rows: scores [L] or [L, 1] → [L].
+    public func segmentSoftmax(_ scores: Variable, lengths: [Int]) -> Variable {
+        let L = scores.value.count
+        precondition(lengths.reduce(0, +) == L && lengths.allSatisfy { $0 > 0 }, "segment lengths \(lengths) for \(L) rows")
+        let out = Tensor(shape: [L])
+        var start = 0
+        for n in lengths {
+            Kernels.softmaxForward(out.data + start, scores.value.data + start, N: 1, C: n)
+            start += n
+        }
+        return record(out, inputs: [scores]) { o in
+            var start = 0
+            for n in lengths {
+                Kernels.softmaxBackward(dinp: scores.grad.data + start, dout: o.grad.data + start, out: out.data + start, N: 1, C: n)
+                start += n
+            }
+        }
+    }
+
+    /// Sum of the rows of each segment: [L, d] → [segments, d].
+    public func segmentSum(_ x: Variable, lengths: [Int]) -> Variable {
+        let d = x.value.shape.last!, L = x.value.count / d
+        precondition(lengths.reduce(0, +) == L, "segment lengths \(lengths) for \(L) rows")
+        let out = Tensor(shape: [lengths.count, d])
+        var row = 0
+        for (s, n) in lengths.enumerated() {
+            for _ in 0..<n { BLAS.axpy(out.data + s * d, x.value.data + row * d, count: d, alpha: 1); row += 1 }
+        }
+        return record(out, inputs: [x]) { o in
+            var row = 0
+            for (s, n) in lengths.enumerated() {
+                for _ in 0..<n { BLAS.axpy(x.grad.data + row * d, o.grad.data + s * d, count: d, alpha: 1); row += 1 }
+            }
+        }
+    }
+
+    /// Each row repeated as many times as its segment is long: [segments, d] → [L, d] (`repeat_interleave`).
+    public func repeatSegments(_ x: Variable, lengths: [Int]) -> Variable {
+        let d = x.value.shape.last!
+        precondition(x.value.count / d == lengths.count, "\(lengths.count) segments for \(x.shape)")
+        let L = lengths.reduce(0, +)
+        let out = Tensor(shape: [L, d])
+        var row = 0
+        for (s, n) in lengths.enumerated() {
+            for _ in 0..<n { (out.data + row * d).update(from: x.value.data + s * d, count: d); row += 1 }
+        }
+        return record(out, inputs: [x]) { o in
+            var row = 0
+            for (s, n) in lengths.enumerated() {
+                for _ in 0..<n { BLAS.axpy(x.grad.data + s * d, o.grad.data + row * d, count: d, alpha: 1); row += 1 }
+            }
+        }
+    }
+}

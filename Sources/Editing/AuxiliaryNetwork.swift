@@ -1,0 +1,290 @@
+import Foundation
+import Storage
+import TensorCore
+
+/// Sizes of the auxiliary network (the official `aux_model` configuration keys).
+public struct AuxNetConfig: Codable, Sendable, Equatable {
+    public var layerN = 2
+    public var innerAttDim = 256
+    public var ffnDim = 512
+    public var outerAttDim = 256
+    public var outerAttHeadN = 2
+    public var outerScoreAttDim = 128
+    public var outerScoreAttHeadN = 2
+    /// Only the exact batch norm ("EBN") is implemented.
+    public var normLayer = "EBN"
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey {
+        case layerN = "layer_n", innerAttDim = "inner_att_dim", ffnDim = "ffn_dim", outerAttDim = "outer_att_dim"
+        case outerAttHeadN = "outer_att_head_n", outerScoreAttDim = "outer_score_att_dim"
+        case outerScoreAttHeadN = "outer_score_att_head_n", normLayer = "norm_layer"
+    }
+}
+
+/// An exact running batch norm over every row ever seen (DAFNet's `ExactBatchNorm1d`): in training mode the
+/// mean and unbiased variance are updated exactly with each batch; in evaluation mode they are fixed.
+public struct ExactBatchNorm: Sendable {
+    public var mean: Tensor
+    public var variance: Tensor
+    public var std: Tensor
+    public var count: Int
+    public var eps: Float
+
+    public init(dim: Int, eps: Float = 1e-8) {
+        mean = Tensor(shape: [dim]); variance = Tensor(shape: [dim]); std = Tensor(shape: [dim], repeating: 1)
+        count = 0; self.eps = eps
+    }
+
+    /// Normalises rows x [N, dim]; with `training`, first folds the batch into the statistics. A first
+    /// batch of one row only sets the mean and passes through unchanged, as the reference does.
+    public mutating func forward(_ x: Tensor, training: Bool) -> Tensor {
+        let d = mean.count, N = x.count / d
+        if training {
+            if count != 0 || N != 1 {
+                let oldK = Double(count), newK = Double(count + N)
+                for j in 0..<d {
+                    var s = 0.0
+                    for n in 0..<N { s += Double(x[n * d + j]) }
+                    let oldMean = Double(mean[j])
+                    let newMean = oldK / newK * oldMean + s / newK
+                    var sq = 0.0
+                    for n in 0..<N { let e = newMean - Double(x[n * d + j]); sq += e * e }
+                    let v = (oldK - 1) / (newK - 1) * Double(variance[j]) + oldK / (newK - 1) * (newMean - oldMean) * (newMean - oldMean)
+                        + sq / (newK - 1)
+                    mean[j] = Float(newMean); variance[j] = Float(v); std[j] = Float(v.squareRoot())
+                }
+                count += N
+            } else {
+                count = 1
+                for j in 0..<d { mean[j] = x[j] }
+                return x.copy()
+            }
+        }
+        let out = Tensor(shape: x.shape)
+        for n in 0..<N { for j in 0..<d { out[n * d + j] = (x[n * d + j] - mean[j]) / (std[j] + eps) } }
+        return out
+    }
+}
+
+/// What one call of the auxiliary network produces for one module.
+public struct AuxOutput {
+    /// x1ᵀ · (scaled x2): [xDim, deltaDim], on the tape.
+    public let deltaWeight: Variable
+    /// Σ scaled x2 rows: [deltaDim], on the tape.
+    public let deltaBias: Variable
+    /// The decay of the accumulated past update: Π (1 − s_i), averaged over layers.
+    public let pastUpdateScale: Float
+    /// Per-edit update scales s_i · Π_{j>i}(1 − s_j), averaged over layers.
+    public let updateScales: [Float]
+    /// The sequence representations after this call, per layer: [past + edits, dim].
+    public let newReps: [Tensor]
+}
+
+/// DAFNet's auxiliary network for one module shape (the official `GradientTransformer` and `DAFNetModel`),
+/// parameters under the official names. One instance serves every edited module of its shape; a mode
+/// embedding per module gives each its own scale and shift.
+public final class AuxiliaryNetwork: @unchecked Sendable {
+    public let xDim: Int
+    public let deltaDim: Int
+    public let modes: Int
+    public let config: AuxNetConfig
+    public var norm: ExactBatchNorm
+    public let parameters: [Parameter]
+    private let byName: [String: Parameter]
+
+    public var dim: Int { xDim + deltaDim }
+
+    public init(xDim: Int, deltaDim: Int, modes: Int, config: AuxNetConfig) {
+        self.xDim = xDim; self.deltaDim = deltaDim; self.modes = modes; self.config = config
+        norm = ExactBatchNorm(dim: xDim + deltaDim)
+        let d = xDim + deltaDim
+        var shapes: [(String, [Int])] = []
+        for l in 0..<config.layerN {
+            let p = "dafnet_model.layers.\(l)."
+            func lin(_ n: String, _ inF: Int, _ outF: Int) { shapes += [(p + n + ".weight", [outF, inF]), (p + n + ".bias", [outF])] }
+            lin("inner_att.trans1.0", d, config.innerAttDim); lin("inner_att.trans1.2", config.innerAttDim, d)
+            lin("inner_att.trans2.0", d, config.innerAttDim); lin("inner_att.trans2.2", config.innerAttDim, 1)
+            let oa = config.outerAttHeadN * config.outerAttDim
+            lin("outer_att.lq", d, oa); lin("outer_att.lk", d, oa); lin("outer_att.lv", d, oa); lin("outer_att.lo", oa, d)
+            let sa = config.outerScoreAttHeadN * config.outerScoreAttDim
+            lin("outer_att_score.lq", d, sa); lin("outer_att_score.lk", d, sa)
+            lin("feedforward.fc1", d, config.ffnDim); lin("feedforward.fc2", config.ffnDim, d)
+            for k in 1...3 { shapes += [(p + "layer_norm\(k).weight", [d]), (p + "layer_norm\(k).bias", [d])] }
+            shapes += [(p + "mode_shift.weight", [modes, d]), (p + "mode_scale.weight", [modes, d])]
+        }
+        parameters = shapes.map { Parameter(name: $0.0, value: Tensor(shape: $0.1)) }
+        byName = Dictionary(uniqueKeysWithValues: parameters.map { ($0.name, $0) })
+    }
+
+    public func parameter(_ name: String) -> Parameter? { byName[name] }
+
+    /// PyTorch's default initialisation (uniform ±1/√fan_in for linear layers), unit LayerNorms, mode
+    /// scale 1 and shift 0 (the reference's choice).
+    public func initialise(rng: inout RNG) {
+        for p in parameters {
+            if p.name.hasSuffix("mode_scale.weight") || (p.name.contains("layer_norm") && p.name.hasSuffix(".weight")) {
+                p.value.fill(1)
+            } else if p.name.hasSuffix("mode_shift.weight") || p.name.contains("layer_norm") {
+                p.value.fill(0)
+            } else {
+                let weight = byName[p.name.hasSuffix(".bias") ? String(p.name.dropLast(5)) + ".weight" : p.name]!
+                let bound = 1 / Float(weight.value.shape[1]).squareRoot()
+                for i in 0..<p.value.count { p.value[i] = rng.uniform(-bound, bound) }
+            }
+        }
+    }
+
+    /// The state dict: parameters plus the batch-norm buffers (official names).
+    public func stateTensors() -> [String: Tensor] {
+        var out = Dictionary(uniqueKeysWithValues: parameters.map { ($0.name, $0.value) })
+        out["norm_layer.mean"] = norm.mean; out["norm_layer.var"] = norm.variance; out["norm_layer.std"] = norm.std
+        out["norm_layer.k"] = Tensor(shape: [], values: [Float(norm.count)])
+        out["norm_layer.eps"] = Tensor(shape: [], values: [norm.eps])
+        return out
+    }
+
+    /// Loads a state dict by official names (all parameters and the norm buffers must be present).
+    public func load(_ source: TensorSource, prefix: String = "", file: String) throws {
+        for p in parameters {
+            let t = try source.tensor(prefix + p.name)
+            guard t.count == p.value.count else {
+                throw EditingError.shapeMismatch(name: prefix + p.name, expected: p.value.shape, found: t.shape, file: file)
+            }
+            p.value.assign(t)
+        }
+        norm.mean.assign(try source.tensor(prefix + "norm_layer.mean"))
+        norm.variance.assign(try source.tensor(prefix + "norm_layer.var"))
+        norm.std.assign(try source.tensor(prefix + "norm_layer.std"))
+        norm.count = Int(try source.tensor(prefix + "norm_layer.k")[0])
+        norm.eps = try source.tensor(prefix + "norm_layer.eps")[0]
+    }
+
+    // MARK: Forward
+
+    /// Runs the network on the gradient signals of one module: x [Σ lengths, xDim + deltaDim] (rows
+    /// `[u | δ]`), one segment per edit. `pastReps` (per layer, [past, dim]) continue a sequence; empty for
+    /// a fresh one. `trainingNorm` folds x into the batch-norm statistics first.
+    public func forward(tape: Tape, x: Tensor, lengths: [Int], mode: Int, pastReps: [Tensor]?, trainingNorm: Bool) -> AuxOutput {
+        precondition(x.count == lengths.reduce(0, +) * dim, "signal rows \(x.shape) do not match lengths \(lengths)")
+        precondition(mode >= 0 && mode < modes, "mode \(mode) of \(modes)")
+        let normed = norm.forward(x, training: trainingNorm)
+        var h = tape.leaf(normed.reshaped([lengths.count == 0 ? 0 : normed.count / dim, dim]))
+        var newReps: [Tensor] = []
+        var pus: [Float] = []
+        var us: [[Float]] = []
+        for l in 0..<config.layerN {
+            let past = pastReps?[l] ?? Tensor(shape: [0, dim])
+            let r = layer(tape: tape, l, h, past: past, lengths: lengths, mode: mode)
+            h = r.x
+            newReps.append(r.newRep)
+            pus.append(r.pastScale)
+            us.append(r.scales)
+        }
+        let n = lengths.count
+        let pastScale = pus.reduce(0, +) / Float(pus.count)
+        let scales = (0..<n).map { i in us.map { $0[i] }.reduce(0, +) / Float(us.count) }
+        // Per-token scale: the edit's scale over its length.
+        var perToken: [Float] = []
+        for (i, len) in lengths.enumerated() { perToken += Array(repeating: scales[i] / Float(len), count: len) }
+        let x1 = tape.columns(h, 0..<xDim)
+        let x2 = tape.rowScale(tape.columns(h, xDim..<dim), tape.leaf(Tensor(shape: [perToken.count], values: perToken)))
+        let dW = tape.matmul(x1, x2, transA: true)
+        let db = tape.sumRows(x2)
+        return AuxOutput(deltaWeight: dW, deltaBias: db, pastUpdateScale: pastScale, updateScales: scales, newReps: newReps)
+    }
+
+    private func v(_ tape: Tape, _ name: String) -> Variable { tape.parameter(byName[name]!) }
+
+    private func linear(_ tape: Tape, _ x: Variable, _ name: String) -> Variable {
+        tape.linear(x, v(tape, name + ".weight"), v(tape, name + ".bias"))
+    }
+
+    /// Multi-head attention of `queries` over `keys` with an additive mask [nq, nk]; returns per-head
+    /// softmax probabilities when `scoresOnly` (plain values, no tape), else the projected output.
+    private func outerAttention(tape: Tape, _ p: String, queries: Variable, keys: Variable, mask: Tensor,
+                                heads: Int, headDim: Int) -> Variable {
+        let q = linear(tape, queries, p + ".lq"), k = linear(tape, keys, p + ".lk"), vv = linear(tape, keys, p + ".lv")
+        let maskVar = tape.leaf(mask)
+        var outs: [Variable] = []
+        for hd in 0..<heads {
+            let cols = (hd * headDim)..<((hd + 1) * headDim)
+            let s = tape.add(tape.scale(tape.matmul(tape.columns(q, cols), tape.columns(k, cols), transB: true),
+                                        1 / Float(headDim).squareRoot()), maskVar)
+            outs.append(tape.matmul(tape.softmax(s), tape.columns(vv, cols)))
+        }
+        return linear(tape, heads == 1 ? outs[0] : tape.concatColumns(outs), p + ".lo")
+    }
+
+    /// Head-averaged attention probabilities of the score attention (detached, as in the reference).
+    private func scoreProbabilities(_ p: String, queries: Tensor, keys: Tensor, mask: Tensor, heads: Int, headDim: Int) -> Tensor {
+        let tape = Tape()
+        let qv = tape.linear(tape.leaf(queries), tape.leaf(byName[p + ".lq.weight"]!.value), tape.leaf(byName[p + ".lq.bias"]!.value)).value
+        let kv = tape.linear(tape.leaf(keys), tape.leaf(byName[p + ".lk.weight"]!.value), tape.leaf(byName[p + ".lk.bias"]!.value)).value
+        let nq = queries.shape[0], nk = keys.shape[0]
+        let mean = Tensor(shape: [nq, nk])
+        let s = Tensor(shape: [nq, nk])
+        for hd in 0..<heads {
+            BLAS.gemm(s.data, qv.data + hd * headDim, kv.data + hd * headDim, M: nq, N: nk, K: headDim, transB: true,
+                      alpha: 1 / Float(headDim).squareRoot(), lda: heads * headDim, ldb: heads * headDim)
+            s.add(mask)
+            Kernels.softmaxForward(s.data, s.data, N: nq, C: nk)
+            mean.add(s, alpha: 1 / Float(heads))
+        }
+        return mean
+    }
+
+    private func layer(tape: Tape, _ l: Int, _ x0: Variable, past: Tensor, lengths: [Int], mode: Int)
+        -> (x: Variable, newRep: Tensor, pastScale: Float, scales: [Float]) {
+        let p = "dafnet_model.layers.\(l)."
+        let d = dim
+        // Intra-editing attention: token values and a softmax-pooled sample representation per edit.
+        let attX = linear(tape, tape.relu(linear(tape, x0, p + "inner_att.trans1.0")), p + "inner_att.trans1.2")
+        let attS = linear(tape, tape.relu(linear(tape, attX, p + "inner_att.trans2.0")), p + "inner_att.trans2.2")
+        let weighted = tape.rowScale(attX, tape.segmentSoftmax(attS, lengths: lengths))
+        let sampleRep = tape.segmentSum(weighted, lengths: lengths)
+        var x = tape.layerNorm(tape.add(x0, weighted), v(tape, p + "layer_norm1.weight"), v(tape, p + "layer_norm1.bias"))
+        // Inter-editing attention over the past and current sample representations (causal).
+        let P = past.shape[0], n = lengths.count
+        let newRep = tape.concatRows([tape.leaf(past.reshaped([P, d])), sampleRep])
+        let mask = Tensor(shape: [n, P + n])
+        for i in 0..<n { for j in (P + i + 1)..<(P + n) { mask[i, j] = -999_999 } }
+        let outer = outerAttention(tape: tape, p + "outer_att", queries: sampleRep, keys: newRep, mask: mask,
+                                   heads: config.outerAttHeadN, headDim: config.outerAttDim)
+        x = tape.layerNorm(tape.add(x, tape.repeatSegments(outer, lengths: lengths)),
+                           v(tape, p + "layer_norm2.weight"), v(tape, p + "layer_norm2.bias"))
+        // Diagonal score attention → per-edit update scales and the decay of the past update.
+        let probs = scoreProbabilities(p + "outer_att_score", queries: sampleRep.value, keys: newRep.value, mask: mask,
+                                       heads: config.outerScoreAttHeadN, headDim: config.outerScoreAttDim)
+        var s = (0..<n).map { probs[$0, P + $0] }
+        var keep = [Float](repeating: 1, count: n + 1)   // keep[i] = Π_{j ≥ i} (1 − s_j)
+        for i in stride(from: n - 1, through: 0, by: -1) { keep[i] = keep[i + 1] * (1 - s[i]) }
+        for i in 0..<max(n - 1, 0) { s[i] *= keep[i + 1] }
+        // FFN, then the mode's scale and shift with a clamp residual.
+        let ffn = linear(tape, tape.relu(linear(tape, x, p + "feedforward.fc1")), p + "feedforward.fc2")
+        x = tape.layerNorm(tape.add(x, ffn), v(tape, p + "layer_norm3.weight"), v(tape, p + "layer_norm3.bias"))
+        let scale = tape.reshape(tape.rows(v(tape, p + "mode_scale.weight"), mode..<(mode + 1)), [d])
+        let shift = tape.reshape(tape.rows(v(tape, p + "mode_shift.weight"), mode..<(mode + 1)), [d])
+        let pre = tape.add(tape.mul(x, scale), shift)
+        x = tape.add(tape.clamp(pre, min: 0, max: .infinity), x)
+        return (x, newRep.value.copy(), keep[0], s)
+    }
+}
+
+/// Errors of the editor.
+public enum EditingError: Error, CustomStringConvertible, Equatable, Sendable {
+    case shapeMismatch(name: String, expected: [Int], found: [Int], file: String)
+    case invalidConfig(file: String, field: String, reason: String)
+    case unknownModule(String)
+    case invalidInput(String)
+
+    public var description: String {
+        switch self {
+        case let .shapeMismatch(name, expected, found, file): return "\(file): tensor \"\(name)\" has shape \(found), expected \(expected)"
+        case let .invalidConfig(file, field, reason): return "\(file): field \"\(field)\": \(reason)"
+        case let .unknownModule(m): return "module \"\(m)\" is not a linear module of the model"
+        case let .invalidInput(msg): return msg
+        }
+    }
+}
