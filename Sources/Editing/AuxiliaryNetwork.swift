@@ -16,7 +16,7 @@ public struct AuxNetConfig: Codable, Sendable, Equatable {
 
     public init() {}
 
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case layerN = "layer_n", innerAttDim = "inner_att_dim", ffnDim = "ffn_dim", outerAttDim = "outer_att_dim"
         case outerAttHeadN = "outer_att_head_n", outerScoreAttDim = "outer_score_att_dim"
         case outerScoreAttHeadN = "outer_score_att_head_n", normLayer = "norm_layer"
@@ -166,7 +166,10 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
     /// Runs the network on the gradient signals of one module: x [Σ lengths, xDim + deltaDim] (rows
     /// `[u | δ]`), one segment per edit. `pastReps` (per layer, [past, dim]) continue a sequence; empty for
     /// a fresh one. `trainingNorm` folds x into the batch-norm statistics first.
-    public func forward(tape: Tape, x: Tensor, lengths: [Int], mode: Int, pastReps: [Tensor]?, trainingNorm: Bool) -> AuxOutput {
+    /// `fusion: false` is the MEND-like ablation: no inter-editing or score attention; every edit's scale
+    /// is 1 and the past is kept whole.
+    public func forward(tape: Tape, x: Tensor, lengths: [Int], mode: Int, pastReps: [Tensor]?, trainingNorm: Bool,
+                        fusion: Bool = true) -> AuxOutput {
         precondition(x.count == lengths.reduce(0, +) * dim, "signal rows \(x.shape) do not match lengths \(lengths)")
         precondition(mode >= 0 && mode < modes, "mode \(mode) of \(modes)")
         let normed = norm.forward(x, training: trainingNorm)
@@ -176,7 +179,7 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         var us: [[Float]] = []
         for l in 0..<config.layerN {
             let past = pastReps?[l] ?? Tensor(shape: [0, dim])
-            let r = layer(tape: tape, l, h, past: past, lengths: lengths, mode: mode)
+            let r = layer(tape: tape, l, h, past: past, lengths: lengths, mode: mode, fusion: fusion)
             h = r.x
             newReps.append(r.newRep)
             pus.append(r.pastScale)
@@ -235,7 +238,7 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return mean
     }
 
-    private func layer(tape: Tape, _ l: Int, _ x0: Variable, past: Tensor, lengths: [Int], mode: Int)
+    private func layer(tape: Tape, _ l: Int, _ x0: Variable, past: Tensor, lengths: [Int], mode: Int, fusion: Bool)
         -> (x: Variable, newRep: Tensor, pastScale: Float, scales: [Float]) {
         let p = "dafnet_model.layers.\(l)."
         let d = dim
@@ -248,6 +251,11 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         // Inter-editing attention over the past and current sample representations (causal).
         let P = past.shape[0], n = lengths.count
         let newRep = tape.concatRows([tape.leaf(past.reshaped([P, d])), sampleRep])
+        if !fusion {
+            let ffn = linear(tape, tape.relu(linear(tape, x, p + "feedforward.fc1")), p + "feedforward.fc2")
+            x = tape.layerNorm(tape.add(x, ffn), v(tape, p + "layer_norm3.weight"), v(tape, p + "layer_norm3.bias"))
+            return (modeTransform(tape: tape, p, x, mode: mode), newRep.value.copy(), 1, Array(repeating: 1, count: n))
+        }
         let mask = Tensor(shape: [n, P + n])
         for i in 0..<n { for j in (P + i + 1)..<(P + n) { mask[i, j] = -999_999 } }
         let outer = outerAttention(tape: tape, p + "outer_att", queries: sampleRep, keys: newRep, mask: mask,
@@ -264,11 +272,15 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         // FFN, then the mode's scale and shift with a clamp residual.
         let ffn = linear(tape, tape.relu(linear(tape, x, p + "feedforward.fc1")), p + "feedforward.fc2")
         x = tape.layerNorm(tape.add(x, ffn), v(tape, p + "layer_norm3.weight"), v(tape, p + "layer_norm3.bias"))
-        let scale = tape.reshape(tape.rows(v(tape, p + "mode_scale.weight"), mode..<(mode + 1)), [d])
-        let shift = tape.reshape(tape.rows(v(tape, p + "mode_shift.weight"), mode..<(mode + 1)), [d])
+        return (modeTransform(tape: tape, p, x, mode: mode), newRep.value.copy(), keep[0], s)
+    }
+
+    /// The mode's scale and shift with a clamp residual: clamp(x·scale + shift, min 0) + x.
+    private func modeTransform(tape: Tape, _ p: String, _ x: Variable, mode: Int) -> Variable {
+        let scale = tape.reshape(tape.rows(v(tape, p + "mode_scale.weight"), mode..<(mode + 1)), [dim])
+        let shift = tape.reshape(tape.rows(v(tape, p + "mode_shift.weight"), mode..<(mode + 1)), [dim])
         let pre = tape.add(tape.mul(x, scale), shift)
-        x = tape.add(tape.clamp(pre, min: 0, max: .infinity), x)
-        return (x, newRep.value.copy(), keep[0], s)
+        return tape.add(tape.clamp(pre, min: 0, max: .infinity), x)
     }
 }
 

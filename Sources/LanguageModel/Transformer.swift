@@ -14,6 +14,8 @@ public final class LinearModule: @unchecked Sendable {
     public var deltaWeight: Tensor?
     /// Edit to the bias, [outFeatures].
     public var deltaBias: Tensor?
+    /// When false the module computes its unedited output (edits kept, not applied).
+    public var editsEnabled = true
 
     init(name: String, inFeatures: Int, outFeatures: Int, layout: WeightLayout, weight: Parameter, bias: Parameter?) {
         self.name = name
@@ -27,10 +29,10 @@ public final class LinearModule: @unchecked Sendable {
     /// out[N, out] = inp[N, in] · W (+ b) (+ ΔW, Δb).
     func forward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, N: Int) {
         Kernels.linearForward(out, inp, weight.value.data, bias?.value.data, N: N, C: inFeatures, OC: outFeatures, layout: layout)
-        if let d = deltaWeight {
+        if editsEnabled, let d = deltaWeight {
             BLAS.gemm(out, inp, d.data, M: N, N: outFeatures, K: inFeatures, beta: 1)
         }
-        if let db = deltaBias {
+        if editsEnabled, let db = deltaBias {
             for n in 0..<N { BLAS.axpy(out + n * outFeatures, db.data, count: outFeatures, alpha: 1) }
         }
     }
@@ -41,7 +43,7 @@ public final class LinearModule: @unchecked Sendable {
         Kernels.linearBackward(dinp: dinp, dweight: parameterGradients ? weight.grad.data : nil,
                                dbias: parameterGradients ? bias?.grad.data : nil, dout: dout, inp: inp,
                                weight: weight.value.data, N: N, C: inFeatures, OC: outFeatures, layout: layout)
-        if let dinp, let d = deltaWeight {
+        if editsEnabled, let dinp, let d = deltaWeight {
             BLAS.gemm(dinp, dout, d.data, M: N, N: inFeatures, K: outFeatures, transB: true, beta: 1)
         }
     }
@@ -216,6 +218,15 @@ public final class TransformerLM: @unchecked Sendable {
                 for i in 0..<p.value.count { p.value[i] = rng.normal() * s }
             }
         }
+    }
+
+    /// Runs `body` on the unedited model (edits switched off, then restored).
+    public func withoutEdits<T>(_ body: () throws -> T) rethrows -> T {
+        let modules = Array(linears.values)
+        let saved = modules.map(\.editsEnabled)
+        for m in modules { m.editsEnabled = false }
+        defer { for (m, e) in zip(modules, saved) { m.editsEnabled = e } }
+        return try body()
     }
 
     /// Removes every module edit.

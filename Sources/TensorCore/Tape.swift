@@ -30,8 +30,10 @@ public final class Variable: @unchecked Sendable {
 /// Backward closures *add* into the inputs' gradients, so a variable used twice sums both paths.
 public final class Tape: @unchecked Sendable {
     private var backwards: [() -> Void] = []
+    /// When false (inference), operations compute values only and record nothing.
+    public let recording: Bool
 
-    public init() {}
+    public init(recording: Bool = true) { self.recording = recording }
 
     /// Number of recorded backward steps.
     public var count: Int { backwards.count }
@@ -58,7 +60,7 @@ public final class Tape: @unchecked Sendable {
 
     /// Records an operation: `value` is the result; `back` runs during backward with the result variable.
     func record(_ value: Tensor, inputs: [Variable], _ back: @escaping (Variable) -> Void) -> Variable {
-        let needs = inputs.contains { $0.requiresGrad }
+        let needs = recording && inputs.contains { $0.requiresGrad }
         let out = Variable(value, requiresGrad: needs)
         if needs {
             backwards.append { [unowned out] in

@@ -14,6 +14,8 @@ struct Dafnet: ParsableCommand {
             WorldCommand.self,
             Pretrain.self,
             Facts.self,
+            DAFSetCommand.self,
+            TrainEditor.self,
             TokenizerCommand.self,
             Checkpoints.self,
             Rollback.self,

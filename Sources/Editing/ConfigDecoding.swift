@@ -1,0 +1,60 @@
+import Foundation
+
+// Configuration files may leave out any key: a missing key keeps its default. Unknown keys are errors,
+// so a misspelt setting is not silently ignored.
+
+struct AnyKey: CodingKey {
+    var stringValue: String
+    var intValue: Int? { nil }
+    init?(stringValue: String) { self.stringValue = stringValue }
+    init?(intValue: Int) { nil }
+}
+
+func rejectUnknownKeys<K: CodingKey & CaseIterable>(_ decoder: Decoder, _: K.Type) throws {
+    let known = Set(K.allCases.map(\.stringValue))
+    let c = try decoder.container(keyedBy: AnyKey.self)
+    if let bad = c.allKeys.first(where: { !known.contains($0.stringValue) }) {
+        throw DecodingError.dataCorruptedError(forKey: bad, in: c, debugDescription: "unknown setting \"\(bad.stringValue)\"")
+    }
+}
+
+extension KeyedDecodingContainer {
+    func value<T: Decodable>(_ key: Key, _ fallback: T) throws -> T { try decodeIfPresent(T.self, forKey: key) ?? fallback }
+}
+
+
+extension AuxNetConfig {
+    public init(from decoder: Decoder) throws {
+        try rejectUnknownKeys(decoder, CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = AuxNetConfig()
+        self.init()
+        layerN = try c.value(.layerN, d.layerN); innerAttDim = try c.value(.innerAttDim, d.innerAttDim)
+        ffnDim = try c.value(.ffnDim, d.ffnDim); outerAttDim = try c.value(.outerAttDim, d.outerAttDim)
+        outerAttHeadN = try c.value(.outerAttHeadN, d.outerAttHeadN); outerScoreAttDim = try c.value(.outerScoreAttDim, d.outerScoreAttDim)
+        outerScoreAttHeadN = try c.value(.outerScoreAttHeadN, d.outerScoreAttHeadN); normLayer = try c.value(.normLayer, d.normLayer)
+    }
+}
+
+extension EditorConfig {
+    public init(from decoder: Decoder) throws {
+        try rejectUnknownKeys(decoder, CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init()
+        method = try c.value(.method, method); modules = try c.value(.modules, modules); editBias = try c.value(.editBias, editBias)
+        auxModel = try c.value(.auxModel, auxModel); initEditLR = try c.value(.initEditLR, initEditLR); training = try c.value(.training, training)
+    }
+}
+
+extension MetaTrainingConfig {
+    public init(from decoder: Decoder) throws {
+        try rejectUnknownKeys(decoder, CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init()
+        steps = try c.value(.steps, steps); seed = try c.value(.seed, seed); auxLR = try c.value(.auxLR, auxLR)
+        editLRLR = try c.value(.editLRLR, editLRLR); reliaLambda = try c.value(.reliaLambda, reliaLambda)
+        genLambda = try c.value(.genLambda, genLambda); locLambda = try c.value(.locLambda, locLambda); maxSeq = try c.value(.maxSeq, maxSeq)
+        growEvery = try c.value(.growEvery, growEvery); growBy = try c.value(.growBy, growBy); gradClip = try c.value(.gradClip, gradClip)
+        checkpointEvery = try c.value(.checkpointEvery, checkpointEvery); logEvery = try c.value(.logEvery, logEvery)
+    }
+}

@@ -1,0 +1,59 @@
+import Foundation
+import LanguageModel
+import Tokenizers
+import World
+
+/// DAFSet for the sample world: meta-training edits with the four properties (recent, popular, long-tail
+/// — by corpus frequency and by the model's own likelihood of the object — and robust), and the
+/// evaluation edits (the held-out facts), in the flat CounterFact layout, disjoint by construction.
+public enum DAFSet {
+    public struct Sets {
+        public var train: [[String: Any]]
+        public var eval: [[String: Any]]
+    }
+
+    /// `model` (optional) adds each fact's negative log-likelihood of its true object and marks the least
+    /// likely quarter as long-tail by likelihood.
+    public static func build(facts: [Fact], model: TransformerLM?, tokenizer: Tokenizer?, seed: UInt64 = 11) -> Sets {
+        var nll: [Int: Double] = [:]
+        if let model, let tokenizer {
+            let idx = facts.indices.filter { facts[$0].split != "heldout" }
+            let preds = model.predict(idx.map { ScoredPrompt(prompt: facts[$0].prompt, target: facts[$0].groundTruth, tokenizer: tokenizer) })
+            for (i, p) in zip(idx, preds) { nll[i] = p.nll / Double(max(p.target.count, 1)) }
+        }
+        let threshold: Double? = nll.isEmpty ? nil : nll.values.sorted()[Int(Double(nll.count) * 0.75)]
+        var plain: [String] = facts.filter { $0.split == "popular" }.map { CorpusBuilder.sentence($0.prompt, $0.groundTruth) }
+        if plain.isEmpty { plain = ["The sky is blue."] }
+        var train: [[String: Any]] = [], eval: [[String: Any]] = []
+        for (i, f) in facts.enumerated() {
+            guard let target = f.targetNew else { continue }
+            var r: [String: Any] = ["prompt": f.prompt, "target_new": target, "ground_truth": f.groundTruth, "property": f.split,
+                                    "occurrences": f.occurrences]
+            if let c = f.caseId { r["case_id"] = c }
+            if let s = f.subject { r["subject"] = s }
+            var rephrases = f.rephrasePrompt.map { [$0] } ?? []
+            if f.split == "robust" {
+                // The same fact under added context, another length, positive and negated framings.
+                rephrases += [plain[i % plain.count] + " " + f.prompt, "It is true that " + f.prompt,
+                              "It is not true that " + f.prompt + " " + f.groundTruth + ". In fact, " + f.prompt]
+            }
+            if !rephrases.isEmpty { r["rephrase_prompt"] = rephrases }
+            if let lp = f.localityPrompt, let lg = f.localityGroundTruth { r["locality_prompt"] = lp; r["locality_ground_truth"] = lg }
+            if let v = nll[i] {
+                r["model_nll"] = (v * 1000).rounded() / 1000
+                r["long_tail_by_likelihood"] = v >= threshold!
+            }
+            if f.split == "heldout" { eval.append(r) } else { train.append(r) }
+        }
+        return Sets(train: train, eval: eval)
+    }
+
+    public static func write(_ records: [[String: Any]], to url: URL) throws {
+        var out = Data()
+        for r in records {
+            out.append(try JSONSerialization.data(withJSONObject: r, options: [.sortedKeys, .withoutEscapingSlashes]))
+            out.append(UInt8(ascii: "\n"))
+        }
+        try out.write(to: url, options: .atomic)
+    }
+}

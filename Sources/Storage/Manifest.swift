@@ -1,0 +1,371 @@
+import Crypto
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The input batch that produced a version.
+public struct BatchReference: Codable, Sendable, Equatable {
+    public var name: String
+    public var sha256: String
+
+    public init(name: String, sha256: String) {
+        self.name = name
+        self.sha256 = sha256
+    }
+}
+
+/// One stored tensor of a version (Float32, little-endian, row-major).
+public struct TensorEntry: Codable, Sendable, Equatable {
+    public var name: String
+    public var shape: [Int]
+    public var dtype: String
+    /// sha256 of the stored blob (`objects/<blob>`).
+    public var blob: String
+    /// Raw content size: shape × 4.
+    public var bytes: Int
+    /// Size of the stored (compressed) blob.
+    public var storedBytes: Int
+
+    enum CodingKeys: String, CodingKey {
+        case name, shape, dtype, blob, bytes
+        case storedBytes = "stored_bytes"
+    }
+}
+
+/// One stored file of a version (for example the edit log), raw bytes.
+public struct FileEntry: Codable, Sendable, Equatable {
+    public var name: String
+    public var blob: String
+    public var bytes: Int
+    public var storedBytes: Int
+
+    enum CodingKeys: String, CodingKey {
+        case name, blob, bytes
+        case storedBytes = "stored_bytes"
+    }
+}
+
+/// Where an imported version came from.
+public struct ManifestOrigin: Codable, Sendable, Equatable {
+    /// The archive's file name.
+    public var archive: String
+    /// The version's number in the archive.
+    public var version: Int
+
+    public init(archive: String, version: Int) {
+        self.archive = archive
+        self.version = version
+    }
+}
+
+/// An immutable version manifest: `versions/<8-digit version>.json`.
+public struct Manifest: Codable, Sendable, Equatable {
+    public static let currentFormat = "dafnet-checkpoint-manifest/1"
+    public static let tensorDType = "F32"
+
+    public var format: String
+    public var version: Int
+    /// The version that was HEAD when this one was committed (nil for the first).
+    public var parent: Int?
+    public var baseModelSHA256: String?
+    public var editorSHA256: String?
+    public var batch: BatchReference?
+    /// ISO 8601 UTC time of the commit.
+    public var created: String
+    /// Sorted by the UTF-8 bytes of the name.
+    public var tensors: [TensorEntry]
+    public var files: [FileEntry]
+    /// One hash over the whole edit state (`StateHash`): equal states give equal hashes in any store.
+    public var stateSHA256: String
+    /// Free-form JSON, such as the batch's evaluation.
+    public var info: JSONValue?
+    /// Set on versions imported from an archive into a store that already had versions.
+    public var origin: ManifestOrigin?
+
+    enum CodingKeys: String, CodingKey {
+        case format, version, parent, batch, created, tensors, files, info, origin
+        case baseModelSHA256 = "base_model_sha256"
+        case editorSHA256 = "editor_sha256"
+        case stateSHA256 = "state_sha256"
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        format = try c.decode(String.self, forKey: .format)
+        version = try c.decode(Int.self, forKey: .version)
+        parent = try c.decodeIfPresent(Int.self, forKey: .parent)
+        baseModelSHA256 = try c.decodeIfPresent(String.self, forKey: .baseModelSHA256)
+        editorSHA256 = try c.decodeIfPresent(String.self, forKey: .editorSHA256)
+        batch = try c.decodeIfPresent(BatchReference.self, forKey: .batch)
+        created = try c.decode(String.self, forKey: .created)
+        tensors = try c.decode([TensorEntry].self, forKey: .tensors)
+        files = try c.decodeIfPresent([FileEntry].self, forKey: .files) ?? []
+        stateSHA256 = try c.decode(String.self, forKey: .stateSHA256)
+        info = try c.decodeIfPresent(JSONValue.self, forKey: .info)
+        origin = try c.decodeIfPresent(ManifestOrigin.self, forKey: .origin)
+    }
+
+    init(version: Int, parent: Int?, baseModelSHA256: String?, editorSHA256: String?, batch: BatchReference?,
+         created: String, tensors: [TensorEntry], files: [FileEntry], stateSHA256: String, info: JSONValue?,
+         origin: ManifestOrigin? = nil) {
+        self.format = Self.currentFormat
+        self.version = version
+        self.parent = parent
+        self.baseModelSHA256 = baseModelSHA256
+        self.editorSHA256 = editorSHA256
+        self.batch = batch
+        self.created = created
+        self.tensors = tensors
+        self.files = files
+        self.stateSHA256 = stateSHA256
+        self.info = info
+        self.origin = origin
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(format, forKey: .format)
+        try c.encode(version, forKey: .version)
+        if let parent { try c.encode(parent, forKey: .parent) } else { try c.encodeNil(forKey: .parent) }
+        if let baseModelSHA256 { try c.encode(baseModelSHA256, forKey: .baseModelSHA256) } else { try c.encodeNil(forKey: .baseModelSHA256) }
+        if let editorSHA256 { try c.encode(editorSHA256, forKey: .editorSHA256) } else { try c.encodeNil(forKey: .editorSHA256) }
+        if let batch { try c.encode(batch, forKey: .batch) } else { try c.encodeNil(forKey: .batch) }
+        try c.encode(created, forKey: .created)
+        try c.encode(tensors, forKey: .tensors)
+        try c.encode(files, forKey: .files)
+        try c.encode(stateSHA256, forKey: .stateSHA256)
+        if let info { try c.encode(info, forKey: .info) } else { try c.encodeNil(forKey: .info) }
+        try c.encodeIfPresent(origin, forKey: .origin)
+    }
+
+    /// The manifest as stored: pretty-printed JSON with sorted keys and a final newline.
+    public func encoded() throws -> Data {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+        var data = try encoder.encode(self)
+        data.append(UInt8(ascii: "\n"))
+        return data
+    }
+
+    /// Parses and validates manifest bytes; `expectedVersion` is the number in the file name.
+    static func decode(_ data: Data, path: String, expectedVersion: Int?) throws -> Manifest {
+        let manifest: Manifest
+        do {
+            manifest = try JSONDecoder().decode(Manifest.self, from: data)
+        } catch {
+            throw StoreError.badManifest(path: path, reason: "not a valid manifest JSON (\(decodingSummary(error)))")
+        }
+        if let reason = manifest.validationProblem(expectedVersion: expectedVersion) {
+            throw StoreError.badManifest(path: path, reason: reason)
+        }
+        return manifest
+    }
+
+    /// Every blob hash the version references.
+    public var blobs: Set<String> { Set(tensors.map(\.blob) + files.map(\.blob)) }
+
+    /// The first structural problem, or nil.
+    func validationProblem(expectedVersion: Int?) -> String? {
+        guard format == Self.currentFormat else { return "unknown format '\(format)'" }
+        guard version >= 1 else { return "version \(version) is not positive" }
+        if let expectedVersion, expectedVersion != version {
+            return "the file is named for version \(expectedVersion) but holds version \(version)"
+        }
+        if let parent, !(parent >= 1 && parent < version) { return "parent \(parent) is not an earlier version" }
+        for (label, hash) in [("base_model_sha256", baseModelSHA256), ("editor_sha256", editorSHA256), ("batch.sha256", batch?.sha256)] {
+            if let hash, !Hex.isSHA256(hash) { return "\(label) is not a sha256 hex string" }
+        }
+        guard Hex.isSHA256(stateSHA256) else { return "state_sha256 is not a sha256 hex string" }
+        var names = Set<String>()
+        for t in tensors {
+            guard !t.name.isEmpty, names.insert(t.name).inserted else { return "tensor name '\(t.name)' is empty or repeated" }
+            guard t.dtype == Self.tensorDType else { return "tensor '\(t.name)' has dtype \(t.dtype), only F32 is stored" }
+            guard Hex.isSHA256(t.blob) else { return "tensor '\(t.name)' names blob '\(t.blob)', not a sha256" }
+            var n = 1
+            for d in t.shape {
+                guard d >= 0 else { return "tensor '\(t.name)' has a negative dimension" }
+                let (p, o) = n.multipliedReportingOverflow(by: d)
+                guard !o else { return "tensor '\(t.name)' shape overflows" }
+                n = p
+            }
+            let (bytes, o) = n.multipliedReportingOverflow(by: 4)
+            guard !o, bytes == t.bytes else { return "tensor '\(t.name)': shape \(t.shape) does not match \(t.bytes) bytes" }
+            guard t.storedBytes >= BlobCodec.headerSize else { return "tensor '\(t.name)': stored_bytes \(t.storedBytes) too small" }
+        }
+        guard zip(tensors, tensors.dropFirst()).allSatisfy({ Self.precedes($0.name, $1.name) }) else {
+            return "tensors are not sorted by name"
+        }
+        var fileNames = Set<String>()
+        for f in files {
+            guard !f.name.isEmpty, fileNames.insert(f.name).inserted else { return "file name '\(f.name)' is empty or repeated" }
+            guard Hex.isSHA256(f.blob) else { return "file '\(f.name)' names blob '\(f.blob)', not a sha256" }
+            guard f.bytes >= 0, f.storedBytes >= BlobCodec.headerSize else { return "file '\(f.name)' has bad sizes" }
+        }
+        return nil
+    }
+
+    /// The canonical name order: UTF-8 bytes.
+    public static func precedes(_ a: String, _ b: String) -> Bool {
+        a.utf8.lexicographicallyPrecedes(b.utf8)
+    }
+
+    static func decodingSummary(_ error: Error) -> String {
+        guard let e = error as? DecodingError else { return "\(error)" }
+        func path(_ c: DecodingError.Context) -> String {
+            c.codingPath.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
+        }
+        switch e {
+        case .keyNotFound(let key, let c): return "missing '\(key.stringValue)' at '\(path(c))'"
+        case .typeMismatch(_, let c): return "wrong type at '\(path(c))'"
+        case .valueNotFound(_, let c): return "null at '\(path(c))'"
+        case .dataCorrupted(let c): return c.codingPath.isEmpty ? "malformed JSON" : "bad value at '\(path(c))'"
+        @unknown default: return "\(e)"
+        }
+    }
+}
+
+/// A version named on the command line or in code: a number, `HEAD`, or `HEAD~K` (K parents back).
+public enum VersionRef: Sendable, Equatable, CustomStringConvertible {
+    case head
+    case headMinus(Int)
+    case number(Int)
+
+    public init(parsing text: String) throws {
+        let t = text.trimmingCharacters(in: .whitespaces)
+        if t.uppercased() == "HEAD" {
+            self = .head
+        } else if t.uppercased().hasPrefix("HEAD~"), let k = Int(t.dropFirst(5)), k >= 0 {
+            self = k == 0 ? .head : .headMinus(k)
+        } else if let n = Int(t), n >= 1 {
+            self = .number(n)
+        } else {
+            throw StoreError.invalidVersionReference(text)
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .head: return "HEAD"
+        case .headMinus(let k): return "HEAD~\(k)"
+        case .number(let n): return "\(n)"
+        }
+    }
+}
+
+/// One line of `history.jsonl`: every move of HEAD (commit, rollback, import, recovery) and every
+/// gc, appended in order and never rewritten.
+public struct HistoryRecord: Codable, Sendable, Equatable {
+    public var time: String
+    /// `commit`, `rollback`, `import`, `gc` or `recover`.
+    public var op: String
+    /// HEAD after the operation.
+    public var version: Int?
+    /// HEAD before the operation.
+    public var from: Int?
+    /// commit: the batch name; import: the archive.
+    public var source: String?
+    /// import: the versions created; gc: the versions removed.
+    public var versions: [Int]?
+
+    public init(op: String, version: Int?, from: Int?, source: String? = nil, versions: [Int]? = nil) {
+        self.time = Timestamp.now()
+        self.op = op
+        self.version = version
+        self.from = from
+        self.source = source
+        self.versions = versions
+    }
+}
+
+/// The canonical hash of an edit state (`state_sha256`): SHA-256 over
+/// `"dafnet-state/1\n"`, then for each tensor in UTF-8 name order: the name's byte length (u64 LE),
+/// the name, the rank (u64 LE), each dimension (u64 LE), then the values as little-endian Float32
+/// bit patterns. Independent of compression, blob layout and store; files are not included.
+public struct StateHasher {
+    private var hasher = SHA256()
+    private var lastName: String?
+
+    public init() {
+        hasher.update(data: Array("dafnet-state/1\n".utf8))
+    }
+
+    private mutating func u64(_ v: Int) {
+        var x = UInt64(v).littleEndian
+        withUnsafeBytes(of: &x) { hasher.update(bufferPointer: $0) }
+    }
+
+    /// Adds one tensor; tensors must come in `Manifest.precedes` order.
+    public mutating func add(name: String, shape: [Int], values: UnsafeRawBufferPointer) {
+        precondition(lastName.map { Manifest.precedes($0, name) } ?? true, "state hash: tensors out of order")
+        lastName = name
+        let utf8 = Array(name.utf8)
+        u64(utf8.count)
+        hasher.update(data: utf8)
+        u64(shape.count)
+        for d in shape { u64(d) }
+        hasher.update(bufferPointer: values)
+    }
+
+    public func finalize() -> String { Hex.string(hasher.finalize()) }
+}
+
+enum Hex {
+    static func string<D: Sequence>(_ bytes: D) -> String where D.Element == UInt8 {
+        let digits = Array("0123456789abcdef".utf8)
+        var out = [UInt8]()
+        out.reserveCapacity(64)
+        for b in bytes {
+            out.append(digits[Int(b >> 4)])
+            out.append(digits[Int(b & 15)])
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    static func isSHA256(_ s: String) -> Bool {
+        s.utf8.count == 64 && s.utf8.allSatisfy { ($0 >= 48 && $0 <= 57) || ($0 >= 97 && $0 <= 102) }
+    }
+
+    static func sha256(_ buffer: UnsafeRawBufferPointer) -> String {
+        var h = SHA256()
+        h.update(bufferPointer: buffer)
+        return string(h.finalize())
+    }
+
+    static func sha256(_ data: Data) -> String {
+        data.withUnsafeBytes { sha256($0) }
+    }
+}
+
+/// SHA-256 of files, for base-model and editor hashes.
+public enum FileHash {
+    /// Hex sha256 of a file's bytes, read in 4 MiB chunks.
+    public static func sha256(ofFileAt url: URL) throws -> String {
+        let (fd, _) = try storeIO { try FileBytes.openRegular(url.path) }
+        defer { close(fd) }
+        var h = SHA256()
+        let chunk = UnsafeMutableRawPointer.allocate(byteCount: 1 << 22, alignment: 64)
+        defer { chunk.deallocate() }
+        while true {
+            let n = Glibc_read(fd, chunk, 1 << 22)
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw StoreError.io(FileIOError("read", url.path))
+            }
+            if n == 0 { break }
+            h.update(bufferPointer: UnsafeRawBufferPointer(start: chunk, count: n))
+        }
+        return Hex.string(h.finalize())
+    }
+}
+
+enum Timestamp {
+    static func now() -> String {
+        let f = ISO8601DateFormatter()
+        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        f.timeZone = TimeZone(identifier: "UTC")
+        return f.string(from: Date())
+    }
+}

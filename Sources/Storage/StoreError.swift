@@ -1,0 +1,64 @@
+import Foundation
+
+/// Why a checkpoint-store operation failed. The store refuses to load anything that does not check
+/// out (hash mismatch, bad frame, bad manifest) with one of these.
+public enum StoreError: Error, CustomStringConvertible, Sendable {
+    case io(FileIOError)
+    case storeNotFound(path: String)
+    case notAStore(path: String, reason: String)
+    case locked(path: String, waitedSeconds: Double)
+    case empty(path: String)
+    case versionNotFound(Int)
+    case invalidVersionReference(String)
+    case badHead(path: String, reason: String)
+    case badManifest(path: String, reason: String)
+    case missingBlob(hash: String, version: Int, entry: String)
+    case hashMismatch(path: String, expected: String, actual: String)
+    case corruptBlob(hash: String, reason: String)
+    case stateMismatch(version: Int, expected: String, actual: String)
+    case invalidCommit(String)
+    case notEnoughAncestors(from: Int, steps: Int, reached: Int)
+    case tensorNotFound(name: String, version: Int)
+    case fileNotFound(name: String, version: Int)
+    /// HEAD moved to `version` but a later step (directory fsync, history record) failed.
+    case currentWithError(version: Int, underlying: String)
+    case gcRefused(String)
+
+    public var description: String {
+        switch self {
+        case .io(let e): return e.description
+        case .storeNotFound(let path): return "no checkpoint store at \(path)"
+        case .notAStore(let path, let reason): return "\(path) is not a checkpoint store: \(reason)"
+        case .locked(let path, let waited): return "checkpoint store \(path) is locked by another process (waited \(Int(waited)) s)"
+        case .empty(let path): return "checkpoint store \(path) has no version yet"
+        case .versionNotFound(let v): return "version \(v) does not exist"
+        case .invalidVersionReference(let s): return "'\(s)' is not a version (a number, HEAD or HEAD~K)"
+        case .badHead(let path, let reason): return "\(path): bad HEAD: \(reason)"
+        case .badManifest(let path, let reason): return "\(path): bad manifest: \(reason)"
+        case .missingBlob(let hash, let version, let entry): return "version \(version): blob \(hash) of '\(entry)' is missing"
+        case .hashMismatch(let path, let expected, let actual):
+            return "\(path): hash mismatch (expected \(expected), found \(actual)): the file is corrupted"
+        case .corruptBlob(let hash, let reason): return "blob \(hash): \(reason)"
+        case .stateMismatch(let version, let expected, let actual):
+            return "version \(version): state_sha256 is \(actual), the manifest says \(expected)"
+        case .invalidCommit(let reason): return "invalid commit: \(reason)"
+        case .notEnoughAncestors(let from, let steps, let reached):
+            return "version \(from) has only \(reached) ancestor(s) in the store, cannot go back \(steps)"
+        case .tensorNotFound(let name, let version): return "version \(version) has no tensor '\(name)'"
+        case .fileNotFound(let name, let version): return "version \(version) has no file '\(name)'"
+        case .currentWithError(let version, let underlying):
+            return "version \(version) is now current, but a final step failed: \(underlying)"
+        case .gcRefused(let reason): return "gc refused: \(reason)"
+        }
+    }
+}
+
+/// Runs `body`, turning a bare `FileIOError` into `StoreError.io`.
+@inline(__always)
+func storeIO<T>(_ body: () throws -> T) throws -> T {
+    do {
+        return try body()
+    } catch let e as FileIOError {
+        throw StoreError.io(e)
+    }
+}

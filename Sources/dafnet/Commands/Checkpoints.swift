@@ -1,0 +1,128 @@
+import ArgumentParser
+import Foundation
+import Storage
+
+/// `--store DIR`, shared by every command that works on the checkpoint store.
+struct StoreLocationOptions: ParsableArguments {
+    @Option(name: .long, help: "The checkpoint store folder.")
+    var store: String = CheckpointStore.defaultPath
+
+    var url: URL { URL(fileURLWithPath: store) }
+
+    func open(create: Bool = false) throws -> CheckpointStore {
+        try CheckpointStore(at: url, create: create)
+    }
+}
+
+/// A version on the command line: a number, `HEAD` or `HEAD~K`.
+struct VersionArgument: ExpressibleByArgument {
+    let ref: VersionRef
+
+    init?(argument: String) {
+        guard let ref = try? VersionRef(parsing: argument) else { return nil }
+        self.ref = ref
+    }
+
+    init(_ ref: VersionRef) { self.ref = ref }
+
+    static var defaultValueDescription: String { "HEAD" }
+}
+
+/// `dafnet checkpoints …`: inspect and maintain the checkpoint store.
+struct Checkpoints: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Inspect and maintain the checkpoint store (versions of the edit state).",
+        subcommands: [List.self, Show.self, Diff.self, Verify.self, GC.self, History.self]
+    )
+
+    struct List: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "List the versions (* marks HEAD).")
+        @OptionGroup var location: StoreLocationOptions
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() throws {
+            let rows = try runMapped { try location.open().summaries() }
+            print(json ? try runMapped { try StoreText.json(rows) } : StoreText.list(rows))
+        }
+    }
+
+    struct Show: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Show a version's manifest.")
+        @OptionGroup var location: StoreLocationOptions
+        @Argument(help: "A version number, HEAD or HEAD~K.") var version: VersionArgument = VersionArgument(.head)
+        @Flag(help: "Print the manifest JSON as stored (with state_sha256).") var json = false
+
+        func run() throws {
+            try runMapped {
+                let store = try location.open()
+                let v = try store.resolve(version.ref)
+                if json {
+                    let data = try store.manifestData(v)
+                    _ = try store.manifest(v)  // refuse a bad manifest
+                    FileHandle.standardOutput.write(data)
+                } else {
+                    print(StoreText.show(try store.manifest(v), isHead: try store.head() == v))
+                }
+            }
+        }
+    }
+
+    struct Diff: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Per-tensor changes from version V to version W.")
+        @OptionGroup var location: StoreLocationOptions
+        @Argument(help: "The first version.") var from: VersionArgument
+        @Argument(help: "The second version.") var to: VersionArgument = VersionArgument(.head)
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() throws {
+            try runMapped {
+                let store = try location.open()
+                let a = try store.resolve(from.ref), b = try store.resolve(to.ref)
+                let rows = try store.diff(.number(a), .number(b))
+                print(json ? try StoreText.json(rows) : StoreText.diff(rows, from: a, to: b))
+            }
+        }
+    }
+
+    struct Verify: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Re-hash every blob, decode every frame, check every manifest; exits 1 on a problem.")
+        @OptionGroup var location: StoreLocationOptions
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() throws {
+            let report = try runMapped { try location.open().verify() }
+            print(json ? try runMapped { try StoreText.json(report) } : StoreText.verify(report))
+            if !report.isClean { throw ExitCode(1) }
+        }
+    }
+
+    struct GC: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "gc",
+            abstract: "Remove unreferenced blobs; with --keep N, first remove all versions but HEAD and the N newest.")
+        @OptionGroup var location: StoreLocationOptions
+        @Option(help: "Keep HEAD and the N newest versions; remove the other manifests.") var keep: Int?
+        @Flag(help: "Print JSON.") var json = false
+
+        func validate() throws {
+            if let keep, keep < 0 { throw ValidationError("--keep must be 0 or more") }
+        }
+
+        func run() throws {
+            let report = try runMapped { try location.open().gc(keep: keep) }
+            print(json ? try runMapped { try StoreText.json(report) } : StoreText.gc(report))
+        }
+    }
+
+    struct History: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Every move of HEAD (commit, rollback, import) and every gc.")
+        @OptionGroup var location: StoreLocationOptions
+        @Flag(help: "Print JSON.") var json = false
+
+        func run() throws {
+            let records = try runMapped { try location.open().history() }
+            print(json ? try runMapped { try StoreText.json(records) } : StoreText.history(records))
+        }
+    }
+}

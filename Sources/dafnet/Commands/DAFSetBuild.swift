@@ -1,0 +1,38 @@
+import ArgumentParser
+import Evaluation
+import Foundation
+import LanguageModel
+import World
+
+struct DAFSetCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "dafset", abstract: "DAFSet: meta-training and evaluation edits.",
+                                                    subcommands: [DAFSetBuild.self])
+}
+
+struct DAFSetBuild: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "build",
+        abstract: "Write train.jsonl (recent, popular, long-tail, robust meta-training edits) and eval.jsonl (held-out edits).")
+
+    @Option(help: "The world folder (facts.jsonl).")
+    var world = "samples/world"
+    @Option(help: "Output folder.")
+    var out = "samples/dafset"
+    @Option(help: "Model for long-tail by likelihood (default: samples/model when present).")
+    var model: String?
+
+    func run() throws {
+        let facts = try runMapped { try FactFile.read(URL(fileURLWithPath: world).appendingPathComponent("facts.jsonl")) }
+        let modelURL = model.map { URL(fileURLWithPath: $0) } ?? Embedded.model
+        let folder = FileManager.default.fileExists(atPath: modelURL.appendingPathComponent("config.json").path)
+            ? try runMapped { try ModelFolder.load(modelURL, requireTokenizer: true) } : nil
+        let sets = DAFSet.build(facts: facts, model: folder?.model, tokenizer: folder?.tokenizer)
+        let dir = URL(fileURLWithPath: out)
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try runMapped {
+            try DAFSet.write(sets.train, to: dir.appendingPathComponent("train.jsonl"))
+            try DAFSet.write(sets.eval, to: dir.appendingPathComponent("eval.jsonl"))
+        }
+        print("train: \(sets.train.count) edits, eval: \(sets.eval.count) edits\(folder == nil ? " (no model: no likelihood)" : "")")
+    }
+}

@@ -1,0 +1,154 @@
+import XCTest
+import LanguageModel
+import TensorCore
+@testable import Editing
+
+final class EditorTests: XCTestCase {
+    static let folder = Bundle.module.resourceURL!.appendingPathComponent("Fixtures/gpt2-tiny")
+
+    func makeEditor(method: String = "dafnet", seed: UInt64 = 3) throws -> DAFNetEditor {
+        let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
+        var cfg = EditorConfig()
+        cfg.method = method
+        cfg.modules = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"]
+        cfg.auxModel.layerN = 2; cfg.auxModel.innerAttDim = 8; cfg.auxModel.ffnDim = 12; cfg.auxModel.outerAttDim = 6
+        cfg.auxModel.outerScoreAttDim = 4
+        cfg.initEditLR = 0.05
+        let e = try DAFNetEditor(config: cfg, model: f.model, tokenizer: f.tokenizer!)
+        e.initialise(seed: seed)
+        return e
+    }
+
+    let requests = [
+        EditRequest(prompt: "The mother tongue of Danielle Darrieux is", targetNew: "English", rephrases: ["Danielle Darrieux speaks"],
+                    locality: [.init(prompt: "The capital of France is", groundTruth: "Paris")]),
+        EditRequest(prompt: "Toko Yasuda plays the", targetNew: "piano", rephrases: ["Toko Yasuda is a"],
+                    locality: [.init(prompt: "John Lennon performs on the", groundTruth: "guitar")]),
+        EditRequest(prompt: "Autonomous University of Madrid is in", targetNew: "Sweden", rephrases: ["The university is located in"]),
+    ]
+
+    func testModulesShareANetworkPerShapeWithAModeEach() throws {
+        let e = try makeEditor()
+        XCTAssertEqual(Set(e.networks.keys), ["64x256", "256x64"])
+        XCTAssertEqual(e.routing["transformer.h.1.mlp.c_fc"]!.mode, 0)
+        XCTAssertEqual(e.routing["transformer.h.2.mlp.c_fc"]!.mode, 1)
+        XCTAssertEqual(e.networks["64x256"]!.modes, 2)
+        XCTAssertThrowsError(try { var c = e.config; c.modules = ["transformer.h.9.mlp.c_fc"]; _ = try DAFNetEditor(config: c, model: e.model, tokenizer: e.tokenizer) }())
+    }
+
+    /// Signal rows are the positions where u and δ are both non-zero, none of the padding. Before the last
+    /// block δ reaches every input position through attention; in the last block's MLP only the positions
+    /// that predict answer tokens have a gradient.
+    func testSignalsCoverEachEditsPositions() throws {
+        let e = try makeEditor()
+        let edits = requests.map { e.scored($0.prompt, $0.targetNew) }
+        let sig = e.signals(edits)
+        XCTAssertEqual(sig["transformer.h.1.mlp.c_fc"]!.lengths, edits.map { $0.promptIds.count + $0.targetIds.count - 1 })
+        for m in ["transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"] {
+            XCTAssertEqual(sig[m]!.lengths, edits.map { $0.targetIds.count }, m)
+        }
+        for m in e.config.modules { XCTAssertEqual(sig[m]!.x.shape[0], sig[m]!.lengths.reduce(0, +)) }
+    }
+
+    /// Applying edits one call at a time continues the sequence exactly as one call with all of them.
+    func testSequentialEqualsOneCall() throws {
+        let e = try makeEditor()
+        let one = EditState(moduleNames: e.config.modules)
+        try e.apply(requests, to: one)
+        let seq = EditState(moduleNames: e.config.modules)
+        for r in requests { try e.apply([r], to: seq) }
+        XCTAssertEqual(seq.editCount, 3)
+        for m in e.config.modules {
+            let a = one.modules[m]!, b = seq.modules[m]!
+            // Equal up to float32 summation order (1e-4 of the largest entry).
+            XCTAssertLessThan(a.deltaWeight!.maxAbsDifference(b.deltaWeight!), 1e-4 * a.deltaWeight!.maxAbs(), m)
+            XCTAssertLessThan(a.deltaBias!.maxAbsDifference(b.deltaBias!), 1e-4 * a.deltaBias!.maxAbs(), m)
+            for (x, y) in zip(a.pastReps, b.pastReps) { XCTAssertLessThan(x.maxAbsDifference(y), 1e-4) }
+            XCTAssertEqual(a.pastReps.map(\.shape), [[3, 320], [3, 320]], "one row per edit per layer, width in + out")
+        }
+    }
+
+    func testEditChangesTheModelAndStateRoundTrips() throws {
+        let e = try makeEditor()
+        let probe = e.scored(requests[0].prompt, requests[0].targetNew)
+        let before = e.model.predict([probe])[0].nll
+        let state = EditState(moduleNames: e.config.modules)
+        try e.apply(Array(requests.prefix(2)), to: state)
+        let after = e.model.predict([probe])[0].nll
+        XCTAssertNotEqual(before, after)
+        let back = try EditState(moduleNames: e.config.modules, tensors: state.tensors())
+        XCTAssertEqual(back.editCount, 2)
+        e.model.clearEdits()
+        e.install(back)
+        XCTAssertEqual(e.model.predict([probe])[0].nll, after, accuracy: 1e-9)
+        XCTAssertThrowsError(try EditState(moduleNames: ["x"], tensors: state.tensors()))
+    }
+
+    func testEditorSavesAndLoads() throws {
+        let e = try makeEditor()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("editor-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        e.editLRs["transformer.h.2.mlp.c_proj"]!.value[0] = 0.123
+        try e.save(to: dir)
+        let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
+        let back = try DAFNetEditor.load(from: dir, model: f.model, tokenizer: f.tokenizer!)
+        XCTAssertEqual(back.editLRs["transformer.h.2.mlp.c_proj"]!.value[0], 0.123)
+        let s1 = EditState(moduleNames: e.config.modules), s2 = EditState(moduleNames: e.config.modules)
+        try e.apply(requests, to: s1)
+        try back.apply(requests, to: s2)
+        for m in e.config.modules { XCTAssertEqual(s1.modules[m]!.deltaWeight!.maxAbsDifference(s2.modules[m]!.deltaWeight!), 0) }
+    }
+
+    func testMENDKeepsThePastWholeAndNoRepresentations() throws {
+        let e = try makeEditor(method: "mend")
+        let s = EditState(moduleNames: e.config.modules)
+        try e.apply([requests[0]], to: s)
+        let first = s.modules["transformer.h.2.mlp.c_fc"]!.deltaWeight!.copy()
+        try e.apply([requests[1]], to: s)
+        let two = EditState(moduleNames: e.config.modules)
+        try e.apply([requests[1]], to: two)
+        // Plain accumulation: ΔW(1, 2) = ΔW(1) + ΔW(2).
+        let sum = first + two.modules["transformer.h.2.mlp.c_fc"]!.deltaWeight!
+        XCTAssertLessThan(s.modules["transformer.h.2.mlp.c_fc"]!.deltaWeight!.maxAbsDifference(sum), 1e-5 * sum.maxAbs())
+        XCTAssertTrue(s.modules.values.allSatisfy { $0.pastReps.isEmpty })
+    }
+
+    /// The meta-gradient — through the networks, ΔW, the edited model's losses and back — against
+    /// finite differences of the episode loss, for entries of several parameters and an edit rate.
+    func testMetaGradientMatchesFiniteDifferences() throws {
+        let e = try makeEditor(seed: 5)
+        var cfg = e.config
+        cfg.training.reliaLambda = 1; cfg.training.genLambda = 1; cfg.training.locLambda = 1
+        let editor = try DAFNetEditor(config: cfg, model: e.model, tokenizer: e.tokenizer)
+        for (k, net) in e.networks { for (p, q) in zip(net.parameters, editor.networks[k]!.parameters) { q.value.assign(p.value) } }
+        let trainer = try MetaTrainer(editor: editor, pool: requests, runDir: FileManager.default.temporaryDirectory)
+        func loss() -> Double { let l = trainer.episode(requests, trainingNorm: false); return l.rel + l.gen + l.loc }
+        for p in editor.trainableParameters { p.grad.zero() }
+        _ = loss()
+        let net = editor.networks["64x256"]!
+        // Each parameter at its largest-gradient entry, where the finite difference is not float32 noise
+        // (the episode loss is ~7, so a gradient of 1e-3 is at the noise floor of a difference quotient).
+        let params = [net.parameter("dafnet_model.layers.0.inner_att.trans1.0.weight")!,
+                      net.parameter("dafnet_model.layers.1.feedforward.fc2.weight")!,
+                      net.parameter("dafnet_model.layers.0.outer_att.lv.weight")!,
+                      net.parameter("dafnet_model.layers.1.mode_scale.weight")!,
+                      editor.networks["256x64"]!.parameter("dafnet_model.layers.0.layer_norm2.bias")!,
+                      editor.editLRs["transformer.h.2.mlp.c_proj"]!]
+        let checks: [(Parameter, Int)] = params.map { p in (p, (0..<p.grad.count).max { abs(p.grad[$0]) < abs(p.grad[$1]) }!) }
+        // Read before any finite difference: every further episode adds to the gradients.
+        let analyticValues = checks.map { Double($0.0.grad[$0.1]) }
+        var worst = 0.0
+        for ((p, i), analytic) in zip(checks, analyticValues) {
+            let saved = p.value[i]
+            let h = 1e-2 * max(abs(saved), 0.1)
+            p.value[i] = saved + h; let lp = loss()
+            p.value[i] = saved - h; let lm = loss()
+            p.value[i] = saved
+            let numeric = (lp - lm) / Double(2 * h)
+            let err = abs(numeric - analytic) / max(abs(numeric), 1e-4)
+            worst = max(worst, err)
+            XCTAssertLessThan(err, 0.05, "\(p.name)[\(i)]: analytic \(analytic) numeric \(numeric)")
+        }
+        XCTAssertGreaterThan(abs(Double(editor.editLRs["transformer.h.2.mlp.c_proj"]!.grad[0])), 0)
+    }
+}
