@@ -141,6 +141,8 @@ public struct EditTimings: Codable, Sendable {
     public var auxiliary = 0.0
     public var apply = 0.0
     public var total: Double { signal + auxiliary + apply }
+
+    public init() {}
 }
 
 /// DAFNet (or its MEND-like ablation): gradient signals from the unedited model → the auxiliary network of

@@ -199,7 +199,7 @@ public final class MetaTrainer {
         for (key, net) in editor.networks {
             for (n, t) in net.stateTensors() { try w.add(key + "/" + n, t) }
         }
-        for (i, p) in auxOpt.params.enumerated() { try w.add("adam.m.\(i)", auxOpt.m[i]); try w.add("adam.v.\(i)", auxOpt.v[i]) }
+        for i in auxOpt.params.indices { try w.add("adam.m.\(i)", auxOpt.m[i]); try w.add("adam.v.\(i)", auxOpt.v[i]) }
         for (i, p) in lrOpt.params.enumerated() {
             try w.add(p.name, p.value); try w.add("lr_adam.m.\(i)", lrOpt.m[i]); try w.add("lr_adam.v.\(i)", lrOpt.v[i])
         }

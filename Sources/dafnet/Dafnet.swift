@@ -16,6 +16,7 @@ struct Dafnet: ParsableCommand {
             Facts.self,
             DAFSetCommand.self,
             TrainEditor.self,
+            Edit.self,
             TokenizerCommand.self,
             Checkpoints.self,
             Rollback.self,
@@ -32,6 +33,7 @@ struct Bench: ParsableCommand {
         subcommands: [
             BenchKernels.self,
             BenchLM.self,
+            BenchEdits.self,
             BenchStore.self,
         ]
     )

@@ -34,12 +34,11 @@ struct TrainEditor: ParsableCommand {
         let start = Date()
         trainer.progress = { s, total in
             let eta = Date().timeIntervalSince(start) / Double(max(s.step, 1)) * Double(total - s.step)
-            FileHandle.standardError.write(Data(String(format: "\r\u{1B}[Kstep %d/%d  rel %.3f gen %.3f loc %.3f  %.2f s/step", s.step, total,
-                                                       s.reliability, s.generality, s.locality, s.seconds).utf8))
-            _ = eta
+            FileHandle.standardError.write(Data(String(format: "\r\u{1B}[Kstep %d/%d  rel %.3f gen %.3f loc %.3f  %.2f s/step  eta %.0f min",
+                                                       s.step, total, s.reliability, s.generality, s.locality, s.seconds, eta / 60).utf8))
         }
         printError("log: \(trainer.logURL.path)")
         try runMapped { try trainer.run(out: URL(fileURLWithPath: out), stopAfter: stopAfter) }
-        printError("\nwrote \(out)")
+        printError(trainer.step >= cfg.training.steps ? "\nwrote \(out)" : "\nstopped at step \(trainer.step); run again to resume")
     }
 }

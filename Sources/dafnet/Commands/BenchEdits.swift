@@ -1,0 +1,73 @@
+import ArgumentParser
+import Editing
+import Evaluation
+import Foundation
+import LanguageModel
+
+struct BenchEdits: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "edits",
+        abstract: "The sequential protocol: N edits in order, then evaluate all N; writes JSON, a Markdown table and an SVG chart.")
+
+    @OptionGroup var model: ModelOption
+    @OptionGroup var editorOption: EditorOption
+    @Option(help: "Methods, comma-separated: dafnet, mend, ft.")
+    var method = "dafnet"
+    @Option(help: "Editor folder for --method mend (default: samples/editor-mend).")
+    var mendEditor: String?
+    @Option(help: "Numbers of sequential edits, comma-separated.")
+    var counts = "1,10,100,1000"
+    @Option(help: "Evaluation edits (JSON Lines). Default: samples/dafset/eval.jsonl (the world's held-out facts).")
+    var data: String?
+    @Option(help: "Edits per count to average over (disjoint chunks; at least one chunk).")
+    var budget = 200
+    @Option(help: "Held-out text for perplexity.")
+    var text: String?
+    @Option(help: "FT baseline: Adam steps per edit and learning rate.")
+    var ftSteps = 10
+    @Option(help: "FT baseline learning rate.")
+    var ftLR: Float = 1e-3
+    @Option(help: "Folder for results.json, results.md and results.svg.")
+    var out = "bench/edits"
+    @Flag(help: "Print JSON.")
+    var json = false
+
+    struct Output: Encodable { var results: [SequentialBenchmark.Result] }
+
+    func run() throws {
+        let ns = counts.split(separator: ",").compactMap { Int($0) }
+        guard !ns.isEmpty, ns.allSatisfy({ $0 > 0 }) else { throw ValidationError("--counts must be positive integers") }
+        let folder = try model.load(requireTokenizer: true)
+        let tok = folder.tokenizer!
+        let dataURL = data.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("dafset/eval.jsonl")
+        let pool = try runMapped { try EditBatch.read(dataURL) }
+        let text = heldoutText(self.text, tokenizer: { tok.encode($0) }, limit: 200)
+        var results: [SequentialBenchmark.Result] = []
+        let dafnet = try runMapped { try DAFNetEditor.load(from: editorOption.url, model: folder.model, tokenizer: tok) }
+        for m in method.split(separator: ",").map(String.init) {
+            let editor: SequentialEditor
+            switch m {
+            case "dafnet": editor = dafnet
+            case "mend":
+                let url = mendEditor.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("editor-mend")
+                editor = try runMapped { try DAFNetEditor.load(from: url, model: folder.model, tokenizer: tok) }
+            case "ft":
+                var c = FineTuneConfig()
+                c.modules = dafnet.config.modules; c.steps = ftSteps; c.learningRate = ftLR
+                editor = try runMapped { try FineTuneEditor(config: c, model: folder.model, tokenizer: tok) }
+            default: throw ValidationError("unknown method \(m) (dafnet, mend, ft)")
+            }
+            results += try runMapped {
+                try SequentialBenchmark.run(editor: editor, pool: pool, counts: ns, budget: budget, heldoutText: text) { printError($0) }
+            }
+        }
+        let dir = URL(fileURLWithPath: out)
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try enc.encode(Output(results: results)).write(to: dir.appendingPathComponent("results.json"))
+        try (SequentialBenchmark.markdown(results) + "\n").write(to: dir.appendingPathComponent("results.md"), atomically: true, encoding: .utf8)
+        try SequentialBenchmark.svg(results).write(to: dir.appendingPathComponent("results.svg"), atomically: true, encoding: .utf8)
+        if json { try printJSON(Output(results: results)) } else { print(SequentialBenchmark.markdown(results)) }
+    }
+}
