@@ -17,6 +17,7 @@ struct Dafnet: ParsableCommand {
             DAFSetCommand.self,
             TrainEditor.self,
             Edit.self,
+            Export.self,
             TokenizerCommand.self,
             Checkpoints.self,
             Rollback.self,

@@ -1,0 +1,32 @@
+import ArgumentParser
+import Editing
+import Foundation
+import LanguageModel
+import Storage
+
+struct Export: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write a Hugging Face model folder with a version's edits merged into the base weights.")
+
+    @OptionGroup var location: StoreLocationOptions
+    @OptionGroup var model: ModelOption
+    @Option(help: "The version: a number, HEAD or HEAD~K.")
+    var version: VersionArgument = VersionArgument(.head)
+    @Option(help: "Output folder.")
+    var out: String
+    @Option(help: "Stored dtype: F32, F16 or BF16.")
+    var dtype = "F32"
+
+    func run() throws {
+        guard let dt = SafetensorsDType(rawValue: dtype.uppercased()), [.F32, .F16, .BF16].contains(dt) else {
+            throw ValidationError("--dtype must be F32, F16 or BF16")
+        }
+        let folder = try model.load()
+        try runMapped {
+            let store = try location.open()
+            let tensors = try store.loadTensors(version.ref)
+            try EditedModelExport.export(model: folder, state: tensors, to: URL(fileURLWithPath: out), dtype: dt)
+        }
+        print("wrote \(out) (version \(version.ref))")
+    }
+}
