@@ -5,25 +5,28 @@ extension Kernels {
 
     /// GELU, tanh form (`gelu_new`): 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))). `out` may alias `inp`.
     public static func geluForward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, count: Int) {
+        let k = FastMath.V(repeating: geluScale), c = FastMath.V(repeating: 0.044715), half = FastMath.V(repeating: 0.5)
         Parallel.forChunks(count, costPerItem: 16) { r in
-            for i in r {
-                let x = inp[i]
-                let cube = 0.044715 * x * x * x
-                out[i] = 0.5 * x * (1 + tanhf(geluScale * (x + cube)))
+            FastMath.map(out + r.lowerBound, inp + r.lowerBound, count: r.count) { x in
+                let inner: FastMath.V = k * (x + c * x * x * x)
+                return half * x * (1 + FastMath.tanh(inner))
             }
         }
     }
 
     /// dinp += dout · GELU'(inp)
     public static func geluBackward(dinp: UnsafeMutablePointer<Float>, dout: UnsafePointer<Float>, inp: UnsafePointer<Float>, count: Int) {
+        let k = FastMath.V(repeating: geluScale), c = FastMath.V(repeating: 0.044715), c3 = FastMath.V(repeating: 3 * 0.044715)
+        let half = FastMath.V(repeating: 0.5)
         Parallel.forChunks(count, costPerItem: 20) { r in
-            for i in r {
-                let x = inp[i]
-                let cube = 0.044715 * x * x * x
-                let t = tanhf(geluScale * (x + cube))
-                let sech2 = 1 - t * t
-                let local = 0.5 * (1 + t) + x * 0.5 * sech2 * geluScale * (1 + 3 * 0.044715 * x * x)
-                dinp[i] += local * dout[i]
+            FastMath.accumulate(dinp + r.lowerBound, inp + r.lowerBound, dout + r.lowerBound, count: r.count) { x, g in
+                let x2: FastMath.V = x * x
+                let inner: FastMath.V = k * (x + c * x2 * x)
+                let t: FastMath.V = FastMath.tanh(inner)
+                let sech2: FastMath.V = 1 - t * t
+                let slope: FastMath.V = k * (1 + c3 * x2)
+                let local: FastMath.V = half * (1 + t) + half * x * sech2 * slope
+                return local * g
             }
         }
     }

@@ -14,26 +14,25 @@ extension Kernels {
         let rowMask = UnsafeMutablePointer<Float>.allocate(capacity: max(N, 1))
         defer { rowLoss.deallocate(); rowMask.deallocate() }
         Parallel.forChunks(N, costPerItem: 6 * V) { range in
+            let e = UnsafeMutablePointer<Float>.allocate(capacity: V)
+            defer { e.deallocate() }
             for n in range {
                 let label = Int(labels[n])
                 let m: Float = label < 0 ? 0 : (mask?[n] ?? 1)
                 rowMask[n] = m
                 if m == 0 { rowLoss[n] = 0; losses?[n] = 0; continue }
                 let x = logits + n * V
-                var mx = -Float.infinity
-                for v in 0..<V { mx = max(mx, x[v]) }
-                var s: Float = 0
-                for v in 0..<V { s += expf(x[v] - mx) }
+                let mx = FastMath.max(x, count: V)
+                let s = FastMath.expShiftSum(e, x, count: V, shift: mx)
                 let lse = mx + logf(s)
                 let l = m * (lse - x[label])
                 rowLoss[n] = l
                 losses?[n] = l
                 if let dlogits {
                     let d = dlogits + n * V
-                    let k = gradScale * m
-                    let inv = 1 / s
-                    for v in 0..<V { d[v] += k * expf(x[v] - mx) * inv }
-                    d[label] -= k
+                    let k = gradScale * m / s
+                    for v in 0..<V { d[v] += k * e[v] }
+                    d[label] -= gradScale * m
                 }
             }
         }

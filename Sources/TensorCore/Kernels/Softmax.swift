@@ -6,11 +6,9 @@ extension Kernels {
         Parallel.forChunks(N, costPerItem: 8 * C) { range in
             for n in range {
                 let x = inp + n * C, o = out + n * C
-                var m = -Float.infinity
-                for c in 0..<C { m = max(m, x[c]) }
+                let m = FastMath.max(x, count: C)
                 if m == -.infinity { o.update(repeating: 0, count: C); continue }
-                var s: Float = 0
-                for c in 0..<C { let e = expf(x[c] - m); o[c] = e; s += e }
+                let s = FastMath.expShiftSum(o, x, count: C, shift: m)
                 let inv = 1 / s
                 for c in 0..<C { o[c] *= inv }
             }
