@@ -1,4 +1,5 @@
 import Foundation
+import Storage
 
 /// An error in a batch file: the file, the 1-based line, the field and what is wrong.
 public struct BatchError: Error, CustomStringConvertible, Equatable, Sendable, Codable {
@@ -26,11 +27,18 @@ public enum EditBatch {
     public static let maxTextLength = 2000
 
     public static func parse(_ data: Data, file: String, requireFinalNewline: Bool = false) throws -> [EditRequest] {
+        try parseNumbered(data, file: file, requireFinalNewline: requireFinalNewline).map(\.request)
+    }
+
+    /// `parse`, keeping each request's 1-based line number (for errors found later, such as a prompt
+    /// too long for the model's context).
+    public static func parseNumbered(_ data: Data, file: String, requireFinalNewline: Bool = false) throws
+        -> [(line: Int, request: EditRequest)] {
         guard !data.isEmpty else { throw BatchError(file: file, line: 0, field: "", reason: "the file is empty") }
         if requireFinalNewline && data.last != UInt8(ascii: "\n") {
             throw BatchError(file: file, line: 0, field: "", reason: "the file does not end with a newline (still being written?)")
         }
-        var out: [EditRequest] = []
+        var out: [(line: Int, request: EditRequest)] = []
         var lineNo = 0
         for raw in data.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false) {
             lineNo += 1
@@ -47,7 +55,15 @@ public enum EditBatch {
             guard let o = obj as? [String: Any] else {
                 throw BatchError(file: file, line: lineNo, field: "", reason: "a line must be a JSON object")
             }
-            out.append(try request(o, file: file, line: lineNo))
+            var r = try request(o, file: file, line: lineNo)
+            if o.keys.contains(where: { !EditRequest.knownFields.contains($0) }) {
+                // Unknown fields are kept exactly as written (integers stay integers).
+                guard let all = try? JSONDecoder().decode([String: JSONValue].self, from: bytes) else {
+                    throw BatchError(file: file, line: lineNo, field: "", reason: "invalid JSON")
+                }
+                r.extra = all.filter { !EditRequest.knownFields.contains($0.key) }
+            }
+            out.append((lineNo, r))
         }
         guard !out.isEmpty else { throw BatchError(file: file, line: 0, field: "", reason: "the file holds no edits") }
         return out
@@ -55,6 +71,11 @@ public enum EditBatch {
 
     static func request(_ o: [String: Any], file: String, line: Int) throws -> EditRequest {
         func fail(_ field: String, _ reason: String) -> BatchError { BatchError(file: file, line: line, field: field, reason: reason) }
+        func checked(_ s: String, _ field: String) throws -> String {
+            if s.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty { throw fail(field, "must not be empty") }
+            if s.count > maxTextLength { throw fail(field, "longer than \(maxTextLength) characters") }
+            return s
+        }
         func text(_ keys: [String], required: Bool) throws -> String? {
             guard let key = keys.first(where: { o[$0] != nil && !(o[$0] is NSNull) }) else {
                 if required { throw fail(keys[0], "required but missing") }
@@ -71,11 +92,11 @@ public enum EditBatch {
         var rephrases: [String] = []
         for key in ["rephrase_prompt", "rephrase"] {
             guard let v = o[key], !(v is NSNull) else { continue }
-            if let s = v as? String { rephrases.append(s) }
+            if let s = v as? String { rephrases.append(try checked(s, key)) }
             else if let a = v as? [Any] {
                 for (i, e) in a.enumerated() {
                     guard let s = e as? String, !s.isEmpty else { throw fail("\(key)[\(i)]", "must be a non-empty string") }
-                    rephrases.append(s)
+                    rephrases.append(try checked(s, "\(key)[\(i)]"))
                 }
             } else { throw fail(key, "must be a string or a list of strings") }
             break
@@ -88,7 +109,8 @@ public enum EditBatch {
                       !p.isEmpty, !g.isEmpty else {
                     throw fail("locality[\(i)]", "must be an object with non-empty prompt and ground_truth strings")
                 }
-                locality.append(.init(prompt: p, groundTruth: g))
+                locality.append(.init(prompt: try checked(p, "locality[\(i)].prompt"),
+                                      groundTruth: try checked(g, "locality[\(i)].ground_truth")))
             }
         }
         let lp = try text(["locality_prompt", "loc"], required: false)
@@ -107,6 +129,23 @@ public enum EditBatch {
         return EditRequest(prompt: prompt, targetNew: target, subject: try text(["subject"], required: false),
                            groundTruth: try text(["ground_truth"], required: false), rephrases: rephrases,
                            locality: locality, caseId: caseId)
+    }
+
+    /// One batch line for `request` (the flat layout, sorted keys, unknown fields kept), without the newline.
+    public static func line(_ request: EditRequest) throws -> Data {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return try encoder.encode(request)
+    }
+
+    /// A whole batch file: one line per request, each ending with a newline.
+    public static func encode(_ requests: [EditRequest]) throws -> Data {
+        var out = Data()
+        for r in requests {
+            out.append(try line(r))
+            out.append(UInt8(ascii: "\n"))
+        }
+        return out
     }
 
     public static func read(_ url: URL, requireFinalNewline: Bool = false) throws -> [EditRequest] {

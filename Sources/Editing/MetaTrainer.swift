@@ -40,11 +40,7 @@ public final class MetaTrainer {
     var checkpointURL: URL { runDir.appendingPathComponent("checkpoint.safetensors") }
     public var logURL: URL { runDir.appendingPathComponent("train.log") }
 
-    func log(_ line: String) {
-        let stamped = ISO8601DateFormatter().string(from: Date()) + " " + line + "\n"
-        if let h = try? FileHandle(forWritingTo: logURL) { h.seekToEndOfFile(); h.write(Data(stamped.utf8)); try? h.close() }
-        else { try? Data(stamped.utf8).write(to: logURL) }
-    }
+    func log(_ line: String) { RunLog(url: logURL).write(line) }
 
     /// The curriculum: the longest sequence at a step.
     public func maxEdits(at step: Int) -> Int { min(cfg.maxSeq, 1 + (step / max(cfg.growEvery, 1)) * cfg.growBy) }

@@ -56,18 +56,7 @@ public enum LMBenchmark {
         let batch = TokenBatch(ids: ids, B: B, T: T)
         let labels = (0..<(B * T)).map { _ in Int32(rng.index(V)) }
         let dlogits = Tensor(shape: [B * T, V])
-        func timed(_ body: () -> Void) -> Double {
-            body() // warm-up (allocates activations)
-            var calls = 0
-            let start = DispatchTime.now().uptimeNanoseconds
-            var elapsed = 0.0
-            repeat {
-                body()
-                calls += 1
-                elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
-            } while elapsed < seconds
-            return elapsed / Double(calls)
-        }
+        func timed(_ body: () -> Void) -> Double { KernelBenchmark.time(repeats: 3, minSeconds: seconds, body) }
         let tf = timed { model.forward(batch) }
         let tt = timed {
             let logits = model.forward(batch)

@@ -91,16 +91,7 @@ public final class Pretrainer {
     var tokenizerDir: URL { runDir.appendingPathComponent("tokenizer") }
     public var logURL: URL { runDir.appendingPathComponent("train.log") }
 
-    func log(_ line: String) {
-        let stamped = ISO8601DateFormatter().string(from: Date()) + " " + line + "\n"
-        if let h = try? FileHandle(forWritingTo: logURL) {
-            h.seekToEndOfFile()
-            h.write(Data(stamped.utf8))
-            try? h.close()
-        } else {
-            try? Data(stamped.utf8).write(to: logURL)
-        }
-    }
+    func log(_ line: String) { RunLog(url: logURL).write(line) }
 
     /// Trains the tokenizer on the distinct sentences (once; reused on resume).
     public func tokenizer(sentences: [String]) throws -> Tokenizer {

@@ -27,7 +27,7 @@ public enum KernelBenchmark {
     }
 
     /// Seconds per call, the best of `repeats` timed rounds after a warm-up call.
-    static func time(repeats: Int = 5, minSeconds: Double = 0.2, _ body: () -> Void) -> Double {
+    public static func time(repeats: Int = 5, minSeconds: Double = 0.2, _ body: () -> Void) -> Double {
         body()
         var best = Double.infinity
         for _ in 0..<repeats {

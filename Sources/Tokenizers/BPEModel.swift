@@ -191,7 +191,7 @@ final class BPEModel: Sendable {
             next[i] = i + 1 < count ? Int32(i + 1) : -1
             prev[i] = Int32(i - 1)
         }
-        var heap = MergeHeap()
+        var heap = BinaryHeap<MergeCandidate>()
         for i in 0..<(count - 1) {
             if let target = merges[BPEModel.pairKey(symbols[i], symbols[i + 1])] {
                 heap.push(.init(rank: target.rank, position: Int32(i), id: target.id))
@@ -229,47 +229,13 @@ final class BPEModel: Sendable {
     }
 }
 
-/// A binary min-heap of merge candidates ordered by (rank, position).
-struct MergeHeap {
-    struct Entry {
-        let rank: Int32
-        let position: Int32
-        let id: Int32
-        @inline(__always) func precedes(_ other: Entry) -> Bool {
-            rank != other.rank ? rank < other.rank : position < other.position
-        }
-    }
-    private var items: [Entry] = []
-
-    mutating func push(_ entry: Entry) {
-        items.append(entry)
-        var child = items.count - 1
-        while child > 0 {
-            let parent = (child - 1) / 2
-            guard items[child].precedes(items[parent]) else { break }
-            items.swapAt(child, parent)
-            child = parent
-        }
-    }
-
-    mutating func pop() -> Entry? {
-        guard let first = items.first else { return nil }
-        let last = items.removeLast()
-        if !items.isEmpty {
-            items[0] = last
-            var parent = 0
-            let n = items.count
-            while true {
-                let left = 2 * parent + 1
-                if left >= n { break }
-                var best = left
-                if left + 1 < n, items[left + 1].precedes(items[left]) { best = left + 1 }
-                guard items[best].precedes(items[parent]) else { break }
-                items.swapAt(best, parent)
-                parent = best
-            }
-        }
-        return first
+/// A merge candidate, ordered by (rank, position): the heap pops the lowest rank, leftmost first.
+struct MergeCandidate: HeapOrdered {
+    let rank: Int32
+    let position: Int32
+    let id: Int32
+    @inline(__always) func precedes(_ other: MergeCandidate) -> Bool {
+        rank != other.rank ? rank < other.rank : position < other.position
     }
 }
 

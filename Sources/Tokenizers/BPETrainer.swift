@@ -135,8 +135,8 @@ public enum BPETrainer {
                 pairWords[key, default: []].appendUnlessLast(Int32(w))
             }
         }
-        var queue = PairQueue()
-        for (key, count) in pairCounts where count > 0 { queue.push(count: count, pair: key) }
+        var queue = BinaryHeap<PairCandidate>()
+        for (key, count) in pairCounts where count > 0 { queue.push(PairCandidate(count: count, pair: key)) }
 
         // Merge.
         var merges: [(Int32, Int32)] = []
@@ -145,7 +145,7 @@ public enum BPETrainer {
         while vocabulary.count < options.vocabSize, let top = queue.pop() {
             let current = pairCounts[top.pair] ?? 0
             if top.count != current {
-                if current > 0 { queue.push(count: current, pair: top.pair) }
+                if current > 0 { queue.push(PairCandidate(count: current, pair: top.pair)) }
                 continue
             }
             if current < 1 || Int64(options.minFrequency) > current { break }
@@ -169,7 +169,7 @@ public enum BPETrainer {
             }
             pairCounts[top.pair] = 0
             for pair in touched {
-                if let count = pairCounts[pair], count > 0 { queue.push(count: count, pair: pair) }
+                if let count = pairCounts[pair], count > 0 { queue.push(PairCandidate(count: count, pair: pair)) }
             }
         }
 
@@ -248,46 +248,12 @@ private struct ByteSlice: Hashable {
     }
 }
 
-/// A max-heap of (count, pair): highest count first, then smallest pair (left id, then right id).
-private struct PairQueue {
-    struct Entry {
-        let count: Int64
-        let pair: UInt64
-        @inline(__always) func precedes(_ other: Entry) -> Bool {
-            count != other.count ? count > other.count : pair < other.pair
-        }
-    }
-    private var items: [Entry] = []
-
-    mutating func push(count: Int64, pair: UInt64) {
-        items.append(Entry(count: count, pair: pair))
-        var child = items.count - 1
-        while child > 0 {
-            let parent = (child - 1) / 2
-            guard items[child].precedes(items[parent]) else { break }
-            items.swapAt(child, parent)
-            child = parent
-        }
-    }
-
-    mutating func pop() -> Entry? {
-        guard let first = items.first else { return nil }
-        let last = items.removeLast()
-        if !items.isEmpty {
-            items[0] = last
-            var parent = 0
-            let n = items.count
-            while true {
-                let left = 2 * parent + 1
-                if left >= n { break }
-                var best = left
-                if left + 1 < n, items[left + 1].precedes(items[left]) { best = left + 1 }
-                guard items[best].precedes(items[parent]) else { break }
-                items.swapAt(best, parent)
-                parent = best
-            }
-        }
-        return first
+/// A pair candidate of the trainer's queue: highest count first, then smallest pair (left id, then right id).
+private struct PairCandidate: HeapOrdered {
+    let count: Int64
+    let pair: UInt64
+    @inline(__always) func precedes(_ other: PairCandidate) -> Bool {
+        count != other.count ? count > other.count : pair < other.pair
     }
 }
 
