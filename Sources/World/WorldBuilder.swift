@@ -132,9 +132,11 @@ public enum WorldBuilder {
         }
         // Held-out ordinary sentences: facts of the eval file that appear nowhere else.
         var text: [String] = []
+        // One sentence per line: line breaks inside CounterFact prompts become spaces.
+        func line(_ s: String) -> String { s.replacingOccurrences(of: "\r", with: " ").replacingOccurrences(of: "\n", with: " ") }
         for r in try take(&evalRecs, o.perplexitySentences / 2, rephrase: true, locality: false) {
-            text.append(r.prompt + r.ground_truth.withLeadingSpace + ".")
-            text.append(r.rephrase_prompt! + r.ground_truth.withLeadingSpace + ".")
+            text.append(line(r.prompt + r.ground_truth.withLeadingSpace + "."))
+            text.append(line(r.rephrase_prompt! + r.ground_truth.withLeadingSpace + "."))
         }
         return World(facts: facts, perplexityText: text)
     }

@@ -57,6 +57,7 @@ final class WorldTests: XCTestCase {
         XCTAssertTrue(by["heldout"]!.allSatisfy { $0.source == "eval" && $0.localityOccurrences == o.neighbourOccurrences })
         XCTAssertTrue(w.facts.filter { $0.split != "heldout" }.allSatisfy { $0.source == "train" })
         XCTAssertEqual(w.perplexityText.count, o.perplexitySentences)
+        XCTAssertTrue(w.perplexityText.allSatisfy { !$0.contains("\n") }, "one sentence per line")
     }
 
     func testQuestionsAreUniqueAndHeldOutTextUnseen() throws {
