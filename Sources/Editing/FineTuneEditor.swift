@@ -24,7 +24,7 @@ public struct FineTuneConfig: Codable, Sendable {
     public var modules: [String] = []
     /// Adam steps per edit on the edit's loss, and their learning rate.
     public var steps = 10
-    public var learningRate: Float = 1e-3
+    public var learningRate: Float = 1e-4
     /// Stop an edit early once its loss (mean −log p per target token) is below this.
     public var targetLoss: Float = 0.05
 
