@@ -11,7 +11,7 @@ let package = Package(
     name: "dafnet",
     platforms: [.macOS(.v14)],
     products: [
-        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Editing", "Evaluation"]),
+        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Editing", "Evaluation", "Pipeline"]),
         .executable(name: "dafnet", targets: ["dafnet"]),
     ],
     dependencies: [
@@ -36,9 +36,10 @@ let package = Package(
                 swiftSettings: optimize),
         .target(name: "Editing", dependencies: ["LanguageModel", "Storage", "World"], swiftSettings: optimize),
         .target(name: "Evaluation", dependencies: ["LanguageModel", "World", "Editing"], swiftSettings: optimize),
+        .target(name: "Pipeline", dependencies: ["Editing", "Evaluation", "Storage", "LanguageModel", .product(name: "Logging", package: "swift-log")], swiftSettings: optimize),
         .executableTarget(
             name: "dafnet",
-            dependencies: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Editing", "Evaluation",
+            dependencies: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Editing", "Evaluation", "Pipeline",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: optimize),
@@ -49,6 +50,7 @@ let package = Package(
         .testTarget(name: "WorldTests", dependencies: ["World"]),
         .testTarget(name: "EditingTests", dependencies: ["Editing"], resources: [.copy("Fixtures")]),
         .testTarget(name: "LanguageModelTests", dependencies: ["LanguageModel"], resources: [.copy("Fixtures")]),
+        .testTarget(name: "PipelineTests", dependencies: ["Pipeline"], resources: [.copy("Fixtures")]),
     ],
     // Swift 5 language mode: the kernels hand raw buffers to concurrent loops, which the Swift 6
     // data-race checker cannot see are disjoint.

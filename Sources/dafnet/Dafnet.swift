@@ -22,6 +22,7 @@ struct Dafnet: ParsableCommand {
             Checkpoints.self,
             Rollback.self,
             Archive.self,
+            Watch.self, Report.self,
             // Add one line per subcommand (one file per subcommand under Commands/).
         ]
     )
@@ -36,6 +37,7 @@ struct Bench: ParsableCommand {
             BenchLM.self,
             BenchEdits.self,
             BenchStore.self,
+            BenchPipeline.self,
         ]
     )
 }

@@ -1,0 +1,612 @@
+import Editing
+import Evaluation
+import Foundation
+import LanguageModel
+import Logging
+import Storage
+
+/// Settings of the pipeline (the CLI's `watch` options).
+public struct PipelineSettings: Sendable {
+    /// A batch is taken only once its file is this many seconds old (a producer that writes in place
+    /// has finished by then; one that renames a finished file in is old enough at once).
+    public var minimumFileAge = 1.0
+    /// Seconds between rescans of the inbox when inotify reports nothing.
+    public var rescanInterval = 30.0
+    public var collapseGuard = CollapseGuard()
+    /// Earlier edits scored for retention.
+    public var retentionSample = 32
+    /// Tokens of the greedy answers before and after.
+    public var answerTokens = 4
+    /// Largest batch accepted, in edits and in bytes.
+    public var maxEditsPerBatch = 10_000
+    public var maxBatchBytes = 64 << 20
+    /// Edits per edit-log file in a version.
+    public var editLogChunk = 1000
+    /// Attempts at a batch while HEAD keeps moving under it (rollbacks) before giving up.
+    public var maxAttempts = 5
+
+    public init() {}
+}
+
+/// What the processor measures with besides the model and editor.
+public struct PipelineResources {
+    /// Held-out text (token ids) for perplexity; empty skips the perplexity check.
+    public var heldoutText: [[Int]]
+    /// The canary facts; empty skips the canary check (with `canaryNote` as the reason).
+    public var canaries: [EditRequest.LocalityPair]
+    public var canaryNote: String?
+    /// Recorded in every manifest.
+    public var baseModelSHA256: String?
+    public var editorSHA256: String?
+
+    public init(heldoutText: [[Int]], canaries: [EditRequest.LocalityPair] = [], canaryNote: String? = nil,
+                baseModelSHA256: String? = nil, editorSHA256: String? = nil) {
+        self.heldoutText = heldoutText; self.canaries = canaries; self.canaryNote = canaryNote
+        self.baseModelSHA256 = baseModelSHA256; self.editorSHA256 = editorSHA256
+    }
+
+    /// SHA-256 of a model folder's weights (`model.safetensors`, or the shard index) and of an editor
+    /// folder's `editor.safetensors`.
+    public static func hashes(modelFolder: URL, editorFolder: URL?) -> (model: String?, editor: String?) {
+        let fm = FileManager.default
+        let weights = ["model.safetensors", "model.safetensors.index.json"].map { modelFolder.appendingPathComponent($0) }
+            .first { fm.fileExists(atPath: $0.path) }
+        let model = weights.flatMap { try? FileHash.sha256(ofFileAt: $0) }
+        let editor = editorFolder.flatMap { try? FileHash.sha256(ofFileAt: $0.appendingPathComponent(DAFNetEditor.weightsFile)) }
+        return (model, editor)
+    }
+}
+
+/// What became of one batch.
+public struct BatchOutcome: Sendable {
+    public enum Status: String, Codable, Sendable {
+        /// Applied, evaluated and committed as a new version.
+        case committed
+        /// An identical batch (same SHA-256) was committed before: nothing applied.
+        case duplicate
+        /// Found in `processing/` at start-up, already committed by an earlier run: finished without applying again.
+        case recovered
+        /// Invalid, or the editor refused it: moved to `failed/` with an error file; nothing applied.
+        case rejected
+        /// Refused by the collapse guard: moved to `failed/` with its evaluation; nothing committed.
+        case guarded
+        /// A stop was requested before the commit: left in `processing/`, processed first at the next start.
+        case abandoned
+    }
+
+    public var batch: String
+    public var sha256: String
+    public var status: Status
+    /// The version made (committed), found (duplicate, recovered), or HEAD left unchanged (rejected, guarded).
+    public var version: Int?
+    public var edits: Int
+    /// Where the batch file went (`done/…`, `failed/…`, `processing/…`), relative to the inbox.
+    public var location: String
+    public var evaluationFile: URL?
+    public var errorFile: URL?
+    public var note: String?
+    public var report: BatchReport?
+    public var error: BatchErrorFile?
+    public var timings: StageTimes
+}
+
+/// Turns claimed batch files into checkpoint versions, one at a time, exactly once: parse and validate
+/// the whole batch, load HEAD's edit state from the store, apply the edits in order through the editor,
+/// evaluate, run the collapse guard, commit, write the evaluation file and the history and journal lines,
+/// and move the file to `done/` (or `failed/` with an error file).
+///
+/// Exactly once: the journal and the store's manifests record every committed batch's SHA-256. A batch
+/// whose hash is already committed is never applied again: dropped again it is a duplicate; found in
+/// `processing/` at start-up (a crash after the commit) it is finished (evaluation file, history, journal,
+/// move) from the evaluation stored with its version. A batch that was not committed is processed again
+/// from the current HEAD. Every step after the commit is idempotent.
+public final class BatchProcessor {
+    public let inbox: Inbox
+    public let store: CheckpointStore
+    public let editor: SequentialEditor
+    public let resources: PipelineResources
+    public var settings: PipelineSettings
+    public var logger: Logger
+    /// Called with each finished batch (progress output).
+    public var onOutcome: ((BatchOutcome) -> Void)?
+    /// Checked between stages: when it returns true before the commit, the batch is abandoned.
+    public var shouldStop: () -> Bool = { false }
+
+    /// `STORE/evaluations/`: the evaluation files, `history.jsonl` and `journal.jsonl`.
+    public var evaluationsFolder: URL { store.root.appendingPathComponent("evaluations", isDirectory: true) }
+    public var historyFile: URL { evaluationsFolder.appendingPathComponent("history.jsonl") }
+    public var journalFile: URL { evaluationsFolder.appendingPathComponent("journal.jsonl") }
+
+    /// Batch SHA-256 → the version that committed it.
+    public private(set) var committed: [String: Int] = [:]
+    /// (sha256, version) pairs already in history.jsonl.
+    var historyKeys: Set<String> = []
+
+    /// The held-out texts ordered by length, so the perplexity batches carry little padding.
+    let heldout: [[Int]]
+    let uneditedPerplexity: Double?
+    let canaryItems: [ScoredPrompt]
+    let canaryReference: [TargetPrediction]
+    let heldoutFingerprint: String
+
+    public static let evaluationFileInVersion = "evaluation.json"
+
+    public init(inbox: Inbox, store: CheckpointStore, editor: SequentialEditor, resources: PipelineResources,
+                settings: PipelineSettings = PipelineSettings(), logger: Logger = Logger(label: "dafnet.pipeline")) throws {
+        self.inbox = inbox
+        self.store = store
+        self.editor = editor
+        self.resources = resources
+        self.settings = settings
+        self.logger = logger
+        let model = editor.model
+        let texts = resources.heldoutText.enumerated().sorted { ($0.element.count, $0.offset) < ($1.element.count, $1.offset) }.map(\.element)
+        heldout = texts
+        uneditedPerplexity = texts.isEmpty ? nil : model.withoutEdits { model.perplexity(texts) }
+        let items = resources.canaries.map { editor.scored($0.prompt, $0.groundTruth) }
+        canaryItems = items
+        canaryReference = model.withoutEdits { model.predict(items) }
+        heldoutFingerprint = Self.fingerprint(resources.heldoutText)
+        try Files.makeDirectories(evaluationsFolder.path)
+        try Files.repairTornTail(historyFile.path)
+        try Files.repairTornTail(journalFile.path)
+        try loadJournal()
+    }
+
+    /// Rebuilds the committed-batch index from the journal and every manifest (the store is the truth).
+    func loadJournal() throws {
+        let decoder = JSONDecoder()
+        for line in try Files.lines(journalFile.path) {
+            guard let e = try? decoder.decode(JournalEntry.self, from: line) else { continue }
+            if e.status == BatchOutcome.Status.committed.rawValue, let v = e.version { committed[e.sha256] = v }
+        }
+        for v in try store.versions() {
+            guard let m = try? store.manifest(v) else {
+                logger.warning("a manifest cannot be read; its batch is not known as committed", metadata: ["version": "\(v)"])
+                continue
+            }
+            if let b = m.batch, committed[b.sha256] == nil { committed[b.sha256] = m.version }
+        }
+        for line in try Files.lines(historyFile.path) {
+            if let h = try? PipelineJSON.decoder.decode(HistoryLine.self, from: line) { historyKeys.insert(Self.historyKey(h)) }
+        }
+    }
+
+    /// A committed batch has one line per version; a guarded one one per HEAD it was refused on.
+    static func historyKey(_ h: HistoryLine) -> String {
+        "\(h.sha256)@\(h.version.map(String.init) ?? "-")@\(h.status)@\(h.parent.map(String.init) ?? "-")"
+    }
+
+    // MARK: Driving
+
+    /// Finishes or reprocesses the batches a stopped daemon left in `processing/`, in order.
+    @discardableResult
+    public func recoverClaimed() throws -> [BatchOutcome] {
+        // Temporary files of writes a crash interrupted (evaluation and error files).
+        for dir in [evaluationsFolder.path, inbox.failed.path] {
+            for name in try Files.list(dir) where name.hasPrefix(".tmp-") { unlink(dir + "/" + name) }
+        }
+        var out: [BatchOutcome] = []
+        for name in try inbox.claimed() {
+            if shouldStop() { break }
+            logger.info("batch found in processing/ at start-up", metadata: ["batch": "\(name)"])
+            out.append(try process(claimed: name, atStartup: true))
+        }
+        return out
+    }
+
+    /// The next step for a look at the inbox: the first batch in name order, if it is old enough.
+    public enum Next: Equatable {
+        case batch(String)
+        /// The first batch is younger than the minimum age: look again after this many seconds.
+        case wait(Double)
+        case empty
+    }
+
+    public func next(now: Date = Date()) throws -> Next {
+        let scan = try inbox.scan(now: now)
+        noteIgnored(scan.ignored)
+        guard let first = scan.candidates.first else { return .empty }
+        if first.age >= settings.minimumFileAge { return .batch(first.name) }
+        return .wait(max(0.01, settings.minimumFileAge - first.age))
+    }
+
+    var ignoredNoted: Set<String> = []
+    func noteIgnored(_ names: [String]) {
+        for n in names where !ignoredNoted.contains(n) {
+            ignoredNoted.insert(n)
+            logger.notice("ignoring a file that is not a batch (*.jsonl)", metadata: ["file": "\(n)"])
+        }
+    }
+
+    /// Claims the batch `name` from the inbox and processes it (nil when it vanished before the claim).
+    public func claimAndProcess(_ name: String) throws -> BatchOutcome? {
+        guard let claimed = try inbox.claim(name) else { return nil }
+        logger.info("batch claimed", metadata: ["batch": "\(claimed)"])
+        return try process(claimed: claimed, atStartup: false)
+    }
+
+    /// Processes everything in the inbox in name order, waiting for young files to come of age, until the
+    /// inbox is empty or a stop is requested (`watch --once`). Recovers `processing/` first.
+    @discardableResult
+    public func runOnce(sleep: (Double) -> Void = { Thread.sleep(forTimeInterval: $0) }) throws -> [BatchOutcome] {
+        var out = try recoverClaimed()
+        while !shouldStop() {
+            switch try next() {
+            case .empty: return out
+            case .wait(let s):
+                logger.debug("waiting for a young batch", metadata: ["seconds": "\(s)"])
+                sleep(min(s, 0.5))
+            case .batch(let name):
+                if let o = try claimAndProcess(name) { out.append(o) }
+            }
+        }
+        return out
+    }
+
+    // MARK: One batch
+
+    /// Processes a batch already in `processing/`.
+    public func process(claimed name: String, atStartup: Bool) throws -> BatchOutcome {
+        var times = StageTimes()
+        var t = Date()
+        let path = inbox.claimedPath(name)
+        guard let info = Files.regularFile(path) else { throw PipelineError.io(operation: "open", path: path, errno: ENOENT) }
+        let sha = try FileHash.sha256(ofFileAt: URL(fileURLWithPath: path))
+        if let v = committed[sha] {
+            return try finishCommitted(name, sha: sha, version: v, status: atStartup ? .recovered : .duplicate, times: times)
+        }
+        guard info.size <= settings.maxBatchBytes else {
+            return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "",
+                                                                   reason: "the file is larger than \(settings.maxBatchBytes) bytes"),
+                              stage: "validation", times: times)
+        }
+        let data = try Files.read(path, limit: settings.maxBatchBytes)
+        let numbered: [(line: Int, request: EditRequest)]
+        do {
+            numbered = try EditBatch.parseNumbered(data, file: name, requireFinalNewline: true)
+            try validateForModel(numbered, file: name)
+        } catch let e as BatchError {
+            times.parse = Date().timeIntervalSince(t)
+            return try reject(name, sha: sha, error: e, stage: "validation", times: times)
+        }
+        let requests = numbered.map(\.request)
+        times.parse = Date().timeIntervalSince(t)
+        if shouldStop() { return abandon(name, sha: sha, edits: requests.count, times: times) }
+
+        var attempt = 0
+        while true {
+            attempt += 1
+            var times = times
+            // Load HEAD fresh: a rollback since the last batch is honoured.
+            t = Date()
+            let head = try store.head()
+            let state: EditState
+            var log = EditLog(chunkSize: settings.editLogChunk)
+            var headManifest: Manifest?
+            if let head {
+                let loaded = try store.load(.number(head))
+                headManifest = loaded.manifest
+                state = try EditState(moduleNames: editor.moduleNames, tensors: loaded.tensors)
+                log = try EditLog.load(from: store, version: head, chunkSize: settings.editLogChunk)
+                if let m = resources.editorSHA256, let s = loaded.manifest.editorSHA256, m != s {
+                    logger.warning("HEAD was made by another editor", metadata: ["head": "\(head)", "head_editor": "\(s)", "editor": "\(m)"])
+                }
+            } else {
+                state = EditState(moduleNames: editor.moduleNames)
+            }
+            editor.install(state)
+            times.load = Date().timeIntervalSince(t)
+
+            // Before: retention of earlier edits and perplexity on HEAD.
+            t = Date()
+            let model = editor.model
+            let earlier = try log.sample(settings.retentionSample)
+            let earlierItems = earlier.map { editor.scored($0.prompt, $0.targetNew) }
+            let retentionBefore = Self.meanAccuracy(model.predict(earlierItems))
+            var perplexityBefore: Double?
+            if uneditedPerplexity != nil {
+                if head == nil { perplexityBefore = uneditedPerplexity }
+                else if let info = headManifest?.info, info["heldout"]?.stringValue == heldoutFingerprint,
+                        let p = Self.double(info["perplexity_after"]) { perplexityBefore = p }
+                else { perplexityBefore = model.perplexity(heldout) }
+            }
+            let localityRef = EditMetrics.localityReference(editor: editor, requests)
+            times.evaluate = Date().timeIntervalSince(t)
+            if shouldStop() { return abandon(name, sha: sha, edits: requests.count, times: times) }
+
+            // Apply.
+            let editTimes: EditTimings
+            do {
+                editTimes = try editor.apply(requests, to: state)
+            } catch {
+                return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "", reason: "the editor refused the batch: \(error)"),
+                                  stage: "apply", head: head, times: times)
+            }
+            times.signal = editTimes.signal; times.auxiliary = editTimes.auxiliary; times.apply = editTimes.apply
+
+            // Evaluate.
+            t = Date()
+            let ev: EditEvaluation
+            do {
+                ev = try EditMetrics.evaluate(editor: editor, requests, localityReference: localityRef, heldoutText: nil,
+                                              answers: settings.answerTokens > 0, answerTokens: max(1, settings.answerTokens))
+            } catch {
+                return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "", reason: "evaluation failed: \(error)"),
+                                  stage: "evaluate", head: head, times: times)
+            }
+            let retention = earlier.isEmpty ? nil : RetentionResult(
+                sampled: earlier.count, earlierEdits: log.count, before: retentionBefore ?? 0,
+                after: Self.meanAccuracy(model.predict(earlierItems)) ?? 0)
+            var canary = CanaryResult(probes: canaryItems.count, locality: nil, skipped: nil)
+            if canaryItems.isEmpty {
+                canary.skipped = resources.canaryNote ?? "no canary facts"
+            } else {
+                let after = model.predict(canaryItems)
+                canary.locality = zip(after, canaryReference).map { $0.agreement(with: $1) }.reduce(0, +) / Double(canaryItems.count)
+            }
+            var perplexity: PerplexityResult?
+            if let u = uneditedPerplexity, let b = perplexityBefore {
+                perplexity = PerplexityResult(unedited: u, before: b, after: model.perplexity(heldout),
+                                              texts: resources.heldoutText.count)
+            }
+            let verdict = settings.collapseGuard.check(perplexity: perplexity, canary: canary, retention: retention)
+            times.evaluate += Date().timeIntervalSince(t)
+            var report = BatchReport(batch: name, sha256: sha, status: verdict.passed ? "committed" : "guarded", version: nil,
+                                     parent: head, stateSHA256: nil, baseModelSHA256: resources.baseModelSHA256,
+                                     editorSHA256: resources.editorSHA256, time: Clock.timestamp(), edits: requests.count,
+                                     totalEdits: state.editCount, reliability: ev.reliability, generality: ev.generality,
+                                     locality: ev.locality, perEdit: ev.edits, retention: retention, canary: canary,
+                                     perplexity: perplexity, guardResult: verdict, timings: times)
+            if !verdict.passed {
+                return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "",
+                                                                       reason: "collapse guard: " + verdict.violations.joined(separator: "; ")),
+                                  stage: "guard", head: head, report: report, times: times)
+            }
+            if shouldStop() { return abandon(name, sha: sha, edits: requests.count, times: times) }
+
+            // Commit, unless HEAD moved meanwhile (a rollback): then start again from the new HEAD.
+            t = Date()
+            if try store.head() != head {
+                guard attempt < settings.maxAttempts else { throw PipelineError.headUnstable(batch: name, attempts: attempt) }
+                logger.notice("HEAD moved while the batch was prepared; starting it again from the new HEAD",
+                              metadata: ["batch": "\(name)", "was": "\(head.map(String.init) ?? "none")"])
+                continue
+            }
+            try log.append(requests)
+            var files = log.files
+            files[Self.evaluationFileInVersion] = try report.encoded()
+            func num(_ x: Double?) -> JSONValue { x.map { $0.isFinite ? .double($0) : .string("\($0)") } ?? .null }
+            let info: JSONValue = .object([
+                "batch_edits": .int(Int64(requests.count)), "reliability": num(ev.reliability),
+                "generality": num(ev.generality), "locality": num(ev.locality),
+                "perplexity_after": num(perplexity?.after), "heldout": .string(heldoutFingerprint),
+                "canary_locality": num(canary.locality), "retention": num(retention?.after),
+            ])
+            let manifest: Manifest
+            do {
+                manifest = try store.commit(CommitRequest(tensors: state.tensors(), files: files, baseModelSHA256: resources.baseModelSHA256,
+                                                          editorSHA256: resources.editorSHA256, batch: BatchReference(name: name, sha256: sha),
+                                                          info: info))
+            } catch StoreError.currentWithError(let v, let underlying) {
+                logger.warning("committed, but a final step of the commit failed", metadata: ["version": "\(v)", "error": "\(underlying)"])
+                manifest = try store.manifest(v)
+            }
+            times.commit = Date().timeIntervalSince(t)
+            committed[sha] = manifest.version
+            if manifest.parent != head {
+                // A rollback slipped in between the check and the commit: the new version would claim the
+                // wrong parent. Put HEAD back where the rollback left it and apply the batch there.
+                logger.warning("HEAD moved during the commit; undoing it and applying the batch again on the new HEAD",
+                               metadata: ["batch": "\(name)", "version": "\(manifest.version)"])
+                if let p = manifest.parent { try store.rollback(to: .number(p)) }
+                committed[sha] = nil
+                guard attempt < settings.maxAttempts else { throw PipelineError.headUnstable(batch: name, attempts: attempt) }
+                continue
+            }
+            report.version = manifest.version
+            report.stateSHA256 = manifest.stateSHA256
+            report.timings = times
+            return try finishCommitted(name, sha: sha, version: manifest.version, status: .committed, times: times, report: report)
+        }
+    }
+
+    /// Checks the edits against the model: the target has tokens, prompt + target fit the context.
+    func validateForModel(_ numbered: [(line: Int, request: EditRequest)], file: String) throws {
+        if numbered.count > settings.maxEditsPerBatch {
+            throw BatchError(file: file, line: 0, field: "", reason: "\(numbered.count) edits; at most \(settings.maxEditsPerBatch) per batch")
+        }
+        let maxT = editor.model.spec.maxPositions
+        for (line, r) in numbered {
+            let s = editor.scored(r.prompt, r.targetNew)
+            if s.targetIds.isEmpty { throw BatchError(file: file, line: line, field: "target_new", reason: "has no tokens") }
+            let n = s.promptIds.count + s.targetIds.count
+            if n > maxT {
+                throw BatchError(file: file, line: line, field: "prompt",
+                                 reason: "prompt + target_new is \(n) tokens; the model takes at most \(maxT)")
+            }
+        }
+    }
+
+    /// The steps after a commit (all idempotent): evaluation file, history line, journal line, move to done/.
+    /// For a duplicate or a recovered batch, the report is the one stored with the version.
+    func finishCommitted(_ name: String, sha: String, version: Int, status: BatchOutcome.Status, times: StageTimes,
+                         report given: BatchReport? = nil) throws -> BatchOutcome {
+        let t = Date()
+        var report = given
+        var evaluationFile: URL?
+        var note: String?
+        switch status {
+        case .committed, .recovered:
+            if report == nil {
+                // Recovered: the evaluation as committed with the version (the commit's own time is unknown).
+                if let m = try? store.manifest(version), m.files.contains(where: { $0.name == Self.evaluationFileInVersion }) {
+                    var r = try PipelineJSON.decoder.decode(BatchReport.self, from: try store.fileData(Self.evaluationFileInVersion, in: .number(version)))
+                    r.version = version
+                    r.stateSHA256 = m.stateSHA256
+                    r.parent = m.parent
+                    report = r
+                }
+                note = "found in processing/ at start-up; version \(version) already holds it: not applied again"
+            }
+            if let r = report {
+                let fileName = BatchReport.fileName(batch: r.batch, version: version)
+                let url = evaluationsFolder.appendingPathComponent(fileName)
+                var final = r
+                final.timings = status == .committed ? times : r.timings
+                if status == .committed { final.timings.finish = 0 }
+                let data = try final.encoded()
+                try Files.writeAtomically(data, to: url.path)
+                // And in the version's own folder, which archives carry with the version.
+                try store.writeEvaluationFile(data, named: fileName, for: version)
+                evaluationFile = url
+                let line = final.historyLine
+                if !historyKeys.contains(Self.historyKey(line)) {
+                    try Files.appendLine(try PipelineJSON.line(line), to: historyFile.path)
+                    historyKeys.insert(Self.historyKey(line))
+                }
+                report = final
+            }
+        case .duplicate:
+            let original = (try? store.manifest(version))?.batch?.name
+            note = "identical to \(original.map { "batch \($0), " } ?? "")committed as version \(version): not applied again"
+        default:
+            break
+        }
+        try journal(JournalEntry(time: Clock.timestamp(), batch: name, sha256: sha, status: status == .recovered ? "committed" : status.rawValue,
+                                 version: version, note: note))
+        let moved = try inbox.markDone(name)
+        var finalTimes = times
+        finalTimes.finish = Date().timeIntervalSince(t)
+        let outcome = BatchOutcome(batch: name, sha256: sha, status: status, version: version, edits: report?.edits ?? 0,
+                                   location: "done/" + moved, evaluationFile: evaluationFile, errorFile: nil, note: note,
+                                   report: report, error: nil, timings: finalTimes)
+        switch status {
+        case .committed:
+            var md: Logger.Metadata = ["batch": "\(name)", "version": "\(version)", "parent": "\(report?.parent.map(String.init) ?? "none")",
+                                       "edits": "\(report?.edits ?? 0)", "sha256": "\(sha.prefix(12))",
+                                       "seconds": "\(String(format: "%.3f", finalTimes.total))"]
+            if let r = report {
+                md["reliability"] = "\(Self.f(r.reliability))"
+                md["generality"] = "\(r.generality.map(Self.f) ?? "-")"
+                md["locality"] = "\(r.locality.map(Self.f) ?? "-")"
+                md["perplexity"] = "\(r.perplexity.map { Self.f($0.before) + "→" + Self.f($0.after) } ?? "-")"
+                md["canary_locality"] = "\(r.canary.locality.map(Self.f) ?? "-")"
+                md["retention"] = "\(r.retention.map { Self.f($0.after) } ?? "-")"
+            }
+            logger.info("batch committed", metadata: md)
+        case .duplicate:
+            logger.notice("duplicate batch: not applied again", metadata: ["batch": "\(name)", "version": "\(version)", "note": "\(note ?? "")"])
+        case .recovered:
+            logger.notice("batch recovered: already committed before the restart", metadata: ["batch": "\(name)", "version": "\(version)"])
+        default: break
+        }
+        onOutcome?(outcome)
+        return outcome
+    }
+
+    /// Moves a batch to failed/ with its error file; HEAD is untouched.
+    func reject(_ name: String, sha: String, error: BatchError, stage: String, head: Int?? = nil, report: BatchReport? = nil,
+                times: StageTimes) throws -> BatchOutcome {
+        let t = Date()
+        let h: Int? = try head ?? store.head()
+        let err = BatchErrorFile(batch: name, sha256: sha, stage: stage, line: error.line, field: error.field, reason: error.reason,
+                                 time: Clock.timestamp(), head: h, evaluation: report)
+        if let report {
+            // Before the move, so a crash in between gives the line once (the retry finds it).
+            let line = report.historyLine
+            if !historyKeys.contains(Self.historyKey(line)) {
+                try Files.appendLine(try PipelineJSON.line(line), to: historyFile.path)
+                historyKeys.insert(Self.historyKey(line))
+            }
+        }
+        let moved = try inbox.markFailed(name, error: try PipelineJSON.pretty(err))
+        let status: BatchOutcome.Status = stage == "guard" ? .guarded : .rejected
+        try journal(JournalEntry(time: Clock.timestamp(), batch: name, sha256: sha, status: status.rawValue, version: h,
+                                 note: error.description))
+        var times = times
+        times.finish = Date().timeIntervalSince(t)
+        let outcome = BatchOutcome(batch: name, sha256: sha, status: status, version: h, edits: report?.edits ?? 0,
+                                   location: "failed/" + moved, evaluationFile: nil,
+                                   errorFile: inbox.failed.appendingPathComponent(moved + Inbox.errorSuffix),
+                                   note: error.description, report: report, error: err, timings: times)
+        if status == .guarded {
+            logger.warning("batch refused by the collapse guard; HEAD unchanged",
+                           metadata: ["batch": "\(name)", "head": "\(h.map(String.init) ?? "none")", "reason": "\(error.reason)"])
+        } else {
+            logger.error("batch rejected; nothing applied",
+                         metadata: ["batch": "\(name)", "stage": "\(stage)", "line": "\(error.line)", "field": "\(error.field)",
+                                    "reason": "\(error.reason)"])
+        }
+        onOutcome?(outcome)
+        return outcome
+    }
+
+    func abandon(_ name: String, sha: String, edits: Int, times: StageTimes) -> BatchOutcome {
+        logger.notice("stop requested: batch abandoned before its commit; it stays in processing/ and is processed first at the next start",
+                      metadata: ["batch": "\(name)"])
+        let o = BatchOutcome(batch: name, sha256: sha, status: .abandoned, version: nil, edits: edits, location: "processing/" + name,
+                             evaluationFile: nil, errorFile: nil, note: "stop requested before the commit", report: nil, error: nil,
+                             timings: times)
+        onOutcome?(o)
+        return o
+    }
+
+    func journal(_ e: JournalEntry) throws {
+        try Files.appendLine(try PipelineJSON.line(e), to: journalFile.path)
+    }
+
+    // MARK: Helpers
+
+    static func meanAccuracy(_ p: [TargetPrediction]) -> Double? {
+        p.isEmpty ? nil : p.map(\.accuracy).reduce(0, +) / Double(p.count)
+    }
+
+    static func double(_ v: JSONValue?) -> Double? {
+        switch v {
+        case .double(let d)?: return d
+        case .int(let i)?: return Double(i)
+        default: return nil
+        }
+    }
+
+    static func f(_ x: Double) -> String { String(format: "%.3f", x) }
+
+    /// FNV-1a over the token ids (cache key for the perplexity of a version).
+    static func fingerprint(_ texts: [[Int]]) -> String {
+        var h: UInt64 = 0xcbf2_9ce4_8422_2325
+        func mix(_ x: Int) {
+            var v = UInt64(bitPattern: Int64(x))
+            for _ in 0..<8 { h = (h ^ (v & 0xff)) &* 0x100_0000_01b3; v >>= 8 }
+        }
+        mix(texts.count)
+        for t in texts { mix(t.count); for id in t { mix(id) } }
+        return String(format: "fnv1a64:%016llx", h)
+    }
+}
+
+/// JSON settings shared by the pipeline's files: sorted keys, non-finite numbers as strings.
+public enum PipelineJSON {
+    static func encoder(pretty: Bool) -> JSONEncoder {
+        let e = JSONEncoder()
+        e.outputFormatting = pretty ? [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes] : [.sortedKeys, .withoutEscapingSlashes]
+        e.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        return e
+    }
+
+    public static var decoder: JSONDecoder {
+        let d = JSONDecoder()
+        d.nonConformingFloatDecodingStrategy = .convertFromString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+        return d
+    }
+
+    /// Compact one-line JSON.
+    public static func line<T: Encodable>(_ v: T) throws -> Data { try encoder(pretty: false).encode(v) }
+
+    /// Pretty JSON with a final newline.
+    public static func pretty<T: Encodable>(_ v: T) throws -> Data {
+        var d = try encoder(pretty: true).encode(v)
+        d.append(UInt8(ascii: "\n"))
+        return d
+    }
+}

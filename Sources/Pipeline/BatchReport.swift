@@ -1,0 +1,245 @@
+import Editing
+import Evaluation
+import Foundation
+import Storage
+
+/// Seconds spent per stage of one batch.
+public struct StageTimes: Codable, Sendable, Equatable {
+    /// Read, hash, parse and validate the batch file.
+    public var parse = 0.0
+    /// Load HEAD's edit state and edit log from the store and install them.
+    public var load = 0.0
+    /// The editor's stages (`EditTimings`): gradient signals, auxiliary network, ΔW update.
+    public var signal = 0.0
+    public var auxiliary = 0.0
+    public var apply = 0.0
+    /// Every measurement before and after (metrics, answers, retention, canaries, perplexity) and the guard.
+    public var evaluate = 0.0
+    /// The store commit.
+    public var commit = 0.0
+    /// Evaluation file, history and journal lines, the move to done/ or failed/.
+    public var finish = 0.0
+
+    public init() {}
+
+    public var total: Double { parse + load + signal + auxiliary + apply + evaluate + commit + finish }
+
+    public static let stageNames = ["parse", "load", "signal", "auxiliary", "apply", "evaluate", "commit", "finish"]
+
+    public var byName: [(String, Double)] {
+        [("parse", parse), ("load", load), ("signal", signal), ("auxiliary", auxiliary), ("apply", apply),
+         ("evaluate", evaluate), ("commit", commit), ("finish", finish)]
+    }
+
+    public static func + (a: StageTimes, b: StageTimes) -> StageTimes {
+        var s = StageTimes()
+        s.parse = a.parse + b.parse; s.load = a.load + b.load; s.signal = a.signal + b.signal
+        s.auxiliary = a.auxiliary + b.auxiliary; s.apply = a.apply + b.apply; s.evaluate = a.evaluate + b.evaluate
+        s.commit = a.commit + b.commit; s.finish = a.finish + b.finish
+        return s
+    }
+
+    enum CodingKeys: String, CodingKey { case parse, load, signal, auxiliary, apply, evaluate, commit, finish, total }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        func v(_ k: CodingKeys) throws -> Double { try c.decodeIfPresent(Double.self, forKey: k) ?? 0 }
+        parse = try v(.parse); load = try v(.load); signal = try v(.signal); auxiliary = try v(.auxiliary)
+        apply = try v(.apply); evaluate = try v(.evaluate); commit = try v(.commit); finish = try v(.finish)
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        for (k, v) in zip([CodingKeys.parse, .load, .signal, .auxiliary, .apply, .evaluate, .commit, .finish],
+                          [parse, load, signal, auxiliary, apply, evaluate, commit, finish]) { try c.encode(v, forKey: k) }
+        try c.encode(total, forKey: .total)
+    }
+}
+
+/// Reliability on a sample of edits made by earlier batches: before this batch and after it.
+public struct RetentionResult: Codable, Sendable, Equatable {
+    /// How many earlier edits were scored, out of how many there are.
+    public var sampled: Int
+    public var earlierEdits: Int
+    public var before: Double
+    public var after: Double
+
+    enum CodingKeys: String, CodingKey { case sampled, earlierEdits = "earlier_edits", before, after }
+}
+
+/// Locality on the fixed canary facts: the share of their answer tokens where the edited model's argmax
+/// equals the unedited model's.
+public struct CanaryResult: Codable, Sendable, Equatable {
+    public var probes: Int
+    public var locality: Double?
+    /// Set when the check was skipped (no canary set).
+    public var skipped: String?
+}
+
+/// Held-out perplexity: the unedited model, HEAD before the batch, and after it.
+public struct PerplexityResult: Codable, Sendable, Equatable {
+    public var unedited: Double
+    public var before: Double
+    public var after: Double
+    public var ratioToUnedited: Double { unedited > 0 ? after / unedited : .infinity }
+    public var texts: Int
+
+    enum CodingKeys: String, CodingKey { case unedited, before, after, ratioToUnedited = "ratio_to_unedited", texts }
+
+    public init(unedited: Double, before: Double, after: Double, texts: Int) {
+        self.unedited = unedited; self.before = before; self.after = after; self.texts = texts
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        unedited = try c.decode(Double.self, forKey: .unedited); before = try c.decode(Double.self, forKey: .before)
+        after = try c.decode(Double.self, forKey: .after); texts = try c.decode(Int.self, forKey: .texts)
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(unedited, forKey: .unedited); try c.encode(before, forKey: .before); try c.encode(after, forKey: .after)
+        try c.encode(ratioToUnedited, forKey: .ratioToUnedited); try c.encode(texts, forKey: .texts)
+    }
+}
+
+/// What the collapse guard decided.
+public struct GuardResult: Codable, Sendable, Equatable {
+    public var enabled: Bool
+    public var passed: Bool
+    public var settings: CollapseGuard
+    /// One sentence per threshold crossed.
+    public var violations: [String]
+    /// Checks that could not run (no canaries, no earlier edits, …).
+    public var notes: [String]
+}
+
+/// The evaluation file of one batch, `STORE/evaluations/NAME.vNNNN.json`. The same file is written to the
+/// version's folder `STORE/evaluations/vNNNNNNNN/NAME.vNNNN.json` (archives carry it), and committed with
+/// the version as its file `evaluation.json` (without the commit's own timing: a restart after a crash
+/// between the commit and the evaluation file rebuilds the file from it). A guarded batch's evaluation is
+/// inside its `failed/NAME.error.json`.
+public struct BatchReport: Codable, Sendable {
+    public static let currentFormat = "dafnet-batch-evaluation/1"
+
+    public var format = BatchReport.currentFormat
+    public var batch: String
+    public var sha256: String
+    /// `committed` or `guarded`.
+    public var status: String
+    /// The version this batch made (nil when guarded) and the one it was applied on (nil: the empty state).
+    public var version: Int?
+    public var parent: Int?
+    public var stateSHA256: String?
+    public var baseModelSHA256: String?
+    public var editorSHA256: String?
+    public var time: String
+    public var edits: Int
+    /// Edits in the state after this batch (all batches so far on this line of versions).
+    public var totalEdits: Int
+    public var reliability: Double
+    public var generality: Double?
+    public var locality: Double?
+    /// Per edit: reliability, generality, locality, and the greedy answers before (unedited model) and after.
+    public var perEdit: [EditEvaluation.PerEdit]
+    public var retention: RetentionResult?
+    public var canary: CanaryResult
+    /// Nil when there is no held-out text.
+    public var perplexity: PerplexityResult?
+    public var guardResult: GuardResult
+    public var timings: StageTimes
+
+    enum CodingKeys: String, CodingKey {
+        case format, batch, sha256, status, version, parent, time, edits, reliability, generality, locality, retention, canary
+        case perplexity, timings
+        case stateSHA256 = "state_sha256", baseModelSHA256 = "base_model_sha256", editorSHA256 = "editor_sha256"
+        case totalEdits = "total_edits", perEdit = "per_edit", guardResult = "guard"
+    }
+
+    public func encoded() throws -> Data { try PipelineJSON.pretty(self) }
+
+    /// The line this batch adds to `evaluations/history.jsonl`.
+    public var historyLine: HistoryLine {
+        HistoryLine(time: time, batch: batch, sha256: sha256, status: status, version: version, parent: parent, edits: edits,
+                    totalEdits: totalEdits, reliability: reliability, generality: generality, locality: locality,
+                    retention: retention?.after, canaryLocality: canary.locality, perplexityUnedited: perplexity?.unedited,
+                    perplexityBefore: perplexity?.before, perplexityAfter: perplexity?.after, seconds: timings.total,
+                    evaluation: version.map { BatchReport.fileName(batch: batch, version: $0) })
+    }
+
+    /// `NAME.vNNNN.json` for batch `NAME.jsonl` and version NNNN (at least 4 digits).
+    public static func fileName(batch: String, version: Int) -> String {
+        let stem = batch.hasSuffix(Inbox.batchExtension) ? String(batch.dropLast(Inbox.batchExtension.count)) : batch
+        return stem + String(format: ".v%04d.json", version)
+    }
+}
+
+/// One line of `STORE/evaluations/history.jsonl`: a batch's means, in processing order.
+public struct HistoryLine: Codable, Sendable, Equatable {
+    public var time: String
+    public var batch: String
+    public var sha256: String
+    public var status: String
+    public var version: Int?
+    public var parent: Int?
+    public var edits: Int
+    public var totalEdits: Int
+    public var reliability: Double
+    public var generality: Double?
+    public var locality: Double?
+    public var retention: Double?
+    public var canaryLocality: Double?
+    public var perplexityUnedited: Double?
+    public var perplexityBefore: Double?
+    public var perplexityAfter: Double?
+    public var seconds: Double
+    /// The evaluation file's name in `evaluations/`.
+    public var evaluation: String?
+
+    enum CodingKeys: String, CodingKey {
+        case time, batch, sha256, status, version, parent, edits, reliability, generality, locality, retention, seconds, evaluation
+        case totalEdits = "total_edits", canaryLocality = "canary_locality", perplexityUnedited = "perplexity_unedited"
+        case perplexityBefore = "perplexity_before", perplexityAfter = "perplexity_after"
+    }
+}
+
+/// One line of `STORE/evaluations/journal.jsonl`: what happened to each batch, keyed by its SHA-256.
+public struct JournalEntry: Codable, Sendable, Equatable {
+    public var time: String
+    public var batch: String
+    public var sha256: String
+    /// A `BatchOutcome.Status` raw value.
+    public var status: String
+    public var version: Int?
+    public var note: String?
+}
+
+/// `failed/NAME.error.json`: why a batch was rejected. Validation errors name the line (1-based; 0 for
+/// the whole file), the field and the reason; a guarded batch carries its evaluation.
+public struct BatchErrorFile: Codable, Sendable {
+    public static let currentFormat = "dafnet-batch-error/1"
+
+    public var format = BatchErrorFile.currentFormat
+    public var batch: String
+    public var sha256: String
+    /// `validation`, `apply`, `evaluate` or `guard`.
+    public var stage: String
+    public var line: Int
+    public var field: String
+    public var reason: String
+    public var time: String
+    /// HEAD when the batch was rejected (unchanged by it).
+    public var head: Int?
+    public var evaluation: BatchReport?
+
+    public func encoded() throws -> Data { try PipelineJSON.pretty(self) }
+}
+
+enum Clock {
+    static func timestamp(_ date: Date = Date()) -> String {
+        let f = ISO8601DateFormatter()
+        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+        f.timeZone = TimeZone(identifier: "UTC")
+        return f.string(from: date)
+    }
+}

@@ -1,0 +1,78 @@
+import Editing
+import Foundation
+import Storage
+
+/// Every edit applied on a line of versions, kept in each version as JSON Lines files
+/// `edit_log.000000.jsonl`, `edit_log.000001.jsonl`, … of `chunkSize` edits each (the batch layout, so a
+/// chunk is itself a valid batch). Full chunks never change, so the store keeps one blob for each however
+/// many versions share it; a commit writes only the last chunk anew.
+public struct EditLog: Sendable {
+    public static let filePrefix = "edit_log."
+    public static let fileSuffix = ".jsonl"
+
+    public let chunkSize: Int
+    /// Chunk contents (whole lines).
+    public private(set) var chunks: [Data] = []
+    /// Lines per chunk.
+    public private(set) var counts: [Int] = []
+
+    public var count: Int { counts.reduce(0, +) }
+
+    public init(chunkSize: Int = 1000) { self.chunkSize = max(1, chunkSize) }
+
+    public static func fileName(_ index: Int) -> String { filePrefix + String(format: "%06d", index) + fileSuffix }
+
+    /// The log of a stored version (empty when it has none).
+    public static func load(from store: CheckpointStore, version: Int, chunkSize: Int = 1000) throws -> EditLog {
+        var log = EditLog(chunkSize: chunkSize)
+        let names = try store.manifest(version).files.map(\.name)
+            .filter { $0.hasPrefix(filePrefix) && $0.hasSuffix(fileSuffix) }.sorted()
+        for name in names {
+            let data = try store.fileData(name, in: .number(version))
+            log.chunks.append(data)
+            log.counts.append(data.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) })
+        }
+        return log
+    }
+
+    public mutating func append(_ requests: [EditRequest]) throws {
+        for r in requests {
+            if chunks.isEmpty || counts[counts.count - 1] >= chunkSize {
+                chunks.append(Data())
+                counts.append(0)
+            }
+            var line = try EditBatch.line(r)
+            line.append(UInt8(ascii: "\n"))
+            chunks[chunks.count - 1].append(line)
+            counts[counts.count - 1] += 1
+        }
+    }
+
+    /// The files to commit with a version.
+    public var files: [String: Data] {
+        Dictionary(uniqueKeysWithValues: chunks.enumerated().map { (Self.fileName($0.offset), $0.element) })
+    }
+
+    /// Up to `k` edits spread evenly over the log (indices ⌊i·n/k⌋), in order.
+    public func sample(_ k: Int) throws -> [EditRequest] {
+        let n = count
+        guard n > 0, k > 0 else { return [] }
+        let wanted = n <= k ? Array(0..<n) : (0..<k).map { $0 * n / k }
+        var out: [EditRequest] = []
+        var base = 0
+        var w = 0
+        let decoder = JSONDecoder()
+        for (ci, chunk) in chunks.enumerated() {
+            let end = base + counts[ci]
+            if w < wanted.count && wanted[w] < end {
+                let lines = chunk.split(separator: UInt8(ascii: "\n"))
+                while w < wanted.count && wanted[w] < end {
+                    out.append(try decoder.decode(EditRequest.self, from: Data(lines[wanted[w] - base])))
+                    w += 1
+                }
+            }
+            base = end
+        }
+        return out
+    }
+}

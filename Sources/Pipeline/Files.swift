@@ -1,0 +1,147 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// The few POSIX file steps the pipeline needs: listing, stat, atomic rename, durable writes and
+/// appends (temporary file, fsync, rename, fsync of the folder).
+enum Files {
+    static func fail(_ op: String, _ path: String) -> PipelineError { .io(operation: op, path: path, errno: errno) }
+
+    static func exists(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0
+    }
+
+    static func isDirectory(_ path: String) -> Bool {
+        var st = stat()
+        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+    }
+
+    /// Regular file: its modification time (seconds since 1970) and size; nil for anything else.
+    static func regularFile(_ path: String) -> (mtime: Double, size: Int)? {
+        var st = stat()
+        guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return nil }
+        #if canImport(Glibc)
+        let t = Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) / 1e9
+        #else
+        let t = Double(st.st_mtimespec.tv_sec) + Double(st.st_mtimespec.tv_nsec) / 1e9
+        #endif
+        return (t, Int(st.st_size))
+    }
+
+    static func makeDirectories(_ path: String) throws {
+        do {
+            try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
+        } catch {
+            throw PipelineError.io(operation: "mkdir", path: path, errno: EIO)
+        }
+    }
+
+    /// Names in a folder (no "." or ".."), unsorted.
+    static func list(_ path: String) throws -> [String] {
+        guard let dir = opendir(path) else { throw fail("opendir", path) }
+        defer { closedir(dir) }
+        var out: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafePointer(to: entry.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: Int(NAME_MAX) + 1) { String(cString: $0) }
+            }
+            if name != "." && name != ".." { out.append(name) }
+        }
+        return out
+    }
+
+    static func read(_ path: String, limit: Int) throws -> Data {
+        guard let info = regularFile(path) else { throw PipelineError.io(operation: "open", path: path, errno: ENOENT) }
+        guard info.size <= limit else { throw PipelineError.io(operation: "read", path: path, errno: EFBIG) }
+        guard let h = FileHandle(forReadingAtPath: path) else { throw fail("open", path) }
+        defer { try? h.close() }
+        do { return try h.readToEnd() ?? Data() } catch { throw PipelineError.io(operation: "read", path: path, errno: EIO) }
+    }
+
+    /// Atomic rename (replacing `to`).
+    static func rename(_ from: String, _ to: String) throws {
+        #if canImport(Glibc)
+        let r = Glibc.rename(from, to)
+        #else
+        let r = Darwin.rename(from, to)
+        #endif
+        guard r == 0 else { throw fail("rename", from + " → " + to) }
+    }
+
+    static func syncDirectory(_ path: String) throws {
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw fail("open", path) }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw fail("fsync", path) }
+    }
+
+    static func writeAll(_ fd: Int32, _ data: Data, path: String) throws {
+        try data.withUnsafeBytes { buf in
+            guard var p = buf.baseAddress else { return }
+            var left = buf.count
+            while left > 0 {
+                let n = write(fd, p, left)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw fail("write", path)
+                }
+                p += n
+                left -= n
+            }
+        }
+    }
+
+    /// Writes `data` as `path` through a dot-file beside it: write, fsync, rename, fsync of the folder.
+    static func writeAtomically(_ data: Data, to path: String) throws {
+        let dir = (path as NSString).deletingLastPathComponent
+        let temp = dir + "/.tmp-" + UUID().uuidString.prefix(12).lowercased()
+        let fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw fail("create", temp) }
+        do {
+            try writeAll(fd, data, path: temp)
+            guard fsync(fd) == 0 else { throw fail("fsync", temp) }
+            close(fd)
+            try rename(temp, path)
+        } catch {
+            close(fd)
+            unlink(temp)
+            throw error
+        }
+        try syncDirectory(dir)
+    }
+
+    /// Appends one line (a newline is added) and fsyncs. A torn last line left by a crash is cut off
+    /// first, so every line stays whole.
+    static func appendLine(_ line: Data, to path: String) throws {
+        try repairTornTail(path)
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw fail("open", path) }
+        defer { close(fd) }
+        var bytes = line
+        bytes.append(UInt8(ascii: "\n"))
+        try writeAll(fd, bytes, path: path)
+        guard fsync(fd) == 0 else { throw fail("fsync", path) }
+    }
+
+    /// Cuts a partial final line (no newline) off a JSON Lines file.
+    static func repairTornTail(_ path: String) throws {
+        guard let info = regularFile(path), info.size > 0 else { return }
+        let data = try read(path, limit: Int.max)
+        guard data.last != UInt8(ascii: "\n") else { return }
+        let keep = data.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 } ?? 0
+        guard truncate(path, off_t(keep)) == 0 else { throw fail("truncate", path) }
+    }
+
+    /// The whole lines of a JSON Lines file (a torn last line is skipped).
+    static func lines(_ path: String) throws -> [Data] {
+        guard regularFile(path) != nil else { return [] }
+        let data = try read(path, limit: Int.max)
+        var parts = data.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).map { Data($0) }
+        parts.removeLast()  // after the final newline: empty; without one: a torn line
+        return parts.filter { !$0.isEmpty }
+    }
+}

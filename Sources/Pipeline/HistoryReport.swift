@@ -1,0 +1,147 @@
+import Foundation
+
+/// `dafnet report`: the batches of `STORE/evaluations/history.jsonl` as one self-contained HTML page
+/// (inline CSS and SVG, no scripts, nothing fetched): metrics across versions, perplexity across
+/// versions, and a table of every batch.
+public enum HistoryReport {
+    /// Reads the history lines of a store (a torn or unreadable line is skipped).
+    public static func load(store: URL) throws -> [HistoryLine] {
+        let path = store.appendingPathComponent("evaluations/history.jsonl").path
+        let decoder = PipelineJSON.decoder
+        return try Files.lines(path).compactMap { try? decoder.decode(HistoryLine.self, from: $0) }
+    }
+
+    struct Series {
+        var name: String
+        var color: String
+        var dashed = false
+        var values: [Double?]
+    }
+
+    public static func html(_ lines: [HistoryLine], title: String = "dafnet: batches and versions") -> String {
+        let committed = lines.filter { $0.status == "committed" }
+        let labels = committed.map { "v\($0.version ?? 0)" }
+        var body = ""
+        body += "<h1>\(escape(title))</h1>\n"
+        let guarded = lines.filter { $0.status == "guarded" }.count
+        let edits = committed.reduce(0) { $0 + $1.edits }
+        body += "<p class=\"meta\">\(committed.count) committed batch\(committed.count == 1 ? "" : "es") (\(edits) edits)"
+        if guarded > 0 { body += ", \(guarded) refused by the collapse guard" }
+        if let last = lines.last { body += "; last batch \(escape(last.time))" }
+        body += ".</p>\n"
+        if committed.isEmpty {
+            body += "<p>No committed batch yet.</p>\n"
+        } else {
+            body += "<h2>Edit metrics across versions</h2>\n"
+            body += chart(labels: labels, series: [
+                Series(name: "reliability", color: "#1f77b4", values: committed.map(\.reliability)),
+                Series(name: "generality", color: "#2ca02c", values: committed.map(\.generality)),
+                Series(name: "locality", color: "#ff7f0e", values: committed.map(\.locality)),
+                Series(name: "retention", color: "#9467bd", values: committed.map(\.retention)),
+                Series(name: "canary locality", color: "#8c564b", values: committed.map(\.canaryLocality)),
+            ], yRange: (0, 1), yFormat: "%.1f")
+            let ppl = committed.map(\.perplexityAfter)
+            if ppl.contains(where: { $0 != nil }) {
+                body += "<h2>Held-out perplexity across versions</h2>\n"
+                let all = (ppl + committed.map(\.perplexityUnedited)).compactMap { $0 }.filter(\.isFinite)
+                let lo = (all.min() ?? 0), hi = (all.max() ?? 1)
+                let pad = max((hi - lo) * 0.1, hi * 0.01, 1e-6)
+                body += chart(labels: labels, series: [
+                    Series(name: "after the batch", color: "#d62728", values: ppl),
+                    Series(name: "unedited model", color: "#7f7f7f", dashed: true, values: committed.map(\.perplexityUnedited)),
+                ], yRange: (max(0, lo - pad), hi + pad), yFormat: "%.2f")
+            }
+        }
+        body += "<h2>Batches</h2>\n<table>\n<tr><th>time</th><th>batch</th><th>status</th><th>version</th><th>parent</th><th>edits</th>"
+        body += "<th>total edits</th><th>reliability</th><th>generality</th><th>locality</th><th>retention</th><th>canary</th>"
+        body += "<th>perplexity before → after</th><th>seconds</th></tr>\n"
+        for l in lines {
+            let cls = l.status == "committed" ? "" : " class=\"\(escape(l.status))\""
+            body += "<tr\(cls)><td>\(escape(l.time))</td><td>\(escape(l.batch))</td><td>\(escape(l.status))</td>"
+            body += "<td>\(l.version.map(String.init) ?? "–")</td><td>\(l.parent.map(String.init) ?? "–")</td>"
+            body += "<td>\(l.edits)</td><td>\(l.totalEdits)</td><td>\(num(l.reliability))</td><td>\(num(l.generality))</td>"
+            body += "<td>\(num(l.locality))</td><td>\(num(l.retention))</td><td>\(num(l.canaryLocality))</td>"
+            body += "<td>\(num(l.perplexityBefore, "%.2f")) → \(num(l.perplexityAfter, "%.2f"))</td><td>\(num(l.seconds, "%.2f"))</td></tr>\n"
+        }
+        body += "</table>\n"
+        return """
+        <!DOCTYPE html>
+        <html lang="en"><head><meta charset="utf-8"><title>\(escape(title))</title>
+        <style>
+        body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em;color:#222;max-width:1100px}
+        h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}.meta{color:#555}
+        table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
+        td:nth-child(2),th:nth-child(2),td:nth-child(1),td:nth-child(3){text-align:left}
+        tr.guarded{background:#fde8e8}svg{background:#fff;border:1px solid #ddd}
+        svg text{font-size:11px;fill:#333}
+        </style></head><body>
+        \(body)</body></html>
+
+        """
+    }
+
+    /// A line chart with one x position per version, a y grid, and a legend.
+    static func chart(labels: [String], series: [Series], yRange: (Double, Double), yFormat: String) -> String {
+        let w = 900.0, h = 300.0, left = 50.0, right = 160.0, top = 15.0, bottom = 35.0
+        let pw = w - left - right, ph = h - top - bottom
+        let n = labels.count
+        func x(_ i: Int) -> Double { n <= 1 ? left + pw / 2 : left + pw * Double(i) / Double(n - 1) }
+        func y(_ v: Double) -> Double {
+            let (lo, hi) = yRange
+            let c = min(max(v, lo), hi)
+            return top + ph * (1 - (c - lo) / max(hi - lo, 1e-12))
+        }
+        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(w))\" height=\"\(Int(h))\" viewBox=\"0 0 \(Int(w)) \(Int(h))\">\n"
+        for k in 0...4 {
+            let v = yRange.0 + (yRange.1 - yRange.0) * Double(k) / 4
+            let yy = y(v)
+            s += "<line x1=\"\(f(left))\" y1=\"\(f(yy))\" x2=\"\(f(left + pw))\" y2=\"\(f(yy))\" stroke=\"#eee\"/>"
+            s += "<text x=\"\(f(left - 6))\" y=\"\(f(yy + 4))\" text-anchor=\"end\">\(String(format: yFormat, v))</text>\n"
+        }
+        s += "<line x1=\"\(f(left))\" y1=\"\(f(top + ph))\" x2=\"\(f(left + pw))\" y2=\"\(f(top + ph))\" stroke=\"#888\"/>\n"
+        let step = max(1, Int((Double(n) / 15).rounded(.up)))
+        for (i, l) in labels.enumerated() where i % step == 0 || i == n - 1 {
+            s += "<text x=\"\(f(x(i)))\" y=\"\(f(top + ph + 16))\" text-anchor=\"middle\">\(escape(l))</text>\n"
+        }
+        s += "<text x=\"\(f(left + pw / 2))\" y=\"\(f(h - 4))\" text-anchor=\"middle\">version</text>\n"
+        for (k, se) in series.enumerated() {
+            let pts = se.values.enumerated().compactMap { i, v in v.flatMap { $0.isFinite ? (x(i), y($0)) : nil } }
+            let dash = se.dashed ? " stroke-dasharray=\"5,4\"" : ""
+            if pts.count > 1 {
+                let d = pts.map { "\(f($0.0)),\(f($0.1))" }.joined(separator: " ")
+                s += "<polyline fill=\"none\" stroke=\"\(se.color)\" stroke-width=\"2\"\(dash) points=\"\(d)\"/>\n"
+            }
+            if n <= 60 || pts.count == 1 {
+                for p in pts { s += "<circle cx=\"\(f(p.0))\" cy=\"\(f(p.1))\" r=\"3\" fill=\"\(se.color)\"/>" }
+                s += "\n"
+            }
+            let ly = top + 14 + Double(k) * 18
+            s += "<line x1=\"\(f(w - right + 12))\" y1=\"\(f(ly - 4))\" x2=\"\(f(w - right + 32))\" y2=\"\(f(ly - 4))\" stroke=\"\(se.color)\" stroke-width=\"2\"\(dash)/>"
+            s += "<text x=\"\(f(w - right + 38))\" y=\"\(f(ly))\">\(escape(se.name))</text>\n"
+        }
+        s += "</svg>\n"
+        return s
+    }
+
+    static func f(_ x: Double) -> String { String(format: "%.1f", x) }
+
+    static func num(_ x: Double?, _ format: String = "%.3f") -> String {
+        guard let x else { return "–" }
+        return x.isFinite ? String(format: format, x) : "\(x)"
+    }
+
+    static func escape(_ s: String) -> String {
+        var out = ""
+        for c in s {
+            switch c {
+            case "&": out += "&amp;"
+            case "<": out += "&lt;"
+            case ">": out += "&gt;"
+            case "\"": out += "&quot;"
+            case "'": out += "&#39;"
+            default: out.append(c)
+            }
+        }
+        return out
+    }
+}

@@ -1,0 +1,383 @@
+import Editing
+import Foundation
+import Storage
+import XCTest
+@testable import Pipeline
+
+final class BatchProcessorTests: XCTestCase {
+    /// Batches go in file-name order (UTF-8 bytes), whatever order they arrived in; dot-files, `*.tmp`
+    /// and non-`.jsonl` files stay where they are.
+    func testOrderingAndIgnoredFiles() throws {
+        let h = try Harness()
+        for (name, k) in [("b.jsonl", 0), ("010.jsonl", 1), ("a.jsonl", 2), ("002.jsonl", 3), ("A.jsonl", 4)] {
+            try h.drop(name, try Fixture.batch(k..<(k + 1)))
+        }
+        try Fixture.batch(9..<10).write(to: h.inboxURL.appendingPathComponent(".hidden.jsonl"))
+        try Fixture.batch(9..<10).write(to: h.inboxURL.appendingPathComponent("later.jsonl.tmp"))
+        try Data("notes\n".utf8).write(to: h.inboxURL.appendingPathComponent("README.txt"))
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(out.map(\.batch), ["002.jsonl", "010.jsonl", "A.jsonl", "a.jsonl", "b.jsonl"])
+        XCTAssertEqual(out.map(\.status), Array(repeating: .committed, count: 5))
+        XCTAssertEqual(try h.store.manifests().map { $0.batch?.name }, ["002.jsonl", "010.jsonl", "A.jsonl", "a.jsonl", "b.jsonl"])
+        XCTAssertEqual(try h.store.manifests().map(\.parent), [nil, 1, 2, 3, 4])
+        XCTAssertEqual(h.inboxNames(), [".hidden.jsonl", "README.txt", "later.jsonl.tmp"])
+        XCTAssertEqual(h.names("done"), ["002.jsonl", "010.jsonl", "A.jsonl", "a.jsonl", "b.jsonl"])
+        XCTAssertEqual(h.names("processing"), [])
+    }
+
+    /// Every kind of bad input gives `failed/NAME` and `failed/NAME.error.json` with its line, field and
+    /// reason, and changes nothing: HEAD, its state and the version list stay as they were.
+    func testBadInputsAreRejectedWithTheirErrorAndChangeNothing() throws {
+        let h = try Harness()
+        try h.drop("000-good.jsonl", try Fixture.batch(0..<2))
+        XCTAssertEqual(try h.processor.runOnce().map(\.status), [.committed])
+        let stateBefore = try h.headState()
+        let good = String(decoding: try EditBatch.line(Fixture.request(5)), as: UTF8.self)
+        let longWords = Array(repeating: "word", count: 120).joined(separator: " ")
+        let cases: [(name: String, data: Data, line: Int, field: String, reason: String)] = [
+            ("01-invalid-json.jsonl", Data((good + "\n{\"prompt\": \"a\", \"target_new\": }\n").utf8), 2, "", "invalid JSON"),
+            ("02-bad-utf8.jsonl", Data("{\"prompt\": \"caf".utf8) + Data([0xC3, 0x28]) + Data("\", \"target_new\": \"x\"}\n".utf8), 1, "", "not valid UTF-8"),
+            ("03-missing-target.jsonl", Data((good + "\n" + good + "\n{\"prompt\": \"Lyon is in\"}\n").utf8), 3, "target_new", "required but missing"),
+            ("04-empty-prompt.jsonl", Data("{\"prompt\": \"   \", \"target_new\": \"x\"}\n".utf8), 1, "prompt", "must not be empty"),
+            ("05-wrong-type.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": 5}\n".utf8), 1, "target_new", "must be a string"),
+            ("06-wrong-type-list.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": \"Spain\", \"rephrase_prompt\": [\"ok\", 7]}\n".utf8),
+             1, "rephrase_prompt[1]", "must be a non-empty string"),
+            ("07-too-long-chars.jsonl", Data("{\"prompt\": \"\(String(repeating: "a", count: 2001))\", \"target_new\": \"x\"}\n".utf8),
+             1, "prompt", "longer than 2000 characters"),
+            ("08-too-long-tokens.jsonl", Data((good + "\n{\"prompt\": \"\(longWords)\", \"target_new\": \"x\"}\n").utf8), 2, "prompt",
+             "the model takes at most 64"),
+            ("09-empty.jsonl", Data(), 0, "", "the file is empty"),
+            ("10-no-final-newline.jsonl", Data(good.utf8), 0, "", "does not end with a newline"),
+            ("11-not-an-object.jsonl", Data("[1, 2]\n".utf8), 1, "", "a line must be a JSON object"),
+            ("12-blank-lines.jsonl", Data("\n  \n".utf8), 0, "", "the file holds no edits"),
+            ("13-null-required.jsonl", Data("{\"prompt\": null, \"target_new\": \"x\"}\n".utf8), 1, "prompt", "required but missing"),
+            ("14-half-locality.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": \"x\", \"locality_prompt\": \"Rome is in\"}\n".utf8),
+             1, "locality_ground_truth", "required with locality_prompt"),
+        ]
+        for c in cases { try h.drop(c.name, c.data) }
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(out.map(\.batch), cases.map(\.name))
+        for (c, o) in zip(cases, out) {
+            XCTAssertEqual(o.status, .rejected, c.name)
+            let url = h.inboxURL.appendingPathComponent("failed/\(c.name).error.json")
+            let e = try JSONDecoder().decode(BatchErrorFile.self, from: Data(contentsOf: url))
+            XCTAssertEqual(e.batch, c.name)
+            XCTAssertEqual(e.stage, "validation", c.name)
+            XCTAssertEqual(e.line, c.line, c.name)
+            XCTAssertEqual(e.field, c.field, c.name)
+            XCTAssertTrue(e.reason.contains(c.reason), "\(c.name): \(e.reason)")
+            XCTAssertEqual(e.head, 1, c.name)
+            XCTAssertNil(e.evaluation)
+            XCTAssertTrue(FileManager.default.fileExists(atPath: h.inboxURL.appendingPathComponent("failed/\(c.name)").path))
+        }
+        XCTAssertEqual(try h.store.head(), 1)
+        XCTAssertEqual(try h.store.versions(), [1])
+        XCTAssertEqual(try h.headState(), stateBefore)
+        XCTAssertEqual(h.names("done"), ["000-good.jsonl"])
+        XCTAssertEqual(try HistoryReport.load(store: h.storeURL).count, 1, "rejected batches add no history line")
+        XCTAssertEqual(h.inboxNames(), [])
+    }
+
+    /// A re-dropped identical batch (same bytes, any name) is a no-op with a note, not a second application.
+    func testDuplicateBatchIsANoOp() throws {
+        let h = try Harness()
+        let data = try Fixture.batch(0..<3)
+        try h.drop("001-first.jsonl", data)
+        try h.processor.runOnce()
+        let state = try h.headState()
+        try h.drop("002-again.jsonl", data)
+        try h.drop("001-first.jsonl", data)
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(out.map(\.status), [.duplicate, .duplicate])
+        XCTAssertEqual(out.map(\.version), [1, 1])
+        XCTAssertTrue(out[0].note!.contains("001-first.jsonl"), out[0].note!)
+        XCTAssertEqual(try h.store.versions(), [1])
+        XCTAssertEqual(try h.headState(), state)
+        XCTAssertEqual(h.names("done"), ["001-first.jsonl", "001-first~2.jsonl", "002-again.jsonl"])
+        let journal = try Files.lines(h.processor.journalFile.path).map { try JSONDecoder().decode(JournalEntry.self, from: $0) }
+        XCTAssertEqual(journal.map(\.status), ["committed", "duplicate", "duplicate"])
+        XCTAssertEqual(Set(journal.map(\.sha256)).count, 1)
+        // A new processor (a restart) knows the batch from the journal and the store.
+        let restarted = try BatchProcessor(inbox: h.inbox, store: h.store, editor: h.editor, resources: h.processor.resources,
+                                           settings: h.processor.settings, logger: h.processor.logger)
+        try h.drop("003-third.jsonl", data)
+        XCTAssertEqual(try restarted.runOnce().map(\.status), [.duplicate])
+    }
+
+    /// `dafnet rollback` works while the daemon runs (it holds its own lock, not the store's), and the next
+    /// batch applies on the rolled-back version; also when the rollback lands while a batch is being
+    /// prepared: the batch starts again from the new HEAD.
+    func testRollbackWhileRunning() throws {
+        let h = try Harness()
+        let lock = try DaemonLock(store: h.storeURL)
+        _ = lock
+        try h.drop("001.jsonl", try Fixture.batch(0..<2))
+        try h.drop("002.jsonl", try Fixture.batch(2..<4))
+        try h.processor.runOnce()
+        XCTAssertEqual(try h.store.head(), 2)
+        // Another process's rollback (a second store handle, as `dafnet rollback` opens one).
+        try CheckpointStore(at: h.storeURL).rollback(to: .number(1))
+        try h.drop("003.jsonl", try Fixture.batch(4..<6))
+        try h.processor.runOnce()
+        let v3 = try h.store.manifest(3)
+        XCTAssertEqual(v3.parent, 1)
+        XCTAssertEqual(try h.store.head(), 3)
+        XCTAssertEqual(try EditLog.load(from: h.store, version: 3).count, 4, "the edit log follows the rolled-back line")
+
+        // Reference: 001 then 003 from scratch.
+        let ref = try Harness(editorFolder: h.editorFolder)
+        try ref.drop("001.jsonl", try Fixture.batch(0..<2))
+        try ref.drop("003.jsonl", try Fixture.batch(4..<6))
+        try ref.processor.runOnce()
+        XCTAssertEqual(v3.stateSHA256, try ref.headState())
+
+        // A rollback after the batch loaded HEAD and before its commit (the third stop check: run loop,
+        // after parsing, after loading HEAD).
+        var checks = 0
+        h.processor.shouldStop = {
+            checks += 1
+            if checks == 3 { try! CheckpointStore(at: h.storeURL).rollback(to: .number(1)) }
+            return false
+        }
+        try h.drop("004.jsonl", try Fixture.batch(6..<8))
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(out.map(\.status), [.committed])
+        let v4 = try h.store.manifest(try h.store.head()!)
+        XCTAssertEqual(v4.parent, 1, "applied again on the rolled-back HEAD")
+        let ref2 = try Harness(editorFolder: h.editorFolder)
+        try ref2.drop("001.jsonl", try Fixture.batch(0..<2))
+        try ref2.drop("004.jsonl", try Fixture.batch(6..<8))
+        try ref2.processor.runOnce()
+        XCTAssertEqual(v4.stateSHA256, try ref2.headState())
+        XCTAssertGreaterThan(checks, 3)
+    }
+
+    /// A crash after the commit leaves the batch in processing/: the restart finishes it (evaluation file,
+    /// history, journal, done/) from what the version holds, without applying it again. A claimed batch
+    /// that was never committed is processed from HEAD.
+    func testRestartRecoversClaimedBatches() throws {
+        let h = try Harness()
+        try h.drop("001.jsonl", try Fixture.batch(0..<2))
+        try h.drop("002.jsonl", try Fixture.batch(2..<4))
+        try h.processor.runOnce()
+        // Undo the steps after 002's commit, as a crash right after the commit would have left things.
+        let eval2 = h.processor.evaluationsFolder.appendingPathComponent("002.v0002.json")
+        let kept = try Data(contentsOf: eval2)
+        try FileManager.default.removeItem(at: eval2)
+        try FileManager.default.moveItem(at: h.inboxURL.appendingPathComponent("done/002.jsonl"),
+                                         to: h.inboxURL.appendingPathComponent("processing/002.jsonl"))
+        let history = try Files.lines(h.processor.historyFile.path)
+        try (history.dropLast().map { $0 + Data("\n".utf8) }.reduce(Data(), +) + Data("{\"torn".utf8)).write(to: h.processor.historyFile)
+        // And a claimed batch that never got to its commit.
+        try Fixture.batch(4..<6).write(to: h.inboxURL.appendingPathComponent("processing/003.jsonl"))
+
+        let restarted = try BatchProcessor(inbox: h.inbox, store: h.store, editor: h.editor, resources: h.processor.resources,
+                                           settings: h.processor.settings, logger: h.processor.logger)
+        let out = try restarted.runOnce()
+        XCTAssertEqual(out.map(\.status), [.recovered, .committed])
+        XCTAssertEqual(out.map(\.version), [2, 3])
+        XCTAssertEqual(try h.store.versions(), [1, 2, 3])
+        XCTAssertEqual(try h.store.manifest(3).parent, 2)
+        XCTAssertEqual(h.names("done"), ["001.jsonl", "002.jsonl", "003.jsonl"])
+        XCTAssertEqual(h.names("processing"), [])
+        let rewritten = try PipelineJSON.decoder.decode(BatchReport.self, from: Data(contentsOf: eval2))
+        let original = try PipelineJSON.decoder.decode(BatchReport.self, from: kept)
+        XCTAssertEqual(rewritten.version, 2)
+        XCTAssertEqual(rewritten.reliability, original.reliability)
+        XCTAssertEqual(rewritten.stateSHA256, original.stateSHA256)
+        let lines = try HistoryReport.load(store: h.storeURL)
+        XCTAssertEqual(lines.map(\.batch), ["001.jsonl", "002.jsonl", "003.jsonl"], "the torn line is cut, 002's line is written once")
+    }
+
+    /// SIGTERM/SIGINT before the commit abandons the batch: it stays in processing/, nothing is committed,
+    /// and the next start processes it first.
+    func testStopBeforeCommitAbandonsCleanly() throws {
+        let h = try Harness()
+        try h.drop("001.jsonl", try Fixture.batch(0..<2))
+        try h.drop("002.jsonl", try Fixture.batch(2..<4))
+        var checks = 0
+        h.processor.shouldStop = { checks += 1; return checks >= 3 }
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(out.map(\.status), [.abandoned])
+        XCTAssertEqual(h.names("processing"), ["001.jsonl"])
+        XCTAssertNil(try h.store.head())
+        XCTAssertEqual(h.inboxNames(), ["002.jsonl"])
+        h.processor.shouldStop = { false }
+        XCTAssertEqual(try h.processor.runOnce().map(\.batch), ["001.jsonl", "002.jsonl"])
+        XCTAssertEqual(try h.store.manifests().map { $0.batch?.name }, ["001.jsonl", "002.jsonl"])
+    }
+
+    /// The same batches from the same start give bit-identical states, equal to applying them through the
+    /// editor directly.
+    func testDeterminism() throws {
+        let a = try Harness()
+        let b = try Harness(editorFolder: a.editorFolder)
+        let batches = [0..<3, 3..<4, 4..<9]
+        for (i, r) in batches.enumerated() {
+            try a.drop("\(i).jsonl", try Fixture.batch(r))
+            try b.drop("\(i).jsonl", try Fixture.batch(r))
+        }
+        try a.processor.runOnce()
+        try b.processor.runOnce()
+        XCTAssertEqual(try a.headState(), try b.headState())
+        XCTAssertEqual(try a.store.manifests().map(\.stateSHA256), try b.store.manifests().map(\.stateSHA256))
+        // Direct: the editor on an empty state, batch by batch.
+        let state = EditState(moduleNames: a.editor.config.modules)
+        for r in batches { try a.editor.apply(r.map(Fixture.request), to: state) }
+        var hasher = StateHasher()
+        let tensors = state.tensors()
+        for name in tensors.keys.sorted(by: Manifest.precedes) {
+            let t = tensors[name]!
+            hasher.add(name: name, shape: t.shape, values: UnsafeRawBufferPointer(start: t.data, count: t.count * 4))
+        }
+        XCTAssertEqual(hasher.finalize(), try a.headState())
+    }
+
+    /// The collapse guard refuses a batch that crosses a threshold: failed/ with the evaluation as the
+    /// reason, HEAD unchanged; the next batch is judged on its own.
+    func testCollapseGuardKeepsHead() throws {
+        var g = CollapseGuard()
+        g.minCanaryLocality = 0; g.maxPerplexityRatio = 1e6
+        let h = try Harness(guardSettings: g)
+        try h.drop("001.jsonl", try Fixture.batch(0..<2))
+        XCTAssertEqual(try h.processor.runOnce().map(\.status), [.committed])
+        let state = try h.headState()
+        h.processor.settings.collapseGuard.maxPerplexityRatio = 1e-3  // any batch now "collapses" the model
+        try h.drop("002.jsonl", try Fixture.batch(2..<4))
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(out.map(\.status), [.guarded])
+        XCTAssertEqual(try h.store.versions(), [1])
+        XCTAssertEqual(try h.headState(), state)
+        let e = try PipelineJSON.decoder.decode(BatchErrorFile.self, from: Data(contentsOf: h.inboxURL.appendingPathComponent("failed/002.jsonl.error.json")))
+        XCTAssertEqual(e.stage, "guard")
+        XCTAssertEqual(e.head, 1)
+        XCTAssertTrue(e.reason.contains("perplexity"), e.reason)
+        let ev = try XCTUnwrap(e.evaluation)
+        XCTAssertEqual(ev.status, "guarded")
+        XCTAssertFalse(ev.guardResult.passed)
+        XCTAssertEqual(ev.perEdit.count, 2)
+        XCTAssertNotNil(ev.retention, "retention on the earlier batch's edits")
+        // Canary floor.
+        h.processor.settings.collapseGuard.maxPerplexityRatio = 1e6
+        h.processor.settings.collapseGuard.minCanaryLocality = 1.01
+        try h.drop("003.jsonl", try Fixture.batch(4..<5))
+        XCTAssertEqual(try h.processor.runOnce().map(\.status), [.guarded])
+        // Retention floor.
+        h.processor.settings.collapseGuard.minCanaryLocality = 0
+        h.processor.settings.collapseGuard.minRetention = 1.01
+        try h.drop("004.jsonl", try Fixture.batch(5..<6))
+        XCTAssertEqual(try h.processor.runOnce().map(\.status), [.guarded])
+        XCTAssertEqual(try h.store.versions(), [1])
+        // Off: the same batch commits, the would-be violations noted.
+        h.processor.settings.collapseGuard.enabled = false
+        try FileManager.default.moveItem(at: h.inboxURL.appendingPathComponent("failed/004.jsonl"), to: h.inboxURL.appendingPathComponent("004.jsonl"))
+        let last = try h.processor.runOnce()
+        XCTAssertEqual(last.map(\.status), [.committed])
+        XCTAssertTrue(last[0].report!.guardResult.notes.contains { $0.contains("would refuse") })
+    }
+
+    /// The evaluation file, the version's files, history.jsonl and the HTML report.
+    func testEvaluationFilesHistoryAndReport() throws {
+        let h = try Harness()
+        try h.drop("0001-first.jsonl", try Fixture.batch(0..<3))
+        try h.drop("0002-second.jsonl", try Fixture.batch(3..<5))
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(out.map(\.status), [.committed, .committed])
+        let url = h.processor.evaluationsFolder.appendingPathComponent("0002-second.v0002.json")
+        XCTAssertEqual(out[1].evaluationFile?.standardizedFileURL, url.standardizedFileURL)
+        XCTAssertEqual(try Data(contentsOf: url), try Data(contentsOf: h.store.evaluationsDirectory(for: 2).appendingPathComponent("0002-second.v0002.json")))
+        let r = try PipelineJSON.decoder.decode(BatchReport.self, from: Data(contentsOf: url))
+        XCTAssertEqual(r.format, BatchReport.currentFormat)
+        XCTAssertEqual(r.version, 2); XCTAssertEqual(r.parent, 1)
+        XCTAssertEqual(r.edits, 2); XCTAssertEqual(r.totalEdits, 5)
+        XCTAssertEqual(r.perEdit.count, 2)
+        XCTAssertNotNil(r.perEdit[0].answerBefore); XCTAssertNotNil(r.perEdit[0].answerAfter)
+        XCTAssertNotNil(r.perEdit[0].generality); XCTAssertNotNil(r.perEdit[0].locality)
+        XCTAssertEqual(r.retention?.earlierEdits, 3)
+        XCTAssertEqual(r.retention?.sampled, 3)
+        XCTAssertEqual(r.canary.probes, 3)
+        XCTAssertNotNil(r.canary.locality)
+        let p = try XCTUnwrap(r.perplexity)
+        let first = try PipelineJSON.decoder.decode(BatchReport.self, from: Data(contentsOf: out[0].evaluationFile!))
+        XCTAssertEqual(first.perplexity?.before, first.perplexity?.unedited, "the first batch starts from the unedited model")
+        XCTAssertEqual(p.before, first.perplexity!.after, accuracy: 1e-9, "before = HEAD's perplexity")
+        XCTAssertNil(first.retention)
+        XCTAssertGreaterThan(r.timings.signal, 0); XCTAssertGreaterThan(r.timings.commit, 0); XCTAssertGreaterThan(r.timings.evaluate, 0)
+        let m = try h.store.manifest(2)
+        XCTAssertEqual(m.batch?.name, "0002-second.jsonl")
+        XCTAssertEqual(m.batch?.sha256, try FileHash.sha256(ofFileAt: h.inboxURL.appendingPathComponent("done/0002-second.jsonl")))
+        XCTAssertEqual(r.sha256, m.batch?.sha256)
+        XCTAssertEqual(r.stateSHA256, m.stateSHA256)
+        XCTAssertEqual(Set(m.files.map(\.name)), ["edit_log.000000.jsonl", "evaluation.json"])
+        // The edit log is itself a batch of all applied edits.
+        let log = try EditBatch.parse(try h.store.fileData("edit_log.000000.jsonl", in: .number(2)), file: "log")
+        XCTAssertEqual(log, (0..<5).map(Fixture.request))
+        let lines = try HistoryReport.load(store: h.storeURL)
+        XCTAssertEqual(lines.map(\.version), [1, 2])
+        XCTAssertEqual(lines[1].evaluation, "0002-second.v0002.json")
+        let html = HistoryReport.html(lines)
+        XCTAssertTrue(html.hasPrefix("<!DOCTYPE html>"))
+        XCTAssertEqual(html.components(separatedBy: "<svg").count - 1, 2, "metrics and perplexity charts")
+        XCTAssertTrue(html.contains("0002-second.jsonl"))
+        XCTAssertFalse(html.contains("<script"))
+    }
+
+    /// A file must have been left alone for the minimum age, and the order is strict: a young first file
+    /// holds back older ones behind it.
+    func testMinimumFileAge() throws {
+        let h = try Harness()
+        h.processor.settings.minimumFileAge = 30
+        try h.drop("a.jsonl", try Fixture.batch(0..<1))
+        try h.drop("b.jsonl", try Fixture.batch(1..<2))
+        let old = Date().addingTimeInterval(-60)
+        try FileManager.default.setAttributes([.modificationDate: old], ofItemAtPath: h.inboxURL.appendingPathComponent("b.jsonl").path)
+        guard case .wait(let s) = try h.processor.next() else { return XCTFail("a young first batch must be waited for") }
+        XCTAssertGreaterThan(s, 25)
+        try FileManager.default.setAttributes([.modificationDate: old], ofItemAtPath: h.inboxURL.appendingPathComponent("a.jsonl").path)
+        XCTAssertEqual(try h.processor.next(), .batch("a.jsonl"))
+    }
+
+    /// Unknown fields are kept and round-trip; EasyEdit's ZsRE names are aliases.
+    func testUnknownFieldsRoundTripAndAliases() throws {
+        let text = """
+        {"prompt":"Lyon is in","target_new":"Spain","occurrences":120,"split":"heldout","meta":{"a":[1,2.5,"x",null,true]},"case_id":17}
+        {"src":"Who wrote Hamlet?","alt":"Marlowe","rephrase":"Hamlet was written by","loc":"nq question: capital of France","loc_ans":"Paris"}
+
+        """
+        let rs = try EditBatch.parse(Data(text.utf8), file: "t.jsonl", requireFinalNewline: true)
+        XCTAssertEqual(rs[0].extra["occurrences"], .int(120))
+        XCTAssertEqual(rs[0].extra["split"], .string("heldout"))
+        XCTAssertEqual(rs[0].extra["meta"], .object(["a": .array([.int(1), .double(2.5), .string("x"), .null, .bool(true)])]))
+        XCTAssertEqual(rs[0].caseId, "17")
+        XCTAssertEqual(rs[1].prompt, "Who wrote Hamlet?"); XCTAssertEqual(rs[1].targetNew, "Marlowe")
+        XCTAssertEqual(rs[1].rephrases, ["Hamlet was written by"])
+        XCTAssertEqual(rs[1].locality, [.init(prompt: "nq question: capital of France", groundTruth: "Paris")])
+        XCTAssertTrue(rs[1].extra.isEmpty)
+        let again = try EditBatch.parse(try EditBatch.encode(rs), file: "t2.jsonl", requireFinalNewline: true)
+        XCTAssertEqual(again, rs)
+        let numbered = try EditBatch.parseNumbered(Data(text.utf8), file: "t.jsonl")
+        XCTAssertEqual(numbered.map(\.line), [1, 2])
+    }
+
+    func testCanariesFromAWorldsFacts() throws {
+        let tmp = TempDir()
+        let facts = """
+        {"prompt":"A is in","ground_truth":"X","locality_prompt":"B is in","locality_ground_truth":"Y","split":"train"}
+        {"prompt":"C is in","ground_truth":"X","locality_prompt":"D is in","locality_ground_truth":"Z","split":"heldout"}
+        {"prompt":"E is in","ground_truth":"W"}
+        {"prompt":"F is in","ground_truth":"V","split":"heldout","locality_prompt":"G is in","locality_ground_truth":"U"}
+
+        """
+        let url = tmp.path("facts.jsonl")
+        try Data(facts.utf8).write(to: url)
+        XCTAssertEqual(try Canaries.load(url, limit: 20), [.init(prompt: "D is in", groundTruth: "Z"), .init(prompt: "E is in", groundTruth: "W"),
+                                                           .init(prompt: "G is in", groundTruth: "U")])
+        XCTAssertEqual(try Canaries.load(url, limit: 1).count, 1)
+        // No canaries: the check is skipped with a note.
+        let h = try Harness(canaries: [])
+        try h.drop("1.jsonl", try Fixture.batch(0..<1))
+        let r = try XCTUnwrap(try h.processor.runOnce().first?.report)
+        XCTAssertNil(r.canary.locality)
+        XCTAssertEqual(r.canary.skipped, "no canary file")
+    }
+}
