@@ -114,10 +114,13 @@ final class DaemonTests: XCTestCase {
         var rounds = 0, kills = 0
         while s.names("done").count < batches.count && rounds < 80 {
             rounds += 1
+            let before = s.names("done").count
             let (p, _) = try s.spawn(s.arguments(once: false, answers: false), tag: "round\(rounds)")
-            // Past the start-up (~0.3 s in a debug build), then anywhere within the next few batches.
-            let delay = 0.3 + 1.2 * rng.unit()
-            usleep(UInt32(delay * 1e6))
+            // Kill at a random moment once the round has made progress (a batch done), so the number of
+            // kills does not depend on how fast this machine processes batches; on a slow machine a
+            // round may also be killed before its first batch completes.
+            _ = Self.waitUntil(20) { s.names("done").count > before || !p.isRunning }
+            usleep(UInt32(0.25 * rng.unit() * 1e6))
             if p.isRunning {
                 kill(p.processIdentifier, SIGKILL)
                 kills += 1
@@ -132,7 +135,7 @@ final class DaemonTests: XCTestCase {
         let (last, log) = try s.spawn(s.arguments(once: true, answers: false), tag: "final")
         last.waitUntilExit()
         XCTAssertEqual(last.terminationStatus, 0, (try? String(contentsOf: log, encoding: .utf8)) ?? "")
-        XCTAssertGreaterThanOrEqual(kills, 8, "the daemon was killed \(kills) times in \(rounds) rounds")
+        XCTAssertGreaterThanOrEqual(kills, 5, "the daemon was killed \(kills) times in \(rounds) rounds")
 
         XCTAssertEqual(s.names("done"), batches.map(\.0), "every batch in done/ exactly once")
         XCTAssertEqual(s.names("failed"), [])
