@@ -6,25 +6,28 @@ public enum FastMath {
 
     @inline(__always)
     public static func exp(_ x: V) -> V {
-        let log2e: V = V(repeating: 1.442_695_040_888_963_4)
-        let ln2hi: V = V(repeating: 0.693_145_751_953_125)
-        let ln2lo: V = V(repeating: 1.428_606_765_330_187_0e-6)
-        let xc = x.clamped(lowerBound: V(repeating: -87.3), upperBound: V(repeating: 88.7))
-        let n = (xc * log2e).rounded(.toNearestOrEven)
+        let log2e = V(repeating: 1.442_695_040_888_963_4)
+        let ln2hi = V(repeating: 0.693_145_751_953_125)
+        let ln2lo = V(repeating: 1.428_606_765_330_187_0e-6)
+        // Round x·log2(e) to an integer by adding 1.5·2²³: the integer lands in the low mantissa bits.
+        let magic = V(repeating: 12_582_912)
+        let xc = pointwiseMin(pointwiseMax(x, V(repeating: -87.3)), V(repeating: 88.7))
+        let t = xc * log2e + magic
+        let n = t - magic
         let r = xc - n * ln2hi - n * ln2lo
         // e^r ≈ 1 + r + r²/2 + … + r⁶/720 (Horner)
-        var p: V = V(repeating: 1.0 / 720)
+        var p = V(repeating: 1.0 / 720)
         p = p * r + V(repeating: 1.0 / 120)
         p = p * r + V(repeating: 1.0 / 24)
         p = p * r + V(repeating: 1.0 / 6)
         p = p * r + V(repeating: 0.5)
         p = p * r + V(repeating: 1)
         p = p * r + V(repeating: 1)
-        // 2^n: n + 127 in the exponent field; n = 128 (x near 88.7) overflows to +∞ via two factors.
-        let ni = SIMD8<Int32>(n)
+        // 2^n as two factors (n can be 128 near the top of the range), built in the exponent field.
+        let ni = unsafeBitCast(t, to: SIMD8<Int32>.self) &- SIMD8<Int32>(repeating: 0x4B40_0000)
         let half = ni &>> 1
-        let s1 = unsafeBitCast(SIMD8<UInt32>(truncatingIfNeeded: (half &+ 127) &<< 23), to: V.self)
-        let s2 = unsafeBitCast(SIMD8<UInt32>(truncatingIfNeeded: (ni &- half &+ 127) &<< 23), to: V.self)
+        let s1 = unsafeBitCast((half &+ 127) &<< 23, to: V.self)
+        let s2 = unsafeBitCast((ni &- half &+ 127) &<< 23, to: V.self)
         var out = p * s1 * s2
         out.replace(with: V(repeating: 0), where: x .< V(repeating: -87.3))
         out.replace(with: V(repeating: .infinity), where: x .> V(repeating: 88.7))
