@@ -47,22 +47,19 @@ public struct POSIXFileSystem: StoreFileSystem {
     }
 
     public func writeNewFile(atPath path: String, contents: UnsafeRawBufferPointer) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw FileIOError("create", path) }
-        do {
-            try Self.writeAll(fd: fd, contents, path: path)
-        } catch {
-            close(fd)
-            throw error
-        }
-        guard close(fd) == 0 else { throw FileIOError("close", path) }
+        try Self.write(path, flags: O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, contents, opening: "create")
     }
 
     public func append(toFileAtPath path: String, contents: UnsafeRawBufferPointer) throws {
-        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw FileIOError("open for append", path) }
+        try Self.write(path, flags: O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, contents, opening: "open for append")
+    }
+
+    /// Opens `path` with `flags`, writes all of `contents`, closes (closing on failure too).
+    private static func write(_ path: String, flags: Int32, _ contents: UnsafeRawBufferPointer, opening: String) throws {
+        let fd = open(path, flags, 0o644)
+        guard fd >= 0 else { throw FileIOError(opening, path) }
         do {
-            try Self.writeAll(fd: fd, contents, path: path)
+            try writeAll(fd: fd, contents, path: path)
         } catch {
             close(fd)
             throw error

@@ -31,7 +31,7 @@ public enum StoreBenchmark {
     /// is a sum of `rank` outer products (DAFNet's ΔW = Σ x1ᵀ x2 over edited tokens) plus small noise.
     public static func syntheticEditState(blocks: Int = 3, dModel: Int = 256, rank: Int = 8, noise: Float = 0.01,
                                           seed: UInt64 = 42) -> [String: Tensor] {
-        var rng = SplitMix64(seed: seed)
+        var rng = RNG(seed: seed)
         var out: [String: Tensor] = [:]
         let dFF = 4 * dModel
         for b in 0..<blocks {
@@ -42,8 +42,8 @@ public enum StoreBenchmark {
                 let v = UnsafeMutablePointer<Float>.allocate(capacity: cols)
                 defer { u.deallocate(); v.deallocate() }
                 for _ in 0..<rank {
-                    for i in 0..<rows { u[i] = rng.gaussian() * 0.02 }
-                    for j in 0..<cols { v[j] = rng.gaussian() * 0.05 }
+                    for i in 0..<rows { u[i] = rng.normal() * 0.02 }
+                    for j in 0..<cols { v[j] = rng.normal() * 0.05 }
                     for i in 0..<rows {
                         let ui = u[i]
                         let row = p + i * cols
@@ -52,10 +52,10 @@ public enum StoreBenchmark {
                 }
                 var scale: Float = 0
                 for i in 0..<(rows * cols) { scale = max(scale, abs(p[i])) }
-                for i in 0..<(rows * cols) { p[i] += rng.gaussian() * noise * scale }
+                for i in 0..<(rows * cols) { p[i] += rng.normal() * noise * scale }
                 out["transformer.h.\(b).mlp.\(module).delta_weight"] = w
                 let bias = Tensor(shape: [cols])
-                for j in 0..<cols { bias.data[j] = rng.gaussian() * 1e-3 }
+                for j in 0..<cols { bias.data[j] = rng.normal() * 1e-3 }
                 out["transformer.h.\(b).mlp.\(module).delta_bias"] = bias
             }
         }
@@ -117,26 +117,5 @@ public enum StoreBenchmark {
                                 Double(r.rawBytes) / 1e6, Double(r.storedBytes) / 1e6, r.ratio, r.writeMBps, r.readMBps, r.encodeMBps))
         }
         return lines.joined(separator: "\n")
-    }
-}
-
-/// A small deterministic generator for benchmark data.
-struct SplitMix64 {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-
-    mutating func uniform() -> Float { Float(next() >> 40) / Float(1 << 24) }
-
-    mutating func gaussian() -> Float {
-        let u1 = max(uniform(), 1e-7), u2 = uniform()
-        return (-2 * log(u1)).squareRoot() * cos(2 * Float.pi * u2)
     }
 }

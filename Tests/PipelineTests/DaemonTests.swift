@@ -2,6 +2,7 @@ import Editing
 import Foundation
 import LanguageModel
 import Storage
+import TensorCore
 import XCTest
 @testable import Pipeline
 #if canImport(Glibc)
@@ -110,7 +111,7 @@ final class DaemonTests: XCTestCase {
         let expected = try Self.uninterruptedState(editor: s.editor, batches: batches.map(\.1))
         let t0 = Date()
 
-        var rng = SplitMix(seed: UInt64(ProcessInfo.processInfo.environment["DAFNET_KILL_SEED"] ?? "") ?? 20_241_122)
+        var rng = RNG(seed: UInt64(ProcessInfo.processInfo.environment["DAFNET_KILL_SEED"] ?? "") ?? 20_241_122)
         var rounds = 0, kills = 0
         while s.names("done").count < batches.count && rounds < 80 {
             rounds += 1
@@ -120,7 +121,7 @@ final class DaemonTests: XCTestCase {
             // kills does not depend on how fast this machine processes batches; on a slow machine a
             // round may also be killed before its first batch completes.
             _ = Self.waitUntil(20) { s.names("done").count > before || !p.isRunning }
-            usleep(UInt32(0.25 * rng.unit() * 1e6))
+            usleep(UInt32(0.25 * rng.uniform() * 1e6))
             if p.isRunning {
                 kill(p.processIdentifier, SIGKILL)
                 kills += 1
@@ -246,18 +247,4 @@ final class ErrorBox: @unchecked Sendable {
     private var error: Error?
     func set(_ e: Error) { lock.lock(); error = e; lock.unlock() }
     func get() -> Error? { lock.lock(); defer { lock.unlock() }; return error }
-}
-
-/// A small seeded generator for the kill delays.
-struct SplitMix {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func unit() -> Double { Double(next() >> 11) / Double(1 << 53) }
 }
