@@ -4,4 +4,9 @@
 // OpenBLAS extensions (declared in openblas_config.h / cblas.h of OpenBLAS).
 int openblas_get_num_threads(void);
 void openblas_set_num_threads(int num_threads);
+// The LAPACK routines OpenBLAS carries (Fortran calling convention, column-major): Cholesky
+// factorisation and solve of a symmetric positive definite system in double precision.
+void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info);
+void dpotrs_(const char *uplo, const int *n, const int *nrhs, const double *a, const int *lda,
+             double *b, const int *ldb, int *info);
 #endif

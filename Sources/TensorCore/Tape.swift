@@ -368,11 +368,10 @@ extension Tape {
     /// Columns `range` of a [N, C] value (a copy).
     public func columns(_ x: Variable, _ range: Range<Int>) -> Variable {
         let C = x.value.shape.last!, N = x.value.count / C, W = range.count
-        let out = Tensor(shape: [N, W])
-        for n in 0..<N { (out.data + n * W).update(from: x.value.data + n * C + range.lowerBound, count: W) }
+        let out = x.value.columnSlice(range)
         return record(out, inputs: [x]) { o in
             let g = o.grad.data, d = x.grad.data
-            for n in 0..<N { for j in 0..<W { d[n * C + range.lowerBound + j] += g[n * W + j] } }
+            for n in 0..<N { BLAS.axpy(d + n * C + range.lowerBound, g + n * W, count: W, alpha: 1) }
         }
     }
 

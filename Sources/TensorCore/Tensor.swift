@@ -75,6 +75,15 @@ public struct Tensor: @unchecked Sendable, CustomStringConvertible {
     /// A view of row `i` along the first dimension, with that dimension dropped.
     public func row(_ i: Int) -> Tensor { rows(i..<(i + 1)).reshaped(Array(shape.dropFirst())) }
 
+    /// Columns `range` of a [N, C] value, as a new [N, range.count] tensor.
+    public func columnSlice(_ range: Range<Int>) -> Tensor {
+        let C = shape.last!, N = count / max(C, 1), W = range.count
+        precondition(range.lowerBound >= 0 && range.upperBound <= C, "columns \(range) out of \(shape)")
+        let out = Tensor(shape: [N, W])
+        for n in 0..<N { (out.data + n * W).update(from: data + n * C + range.lowerBound, count: W) }
+        return out
+    }
+
     /// An independent copy.
     public func copy() -> Tensor {
         let t = Tensor(shape: shape)
