@@ -61,18 +61,19 @@ public enum AuxReference {
             }
             let tape = Tape()
             let out = net.forward(tape: tape, x: try tensors.tensor("step\(i).x"), lengths: lens, mode: mode, pastReps: past, trainingNorm: false)
+            let (deltaWeight, deltaBias) = out.products(tape: tape)
             repsOf.append(out.newReps)
-            rows.append(rel("step\(i).delta_weight", out.deltaWeight.value, try tensors.tensor("step\(i).delta_weight")))
-            if editBias { rows.append(rel("step\(i).delta_bias", out.deltaBias.value, try tensors.tensor("step\(i).delta_bias"))) }
+            rows.append(rel("step\(i).delta_weight", deltaWeight.value, try tensors.tensor("step\(i).delta_weight")))
+            if editBias { rows.append(rel("step\(i).delta_bias", deltaBias.value, try tensors.tensor("step\(i).delta_bias"))) }
             rows.append(rel("step\(i).past_update_scale", Tensor(shape: [1], values: [out.pastUpdateScale]), try tensors.tensor("step\(i).past_update_scale")))
             for (l, r) in out.newReps.enumerated() { rows.append(rel("step\(i).reps.\(l)", r, try tensors.tensor("step\(i).reps.\(l)"))) }
             let pw = try tensors.tensor("step\(i).probe_w")
-            var seeds = [(out.deltaWeight, pw)]
-            probe += zip(out.deltaWeight.value.array, pw.array).reduce(0.0) { $0 + Double($1.0 * $1.1) }
+            var seeds = [(deltaWeight, pw)]
+            probe += zip(deltaWeight.value.array, pw.array).reduce(0.0) { $0 + Double($1.0 * $1.1) }
             if editBias {
                 let pb = try tensors.tensor("step\(i).probe_b")
-                seeds.append((out.deltaBias, pb))
-                probe += zip(out.deltaBias.value.array, pb.array).reduce(0.0) { $0 + Double($1.0 * $1.1) }
+                seeds.append((deltaBias, pb))
+                probe += zip(deltaBias.value.array, pb.array).reduce(0.0) { $0 + Double($1.0 * $1.1) }
             }
             tape.backward(seeds: seeds)
         }

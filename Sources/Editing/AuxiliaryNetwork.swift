@@ -68,18 +68,28 @@ public struct ExactBatchNorm: Sendable {
     }
 }
 
-/// What one call of the auxiliary network produces for one module.
+/// What one call of the auxiliary network produces for one module: its output rows split into the
+/// input side `x1` and the value side `x2`, and the score attention's scales. How the rows become an
+/// update is the accumulation rule's business (`products` is the paper's).
 public struct AuxOutput {
-    /// x1ᵀ · (scaled x2): [xDim, deltaDim], on the tape.
-    public let deltaWeight: Variable
-    /// Σ scaled x2 rows: [deltaDim], on the tape.
-    public let deltaBias: Variable
+    /// x1: the input-side rows [Σ lengths, xDim], on the tape.
+    public let x1: Variable
+    /// x2: the value-side rows [Σ lengths, deltaDim] before any scale, on the tape.
+    public let values: Variable
     /// The decay of the accumulated past update: Π (1 − s_i), averaged over layers.
     public let pastUpdateScale: Float
     /// Per-edit update scales s_i · Π_{j>i}(1 − s_j), averaged over layers.
     public let updateScales: [Float]
+    /// The per-edit scales spread over each edit's rows (scale / length), [Σ lengths].
+    public let rowScales: [Float]
     /// The sequence representations after this call, per layer: [past + edits, dim].
     public let newReps: [Tensor]
+
+    /// The paper's update: ΔW_new = x1ᵀ · (scaled x2) [xDim, deltaDim] and Δb_new = Σ scaled x2 rows [deltaDim].
+    public func products(tape: Tape) -> (deltaWeight: Variable, deltaBias: Variable) {
+        let x2 = tape.rowScale(values, tape.leaf(Tensor(shape: [rowScales.count], values: rowScales)))
+        return (tape.matmul(x1, x2, transA: true), tape.sumRows(x2))
+    }
 }
 
 /// DAFNet's auxiliary network for one module shape (the official `GradientTransformer` and `DAFNetModel`),
@@ -191,11 +201,8 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         // Per-token scale: the edit's scale over its length.
         var perToken: [Float] = []
         for (i, len) in lengths.enumerated() { perToken += Array(repeating: scales[i] / Float(len), count: len) }
-        let x1 = tape.columns(h, 0..<xDim)
-        let x2 = tape.rowScale(tape.columns(h, xDim..<dim), tape.leaf(Tensor(shape: [perToken.count], values: perToken)))
-        let dW = tape.matmul(x1, x2, transA: true)
-        let db = tape.sumRows(x2)
-        return AuxOutput(deltaWeight: dW, deltaBias: db, pastUpdateScale: pastScale, updateScales: scales, newReps: newReps)
+        return AuxOutput(x1: tape.columns(h, 0..<xDim), values: tape.columns(h, xDim..<dim), pastUpdateScale: pastScale,
+                         updateScales: scales, rowScales: perToken, newReps: newReps)
     }
 
     private func v(_ tape: Tape, _ name: String) -> Variable { tape.parameter(byName[name]!) }

@@ -281,6 +281,19 @@ public final class TransformerLM: @unchecked Sendable {
         return a
     }
 
+    /// The input rows [B·T, in] that `module` saw in the last forward (a view into the saved activations,
+    /// valid until the next forward), or nil for a module this model does not have.
+    public func lastInput(of module: String) -> Tensor? {
+        guard let a = acts else { return nil }
+        for (l, layer) in layers.enumerated() {
+            if layer.qkv.contains(where: { $0.name == module }) { return a.ln1[l] }
+            if layer.attnOut.name == module { return a.att[l] }
+            if layer.mlpIn.contains(where: { $0.name == module }) { return a.ln2[l] }
+            if layer.mlpOut.name == module { return a.mlpAct[l] }
+        }
+        return nil
+    }
+
     /// Releases the saved activations.
     public func releaseActivations() { acts = nil }
 
