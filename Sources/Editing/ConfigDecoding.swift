@@ -43,6 +43,7 @@ extension EditorConfig {
         self.init()
         method = try c.value(.method, method); modules = try c.value(.modules, modules); editBias = try c.value(.editBias, editBias)
         auxModel = try c.value(.auxModel, auxModel); initEditLR = try c.value(.initEditLR, initEditLR); training = try c.value(.training, training)
+        accumulation = try c.value(.accumulation, accumulation); lsLambda = try c.value(.lsLambda, lsLambda)
     }
 }
 
@@ -56,5 +57,8 @@ extension MetaTrainingConfig {
         genLambda = try c.value(.genLambda, genLambda); locLambda = try c.value(.locLambda, locLambda); maxSeq = try c.value(.maxSeq, maxSeq)
         growEvery = try c.value(.growEvery, growEvery); growBy = try c.value(.growBy, growBy); gradClip = try c.value(.gradClip, gradClip)
         checkpointEvery = try c.value(.checkpointEvery, checkpointEvery); logEvery = try c.value(.logEvery, logEvery)
+        curriculum = try c.value(.curriculum, curriculum); plateauPatience = try c.value(.plateauPatience, plateauPatience)
+        plateauDecay = try c.value(.plateauDecay, plateauDecay); lossSample = try c.value(.lossSample, lossSample)
+        lsLambdaLR = try c.value(.lsLambdaLR, lsLambdaLR)
     }
 }

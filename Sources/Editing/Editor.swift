@@ -4,6 +4,19 @@ import Storage
 import TensorCore
 import Tokenizers
 
+/// How an editor folds each edit's update into the accumulated ΔW of a module.
+public enum Accumulation: String, Codable, Sendable, CaseIterable {
+    /// The paper's rule: `ΔW ← s_past·ΔW + lr·Σᵢ sᵢ·x1ᵢᵀx2ᵢ`, the decay and the scales from the (detached)
+    /// score attention. The weights form a convex combination, so over N edits each weighs about 1/N.
+    case decayed
+    /// Least squares over every edit so far (the normal equations MEMIT solves and MALMEN uses to merge a
+    /// hyper-network's shifts): the network's value rows `lr·x2` are asked of the module at the edits'
+    /// own input rows `u`, while the preserved inputs' second moment `C` (from ordinary text) holds the
+    /// output still: `ΔW = (λ·C + Σ uuᵀ)⁻¹ Σ u·(lr·x2)ᵀ`, λ learned per module. No edit is diluted by
+    /// later ones; the sums are order-independent and exact for any N.
+    case leastSquares = "least_squares"
+}
+
 /// The editor's committed configuration (`editor.json`): the edited modules, the auxiliary network's
 /// sizes, the method, and the meta-training settings.
 public struct EditorConfig: Codable, Sendable {
@@ -15,12 +28,17 @@ public struct EditorConfig: Codable, Sendable {
     public var auxModel = AuxNetConfig()
     /// Initial per-module edit learning rate (learned during meta-training).
     public var initEditLR: Float = 1e-3
+    /// How updates accumulate over a sequence (`decayed`: the paper's; see `Accumulation`).
+    public var accumulation = Accumulation.decayed
+    /// Initial λ of `least_squares`, the weight of the preserved inputs' second moment (learned per module).
+    public var lsLambda: Float = 1
     public var training = MetaTrainingConfig()
 
     public init() {}
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case method, modules, editBias = "edit_bias", auxModel = "aux_model", initEditLR = "init_edit_lr", training
+        case method, modules, editBias = "edit_bias", auxModel = "aux_model", initEditLR = "init_edit_lr"
+        case accumulation, lsLambda = "ls_lambda", training
     }
 
     /// The default for a GPT-2 model: the MLP `c_fc` and `c_proj` of the last three blocks.
@@ -33,6 +51,15 @@ public struct EditorConfig: Codable, Sendable {
     }
 }
 
+/// How the longest sequence of a meta-training episode grows.
+public enum Curriculum: String, Codable, Sendable, CaseIterable {
+    /// By `grow_by` every `grow_every` steps.
+    case linear
+    /// The official recipe's: by max(25 %, 10) when the moving average of the reliability loss has made
+    /// no new minimum for `plateau_patience / max(1, log10 n)` steps.
+    case plateau
+}
+
 /// Meta-training settings (losses, curriculum, optimiser, schedule of checkpoints and logs).
 public struct MetaTrainingConfig: Codable, Sendable {
     public var steps = 3000
@@ -42,11 +69,20 @@ public struct MetaTrainingConfig: Codable, Sendable {
     public var reliaLambda: Float = 0.1
     public var genLambda: Float = 0.1
     public var locLambda: Float = 1.0
-    /// The curriculum: episodes start with sequences of 1 edit; the longest grows by `growBy` every
-    /// `growEvery` steps up to `maxSeq`.
+    /// The curriculum: episodes draw their length uniformly from 1…n, n starting at 1 and growing to `maxSeq`.
+    public var curriculum = Curriculum.linear
     public var maxSeq = 8
     public var growEvery = 200
     public var growBy = 1
+    /// `plateau`: steps without a new minimum of the moving-average reliability loss before n grows (at n ≤ 10).
+    public var plateauPatience = 3000
+    /// `plateau`: the moving average's weight on the past (0.99: about the last 100 steps).
+    public var plateauDecay = 0.99
+    /// Losses are taken on at most this many of an episode's edits (with their rephrasings and locality
+    /// prompts), drawn at random; 0 takes them all. The official recipe samples 48–64.
+    public var lossSample = 0
+    /// Adam's learning rate for the learned log λ of `least_squares`.
+    public var lsLambdaLR: Float = 1e-2
     public var gradClip: Float = 100
     public var checkpointEvery = 100
     public var logEvery = 10
@@ -55,19 +91,23 @@ public struct MetaTrainingConfig: Codable, Sendable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case steps, seed, auxLR = "aux_lr", editLRLR = "edit_lr_lr", reliaLambda = "relia_lambda", genLambda = "gen_lambda"
-        case locLambda = "loc_lambda", maxSeq = "max_seq", growEvery = "grow_every", growBy = "grow_by", gradClip = "grad_clip"
-        case checkpointEvery = "checkpoint_every", logEvery = "log_every"
+        case locLambda = "loc_lambda", curriculum, maxSeq = "max_seq", growEvery = "grow_every", growBy = "grow_by"
+        case plateauPatience = "plateau_patience", plateauDecay = "plateau_decay", lossSample = "loss_sample"
+        case lsLambdaLR = "ls_lambda_lr", gradClip = "grad_clip", checkpointEvery = "checkpoint_every", logEvery = "log_every"
     }
 }
 
 /// Everything needed to continue a sequence of edits exactly: per module ΔW, Δb and the auxiliary
-/// network's past sample representations (one row per edit per layer), and the edit count.
-/// Memory grows by `layer_n × (in + out)` floats per edit per module.
+/// network's past sample representations (one row per edit per layer), the `least_squares` sums, and
+/// the edit count. Memory grows by `layer_n × (in + out)` floats per edit per module.
 public final class EditState: @unchecked Sendable {
     public final class Module {
         public var deltaWeight: Tensor?
         public var deltaBias: Tensor?
         public var pastReps: [Tensor] = []
+        /// `least_squares` only: Σ uuᵀ [in, in] over the edits' input rows, and Σ u·vᵀ [in, out] with their values.
+        public var gram: Tensor?
+        public var cross: Tensor?
         init() {}
     }
 
@@ -79,13 +119,15 @@ public final class EditState: @unchecked Sendable {
     }
 
     /// Named tensors for the checkpoint store: `delta_weight.<m>`, `delta_bias.<m>`, `reps.<m>.<layer>`,
-    /// and `edit_count`.
+    /// `gram.<m>`, `cross.<m>` and `edit_count`.
     public func tensors() -> [String: Tensor] {
         var out: [String: Tensor] = ["edit_count": Tensor(shape: [1], values: [Float(editCount)])]
         for (name, m) in modules {
             if let w = m.deltaWeight { out["delta_weight." + name] = w }
             if let b = m.deltaBias { out["delta_bias." + name] = b }
             for (l, r) in m.pastReps.enumerated() { out["reps.\(name).\(l)"] = r }
+            if let g = m.gram { out["gram." + name] = g }
+            if let c = m.cross { out["cross." + name] = c }
         }
         return out
     }
@@ -98,9 +140,14 @@ public final class EditState: @unchecked Sendable {
             let parts = key.split(separator: ".", maxSplits: 1).map(String.init)
             guard parts.count == 2 else { throw EditingError.invalidInput("edit state: unexpected tensor \"\(key)\"") }
             switch parts[0] {
-            case "delta_weight", "delta_bias":
+            case "delta_weight", "delta_bias", "gram", "cross":
                 guard let m = modules[parts[1]] else { throw EditingError.unknownModule(parts[1]) }
-                if parts[0] == "delta_weight" { m.deltaWeight = t.copy() } else { m.deltaBias = t.copy() }
+                switch parts[0] {
+                case "delta_weight": m.deltaWeight = t.copy()
+                case "delta_bias": m.deltaBias = t.copy()
+                case "gram": m.gram = t.copy()
+                default: m.cross = t.copy()
+                }
             case "reps":
                 guard let dot = parts[1].lastIndex(of: "."), let l = Int(parts[1][parts[1].index(after: dot)...]),
                       let m = modules[String(parts[1][..<dot])] else {
@@ -121,6 +168,8 @@ public final class EditState: @unchecked Sendable {
             s.modules[k]!.deltaWeight = m.deltaWeight?.copy()
             s.modules[k]!.deltaBias = m.deltaBias?.copy()
             s.modules[k]!.pastReps = m.pastReps.map { $0.copy() }
+            s.modules[k]!.gram = m.gram?.copy()
+            s.modules[k]!.cross = m.cross?.copy()
         }
         return s
     }
@@ -157,6 +206,10 @@ public final class DAFNetEditor: @unchecked Sendable {
     public let routing: [String: (key: String, mode: Int)]
     /// Learned per-module edit learning rates, [1] each.
     public let editLRs: [String: Parameter]
+    /// `least_squares`: per module the preserved inputs' second moment E[uuᵀ] [in, in] (set by
+    /// `setKeyStatistics` or loaded with the editor), and the learned log λ [1].
+    public private(set) var keyStatistics: [String: Tensor] = [:]
+    public let logLambdas: [String: Parameter]
 
     public var fusion: Bool { config.method == "dafnet" }
 
@@ -187,12 +240,45 @@ public final class DAFNetEditor: @unchecked Sendable {
         editLRs = Dictionary(uniqueKeysWithValues: config.modules.map {
             ($0, Parameter(name: "edit_lr." + $0, value: Tensor(shape: [1], values: [config.initEditLR]), decay: false))
         })
+        logLambdas = config.accumulation == .leastSquares ? Dictionary(uniqueKeysWithValues: config.modules.map {
+            ($0, Parameter(name: "ls_log_lambda." + $0, value: Tensor(shape: [1], values: [Foundation.log(config.lsLambda)]), decay: false))
+        }) : [:]
     }
+
+    /// Sets the preserved inputs' second moments (one [in, in] per edited module).
+    public func setKeyStatistics(_ stats: [String: Tensor]) throws {
+        for m in config.modules {
+            let n = model.linears[m]!.inFeatures
+            guard let t = stats[m], t.shape == [n, n] else {
+                throw EditingError.invalidInput("key statistics: module \(m) needs a [\(n), \(n)] second moment")
+            }
+        }
+        keyStatistics = stats
+    }
+
+    /// Copies another editor's network weights and batch-norm statistics (same modules and sizes), and its
+    /// edit learning rates when it accumulates by the same rule (the rates mean something else under another).
+    public func warmStart(from other: DAFNetEditor) throws {
+        guard other.config.modules == config.modules, other.config.auxModel == config.auxModel else {
+            throw EditingError.invalidInput("warm start: the editor's modules or network sizes differ")
+        }
+        for (key, net) in networks {
+            let src = other.networks[key]!
+            for (p, q) in zip(net.parameters, src.parameters) { p.value.assign(q.value) }
+            net.norm = src.norm
+        }
+        if other.config.accumulation == config.accumulation {
+            for (m, p) in editLRs { p.value.assign(other.editLRs[m]!.value) }
+        }
+    }
+
+    /// λ of a module under `least_squares`.
+    public func lambda(_ module: String) -> Float { Foundation.exp(logLambdas[module]!.value[0]) }
 
     /// Every trainable parameter: the networks' and the edit learning rates.
     public var trainableParameters: [Parameter] {
         networks.keys.sorted().flatMap { k in networks[k]!.parameters.map { Parameter(name: "\(k)/" + $0.name, value: $0.value, grad: $0.grad, decay: false) } }
-            + config.modules.map { editLRs[$0]! }
+            + config.modules.map { editLRs[$0]! } + config.modules.compactMap { logLambdas[$0] }
     }
 
     public func initialise(seed: UInt64) {
@@ -289,7 +375,7 @@ public final class DAFNetEditor: @unchecked Sendable {
         let sig = signals(edits)
         times.signal = Date().timeIntervalSince(t0)
         t0 = Date()
-        var updates: [(String, Tensor, Tensor, Float)] = []
+        var outputs: [(String, AuxOutput)] = []
         for m in config.modules {
             let (key, mode) = routing[m]!
             guard let s = sig[m], s.lengths.allSatisfy({ $0 > 0 }) else {
@@ -300,20 +386,40 @@ public final class DAFNetEditor: @unchecked Sendable {
                                              pastReps: st.pastReps.isEmpty ? nil : st.pastReps, trainingNorm: false,
                                              fusion: fusion)
             if fusion { st.pastReps = out.newReps }  // MEND keeps no sequence representations
-            updates.append((m, out.deltaWeight.value, out.deltaBias.value, fusion ? out.pastUpdateScale : 1))
+            outputs.append((m, out))
         }
         times.auxiliary = Date().timeIntervalSince(t0)
         t0 = Date()
-        for (m, dW, db, pus) in updates {
+        for (m, out) in outputs {
             let st = state.modules[m]!
             let lr = editLRs[m]!.value[0]
-            st.deltaWeight = Self.accumulate(st.deltaWeight, decay: pus, new: dW, lr: lr)
-            if config.editBias { st.deltaBias = Self.accumulate(st.deltaBias, decay: pus, new: db, lr: lr) }
+            switch config.accumulation {
+            case .decayed:
+                let (dW, db) = out.products(tape: Tape(recording: false))
+                let decay = fusion ? out.pastUpdateScale : 1
+                st.deltaWeight = Self.accumulate(st.deltaWeight, decay: decay, new: dW.value, lr: lr)
+                if config.editBias { st.deltaBias = Self.accumulate(st.deltaBias, decay: decay, new: db.value, lr: lr) }
+            case .leastSquares:
+                let u = sig[m]!.x.columnSlice(0..<out.x1.shape[1])
+                st.gram = LeastSquares.gram(u, into: st.gram)
+                st.cross = LeastSquares.cross(u, out.values.value, alpha: lr, into: st.cross)
+                st.deltaWeight = try solveLeastSquares(m, gram: st.gram!).solve(st.cross!)
+            }
         }
         state.editCount += requests.count
         install(state)
         times.apply = Date().timeIntervalSince(t0)
         return times
+    }
+
+    /// The factor of `λ·C + gram` for a module (`least_squares`).
+    func solveLeastSquares(_ m: String, gram: Tensor) throws -> LinearAlgebra.Cholesky {
+        guard let stats = keyStatistics[m] else {
+            throw EditingError.invalidInput("module \(m): least_squares needs key statistics (the editor folder has none)")
+        }
+        do { return try LeastSquares.factor(stats: stats, lambda: lambda(m), gram: gram) } catch {
+            throw EditingError.invalidInput("module \(m): least-squares system: \(error)")
+        }
     }
 
     /// past·decay + lr·new (the first update is lr·new).
@@ -340,7 +446,9 @@ public final class DAFNetEditor: @unchecked Sendable {
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
         var w = SafetensorsWriter(metadata: ["format": "dafnet-editor", "method": config.method])
         for (key, net) in networks { for (n, t) in net.stateTensors() { try w.add(key + "/" + n, t) } }
-        for (m, p) in editLRs { try w.add(p.name, p.value); _ = m }
+        for (_, p) in editLRs { try w.add(p.name, p.value) }
+        for (_, p) in logLambdas { try w.add(p.name, p.value) }
+        for (m, t) in keyStatistics { try w.add("key_stats." + m, t) }
         try w.write(to: folder.appendingPathComponent(Self.weightsFile))
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -362,6 +470,10 @@ public final class DAFNetEditor: @unchecked Sendable {
         let f = try SafetensorsFile(contentsOf: wURL)
         for (key, net) in editor.networks { try net.load(f, prefix: key + "/", file: wURL.path) }
         for (_, p) in editor.editLRs { p.value.assign(try f.tensor(p.name)) }
+        for (_, p) in editor.logLambdas { p.value.assign(try f.tensor(p.name)) }
+        if config.accumulation == .leastSquares {
+            try editor.setKeyStatistics(Dictionary(uniqueKeysWithValues: try config.modules.map { ($0, try f.tensor("key_stats." + $0)) }))
+        }
         return editor
     }
 }

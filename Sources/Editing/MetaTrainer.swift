@@ -7,6 +7,8 @@ import TensorCore
 public struct MetaStepLog: Sendable {
     public var step: Int
     public var edits: Int
+    /// The curriculum's longest sequence at this step.
+    public var longest: Int
     public var reliability: Double
     public var generality: Double
     public var locality: Double
@@ -14,10 +16,21 @@ public struct MetaStepLog: Sendable {
     public var seconds: Double
 }
 
-/// Meta-trains an editor: each episode applies a sequence of n edits (1 ≤ n ≤ the curriculum's current
-/// longest) through the networks in one call, then scores the edited model on the edits (reliability),
-/// their rephrasings (generality) and unrelated prompts (KL to the unedited model: locality), and
-/// back-propagates through ΔW into the networks and the per-module edit learning rates (Adam, clipped).
+/// The curriculum's position: the longest sequence n, and for `plateau` the moving average of the
+/// reliability loss, its best value since n last grew, and the steps since that best.
+public struct CurriculumState: Sendable, Equatable {
+    public var longest = 1
+    public var average = Double.nan
+    public var best = Double.infinity
+    public var sinceBest = 0
+}
+
+/// Meta-trains an editor: each episode applies a sequence of n edits (n drawn uniformly from 1…the
+/// curriculum's longest) through the networks in one causal call, then scores the edited model on a
+/// sample of the edits (reliability), their rephrasings (generality) and unrelated prompts (KL to the
+/// unedited model: locality), and back-propagates through ΔW into the networks, the per-module edit
+/// learning rates and (`least_squares`) λ (Adam, clipped). The edits' gradient signals come from the
+/// unedited model and never change, so each is computed once and cached.
 /// Resumable from `runDir/checkpoint.safetensors`; writes a log.
 public final class MetaTrainer {
     public let editor: DAFNetEditor
@@ -27,14 +40,25 @@ public final class MetaTrainer {
     var cfg: MetaTrainingConfig { editor.config.training }
     let auxOpt: AdamW
     let lrOpt: AdamW
+    let lambdaOpt: AdamW?
     public private(set) var step = 0
+    public private(set) var curriculum = CurriculumState()
+    /// Seconds of the last episode by stage: signals, network forward, losses through the model, backward.
+    public private(set) var stageSeconds: [Double] = [0, 0, 0, 0]
+    /// Gradient signals of pool edits, by pool index (the unedited model's: they never change).
+    private var signalCache: [Int: [String: ModuleSignals]] = [:]
 
     public init(editor: DAFNetEditor, pool: [EditRequest], runDir: URL) throws {
         guard pool.contains(where: { !$0.rephrases.isEmpty }) else { throw EditingError.invalidInput("meta-training needs edits with rephrasings") }
+        if editor.config.accumulation == .leastSquares && editor.keyStatistics.isEmpty {
+            throw EditingError.invalidInput("least_squares meta-training needs the key statistics of the edited modules")
+        }
         self.editor = editor; self.pool = pool; self.runDir = runDir
         let netParams = editor.networks.keys.sorted().flatMap { editor.networks[$0]!.parameters }
         auxOpt = AdamW(params: netParams, learningRate: editor.config.training.auxLR)
         lrOpt = AdamW(params: editor.config.modules.map { editor.editLRs[$0]! }, learningRate: editor.config.training.editLRLR)
+        let lambdas = editor.config.modules.compactMap { editor.logLambdas[$0] }
+        lambdaOpt = lambdas.isEmpty ? nil : AdamW(params: lambdas, learningRate: editor.config.training.lsLambdaLR)
     }
 
     var checkpointURL: URL { runDir.appendingPathComponent("checkpoint.safetensors") }
@@ -42,8 +66,32 @@ public final class MetaTrainer {
 
     func log(_ line: String) { RunLog(url: logURL).write(line) }
 
-    /// The curriculum: the longest sequence at a step.
-    public func maxEdits(at step: Int) -> Int { min(cfg.maxSeq, 1 + (step / max(cfg.growEvery, 1)) * cfg.growBy) }
+    /// The `linear` curriculum's longest sequence at a step.
+    public func linearLongest(at step: Int) -> Int { min(cfg.maxSeq, 1 + (step / max(cfg.growEvery, 1)) * cfg.growBy) }
+
+    /// The longest sequence the next step may draw.
+    public var longest: Int {
+        switch cfg.curriculum {
+        case .linear: return linearLongest(at: step)
+        case .plateau: return curriculum.longest
+        }
+    }
+
+    /// Folds a step's reliability loss into the plateau detector; grows n by max(25 %, 10) after
+    /// `plateau_patience / max(1, log10 n)` steps without a new minimum of the moving average.
+    func advanceCurriculum(reliabilityLoss: Double) {
+        guard cfg.curriculum == .plateau else { return }
+        var c = curriculum
+        c.average = c.average.isNaN ? reliabilityLoss : cfg.plateauDecay * c.average + (1 - cfg.plateauDecay) * reliabilityLoss
+        if c.average < c.best { c.best = c.average; c.sinceBest = 0 } else { c.sinceBest += 1 }
+        let patience = Double(cfg.plateauPatience) / max(1, log10(Double(c.longest)))
+        if Double(c.sinceBest) >= patience && c.longest < cfg.maxSeq {
+            c.longest = min(cfg.maxSeq, c.longest + max(c.longest / 4, 10))
+            c.best = .infinity; c.sinceBest = 0
+            log("curriculum: longest sequence now \(c.longest) (step \(step))")
+        }
+        curriculum = c
+    }
 
     /// Gradient of a loss group through the edited model into ∂L/∂ΔW, ∂L/∂Δb per module.
     func accumulate(_ items: [ScoredPrompt], lambda: Float, ref: Tensor?, into gW: inout [String: Tensor], _ gB: inout [String: Tensor]) -> Double {
@@ -72,50 +120,111 @@ public final class MetaTrainer {
         return Double(lambda * loss / maskSum)
     }
 
-    /// The requests of a step's episode: 1 ≤ n ≤ the curriculum's longest, drawn from the pool.
-    func sample(step: Int) -> [EditRequest] {
-        // Each step's episode depends only on the seed and the step, so a resumed run replays exactly.
+    /// A step's episode: its length n (uniform in 1…longest) and the pool indices of its edits, each
+    /// with one rephrasing, and the indices (into the episode) whose losses are taken.
+    /// Each step's draw depends only on the seed, the step and the curriculum, so a resumed run replays exactly.
+    func sample(step: Int) -> (requests: [EditRequest], indices: [Int], lossOn: [Int]) {
         var rng = RNG(seed: cfg.seed &+ UInt64(step) &* 104_729)
-        let n = 1 + rng.index(maxEdits(at: step))
+        let n = 1 + rng.index(longest)
         var requests: [EditRequest] = []
+        var indices: [Int] = []
         while requests.count < n {
-            var r = pool[rng.index(pool.count)]
+            let i = rng.index(pool.count)
+            var r = pool[i]
             if r.rephrases.isEmpty { continue }
             r.rephrases = [rng.choice(r.rephrases)]
-            requests.append(r)
+            requests.append(r); indices.append(i)
         }
-        return requests
+        var lossOn = Array(0..<n)
+        if cfg.lossSample > 0 && n > cfg.lossSample {
+            rng.shuffle(&lossOn)
+            lossOn = Array(lossOn.prefix(cfg.lossSample)).sorted()
+        }
+        return (requests, indices, lossOn)
+    }
+
+    /// The cached signals of pool edits (computing the missing ones in batches of 32), concatenated per module.
+    func signals(poolIndices: [Int], requests: [EditRequest]) -> [String: ModuleSignals] {
+        var missing: [(Int, EditRequest)] = []
+        var seen = Set<Int>()
+        for (i, r) in zip(poolIndices, requests) where signalCache[i] == nil && !seen.contains(i) { missing.append((i, r)); seen.insert(i) }
+        var start = 0
+        while start < missing.count {
+            let chunk = Array(missing[start..<min(start + 32, missing.count)])
+            let sig = editor.signals(chunk.map { editor.scored($0.1.prompt, $0.1.targetNew) })
+            for (k, (i, _)) in chunk.enumerated() {
+                var one: [String: ModuleSignals] = [:]
+                for (m, s) in sig {
+                    let w = s.x.shape[1]
+                    let offset = s.lengths[0..<k].reduce(0, +)
+                    let rows = s.x.rows(offset..<(offset + s.lengths[k])).copy().reshaped([s.lengths[k], w])
+                    one[m] = ModuleSignals(x: rows, lengths: [s.lengths[k]])
+                }
+                signalCache[i] = one
+            }
+            start += chunk.count
+        }
+        var out: [String: ModuleSignals] = [:]
+        for m in editor.config.modules {
+            let parts = poolIndices.map { signalCache[$0]![m]! }
+            let w = parts[0].x.shape[1]
+            let L = parts.reduce(0) { $0 + $1.lengths[0] }
+            let x = Tensor(shape: [L, w])
+            var at = 0
+            for p in parts { (x.data + at * w).update(from: p.x.data, count: p.x.count); at += p.lengths[0] }
+            out[m] = ModuleSignals(x: x, lengths: parts.map { $0.lengths[0] })
+        }
+        return out
     }
 
     /// One episode: edits the model with `requests` in one call of the networks, and returns the weighted
-    /// reliability, generality and locality losses; their gradients are *added* into the networks'
-    /// parameters and the edit learning rates. The model is left unedited.
-    public func episode(_ requests: [EditRequest], trainingNorm: Bool) -> (rel: Double, gen: Double, loc: Double) {
+    /// reliability, generality and locality losses on the edits `lossOn` (all when nil); their gradients
+    /// are *added* into the networks' parameters, the edit learning rates and λ. The model is left unedited.
+    public func episode(_ requests: [EditRequest], trainingNorm: Bool, poolIndices: [Int]? = nil, lossOn: [Int]? = nil)
+        throws -> (rel: Double, gen: Double, loc: Double) {
         let model = editor.model
-        let edits = requests.map { editor.scored($0.prompt, $0.targetNew) }
-        let gens = requests.compactMap { r in r.rephrases.first.map { editor.scored($0, r.targetNew) } }
-        let locs = requests.compactMap { r in r.locality.first.map { editor.scored($0.prompt, $0.groundTruth) } }
+        let chosen = (lossOn ?? Array(requests.indices)).map { requests[$0] }
+        let edits = chosen.map { editor.scored($0.prompt, $0.targetNew) }
+        let gens = chosen.compactMap { r in r.rephrases.first.map { editor.scored($0, r.targetNew) } }
+        let locs = chosen.compactMap { r in r.locality.first.map { editor.scored($0.prompt, $0.groundTruth) } }
         // Signals and locality references from the unedited model.
+        var clock = Date()
+        func lap(_ i: Int) { stageSeconds[i] = Date().timeIntervalSince(clock); clock = Date() }
         model.clearEdits()
-        let sig = editor.signals(edits)
+        let sig = poolIndices.map { signals(poolIndices: $0, requests: requests) }
+            ?? editor.signals(requests.map { editor.scored($0.prompt, $0.targetNew) })
         var locRef: Tensor?
         if !locs.isEmpty {
             locRef = model.forward(DAFNetEditor.lossBatch(locs).batch).copy()
         }
-        // The networks: one call per module on the whole sequence (a fresh state each episode).
-        let tape = Tape()
-        var dW: [String: Variable] = [:], dB: [String: Variable] = [:]
+        lap(0)
+        // The networks: one causal call per module on the whole sequence (a fresh state each episode), values
+        // only. Each module's call is recorded again, one at a time, for its backward below: the tape of all
+        // modules at once would hold every intermediate of thousands of rows.
+        var factors: [String: LinearAlgebra.Cholesky] = [:]
         for m in editor.config.modules {
             let (key, mode) = editor.routing[m]!
             let s = sig[m]!
-            let out = editor.networks[key]!.forward(tape: tape, x: s.x, lengths: s.lengths, mode: mode, pastReps: nil,
-                                                    trainingNorm: trainingNorm, fusion: editor.fusion)
-            dW[m] = out.deltaWeight; dB[m] = out.deltaBias
+            let net = editor.networks[key]!
+            let tape = Tape(recording: false)
+            let out = net.forward(tape: tape, x: s.x, lengths: s.lengths, mode: mode, pastReps: nil,
+                                  trainingNorm: trainingNorm, fusion: editor.fusion)
             let lr = editor.editLRs[m]!.value[0]
             let lin = model.linears[m]!
-            lin.deltaWeight = out.deltaWeight.value * lr
-            lin.deltaBias = editor.config.editBias ? out.deltaBias.value * lr : nil
+            switch editor.config.accumulation {
+            case .decayed:
+                let (w, b) = out.products(tape: tape)
+                lin.deltaWeight = w.value * lr
+                lin.deltaBias = editor.config.editBias ? b.value * lr : nil
+            case .leastSquares:
+                let u = s.x.columnSlice(0..<net.xDim)
+                let f = try editor.solveLeastSquares(m, gram: LeastSquares.gram(u))
+                factors[m] = f
+                lin.deltaWeight = f.solve(LeastSquares.cross(u, out.values.value, alpha: lr))
+                lin.deltaBias = nil
+            }
         }
+        lap(1)
         // Losses through the edited model, as gradients with respect to each module's ΔW and Δb.
         var gW: [String: Tensor] = [:], gB: [String: Tensor] = [:]
         for m in editor.config.modules {
@@ -125,38 +234,69 @@ public final class MetaTrainer {
         let rel = accumulate(edits, lambda: cfg.reliaLambda, ref: nil, into: &gW, &gB)
         let gen = gens.isEmpty ? 0 : accumulate(gens, lambda: cfg.genLambda, ref: nil, into: &gW, &gB)
         let loc = locs.isEmpty ? 0 : accumulate(locs, lambda: cfg.locLambda, ref: locRef, into: &gW, &gB)
+        var solved: [String: Tensor] = [:]
+        for m in editor.config.modules { solved[m] = model.linears[m]!.deltaWeight }
         model.clearEdits()
-        // Into the networks and the edit learning rates: ΔW_module = lr · ΔW_new.
-        var seeds: [(Variable, Tensor)] = []
+        lap(2)
+        // Into the networks, the edit learning rates and λ, one module's recorded call at a time (the batch
+        // norm already holds this episode's rows, so the recorded call normalises exactly as the first).
         for m in editor.config.modules {
+            let (key, mode) = editor.routing[m]!
+            let s = sig[m]!
+            let net = editor.networks[key]!
+            let tape = Tape()
+            let out = net.forward(tape: tape, x: s.x, lengths: s.lengths, mode: mode, pastReps: nil, trainingNorm: false,
+                                  fusion: editor.fusion)
             let lrP = editor.editLRs[m]!
             let lr = lrP.value[0]
-            var dlr = Double(BLAS.dot(dW[m]!.value.data, gW[m]!.data, count: gW[m]!.count))
-            seeds.append((dW[m]!, gW[m]! * lr))
-            if editor.config.editBias {
-                dlr += Double(BLAS.dot(dB[m]!.value.data, gB[m]!.data, count: gB[m]!.count))
-                seeds.append((dB[m]!, gB[m]! * lr))
+            let G = gW[m]!
+            var seeds: [(Variable, Tensor)] = []
+            switch editor.config.accumulation {
+            case .decayed:
+                // ΔW_module = lr · ΔW_new.
+                let (dW, dB) = out.products(tape: tape)
+                var dlr = Double(BLAS.dot(dW.value.data, G.data, count: G.count))
+                seeds.append((dW, G * lr))
+                if editor.config.editBias {
+                    dlr += Double(BLAS.dot(dB.value.data, gB[m]!.data, count: gB[m]!.count))
+                    seeds.append((dB, gB[m]! * lr))
+                }
+                lrP.grad[0] += Float(dlr)
+            case .leastSquares:
+                // ΔW = A⁻¹·lr·Uᵀx2 with A = λC + UᵀU: with Z = A⁻¹G, ∂L/∂x2 = lr·U·Z, ∂L/∂lr = ⟨G, ΔW⟩/lr,
+                // ∂L/∂log λ = −λ·⟨Z, C·ΔW⟩.
+                let delta = solved[m]!, u = s.x.columnSlice(0..<net.xDim)
+                let z = factors[m]!.solve(G)
+                let seed = Tensor(shape: out.values.shape)
+                BLAS.gemm(seed.data, u.data, z.data, M: u.shape[0], N: z.shape[1], K: u.shape[1], alpha: lr)
+                seeds.append((out.values, seed))
+                if lr != 0 { lrP.grad[0] += BLAS.dot(G.data, delta.data, count: G.count) / lr }
+                let stats = editor.keyStatistics[m]!
+                let cd = Tensor(shape: delta.shape)
+                BLAS.gemm(cd.data, stats.data, delta.data, M: stats.shape[0], N: delta.shape[1], K: stats.shape[0])
+                editor.logLambdas[m]!.grad[0] -= editor.lambda(m) * BLAS.dot(z.data, cd.data, count: z.count)
             }
-            lrP.grad[0] += Float(dlr)
+            tape.backward(seeds: seeds)
         }
-        tape.backward(seeds: seeds)
+        lap(3)
         return (rel, gen, loc)
     }
 
+    var optimisers: [AdamW] { [auxOpt, lrOpt] + (lambdaOpt.map { [$0] } ?? []) }
+
     /// One episode and one optimiser step.
-    public func trainStep() -> MetaStepLog {
+    public func trainStep() throws -> MetaStepLog {
         let t0 = Date()
-        let requests = sample(step: step)
-        auxOpt.zeroGrad(); lrOpt.zeroGrad()
-        let (rel, gen, loc) = episode(requests, trainingNorm: true)
-        let norm = clipGradNorm(auxOpt.params + lrOpt.params, maxNorm: cfg.gradClip)
-        if norm.isFinite {
-            auxOpt.update()
-            lrOpt.update()
-        }
+        let (requests, indices, lossOn) = sample(step: step)
+        let n = longest
+        for o in optimisers { o.zeroGrad() }
+        let (rel, gen, loc) = try episode(requests, trainingNorm: true, poolIndices: indices, lossOn: lossOn)
+        let norm = clipGradNorm(optimisers.flatMap(\.params), maxNorm: cfg.gradClip)
+        if norm.isFinite { for o in optimisers { o.update() } }
         step += 1
-        return MetaStepLog(step: step, edits: requests.count, reliability: rel, generality: gen, locality: loc, gradNorm: norm,
-                           seconds: Date().timeIntervalSince(t0))
+        advanceCurriculum(reliabilityLoss: rel / Double(max(cfg.reliaLambda, 1e-12)))
+        return MetaStepLog(step: step, edits: requests.count, longest: n, reliability: rel, generality: gen, locality: loc,
+                           gradNorm: norm, seconds: Date().timeIntervalSince(t0))
     }
 
     /// Runs until `cfg.steps` (or `stopAfter`), checkpointing and logging; writes the editor folder at the end.
@@ -170,16 +310,19 @@ public final class MetaTrainer {
         }
         var window: [MetaStepLog] = []
         while step < cfg.steps {
-            let s = trainStep()
+            let s = try trainStep()
             window.append(s)
             if step % cfg.logEvery == 0 || step == cfg.steps {
                 let k = Double(window.count)
                 let lrs = editor.config.modules.map { String(format: "%.2e", editor.editLRs[$0]!.value[0]) }.joined(separator: ",")
-                let line = String(format: "step %d/%d edits≤%d rel %.4f gen %.4f loc %.4f grad-norm %.2f %.2f s/step lr [%@]",
-                                  step, cfg.steps, maxEdits(at: step), window.map(\.reliability).reduce(0, +) / k,
+                let lambdas = editor.logLambdas.isEmpty ? "" : " λ [" + editor.config.modules.map { String(format: "%.3g", editor.lambda($0)) }.joined(separator: ",") + "]"
+                let line = String(format: "step %d/%d edits≤%d mean-edits %.1f rel %.4f gen %.4f loc %.4f grad-norm %.2f %.2f s/step lr [%@]%@",
+                                  step, cfg.steps, window.last!.longest, window.map { Double($0.edits) }.reduce(0, +) / k,
+                                  window.map(\.reliability).reduce(0, +) / k,
                                   window.map(\.generality).reduce(0, +) / k, window.map(\.locality).reduce(0, +) / k,
-                                  window.map { Double($0.gradNorm) }.reduce(0, +) / k, window.map(\.seconds).reduce(0, +) / k, lrs)
-                log(line)
+                                  window.map { Double($0.gradNorm) }.reduce(0, +) / k, window.map(\.seconds).reduce(0, +) / k, lrs, lambdas)
+                log(line + String(format: " | last step: signals %.2f s, networks %.2f s, losses %.2f s, backward %.2f s",
+                                         stageSeconds[0], stageSeconds[1], stageSeconds[2], stageSeconds[3]))
                 progress(s, cfg.steps)
                 window.removeAll()
             }
@@ -187,11 +330,15 @@ public final class MetaTrainer {
             if step == stopAfter { log("stopped at step \(step)"); return }
         }
         try editor.save(to: out)
-        log("wrote \(out.path)")
+        log("wrote the editor folder \(out.lastPathComponent)")
     }
 
     func saveCheckpoint() throws {
-        var w = SafetensorsWriter(metadata: ["step": String(step), "aux_step": String(auxOpt.step), "lr_step": String(lrOpt.step)])
+        let c = curriculum
+        var w = SafetensorsWriter(metadata: ["step": String(step), "aux_step": String(auxOpt.step), "lr_step": String(lrOpt.step),
+                                             "lambda_step": String(lambdaOpt?.step ?? 0), "curriculum_longest": String(c.longest),
+                                             "curriculum_average": String(c.average), "curriculum_best": String(c.best),
+                                             "curriculum_since_best": String(c.sinceBest)])
         for (key, net) in editor.networks {
             for (n, t) in net.stateTensors() { try w.add(key + "/" + n, t) }
         }
@@ -199,6 +346,12 @@ public final class MetaTrainer {
         for (i, p) in lrOpt.params.enumerated() {
             try w.add(p.name, p.value); try w.add("lr_adam.m.\(i)", lrOpt.m[i]); try w.add("lr_adam.v.\(i)", lrOpt.v[i])
         }
+        if let o = lambdaOpt {
+            for (i, p) in o.params.enumerated() {
+                try w.add(p.name, p.value); try w.add("lambda_adam.m.\(i)", o.m[i]); try w.add("lambda_adam.v.\(i)", o.v[i])
+            }
+        }
+        for (m, t) in editor.keyStatistics { try w.add("key_stats." + m, t) }
         let tmp = runDir.appendingPathComponent(".checkpoint.tmp")
         try w.write(to: tmp)
         guard rename(tmp.path, checkpointURL.path) == 0 else { throw EditingError.invalidInput("cannot replace \(checkpointURL.path)") }
@@ -213,6 +366,20 @@ public final class MetaTrainer {
         }
         guard let s = f.metadata["step"].flatMap(Int.init), let a = f.metadata["aux_step"].flatMap(Int.init),
               let l = f.metadata["lr_step"].flatMap(Int.init) else { throw EditingError.invalidInput("\(checkpointURL.path): no step") }
+        if let o = lambdaOpt {
+            for (i, p) in o.params.enumerated() {
+                p.value.assign(try f.tensor(p.name)); o.m[i].assign(try f.tensor("lambda_adam.m.\(i)")); o.v[i].assign(try f.tensor("lambda_adam.v.\(i)"))
+            }
+            o.restore(step: f.metadata["lambda_step"].flatMap(Int.init) ?? 0)
+        }
+        if editor.config.accumulation == .leastSquares {
+            try editor.setKeyStatistics(Dictionary(uniqueKeysWithValues: try editor.config.modules.map { ($0, try f.tensor("key_stats." + $0)) }))
+        }
+        if let n = f.metadata["curriculum_longest"].flatMap(Int.init) {
+            curriculum = CurriculumState(longest: n, average: f.metadata["curriculum_average"].flatMap(Double.init) ?? .nan,
+                                         best: f.metadata["curriculum_best"].flatMap(Double.init) ?? .infinity,
+                                         sinceBest: f.metadata["curriculum_since_best"].flatMap(Int.init) ?? 0)
+        }
         step = s
         auxOpt.restore(step: a)
         lrOpt.restore(step: l)

@@ -36,6 +36,7 @@ struct Bench: ParsableCommand {
             BenchKernels.self,
             BenchLM.self,
             BenchEdits.self,
+            BenchEditor.self,
             BenchStore.self,
             BenchPipeline.self,
         ]

@@ -122,9 +122,9 @@ final class EditorTests: XCTestCase {
         let editor = try DAFNetEditor(config: cfg, model: e.model, tokenizer: e.tokenizer)
         for (k, net) in e.networks { for (p, q) in zip(net.parameters, editor.networks[k]!.parameters) { q.value.assign(p.value) } }
         let trainer = try MetaTrainer(editor: editor, pool: requests, runDir: FileManager.default.temporaryDirectory)
-        func loss() -> Double { let l = trainer.episode(requests, trainingNorm: false); return l.rel + l.gen + l.loc }
+        func loss() throws -> Double { let l = try trainer.episode(requests, trainingNorm: false); return l.rel + l.gen + l.loc }
         for p in editor.trainableParameters { p.grad.zero() }
-        _ = loss()
+        _ = try loss()
         let net = editor.networks["64x256"]!
         // Each parameter at its largest-gradient entry, where the finite difference is not float32 noise
         // (the episode loss is ~7, so a gradient of 1e-3 is at the noise floor of a difference quotient).
@@ -141,8 +141,8 @@ final class EditorTests: XCTestCase {
         for ((p, i), analytic) in zip(checks, analyticValues) {
             let saved = p.value[i]
             let h = 1e-2 * max(abs(saved), 0.1)
-            p.value[i] = saved + h; let lp = loss()
-            p.value[i] = saved - h; let lm = loss()
+            p.value[i] = saved + h; let lp = try loss()
+            p.value[i] = saved - h; let lm = try loss()
             p.value[i] = saved
             let numeric = (lp - lm) / Double(2 * h)
             let err = abs(numeric - analytic) / max(abs(numeric), 1e-4)

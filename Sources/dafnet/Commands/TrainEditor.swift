@@ -21,8 +21,13 @@ struct TrainEditor: ParsableCommand {
     var method: String?
     @Option(help: "Stop (checkpointed) after this step; rerun to resume.")
     var stopAfter: Int?
+    @Option(help: "Start the networks from this editor folder's weights (same network sizes and modules); its edit learning rates too when its accumulation rule is the configuration's.")
+    var initFrom: String?
+    @Option(help: "least_squares: preserved text for the key statistics, one text per line (default: the true facts of the meta-training edits, their rephrasings and neighbours).")
+    var statsText: String?
 
     func run() throws {
+        reuseLargeAllocations()
         let folder = try model.load(requireTokenizer: true)
         var cfg = try runMapped { try JSONDecoder().decode(EditorConfig.self, from: Data(contentsOf: URL(fileURLWithPath: config))) }
         if let method { cfg.method = method }
@@ -30,15 +35,54 @@ struct TrainEditor: ParsableCommand {
         let pool = try runMapped { try EditBatch.read(URL(fileURLWithPath: data)) }
         let editor = try runMapped { try DAFNetEditor(config: cfg, model: folder.model, tokenizer: folder.tokenizer!) }
         editor.initialise(seed: cfg.training.seed)
+        if let initFrom {
+            let from = try runMapped { try DAFNetEditor.load(from: URL(fileURLWithPath: initFrom), model: folder.model, tokenizer: folder.tokenizer!) }
+            try runMapped { try editor.warmStart(from: from) }
+            printError("networks from \(initFrom)")
+        }
+        if cfg.accumulation == .leastSquares {
+            var texts = Self.preservedTexts(pool)
+            if let statsText {
+                texts = try runMapped { try String(contentsOfFile: statsText, encoding: .utf8) }
+                    .split(separator: "\n").map(String.init).filter { !$0.isEmpty }
+            }
+            let (stats, tokens) = LeastSquares.keyStatistics(model: folder.model, tokenizer: folder.tokenizer!, modules: cfg.modules,
+                                                              texts: texts) { done, total in
+                FileHandle.standardError.write(Data("\r\u{1B}[Kkey statistics: \(done)/\(total) texts".utf8))
+            }
+            try runMapped { try editor.setKeyStatistics(stats) }
+            printError("\nkey statistics: \(tokens) tokens of \(texts.count) texts")
+        }
         let trainer = try runMapped { try MetaTrainer(editor: editor, pool: pool, runDir: URL(fileURLWithPath: runDir)) }
-        let start = Date()
+        // The ETA from the last 50 steps' pace (steps get slower as the curriculum grows).
+        var recent: [(Int, Date)] = []
         trainer.progress = { s, total in
-            let eta = Date().timeIntervalSince(start) / Double(max(s.step, 1)) * Double(total - s.step)
+            recent.append((s.step, Date()))
+            if recent.count > 6 { recent.removeFirst() }
+            let (s0, t0) = recent.first!
+            let pace = s.step > s0 ? Date().timeIntervalSince(t0) / Double(s.step - s0) : s.seconds
+            let eta = pace * Double(total - s.step)
             FileHandle.standardError.write(Data(String(format: "\r\u{1B}[Kstep %d/%d  rel %.3f gen %.3f loc %.3f  %.2f s/step  eta %.0f min",
                                                        s.step, total, s.reliability, s.generality, s.locality, s.seconds, eta / 60).utf8))
         }
         printError("log: \(trainer.logURL.path)")
         try runMapped { try trainer.run(out: URL(fileURLWithPath: out), stopAfter: stopAfter) }
         printError(trainer.step >= cfg.training.steps ? "\nwrote \(out)" : "\nstopped at step \(trainer.step); run again to resume")
+    }
+
+    /// The facts a meta-training pool states as true (prompt + ground truth, each rephrasing + ground truth,
+    /// each neighbour + its answer): what the model knows and edits must leave alone.
+    static func preservedTexts(_ pool: [EditRequest]) -> [String] {
+        var out: [String] = []
+        var seen = Set<String>()
+        func add(_ s: String) { if seen.insert(s).inserted { out.append(s) } }
+        for r in pool {
+            if let gt = r.groundTruth {
+                add(r.prompt + " " + gt)
+                for p in r.rephrases { add(p + " " + gt) }
+            }
+            for l in r.locality { add(l.prompt + " " + l.groundTruth) }
+        }
+        return out
     }
 }

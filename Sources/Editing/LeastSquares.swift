@@ -1,0 +1,78 @@
+import Foundation
+import LanguageModel
+import TensorCore
+import Tokenizers
+
+/// The `least_squares` accumulation rule for one module: the normal equations
+/// `(λ·C + Σ uuᵀ) · ΔW = Σ u·vᵀ`, where `u` are the input rows of the edits' gradient signals, `v` the
+/// value rows the network asks of the module there (`lr·x2`), and `C` the second moment `E[uuᵀ]` of the
+/// module's inputs on preserved text. ΔW maps every edit's inputs to its values as well as the module's
+/// capacity allows while leaving inputs like the preserved ones (large in `C`) where they were.
+public enum LeastSquares {
+    /// Σ uᵀu over rows: [in, in] (added to `into` when given).
+    public static func gram(_ u: Tensor, into: Tensor? = nil) -> Tensor {
+        let n = u.shape[1], L = u.shape[0]
+        let out = into ?? Tensor(shape: [n, n])
+        BLAS.gemm(out.data, u.data, u.data, M: n, N: n, K: L, transA: true, beta: into == nil ? 0 : 1)
+        return out
+    }
+
+    /// Σ uᵀv over rows: [in, out] (added to `into` when given), scaled by `alpha`.
+    public static func cross(_ u: Tensor, _ v: Tensor, alpha: Float = 1, into: Tensor? = nil) -> Tensor {
+        let n = u.shape[1], m = v.shape[1], L = u.shape[0]
+        let out = into ?? Tensor(shape: [n, m])
+        BLAS.gemm(out.data, u.data, v.data, M: n, N: m, K: L, transA: true, alpha: alpha, beta: into == nil ? 0 : 1)
+        return out
+    }
+
+    /// The factor of `λ·C + G`, plus a ridge of 1e-4 of the mean diagonal: `C` from little text is rank-deficient,
+    /// and the float32 sums behind both terms carry round-off of about 1e-7 of the largest eigenvalue, which a
+    /// rank-deficient sum can turn into a negative one.
+    public static func factor(stats: Tensor, lambda: Float, gram: Tensor) throws -> LinearAlgebra.Cholesky {
+        let n = stats.shape[0]
+        var a = [Double](repeating: 0, count: n * n)
+        var trace = 0.0
+        for i in 0..<(n * n) { a[i] = Double(lambda) * Double(stats.data[i]) + Double(gram.data[i]) }
+        for i in 0..<n { trace += a[i * n + i] }
+        let ridge = max(trace / Double(max(n, 1)), 1e-12) * 1e-4
+        for i in 0..<n { a[i * n + i] += ridge }
+        return try LinearAlgebra.Cholesky(a, n: n)
+    }
+
+    /// Second moments `E[uuᵀ]` of the inputs of `modules` over `texts` (each text one sequence, truncated to
+    /// the model's positions), on the unedited model. Padding positions are left out.
+    public static func keyStatistics(model: TransformerLM, tokenizer: Tokenizer, modules: [String], texts: [String],
+                                     batchSize: Int = 32, progress: (Int, Int) -> Void = { _, _ in })
+        -> (stats: [String: Tensor], tokens: Int) {
+        var sums: [String: Tensor] = [:]
+        for m in modules {
+            let n = model.linears[m]!.inFeatures
+            sums[m] = Tensor(shape: [n, n])
+        }
+        var tokens = 0
+        let seqs = texts.map { Array(tokenizer.encode($0).prefix(model.spec.maxPositions)) }.filter { !$0.isEmpty }
+        model.withoutEdits {
+            var start = 0
+            while start < seqs.count {
+                let chunk = Array(seqs[start..<min(start + batchSize, seqs.count)])
+                let batch = TokenBatch(rightPadded: chunk)
+                model.forward(batch)
+                // Rows of real tokens only.
+                var rows: [Int] = []
+                for (b, s) in chunk.enumerated() { for t in 0..<s.count { rows.append(b * batch.T + t) } }
+                for m in modules {
+                    let inp = model.lastInput(of: m)!
+                    let n = inp.shape[1]
+                    let u = Tensor(shape: [rows.count, n])
+                    for (i, r) in rows.enumerated() { (u.data + i * n).update(from: inp.data + r * n, count: n) }
+                    _ = gram(u, into: sums[m]!)
+                }
+                tokens += rows.count
+                start += chunk.count
+                progress(start, seqs.count)
+            }
+        }
+        for m in modules { sums[m]!.scale(1 / Float(max(tokens, 1))) }
+        return (sums, tokens)
+    }
+}

@@ -1,0 +1,165 @@
+import XCTest
+import LanguageModel
+import TensorCore
+@testable import Editing
+
+/// The `least_squares` accumulation rule: the normal equations it solves, its sequence semantics, its
+/// state and its meta-gradient.
+final class LeastSquaresTests: XCTestCase {
+    static let folder = Bundle.module.resourceURL!.appendingPathComponent("Fixtures/gpt2-tiny")
+
+    let requests = [
+        EditRequest(prompt: "The mother tongue of Danielle Darrieux is", targetNew: "English", rephrases: ["Danielle Darrieux speaks"],
+                    locality: [.init(prompt: "The capital of France is", groundTruth: "Paris")]),
+        EditRequest(prompt: "Toko Yasuda plays the", targetNew: "piano", rephrases: ["Toko Yasuda is a"],
+                    locality: [.init(prompt: "John Lennon performs on the", groundTruth: "guitar")]),
+        EditRequest(prompt: "Autonomous University of Madrid is in", targetNew: "Sweden", rephrases: ["The university is located in"],
+                    locality: [.init(prompt: "The Eiffel Tower is in", groundTruth: "Paris")]),
+    ]
+
+    /// Enough preserved text (about 1,500 tokens) for a full-rank second moment of the tiny model's
+    /// 256-wide MLP inputs, so the systems are well conditioned.
+    var preserved: [String] {
+        let subjects = ["The capital of France", "John Lennon", "The Eiffel Tower", "A quick brown fox", "Water", "The river Nile",
+                        "Marie Curie", "The old library", "Mount Everest", "The orchestra"]
+        let predicates = ["is known for its long history", "performs on the guitar every evening", "is located in Paris",
+                          "jumps over the lazy dog", "boils at one hundred degrees", "flows north through Egypt",
+                          "won two Nobel prizes", "opens at nine in the morning", "is the highest mountain on Earth",
+                          "plays music by Mozart and Bach"]
+        return subjects.flatMap { s in predicates.map { "\(s) \($0)." } }
+    }
+
+    func makeEditor(lambda: Float = 2, seed: UInt64 = 3) throws -> DAFNetEditor {
+        let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
+        var cfg = EditorConfig()
+        cfg.modules = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"]
+        cfg.auxModel.layerN = 2; cfg.auxModel.innerAttDim = 8; cfg.auxModel.ffnDim = 12; cfg.auxModel.outerAttDim = 6
+        cfg.auxModel.outerScoreAttDim = 4
+        cfg.initEditLR = 0.5
+        cfg.editBias = false
+        cfg.accumulation = .leastSquares
+        cfg.lsLambda = lambda
+        let e = try DAFNetEditor(config: cfg, model: f.model, tokenizer: f.tokenizer!)
+        e.initialise(seed: seed)
+        let (stats, tokens) = LeastSquares.keyStatistics(model: f.model, tokenizer: f.tokenizer!, modules: cfg.modules, texts: preserved)
+        XCTAssertGreaterThan(tokens, 20)
+        try e.setKeyStatistics(stats)
+        return e
+    }
+
+    /// ΔW solves (λ·C + Σ uuᵀ)·ΔW = Σ u·vᵀ: the residual of the normal equations is float round-off
+    /// (the solve runs in double; the tolerance is 1e-4 of the right-hand side's scale for float32 inputs).
+    func testUpdateSolvesTheNormalEquations() throws {
+        let e = try makeEditor()
+        let state = EditState(moduleNames: e.config.modules)
+        try e.apply(requests, to: state)
+        for m in e.config.modules {
+            let st = state.modules[m]!
+            let a = e.keyStatistics[m]! * e.lambda(m)
+            a.add(st.gram!)
+            let n = a.shape[0], o = st.cross!.shape[1]
+            let lhs = Tensor(shape: [n, o])
+            BLAS.gemm(lhs.data, a.data, st.deltaWeight!.data, M: n, N: o, K: n)
+            XCTAssertLessThan(lhs.maxAbsDifference(st.cross!), 1e-4 * st.cross!.maxAbs(), m)
+            XCTAssertGreaterThan(st.deltaWeight!.maxAbs(), 0, m)
+            XCTAssertNil(st.deltaBias, m)
+        }
+    }
+
+    /// The sums are order-independent and the network is causal: one call with three edits and three
+    /// calls with one each give the same ΔW; nothing of an earlier edit is decayed away.
+    func testSequentialEqualsOneCallAndKeepsEveryEdit() throws {
+        let e = try makeEditor()
+        let one = EditState(moduleNames: e.config.modules)
+        try e.apply(requests, to: one)
+        let seq = EditState(moduleNames: e.config.modules)
+        for r in requests { try e.apply([r], to: seq) }
+        for m in e.config.modules {
+            let a = one.modules[m]!, b = seq.modules[m]!
+            XCTAssertLessThan(a.gram!.maxAbsDifference(b.gram!), 1e-4 * a.gram!.maxAbs(), m)
+            XCTAssertLessThan(a.cross!.maxAbsDifference(b.cross!), 1e-4 * a.cross!.maxAbs(), m)
+            XCTAssertLessThan(a.deltaWeight!.maxAbsDifference(b.deltaWeight!), 1e-3 * a.deltaWeight!.maxAbs(), m)
+        }
+    }
+
+    /// A larger λ holds the module closer to its preserved outputs: the mean squared output change on
+    /// preserved inputs, tr(ΔWᵀ·C·ΔW), falls as λ grows (the penalty of a ridge problem is non-increasing in
+    /// its weight).
+    func testLambdaTradesEditsForPreservation() throws {
+        var penalties: [Double] = []
+        for lambda: Float in [0.1, 10, 1000] {
+            let e = try makeEditor(lambda: lambda)
+            let state = EditState(moduleNames: e.config.modules)
+            try e.apply(requests, to: state)
+            let m = "transformer.h.2.mlp.c_proj"
+            let dW = state.modules[m]!.deltaWeight!, c = e.keyStatistics[m]!
+            let cd = Tensor(shape: dW.shape)
+            BLAS.gemm(cd.data, c.data, dW.data, M: c.shape[0], N: dW.shape[1], K: c.shape[0])
+            penalties.append(Double(BLAS.dot(dW.data, cd.data, count: dW.count)))
+        }
+        XCTAssertGreaterThan(penalties[0], penalties[1])
+        XCTAssertGreaterThan(penalties[1], penalties[2])
+    }
+
+    /// The state (ΔW, the sums, the representations) survives `tensors()` and the editor folder its
+    /// statistics and λ; a continued sequence after the round trip is the uninterrupted one.
+    func testStateAndEditorRoundTrip() throws {
+        let e = try makeEditor()
+        let state = EditState(moduleNames: e.config.modules)
+        try e.apply([requests[0]], to: state)
+        let restored = try EditState(moduleNames: e.config.modules, tensors: state.tensors())
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("ls-editor-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try e.save(to: dir)
+        let loaded = try DAFNetEditor.load(from: dir, model: e.model, tokenizer: e.tokenizer)
+        XCTAssertEqual(loaded.config.accumulation, .leastSquares)
+        try e.apply([requests[1]], to: state)
+        try loaded.apply([requests[1]], to: restored)
+        for m in e.config.modules {
+            XCTAssertEqual(state.modules[m]!.deltaWeight!.array, restored.modules[m]!.deltaWeight!.array, m)
+            XCTAssertEqual(loaded.lambda(m), e.lambda(m))
+        }
+    }
+
+    /// An editor without key statistics refuses to edit by least squares, with a message that says so.
+    func testMissingStatisticsIsAnError() throws {
+        let e = try makeEditor()
+        let bare = try DAFNetEditor(config: e.config, model: e.model, tokenizer: e.tokenizer)
+        XCTAssertThrowsError(try bare.apply([requests[0]], to: EditState(moduleNames: e.config.modules))) { error in
+            XCTAssertTrue("\(error)".contains("key statistics"), "\(error)")
+        }
+    }
+
+    /// The meta-gradient through the solve — into the network, the edit rate and log λ — against finite
+    /// differences of the episode loss (tolerance 5 %: float32 differences of a loss of order 10).
+    func testMetaGradientMatchesFiniteDifferences() throws {
+        let e = try makeEditor(seed: 5)
+        var cfg = e.config
+        cfg.training.reliaLambda = 1; cfg.training.genLambda = 1; cfg.training.locLambda = 1
+        let editor = try DAFNetEditor(config: cfg, model: e.model, tokenizer: e.tokenizer)
+        try editor.warmStart(from: e)
+        try editor.setKeyStatistics(e.keyStatistics)
+        let trainer = try MetaTrainer(editor: editor, pool: requests, runDir: FileManager.default.temporaryDirectory)
+        func loss() throws -> Double { let l = try trainer.episode(requests, trainingNorm: false); return l.rel + l.gen + l.loc }
+        for p in editor.trainableParameters { p.grad.zero() }
+        _ = try loss()
+        let net = editor.networks["64x256"]!
+        let params = [net.parameter("dafnet_model.layers.0.inner_att.trans1.0.weight")!,
+                      net.parameter("dafnet_model.layers.1.feedforward.fc2.weight")!,
+                      net.parameter("dafnet_model.layers.1.mode_scale.weight")!,
+                      editor.editLRs["transformer.h.2.mlp.c_proj"]!,
+                      editor.logLambdas["transformer.h.2.mlp.c_fc"]!]
+        let checks: [(Parameter, Int)] = params.map { p in (p, (0..<p.grad.count).max { abs(p.grad[$0]) < abs(p.grad[$1]) }!) }
+        let analyticValues = checks.map { Double($0.0.grad[$0.1]) }
+        for ((p, i), analytic) in zip(checks, analyticValues) {
+            let saved = p.value[i]
+            let h = 1e-2 * max(abs(saved), 0.1)
+            p.value[i] = saved + h; let lp = try loss()
+            p.value[i] = saved - h; let lm = try loss()
+            p.value[i] = saved
+            let numeric = (lp - lm) / Double(2 * h)
+            XCTAssertGreaterThan(abs(numeric), 1e-4, "\(p.name): the check needs a gradient above float noise")
+            XCTAssertLessThan(abs(numeric - analytic) / max(abs(numeric), 1e-4), 0.05, "\(p.name)[\(i)]: analytic \(analytic) numeric \(numeric)")
+        }
+    }
+}
