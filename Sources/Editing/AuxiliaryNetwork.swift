@@ -92,6 +92,24 @@ public struct AuxOutput {
     }
 }
 
+/// Inference memo of a sequence's past: per layer, the inter-editing attention's keys and values and the
+/// score attention's keys of every past representation, so that a new edit projects only its own rows
+/// (without it each edit re-projects all N past rows: O(N) work per edit). Valid for one network and one
+/// sequence; `rows` says how many past rows each layer's projections cover.
+public final class PastProjections: @unchecked Sendable {
+    var keys: [Tensor?], values: [Tensor?], scoreKeys: [Tensor?]
+    public private(set) var rows: [Int]
+
+    public init(layers: Int) {
+        keys = Array(repeating: nil, count: layers); values = keys; scoreKeys = keys
+        rows = Array(repeating: -1, count: layers)
+    }
+
+    func set(_ l: Int, keys k: Tensor, values v: Tensor, scoreKeys sk: Tensor) {
+        keys[l] = k; values[l] = v; scoreKeys[l] = sk; rows[l] = k.shape[0]
+    }
+}
+
 /// DAFNet's auxiliary network for one module shape (the official `GradientTransformer` and `DAFNetModel`),
 /// parameters under the official names. One instance serves every edited module of its shape; a mode
 /// embedding per module gives each its own scale and shift.
@@ -178,8 +196,10 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
     /// a fresh one. `trainingNorm` folds x into the batch-norm statistics first.
     /// `fusion: false` is the MEND-like ablation: no inter-editing or score attention; every edit's scale
     /// is 1 and the past is kept whole.
+    /// `memo` (inference only: a tape that does not record) keeps the projections of the past across calls.
     public func forward(tape: Tape, x: Tensor, lengths: [Int], mode: Int, pastReps: [Tensor]?, trainingNorm: Bool,
-                        fusion: Bool = true) -> AuxOutput {
+                        fusion: Bool = true, memo: PastProjections? = nil) -> AuxOutput {
+        precondition(memo == nil || !tape.recording, "the past-projection memo is for inference")
         precondition(x.count == lengths.reduce(0, +) * dim, "signal rows \(x.shape) do not match lengths \(lengths)")
         precondition(mode >= 0 && mode < modes, "mode \(mode) of \(modes)")
         let normed = norm.forward(x, training: trainingNorm)
@@ -189,7 +209,7 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         var us: [[Float]] = []
         for l in 0..<config.layerN {
             let past = pastReps?[l] ?? Tensor(shape: [0, dim])
-            let r = layer(tape: tape, l, h, past: past, lengths: lengths, mode: mode, fusion: fusion)
+            let r = layer(tape: tape, l, h, past: past, lengths: lengths, mode: mode, fusion: fusion, memo: memo)
             h = r.x
             newReps.append(r.newRep)
             pus.append(r.pastScale)
@@ -211,11 +231,10 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         tape.linear(x, v(tape, name + ".weight"), v(tape, name + ".bias"))
     }
 
-    /// Multi-head attention of `queries` over `keys` with an additive mask [nq, nk]; returns per-head
-    /// softmax probabilities when `scoresOnly` (plain values, no tape), else the projected output.
-    private func outerAttention(tape: Tape, _ p: String, queries: Variable, keys: Variable, mask: Tensor,
+    /// Multi-head attention of queries q [nq, H·D] over keys k and values v [nk, H·D] with an additive mask
+    /// [nq, nk], projected by `p.lo`.
+    private func outerAttention(tape: Tape, _ p: String, q: Variable, k: Variable, v vv: Variable, mask: Tensor,
                                 heads: Int, headDim: Int) -> Variable {
-        let q = linear(tape, queries, p + ".lq"), k = linear(tape, keys, p + ".lk"), vv = linear(tape, keys, p + ".lv")
         let maskVar = tape.leaf(mask)
         var outs: [Variable] = []
         for hd in 0..<heads {
@@ -227,12 +246,18 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return linear(tape, heads == 1 ? outs[0] : tape.concatColumns(outs), p + ".lo")
     }
 
-    /// Head-averaged attention probabilities of the score attention (detached, as in the reference).
-    private func scoreProbabilities(_ p: String, queries: Tensor, keys: Tensor, mask: Tensor, heads: Int, headDim: Int) -> Tensor {
-        let tape = Tape()
-        let qv = tape.linear(tape.leaf(queries), tape.leaf(byName[p + ".lq.weight"]!.value), tape.leaf(byName[p + ".lq.bias"]!.value)).value
-        let kv = tape.linear(tape.leaf(keys), tape.leaf(byName[p + ".lk.weight"]!.value), tape.leaf(byName[p + ".lk.bias"]!.value)).value
-        let nq = queries.shape[0], nk = keys.shape[0]
+    /// `rows` projected by the plain (untaped) weights of `name`.
+    private func project(_ rows: Tensor, _ name: String) -> Tensor {
+        let w = byName[name + ".weight"]!.value, b = byName[name + ".bias"]!.value
+        let out = Tensor(shape: [rows.shape[0], w.shape[0]])
+        Kernels.linearForward(out.data, rows.data, w.data, b.data, N: rows.shape[0], C: w.shape[1], OC: w.shape[0])
+        return out
+    }
+
+    /// Head-averaged attention probabilities of the score attention (detached, as in the reference), from
+    /// projected queries [nq, H·D] and keys [nk, H·D].
+    private func scoreProbabilities(queries qv: Tensor, keys kv: Tensor, mask: Tensor, heads: Int, headDim: Int) -> Tensor {
+        let nq = qv.shape[0], nk = kv.shape[0]
         let mean = Tensor(shape: [nq, nk])
         let s = Tensor(shape: [nq, nk])
         for hd in 0..<heads {
@@ -245,8 +270,17 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return mean
     }
 
-    private func layer(tape: Tape, _ l: Int, _ x0: Variable, past: Tensor, lengths: [Int], mode: Int, fusion: Bool)
-        -> (x: Variable, newRep: Tensor, pastScale: Float, scales: [Float]) {
+    /// Rows of `a` then rows of `b` (both [·, C]) in a new tensor.
+    private static func stack(_ a: Tensor, _ b: Tensor) -> Tensor {
+        let C = b.shape.last!, ra = a.count / C, rb = b.count / C
+        let out = Tensor(shape: [ra + rb, C])
+        out.data.update(from: a.data, count: a.count)
+        (out.data + a.count).update(from: b.data, count: b.count)
+        return out
+    }
+
+    private func layer(tape: Tape, _ l: Int, _ x0: Variable, past: Tensor, lengths: [Int], mode: Int, fusion: Bool,
+                       memo: PastProjections?) -> (x: Variable, newRep: Tensor, pastScale: Float, scales: [Float]) {
         let p = "dafnet_model.layers.\(l)."
         let d = dim
         // Intra-editing attention: token values and a softmax-pooled sample representation per edit.
@@ -257,20 +291,34 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         var x = tape.layerNorm(tape.add(x0, weighted), v(tape, p + "layer_norm1.weight"), v(tape, p + "layer_norm1.bias"))
         // Inter-editing attention over the past and current sample representations (causal).
         let P = past.shape[0], n = lengths.count
-        let newRep = tape.concatRows([tape.leaf(past.reshaped([P, d])), sampleRep])
         if !fusion {
             let ffn = linear(tape, tape.relu(linear(tape, x, p + "feedforward.fc1")), p + "feedforward.fc2")
             x = tape.layerNorm(tape.add(x, ffn), v(tape, p + "layer_norm3.weight"), v(tape, p + "layer_norm3.bias"))
-            return (modeTransform(tape: tape, p, x, mode: mode), newRep.value.copy(), 1, Array(repeating: 1, count: n))
+            return (modeTransform(tape: tape, p, x, mode: mode), Self.stack(past, sampleRep.value), 1, Array(repeating: 1, count: n))
         }
         let mask = Tensor(shape: [n, P + n])
         for i in 0..<n { for j in (P + i + 1)..<(P + n) { mask[i, j] = -999_999 } }
-        let outer = outerAttention(tape: tape, p + "outer_att", queries: sampleRep, keys: newRep, mask: mask,
+        let q = linear(tape, sampleRep, p + "outer_att.lq")
+        let newRep: Tensor, k: Variable, vv: Variable, scoreKeys: Tensor
+        if let memo, let pk = memo.keys[l], let pv = memo.values[l], let psk = memo.scoreKeys[l], memo.rows[l] == P {
+            // The past's projections from the memo; only the new rows are projected.
+            newRep = Self.stack(past, sampleRep.value)
+            k = tape.leaf(Self.stack(pk, project(sampleRep.value, p + "outer_att.lk")))
+            vv = tape.leaf(Self.stack(pv, project(sampleRep.value, p + "outer_att.lv")))
+            scoreKeys = Self.stack(psk, project(sampleRep.value, p + "outer_att_score.lk"))
+        } else {
+            let all = tape.concatRows([tape.leaf(past.reshaped([P, d])), sampleRep])
+            newRep = all.value
+            k = linear(tape, all, p + "outer_att.lk"); vv = linear(tape, all, p + "outer_att.lv")
+            scoreKeys = project(newRep, p + "outer_att_score.lk")
+        }
+        memo?.set(l, keys: k.value, values: vv.value, scoreKeys: scoreKeys)
+        let outer = outerAttention(tape: tape, p + "outer_att", q: q, k: k, v: vv, mask: mask,
                                    heads: config.outerAttHeadN, headDim: config.outerAttDim)
         x = tape.layerNorm(tape.add(x, tape.repeatSegments(outer, lengths: lengths)),
                            v(tape, p + "layer_norm2.weight"), v(tape, p + "layer_norm2.bias"))
         // Diagonal score attention → per-edit update scales and the decay of the past update.
-        let probs = scoreProbabilities(p + "outer_att_score", queries: sampleRep.value, keys: newRep.value, mask: mask,
+        let probs = scoreProbabilities(queries: project(sampleRep.value, p + "outer_att_score.lq"), keys: scoreKeys, mask: mask,
                                        heads: config.outerScoreAttHeadN, headDim: config.outerScoreAttDim)
         var s = (0..<n).map { probs[$0, P + $0] }
         var keep = [Float](repeating: 1, count: n + 1)   // keep[i] = Π_{j ≥ i} (1 − s_j)
@@ -279,7 +327,7 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         // FFN, then the mode's scale and shift with a clamp residual.
         let ffn = linear(tape, tape.relu(linear(tape, x, p + "feedforward.fc1")), p + "feedforward.fc2")
         x = tape.layerNorm(tape.add(x, ffn), v(tape, p + "layer_norm3.weight"), v(tape, p + "layer_norm3.bias"))
-        return (modeTransform(tape: tape, p, x, mode: mode), newRep.value.copy(), keep[0], s)
+        return (modeTransform(tape: tape, p, x, mode: mode), newRep, keep[0], s)
     }
 
     /// The mode's scale and shift with a clamp residual: clamp(x·scale + shift, min 0) + x.

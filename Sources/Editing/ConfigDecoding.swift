@@ -44,6 +44,7 @@ extension EditorConfig {
         method = try c.value(.method, method); modules = try c.value(.modules, modules); editBias = try c.value(.editBias, editBias)
         auxModel = try c.value(.auxModel, auxModel); initEditLR = try c.value(.initEditLR, initEditLR); training = try c.value(.training, training)
         accumulation = try c.value(.accumulation, accumulation); lsLambda = try c.value(.lsLambda, lsLambda)
+        signalRows = try c.value(.signalRows, signalRows)
     }
 }
 

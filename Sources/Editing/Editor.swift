@@ -17,6 +17,15 @@ public enum Accumulation: String, Codable, Sendable, CaseIterable {
     case leastSquares = "least_squares"
 }
 
+/// Which positions of an edit's sequence give gradient-signal rows.
+public enum SignalRows: String, Codable, Sendable, CaseIterable {
+    /// Every position where the module's input and output gradient are both non-zero (the paper's).
+    case all
+    /// Only the positions that predict target tokens (the prompt's last token onwards): a few rows per edit
+    /// instead of the whole prompt, so a long sequence asks fewer things of each module.
+    case answer
+}
+
 /// The editor's committed configuration (`editor.json`): the edited modules, the auxiliary network's
 /// sizes, the method, and the meta-training settings.
 public struct EditorConfig: Codable, Sendable {
@@ -32,13 +41,15 @@ public struct EditorConfig: Codable, Sendable {
     public var accumulation = Accumulation.decayed
     /// Initial λ of `least_squares`, the weight of the preserved inputs' second moment (learned per module).
     public var lsLambda: Float = 1
+    /// Which positions give signal rows (`all`: the paper's).
+    public var signalRows = SignalRows.all
     public var training = MetaTrainingConfig()
 
     public init() {}
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case method, modules, editBias = "edit_bias", auxModel = "aux_model", initEditLR = "init_edit_lr"
-        case accumulation, lsLambda = "ls_lambda", training
+        case accumulation, lsLambda = "ls_lambda", signalRows = "signal_rows", training
     }
 
     /// The default for a GPT-2 model: the MLP `c_fc` and `c_proj` of the last three blocks.
@@ -108,6 +119,8 @@ public final class EditState: @unchecked Sendable {
         /// `least_squares` only: Σ uuᵀ [in, in] over the edits' input rows, and Σ u·vᵀ [in, out] with their values.
         public var gram: Tensor?
         public var cross: Tensor?
+        /// The network's projections of `pastReps` (not stored: rebuilt by the first edit after a load).
+        var pastProjections: PastProjections?
         init() {}
     }
 
@@ -329,7 +342,8 @@ public final class DAFNetEditor: @unchecked Sendable {
                 var lengths: [Int] = []
                 for b in 0..<batch.B {
                     var n = 0
-                    for t in 0..<batch.T {
+                    let first = config.signalRows == .answer ? edits[b].promptIds.count - 1 : 0
+                    for t in first..<batch.T {
                         let r = b * batch.T + t
                         let u = s.u.data + r * inF, dl = s.delta.data + r * outF
                         var uNZ = false, dNZ = false
@@ -382,9 +396,11 @@ public final class DAFNetEditor: @unchecked Sendable {
                 throw EditingError.invalidInput("module \(m): an edit produced no gradient signal")
             }
             let st = state.modules[m]!
-            let out = networks[key]!.forward(tape: Tape(recording: false), x: s.x, lengths: s.lengths, mode: mode,
-                                             pastReps: st.pastReps.isEmpty ? nil : st.pastReps, trainingNorm: false,
-                                             fusion: fusion)
+            let net = networks[key]!
+            if fusion && st.pastProjections == nil { st.pastProjections = PastProjections(layers: net.config.layerN) }
+            let out = net.forward(tape: Tape(recording: false), x: s.x, lengths: s.lengths, mode: mode,
+                                  pastReps: st.pastReps.isEmpty ? nil : st.pastReps, trainingNorm: false,
+                                  fusion: fusion, memo: fusion ? st.pastProjections : nil)
             if fusion { st.pastReps = out.newReps }  // MEND keeps no sequence representations
             outputs.append((m, out))
         }

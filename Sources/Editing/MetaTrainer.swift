@@ -62,6 +62,15 @@ public final class MetaTrainer {
     }
 
     var checkpointURL: URL { runDir.appendingPathComponent("checkpoint.safetensors") }
+
+    /// The key statistics a run's checkpoint holds (nil without a checkpoint), so a resumed run need not
+    /// recompute them.
+    public static func checkpointKeyStatistics(runDir: URL, modules: [String]) throws -> [String: Tensor]? {
+        let url = runDir.appendingPathComponent("checkpoint.safetensors")
+        guard FileManager.default.fileExists(atPath: url.path) else { return nil }
+        let f = try SafetensorsFile(contentsOf: url, mode: .read)
+        return Dictionary(uniqueKeysWithValues: try modules.map { ($0, try f.tensor("key_stats." + $0)) })
+    }
     public var logURL: URL { runDir.appendingPathComponent("train.log") }
 
     func log(_ line: String) { RunLog(url: logURL).write(line) }
@@ -297,6 +306,16 @@ public final class MetaTrainer {
         advanceCurriculum(reliabilityLoss: rel / Double(max(cfg.reliaLambda, 1e-12)))
         return MetaStepLog(step: step, edits: requests.count, longest: n, reliability: rel, generality: gen, locality: loc,
                            gradNorm: norm, seconds: Date().timeIntervalSince(t0))
+    }
+
+    /// Writes the editor folder from the run's last checkpoint without training (where a long run stands).
+    public func writeEditorFromCheckpoint(out: URL) throws {
+        guard FileManager.default.fileExists(atPath: checkpointURL.path) else {
+            throw EditingError.invalidInput("\(checkpointURL.path): no checkpoint to write an editor from")
+        }
+        try loadCheckpoint()
+        try editor.save(to: out)
+        log("wrote the editor folder \(out.lastPathComponent) from the checkpoint at step \(step)")
     }
 
     /// Runs until `cfg.steps` (or `stopAfter`), checkpointing and logging; writes the editor folder at the end.

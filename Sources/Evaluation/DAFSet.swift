@@ -1,6 +1,8 @@
+import Editing
 import Foundation
 import LanguageModel
 import Tokenizers
+import TensorCore
 import World
 
 /// DAFSet for the sample world: meta-training edits with the four properties (recent, popular, long-tail
@@ -55,5 +57,35 @@ public enum DAFSet {
             out.append(UInt8(ascii: "\n"))
         }
         try out.write(to: url, options: .atomic)
+    }
+}
+
+extension DAFSet {
+    /// The same edits asking for another object: each edit's `target_new` becomes an object that the same
+    /// relation phrasing (the prompt with its subject taken out) has elsewhere in `pool` (a ground truth or a
+    /// target), neither the edit's own target nor its ground truth, picked deterministically from `seed`.
+    /// Edits without a subject in the prompt, or whose phrasing has no other object, are left out. A check
+    /// that an editor's numbers do not depend on CounterFact's particular counterfactual targets.
+    public static func retarget(_ requests: [EditRequest], pool: [EditRequest], seed: UInt64 = 23) -> [EditRequest] {
+        func template(_ r: EditRequest) -> String? {
+            guard let s = r.subject, !s.isEmpty, r.prompt.contains(s) else { return nil }
+            return r.prompt.replacingOccurrences(of: s, with: "{}")
+        }
+        var objects: [String: [String]] = [:]
+        for r in pool + requests {
+            guard let t = template(r) else { continue }
+            for o in [r.groundTruth, r.targetNew].compactMap({ $0 }) where !(objects[t] ?? []).contains(o) { objects[t, default: []].append(o) }
+        }
+        var rng = RNG(seed: seed)
+        var out: [EditRequest] = []
+        for r in requests {
+            guard let t = template(r) else { continue }
+            let others = (objects[t] ?? []).filter { $0 != r.targetNew && $0 != r.groundTruth }.sorted()
+            guard !others.isEmpty else { continue }
+            var e = r
+            e.targetNew = others[rng.index(others.count)]
+            out.append(e)
+        }
+        return out
     }
 }

@@ -113,6 +113,22 @@ final class EditorTests: XCTestCase {
         XCTAssertTrue(s.modules.values.allSatisfy { $0.pastReps.isEmpty })
     }
 
+    /// The memo of the past's projections changes nothing: continuing a sequence with it (the state that
+    /// made the earlier edits) and without it (a copy, as after a load) gives the same update.
+    func testPastProjectionMemoIsExact() throws {
+        let e = try makeEditor()
+        let s = EditState(moduleNames: e.config.modules)
+        try e.apply([requests[0]], to: s)
+        try e.apply([requests[1]], to: s)
+        let fresh = s.copy()
+        try e.apply([requests[2]], to: s)
+        try e.apply([requests[2]], to: fresh)
+        for m in e.config.modules {
+            XCTAssertLessThan(s.modules[m]!.deltaWeight!.maxAbsDifference(fresh.modules[m]!.deltaWeight!), 1e-6 * s.modules[m]!.deltaWeight!.maxAbs(), m)
+            for (a, b) in zip(s.modules[m]!.pastReps, fresh.modules[m]!.pastReps) { XCTAssertEqual(a.array, b.array, m) }
+        }
+    }
+
     /// The meta-gradient — through the networks, ΔW, the edited model's losses and back — against
     /// finite differences of the episode loss, for entries of several parameters and an edit rate.
     func testMetaGradientMatchesFiniteDifferences() throws {

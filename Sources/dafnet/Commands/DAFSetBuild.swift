@@ -1,4 +1,5 @@
 import ArgumentParser
+import Editing
 import Evaluation
 import Foundation
 import LanguageModel
@@ -6,7 +7,7 @@ import World
 
 struct DAFSetCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "dafset", abstract: "DAFSet: meta-training and evaluation edits.",
-                                                    subcommands: [DAFSetBuild.self])
+                                                    subcommands: [DAFSetBuild.self, DAFSetRetarget.self])
 }
 
 struct DAFSetBuild: ParsableCommand {
@@ -34,5 +35,26 @@ struct DAFSetBuild: ParsableCommand {
             try DAFSet.write(sets.eval, to: dir.appendingPathComponent("eval.jsonl"))
         }
         print("train: \(sets.train.count) edits, eval: \(sets.eval.count) edits\(folder == nil ? " (no model: no likelihood)" : "")")
+    }
+}
+
+struct DAFSetRetarget: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "retarget",
+        abstract: "Write the same edits with another target: an object the same relation phrasing has elsewhere (neither the edit's target nor its ground truth).")
+
+    @Option(help: "Edits to retarget (JSON Lines).")
+    var data = "samples/dafset/eval.jsonl"
+    @Option(help: "Edits whose objects may serve as targets (JSON Lines).")
+    var pool = "samples/dafset/train.jsonl"
+    @Option(help: "Output file.")
+    var out = "samples/dafset/eval-retargeted.jsonl"
+
+    func run() throws {
+        let edits = try runMapped { try EditBatch.read(URL(fileURLWithPath: data)) }
+        let others = try runMapped { try EditBatch.read(URL(fileURLWithPath: pool)) }
+        let result = DAFSet.retarget(edits, pool: others)
+        try runMapped { try EditBatch.encode(result).write(to: URL(fileURLWithPath: out), options: .atomic) }
+        print("\(result.count) of \(edits.count) edits retargeted")
     }
 }

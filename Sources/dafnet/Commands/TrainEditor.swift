@@ -21,6 +21,8 @@ struct TrainEditor: ParsableCommand {
     var method: String?
     @Option(help: "Stop (checkpointed) after this step; rerun to resume.")
     var stopAfter: Int?
+    @Flag(help: "Write the editor folder from the run's last checkpoint and stop (no training).")
+    var writeEditor = false
     @Option(help: "Start the networks from this editor folder's weights (same network sizes and modules); its edit learning rates too when its accumulation rule is the configuration's.")
     var initFrom: String?
     @Option(help: "least_squares: preserved text for the key statistics, one text per line (default: the true facts of the meta-training edits, their rephrasings and neighbours).")
@@ -40,7 +42,10 @@ struct TrainEditor: ParsableCommand {
             try runMapped { try editor.warmStart(from: from) }
             printError("networks from \(initFrom)")
         }
-        if cfg.accumulation == .leastSquares {
+        if cfg.accumulation == .leastSquares,
+           let stats = try runMapped({ try MetaTrainer.checkpointKeyStatistics(runDir: URL(fileURLWithPath: runDir), modules: cfg.modules) }) {
+            try runMapped { try editor.setKeyStatistics(stats) }
+        } else if cfg.accumulation == .leastSquares {
             var texts = Self.preservedTexts(pool)
             if let statsText {
                 texts = try runMapped { try String(contentsOfFile: statsText, encoding: .utf8) }
@@ -64,6 +69,11 @@ struct TrainEditor: ParsableCommand {
             let eta = pace * Double(total - s.step)
             FileHandle.standardError.write(Data(String(format: "\r\u{1B}[Kstep %d/%d  rel %.3f gen %.3f loc %.3f  %.2f s/step  eta %.0f min",
                                                        s.step, total, s.reliability, s.generality, s.locality, s.seconds, eta / 60).utf8))
+        }
+        if writeEditor {
+            try runMapped { try trainer.writeEditorFromCheckpoint(out: URL(fileURLWithPath: out)) }
+            printError("wrote \(out) from the checkpoint at step \(trainer.step)")
+            return
         }
         printError("log: \(trainer.logURL.path)")
         try runMapped { try trainer.run(out: URL(fileURLWithPath: out), stopAfter: stopAfter) }
