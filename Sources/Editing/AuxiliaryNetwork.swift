@@ -270,15 +270,6 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return mean
     }
 
-    /// Rows of `a` then rows of `b` (both [·, C]) in a new tensor.
-    private static func stack(_ a: Tensor, _ b: Tensor) -> Tensor {
-        let C = b.shape.last!, ra = a.count / C, rb = b.count / C
-        let out = Tensor(shape: [ra + rb, C])
-        out.data.update(from: a.data, count: a.count)
-        (out.data + a.count).update(from: b.data, count: b.count)
-        return out
-    }
-
     private func layer(tape: Tape, _ l: Int, _ x0: Variable, past: Tensor, lengths: [Int], mode: Int, fusion: Bool,
                        memo: PastProjections?) -> (x: Variable, newRep: Tensor, pastScale: Float, scales: [Float]) {
         let p = "dafnet_model.layers.\(l)."
@@ -294,7 +285,8 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         if !fusion {
             let ffn = linear(tape, tape.relu(linear(tape, x, p + "feedforward.fc1")), p + "feedforward.fc2")
             x = tape.layerNorm(tape.add(x, ffn), v(tape, p + "layer_norm3.weight"), v(tape, p + "layer_norm3.bias"))
-            return (modeTransform(tape: tape, p, x, mode: mode), Self.stack(past, sampleRep.value), 1, Array(repeating: 1, count: n))
+            return (modeTransform(tape: tape, p, x, mode: mode), past.reshaped([P, d]).appendingRows(sampleRep.value), 1,
+                    Array(repeating: 1, count: n))
         }
         let mask = Tensor(shape: [n, P + n])
         for i in 0..<n { for j in (P + i + 1)..<(P + n) { mask[i, j] = -999_999 } }
@@ -302,10 +294,10 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         let newRep: Tensor, k: Variable, vv: Variable, scoreKeys: Tensor
         if let memo, let pk = memo.keys[l], let pv = memo.values[l], let psk = memo.scoreKeys[l], memo.rows[l] == P {
             // The past's projections from the memo; only the new rows are projected.
-            newRep = Self.stack(past, sampleRep.value)
-            k = tape.leaf(Self.stack(pk, project(sampleRep.value, p + "outer_att.lk")))
-            vv = tape.leaf(Self.stack(pv, project(sampleRep.value, p + "outer_att.lv")))
-            scoreKeys = Self.stack(psk, project(sampleRep.value, p + "outer_att_score.lk"))
+            newRep = past.reshaped([P, d]).appendingRows(sampleRep.value)
+            k = tape.leaf(pk.appendingRows(project(sampleRep.value, p + "outer_att.lk")))
+            vv = tape.leaf(pv.appendingRows(project(sampleRep.value, p + "outer_att.lv")))
+            scoreKeys = psk.appendingRows(project(sampleRep.value, p + "outer_att_score.lk"))
         } else {
             let all = tape.concatRows([tape.leaf(past.reshaped([P, d])), sampleRep])
             newRep = all.value

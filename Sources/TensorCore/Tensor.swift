@@ -6,6 +6,9 @@ import Foundation
 public final class TensorStorage: @unchecked Sendable {
     public let pointer: UnsafeMutablePointer<Float>
     public let count: Int
+    /// Elements written by `Tensor.appendingRows` so far (−1: not a growable buffer). Only the view that
+    /// ends there may grow in place, so older views of the same storage never see their rows change.
+    var appendEnd = -1
 
     public init(count: Int) {
         precondition(count >= 0, "negative element count")
@@ -82,6 +85,26 @@ public struct Tensor: @unchecked Sendable, CustomStringConvertible {
         let out = Tensor(shape: [N, W])
         for n in 0..<N { (out.data + n * W).update(from: data + n * C + range.lowerBound, count: W) }
         return out
+    }
+
+    /// `self`'s rows followed by `rows`'s ([N, C] + [M, C] → [N + M, C]). Amortised O(M): when `self` is the
+    /// latest view of a growable buffer with room, the new rows are written after it and a longer view is
+    /// returned (`self` and older views are unchanged); otherwise a buffer with twice the room is made.
+    public func appendingRows(_ rows: Tensor) -> Tensor {
+        let C = rows.shape.last!
+        precondition(count % max(C, 1) == 0 && (shape.last ?? C) == C || count == 0, "appendingRows: \(shape) + \(rows.shape)")
+        let n = count / max(C, 1), m = rows.count / max(C, 1)
+        let need = count + rows.count
+        if offset == 0 && storage.appendEnd == count && need <= storage.count {
+            (storage.pointer + count).update(from: rows.data, count: rows.count)
+            storage.appendEnd = need
+            return Tensor(storage: storage, offset: 0, shape: [n + m, C])
+        }
+        let grown = TensorStorage(count: max(need, 2 * count, 64 * C))
+        grown.pointer.update(from: data, count: count)
+        (grown.pointer + count).update(from: rows.data, count: rows.count)
+        grown.appendEnd = need
+        return Tensor(storage: grown, offset: 0, shape: [n + m, C])
     }
 
     /// An independent copy.

@@ -18,6 +18,8 @@ struct BenchEditor: ParsableCommand {
     var repeats = 2
     @Option(help: "Past edits before the timed inference edits.")
     var past = 1000
+    @Option(help: "Edits per call in the timed inference (one call of this many edits after the past ones).")
+    var batch = 1
     @Option(help: "Losses on at most this many of a step's edits (the editor's loss_sample when absent).")
     var lossSample: Int?
     @Flag(help: "Print JSON.")
@@ -34,7 +36,7 @@ struct BenchEditor: ParsableCommand {
         let editor = try runMapped { try DAFNetEditor.load(from: editorOption.url, model: folder.model, tokenizer: folder.tokenizer!) }
         let dataURL = data.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("dafset/train.jsonl")
         let pool = try runMapped { try EditBatch.read(dataURL) }.filter { !$0.rephrases.isEmpty }
-        guard pool.count >= max(ns.max()!, past + 10) else { throw ValidationError("\(dataURL.path) holds \(pool.count) edits with rephrasings") }
+        guard pool.count >= max(ns.max()!, past + 10 * batch) else { throw ValidationError("\(dataURL.path) holds \(pool.count) edits with rephrasings") }
         let run = FileManager.default.temporaryDirectory.appendingPathComponent("dafnet-bench-editor-\(getpid())")
         defer { try? FileManager.default.removeItem(at: run) }
         let trainer = try runMapped { try MetaTrainer(editor: editor, pool: pool, runDir: run) }
@@ -57,22 +59,23 @@ struct BenchEditor: ParsableCommand {
             printError(String(format: "length %d: %.2f s/step (signals %.2f, networks %.2f, losses %.2f, backward %.2f)",
                               n, row.seconds, row.signals, row.networks, row.losses, row.backward))
         }
-        // Inference: `past` edits one call each, then 10 more timed.
+        // Inference: `past` edits one call each, then 10 calls of `batch` edits timed.
         let state = EditState(moduleNames: editor.config.modules)
         for r in pool.prefix(past) { _ = try runMapped { try editor.apply([r], to: state) } }
         var times = EditTimings()
-        for r in pool[past..<(past + 10)] {
-            let t = try runMapped { try editor.apply([r], to: state) }
+        for c in 0..<10 {
+            let t = try runMapped { try editor.apply(Array(pool[(past + c * batch)..<(past + (c + 1) * batch)]), to: state) }
             times.signal += t.signal; times.auxiliary += t.auxiliary; times.apply += t.apply
         }
         folder.model.clearEdits()
-        let out = Output(steps: rows, pastEdits: past, inferenceMsPerEdit: times.total * 100, auxiliaryMsPerEdit: times.auxiliary * 100,
-                         signalMsPerEdit: times.signal * 100)
+        let perEdit = 1000 / Double(10 * batch)
+        let out = Output(steps: rows, pastEdits: past, inferenceMsPerEdit: times.total * perEdit, auxiliaryMsPerEdit: times.auxiliary * perEdit,
+                         signalMsPerEdit: times.signal * perEdit)
         if json { try printJSON(out) } else {
             print("| sequence length | s/step | signals | networks | losses | backward |")
             print("|--:|--:|--:|--:|--:|--:|")
             for r in rows { print(String(format: "| %d | %.2f | %.2f | %.2f | %.2f | %.2f |", r.length, r.seconds, r.signals, r.networks, r.losses, r.backward)) }
-            print(String(format: "inference after %d edits: %.1f ms/edit (signal %.1f, auxiliary %.1f)", past, out.inferenceMsPerEdit,
+            print(String(format: "inference after %d edits, %d per call: %.1f ms/edit (signal %.1f, auxiliary %.1f)", past, batch, out.inferenceMsPerEdit,
                          out.signalMsPerEdit, out.auxiliaryMsPerEdit))
         }
     }
