@@ -246,11 +246,17 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return linear(tape, heads == 1 ? outs[0] : tape.concatColumns(outs), p + ".lo")
     }
 
-    /// `rows` projected by the plain (untaped) weights of `name`.
+    /// `rows` projected by the plain (untaped) weights of `name`, one row at a time: a row's result does not
+    /// depend on how many rows are projected with it, so projections kept in a memo (a row at a time, as
+    /// edits arrive) are bit-identical to those of a state loaded from disk (all rows at once).
     private func project(_ rows: Tensor, _ name: String) -> Tensor {
         let w = byName[name + ".weight"]!.value, b = byName[name + ".bias"]!.value
-        let out = Tensor(shape: [rows.shape[0], w.shape[0]])
-        Kernels.linearForward(out.data, rows.data, w.data, b.data, N: rows.shape[0], C: w.shape[1], OC: w.shape[0])
+        let OC = w.shape[0], C = w.shape[1], N = rows.count / max(C, 1)
+        let out = Tensor(shape: [N, OC])
+        for n in 0..<N {
+            (out.data + n * OC).update(from: b.data, count: OC)
+            BLAS.gemv(out.data + n * OC, w.data, rows.data + n * C, M: OC, N: C, beta: 1)
+        }
         return out
     }
 
@@ -301,7 +307,11 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         } else {
             let all = tape.concatRows([tape.leaf(past.reshaped([P, d])), sampleRep])
             newRep = all.value
-            k = linear(tape, all, p + "outer_att.lk"); vv = linear(tape, all, p + "outer_att.lv")
+            if tape.recording {
+                k = linear(tape, all, p + "outer_att.lk"); vv = linear(tape, all, p + "outer_att.lv")
+            } else {
+                k = tape.leaf(project(newRep, p + "outer_att.lk")); vv = tape.leaf(project(newRep, p + "outer_att.lv"))
+            }
             scoreKeys = project(newRep, p + "outer_att_score.lk")
         }
         memo?.set(l, keys: k.value, values: vv.value, scoreKeys: scoreKeys)

@@ -233,6 +233,29 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(hasher.finalize(), try a.headState())
     }
 
+    /// A `least_squares` editor goes through the daemon like any other: each version holds the sums, and
+    /// HEAD's state is the editor's own on the same batches.
+    func testLeastSquaresEditorThroughTheStore() throws {
+        let tmp = TempDir("ls-editor")
+        try Fixture.writeLeastSquaresEditor(to: tmp.path("editor"))
+        let a = try Harness(editorFolder: tmp.path("editor"))
+        try a.drop("0.jsonl", try Fixture.batch(0..<3))
+        try a.drop("1.jsonl", try Fixture.batch(3..<5))
+        try a.processor.runOnce()
+        XCTAssertEqual(a.names("done"), ["0.jsonl", "1.jsonl"])
+        let loaded = try a.store.load()
+        for m in Fixture.modules {
+            XCTAssertNotNil(loaded.tensors["gram." + m], m)
+            XCTAssertNotNil(loaded.tensors["cross." + m], m)
+        }
+        let direct = EditState(moduleNames: a.editor.config.modules)
+        try a.editor.apply((0..<3).map(Fixture.request), to: direct)
+        try a.editor.apply((3..<5).map(Fixture.request), to: direct)
+        for m in Fixture.modules {
+            XCTAssertEqual(loaded.tensors["delta_weight." + m]!.array, direct.modules[m]!.deltaWeight!.array, m)
+        }
+    }
+
     /// The collapse guard refuses a batch that crosses a threshold: failed/ with the evaluation as the
     /// reason, HEAD unchanged; the next batch is judged on its own.
     func testCollapseGuardKeepsHead() throws {

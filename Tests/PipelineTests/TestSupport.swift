@@ -29,6 +29,20 @@ enum Fixture {
         try e.save(to: folder)
     }
 
+    /// Writes a random `least_squares` editor (fixed seed) with key statistics from the fixture's own texts.
+    static func writeLeastSquaresEditor(to folder: URL, seed: UInt64 = 3) throws {
+        let f = try ModelFolder.load(modelFolder, requireTokenizer: true)
+        var cfg = editorConfig()
+        cfg.accumulation = .leastSquares
+        cfg.editBias = false
+        cfg.initEditLR = 0.5
+        let e = try DAFNetEditor(config: cfg, model: f.model, tokenizer: f.tokenizer!)
+        e.initialise(seed: seed)
+        let texts = (0..<80).map { k -> String in let r = request(k); return r.prompt + " " + objects[k % objects.count] + "." } + heldout
+        try e.setKeyStatistics(LeastSquares.keyStatistics(model: f.model, tokenizer: f.tokenizer!, modules: modules, texts: texts).stats)
+        try e.save(to: folder)
+    }
+
     static let subjects = ["Danielle Darrieux", "Toko Yasuda", "Autonomous University of Madrid", "Apple A5", "Ferrari",
                            "Lyon", "Thomas Joannes Stieltjes", "Honda Civic", "Anaal Nathrakh", "Pierre Curie", "Gazeta",
                            "Kamal Haasan", "Nissan Skyline", "Ivan Bunin", "Lake Ontario", "Hans Zimmer"]
