@@ -307,7 +307,8 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         } else {
             let all = tape.concatRows([tape.leaf(past.reshaped([P, d])), sampleRep])
             newRep = all.value
-            if tape.recording {
+            if tape.recording || (memo == nil && P == 0) {
+                // Training (a fresh sequence in one call): the rows at once.
                 k = linear(tape, all, p + "outer_att.lk"); vv = linear(tape, all, p + "outer_att.lv")
             } else {
                 k = tape.leaf(project(newRep, p + "outer_att.lk")); vv = tape.leaf(project(newRep, p + "outer_att.lv"))
