@@ -310,10 +310,12 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
             if tape.recording || (memo == nil && P == 0) {
                 // Training (a fresh sequence in one call): the rows at once.
                 k = linear(tape, all, p + "outer_att.lk"); vv = linear(tape, all, p + "outer_att.lv")
+                scoreKeys = tape.linear(tape.leaf(newRep), tape.leaf(byName[p + "outer_att_score.lk.weight"]!.value),
+                                        tape.leaf(byName[p + "outer_att_score.lk.bias"]!.value)).value
             } else {
                 k = tape.leaf(project(newRep, p + "outer_att.lk")); vv = tape.leaf(project(newRep, p + "outer_att.lv"))
+                scoreKeys = project(newRep, p + "outer_att_score.lk")
             }
-            scoreKeys = project(newRep, p + "outer_att_score.lk")
         }
         memo?.set(l, keys: k.value, values: vv.value, scoreKeys: scoreKeys)
         let outer = outerAttention(tape: tape, p + "outer_att", q: q, k: k, v: vv, mask: mask,
