@@ -134,7 +134,7 @@ public final class MetaTrainer {
     /// Each step's draw depends only on the seed, the step and the curriculum, so a resumed run replays exactly.
     func sample(step: Int) -> (requests: [EditRequest], indices: [Int], lossOn: [Int]) {
         var rng = RNG(seed: cfg.seed &+ UInt64(step) &* 104_729)
-        let n = 1 + rng.index(longest)
+        let n = 1 + rng.index(cfg.curriculum == .linear ? linearLongest(at: step) : curriculum.longest)
         var requests: [EditRequest] = []
         var indices: [Int] = []
         while requests.count < n {
@@ -152,26 +152,12 @@ public final class MetaTrainer {
         return (requests, indices, lossOn)
     }
 
-    /// The cached signals of pool edits (computing the missing ones in batches of 32), concatenated per module.
+    /// The cached signals of pool edits, concatenated per module. A missing one is computed alone, so its
+    /// rows never depend on which other edits happened to be computed with it (a resumed run replays the
+    /// uninterrupted one bit for bit).
     func signals(poolIndices: [Int], requests: [EditRequest]) -> [String: ModuleSignals] {
-        var missing: [(Int, EditRequest)] = []
-        var seen = Set<Int>()
-        for (i, r) in zip(poolIndices, requests) where signalCache[i] == nil && !seen.contains(i) { missing.append((i, r)); seen.insert(i) }
-        var start = 0
-        while start < missing.count {
-            let chunk = Array(missing[start..<min(start + 32, missing.count)])
-            let sig = editor.signals(chunk.map { editor.scored($0.1.prompt, $0.1.targetNew) })
-            for (k, (i, _)) in chunk.enumerated() {
-                var one: [String: ModuleSignals] = [:]
-                for (m, s) in sig {
-                    let w = s.x.shape[1]
-                    let offset = s.lengths[0..<k].reduce(0, +)
-                    let rows = s.x.rows(offset..<(offset + s.lengths[k])).copy().reshaped([s.lengths[k], w])
-                    one[m] = ModuleSignals(x: rows, lengths: [s.lengths[k]])
-                }
-                signalCache[i] = one
-            }
-            start += chunk.count
+        for (i, r) in zip(poolIndices, requests) where signalCache[i] == nil {
+            signalCache[i] = editor.signals([editor.scored(r.prompt, r.targetNew)])
         }
         var out: [String: ModuleSignals] = [:]
         for m in editor.config.modules {

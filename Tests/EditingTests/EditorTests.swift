@@ -138,33 +138,14 @@ final class EditorTests: XCTestCase {
         let editor = try DAFNetEditor(config: cfg, model: e.model, tokenizer: e.tokenizer)
         for (k, net) in e.networks { for (p, q) in zip(net.parameters, editor.networks[k]!.parameters) { q.value.assign(p.value) } }
         let trainer = try MetaTrainer(editor: editor, pool: requests, runDir: FileManager.default.temporaryDirectory)
-        func loss() throws -> Double { let l = try trainer.episode(requests, trainingNorm: false); return l.rel + l.gen + l.loc }
-        for p in editor.trainableParameters { p.grad.zero() }
-        _ = try loss()
         let net = editor.networks["64x256"]!
-        // Each parameter at its largest-gradient entry, where the finite difference is not float32 noise
-        // (the episode loss is ~7, so a gradient of 1e-3 is at the noise floor of a difference quotient).
-        let params = [net.parameter("dafnet_model.layers.0.inner_att.trans1.0.weight")!,
-                      net.parameter("dafnet_model.layers.1.feedforward.fc2.weight")!,
-                      net.parameter("dafnet_model.layers.0.outer_att.lv.weight")!,
-                      net.parameter("dafnet_model.layers.1.mode_scale.weight")!,
-                      editor.networks["256x64"]!.parameter("dafnet_model.layers.0.layer_norm2.bias")!,
-                      editor.editLRs["transformer.h.2.mlp.c_proj"]!]
-        let checks: [(Parameter, Int)] = params.map { p in (p, (0..<p.grad.count).max { abs(p.grad[$0]) < abs(p.grad[$1]) }!) }
-        // Read before any finite difference: every further episode adds to the gradients.
-        let analyticValues = checks.map { Double($0.0.grad[$0.1]) }
-        var worst = 0.0
-        for ((p, i), analytic) in zip(checks, analyticValues) {
-            let saved = p.value[i]
-            let h = 1e-2 * max(abs(saved), 0.1)
-            p.value[i] = saved + h; let lp = try loss()
-            p.value[i] = saved - h; let lm = try loss()
-            p.value[i] = saved
-            let numeric = (lp - lm) / Double(2 * h)
-            let err = abs(numeric - analytic) / max(abs(numeric), 1e-4)
-            worst = max(worst, err)
-            XCTAssertLessThan(err, 0.05, "\(p.name)[\(i)]: analytic \(analytic) numeric \(numeric)")
-        }
+        try checkMetaGradient(trainer, requests, parameters: [
+            net.parameter("dafnet_model.layers.0.inner_att.trans1.0.weight")!,
+            net.parameter("dafnet_model.layers.1.feedforward.fc2.weight")!,
+            net.parameter("dafnet_model.layers.0.outer_att.lv.weight")!,
+            net.parameter("dafnet_model.layers.1.mode_scale.weight")!,
+            editor.networks["256x64"]!.parameter("dafnet_model.layers.0.layer_norm2.bias")!,
+            editor.editLRs["transformer.h.2.mlp.c_proj"]!])
         XCTAssertGreaterThan(abs(Double(editor.editLRs["transformer.h.2.mlp.c_proj"]!.grad[0])), 0)
     }
 }
