@@ -87,6 +87,10 @@ public enum SequentialBenchmark {
         let ns = Set(results.map(\.n)).sorted()
         let lo = log10(Double(ns.first ?? 1)), hi = max(log10(Double(ns.last ?? 10)), lo + 1)
         let colours = ["dafnet": "#1f77b4", "mend": "#ff7f0e", "ft": "#2ca02c"]
+        let others = ["#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
+        func colour(_ method: String) -> String {
+            colours[method] ?? others[(Set(results.map(\.method)).subtracting(colours.keys).sorted().firstIndex(of: method) ?? 0) % others.count]
+        }
         var out = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(W))\" height=\"\(Int(H))\" font-family=\"sans-serif\" font-size=\"11\">\n"
         out += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
         let metrics: [(String, (Result) -> Double)] = [("reliability", \.reliability), ("generality", \.generality), ("locality", \.locality)]
@@ -107,13 +111,13 @@ public enum SequentialBenchmark {
                     let x = x0 + w * (log10(Double(r.n)) - lo) / (hi - lo)
                     return String(format: "%.1f,%.1f", x, y0 + h * (1 - min(max(value(r), 0), 1)))
                 }
-                out += "<polyline fill=\"none\" stroke=\"\(colours[method] ?? "#555")\" stroke-width=\"2\" points=\"\(pts.joined(separator: " "))\"/>\n"
+                out += "<polyline fill=\"none\" stroke=\"\(colour(method))\" stroke-width=\"2\" points=\"\(pts.joined(separator: " "))\"/>\n"
             }
         }
         var lx = pad
         for method in Set(results.map(\.method)).sorted() {
-            out += "<rect x=\"\(lx)\" y=\"\(H - 22)\" width=\"12\" height=\"12\" fill=\"\(colours[method] ?? "#555")\"/><text x=\"\(lx + 16)\" y=\"\(H - 12)\">\(method)</text>\n"
-            lx += 90
+            out += "<rect x=\"\(lx)\" y=\"\(H - 22)\" width=\"12\" height=\"12\" fill=\"\(colour(method))\"/><text x=\"\(lx + 16)\" y=\"\(H - 12)\">\(method)</text>\n"
+            lx += 40 + 7 * Double(method.count)
         }
         out += "<text x=\"\(W - 10)\" y=\"\(H - 12)\" text-anchor=\"end\">N edits (log scale)</text>\n</svg>\n"
         return out

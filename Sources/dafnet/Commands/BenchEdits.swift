@@ -27,14 +27,27 @@ struct BenchEdits: ParsableCommand {
     var ftSteps = 10
     @Option(help: "FT baseline learning rate (tuned: 1e-4; 1e-3 and above wreck locality).")
     var ftLR: Float = 1e-4
+    @Option(help: "Name of the dafnet rows in the results (for ablations of one method: several editors).")
+    var label: String?
     @Option(help: "Folder for results.json, results.md and results.svg.")
     var out = "bench/edits"
     @Flag(help: "Print JSON.")
     var json = false
 
-    struct Output: Encodable { var results: [SequentialBenchmark.Result] }
+    @Option(help: "Instead of running: merge these results.json files (comma-separated) into one table and chart.")
+    var merge: String?
+
+    struct Output: Codable { var results: [SequentialBenchmark.Result] }
 
     func run() throws {
+        if let merge {
+            var results: [SequentialBenchmark.Result] = []
+            for f in merge.split(separator: ",").map(String.init) {
+                results += try runMapped { try JSONDecoder().decode(Output.self, from: Data(contentsOf: URL(fileURLWithPath: f))) }.results
+            }
+            try write(results)
+            return
+        }
         let ns = counts.split(separator: ",").compactMap { Int($0) }
         guard !ns.isEmpty, ns.allSatisfy({ $0 > 0 }) else { throw ValidationError("--counts must be positive integers") }
         let folder = try model.load(requireTokenizer: true)
@@ -62,10 +75,16 @@ struct BenchEdits: ParsableCommand {
                 editor = try runMapped { try FineTuneEditor(config: c, model: folder.model, tokenizer: tok) }
             default: throw ValidationError("unknown method \(m) (dafnet, mend, ft)")
             }
-            results += try runMapped {
+            var rows = try runMapped {
                 try SequentialBenchmark.run(editor: editor, pool: pool, counts: ns, budget: budget, heldoutText: text) { printError($0) }
             }
+            if m == "dafnet", let label { for i in rows.indices { rows[i].method = label } }
+            results += rows
         }
+        try write(results)
+    }
+
+    func write(_ results: [SequentialBenchmark.Result]) throws {
         let dir = URL(fileURLWithPath: out)
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         let enc = JSONEncoder()
