@@ -34,7 +34,7 @@ struct BenchEdits: ParsableCommand {
     @Flag(help: "Print JSON.")
     var json = false
 
-    @Option(help: "Instead of running: merge these results.json files (comma-separated) into one table and chart.")
+    @Option(help: "Instead of running: merge these results.json files (comma-separated; FILE=LABEL renames a file's dafnet rows) into one table and chart.")
     var merge: String?
 
     struct Output: Codable { var results: [SequentialBenchmark.Result] }
@@ -42,8 +42,11 @@ struct BenchEdits: ParsableCommand {
     func run() throws {
         if let merge {
             var results: [SequentialBenchmark.Result] = []
-            for f in merge.split(separator: ",").map(String.init) {
-                results += try runMapped { try JSONDecoder().decode(Output.self, from: Data(contentsOf: URL(fileURLWithPath: f))) }.results
+            for item in merge.split(separator: ",").map(String.init) {
+                let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+                var rows = try runMapped { try JSONDecoder().decode(Output.self, from: Data(contentsOf: URL(fileURLWithPath: parts[0]))) }.results
+                if parts.count == 2 { for i in rows.indices where rows[i].method == "dafnet" { rows[i].method = parts[1] } }
+                results += rows
             }
             try write(results)
             return
