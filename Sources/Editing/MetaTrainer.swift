@@ -309,7 +309,7 @@ public final class MetaTrainer {
         try FileManager.default.createDirectory(at: runDir, withIntermediateDirectories: true)
         if FileManager.default.fileExists(atPath: checkpointURL.path) {
             try loadCheckpoint()
-            log("resumed at step \(step)")
+            log("resumed at step \(step) (longest sequence \(longest)); losses \(cfg.reliaLambda)·rel + \(cfg.genLambda)·gen + \(cfg.locLambda)·loc, curriculum \(cfg.curriculum.rawValue) to \(cfg.maxSeq), patience \(cfg.plateauPatience), loss sample \(cfg.lossSample)")
         } else {
             log("start: method \(editor.config.method), \(editor.config.modules.count) modules, \(auxOpt.params.reduce(0) { $0 + $1.value.count }) network parameters, \(pool.count) training edits")
         }
