@@ -464,7 +464,7 @@ public final class DAFNetEditor: @unchecked Sendable {
         for (key, net) in networks { for (n, t) in net.stateTensors() { try w.add(key + "/" + n, t) } }
         for (_, p) in editLRs { try w.add(p.name, p.value) }
         for (_, p) in logLambdas { try w.add(p.name, p.value) }
-        for (m, t) in keyStatistics { try w.add("key_stats." + m, t) }
+        try LeastSquares.writeKeyStatistics(keyStatistics, to: &w)
         try w.write(to: folder.appendingPathComponent(Self.weightsFile))
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]
@@ -488,7 +488,7 @@ public final class DAFNetEditor: @unchecked Sendable {
         for (_, p) in editor.editLRs { p.value.assign(try f.tensor(p.name)) }
         for (_, p) in editor.logLambdas { p.value.assign(try f.tensor(p.name)) }
         if config.accumulation == .leastSquares {
-            try editor.setKeyStatistics(Dictionary(uniqueKeysWithValues: try config.modules.map { ($0, try f.tensor("key_stats." + $0)) }))
+            try editor.setKeyStatistics(LeastSquares.readKeyStatistics(f, modules: config.modules))
         }
         return editor
     }

@@ -1,5 +1,6 @@
 import Foundation
 import LanguageModel
+import Storage
 import TensorCore
 import Tokenizers
 
@@ -9,6 +10,17 @@ import Tokenizers
 /// module's inputs on preserved text. ΔW maps every edit's inputs to its values as well as the module's
 /// capacity allows while leaving inputs like the preserved ones (large in `C`) where they were.
 public enum LeastSquares {
+    /// The key statistics of `modules` as stored in an editor folder or a meta-training checkpoint
+    /// (`key_stats.<module>`).
+    public static func readKeyStatistics(_ source: TensorSource, modules: [String]) throws -> [String: Tensor] {
+        Dictionary(uniqueKeysWithValues: try modules.map { ($0, try source.tensor("key_stats." + $0)) })
+    }
+
+    /// Adds the key statistics to a safetensors file being written, under the names `readKeyStatistics` reads.
+    public static func writeKeyStatistics(_ stats: [String: Tensor], to writer: inout SafetensorsWriter) throws {
+        for (m, t) in stats { try writer.add("key_stats." + m, t) }
+    }
+
     /// Σ uᵀu over rows: [in, in] (added to `into` when given).
     public static func gram(_ u: Tensor, into: Tensor? = nil) -> Tensor {
         let n = u.shape[1], L = u.shape[0]

@@ -69,7 +69,7 @@ public final class MetaTrainer {
         let url = runDir.appendingPathComponent("checkpoint.safetensors")
         guard FileManager.default.fileExists(atPath: url.path) else { return nil }
         let f = try SafetensorsFile(contentsOf: url, mode: .read)
-        return Dictionary(uniqueKeysWithValues: try modules.map { ($0, try f.tensor("key_stats." + $0)) })
+        return try LeastSquares.readKeyStatistics(f, modules: modules)
     }
     public var logURL: URL { runDir.appendingPathComponent("train.log") }
 
@@ -356,7 +356,7 @@ public final class MetaTrainer {
                 try w.add(p.name, p.value); try w.add("lambda_adam.m.\(i)", o.m[i]); try w.add("lambda_adam.v.\(i)", o.v[i])
             }
         }
-        for (m, t) in editor.keyStatistics { try w.add("key_stats." + m, t) }
+        try LeastSquares.writeKeyStatistics(editor.keyStatistics, to: &w)
         let tmp = runDir.appendingPathComponent(".checkpoint.tmp")
         try w.write(to: tmp)
         guard rename(tmp.path, checkpointURL.path) == 0 else { throw EditingError.invalidInput("cannot replace \(checkpointURL.path)") }
@@ -378,7 +378,7 @@ public final class MetaTrainer {
             o.restore(step: f.metadata["lambda_step"].flatMap(Int.init) ?? 0)
         }
         if editor.config.accumulation == .leastSquares {
-            try editor.setKeyStatistics(Dictionary(uniqueKeysWithValues: try editor.config.modules.map { ($0, try f.tensor("key_stats." + $0)) }))
+            try editor.setKeyStatistics(LeastSquares.readKeyStatistics(f, modules: editor.config.modules))
         }
         if let n = f.metadata["curriculum_longest"].flatMap(Int.init) {
             curriculum = CurriculumState(longest: n, average: f.metadata["curriculum_average"].flatMap(Double.init) ?? .nan,
