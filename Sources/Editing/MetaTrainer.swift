@@ -196,7 +196,7 @@ public final class MetaTrainer {
         // The networks: one causal call per module on the whole sequence (a fresh state each episode), values
         // only. Each module's call is recorded again, one at a time, for its backward below: the tape of all
         // modules at once would hold every intermediate of thousands of rows.
-        var factors: [String: LinearAlgebra.Cholesky] = [:]
+        var factors: [String: LinearAlgebra.Cholesky] = [:], keys: [String: Tensor] = [:]
         for m in editor.config.modules {
             let (key, mode) = editor.routing[m]!
             let s = sig[m]!
@@ -214,7 +214,7 @@ public final class MetaTrainer {
             case .leastSquares:
                 let u = s.x.columnSlice(0..<net.xDim)
                 let f = try editor.solveLeastSquares(m, gram: LeastSquares.gram(u))
-                factors[m] = f
+                factors[m] = f; keys[m] = u
                 lin.deltaWeight = f.solve(LeastSquares.cross(u, out.values.value, alpha: lr))
                 lin.deltaBias = nil
             }
@@ -260,7 +260,7 @@ public final class MetaTrainer {
             case .leastSquares:
                 // ΔW = A⁻¹·lr·Uᵀx2 with A = λC + UᵀU: with Z = A⁻¹G, ∂L/∂x2 = lr·U·Z, ∂L/∂lr = ⟨G, ΔW⟩/lr,
                 // ∂L/∂log λ = −λ·⟨Z, C·ΔW⟩.
-                let delta = solved[m]!, u = s.x.columnSlice(0..<net.xDim)
+                let delta = solved[m]!, u = keys[m]!
                 let z = factors[m]!.solve(G)
                 let seed = Tensor(shape: out.values.shape)
                 BLAS.gemm(seed.data, u.data, z.data, M: u.shape[0], N: z.shape[1], K: u.shape[1], alpha: lr)
