@@ -77,11 +77,15 @@ public struct RecoveryReport: Sendable, Equatable {
     public var truncatedHistory = false
     /// HEAD had moved without its history record (a crash right after the move); one was added.
     public var recordedHead = false
+    /// Versions whose manifest was written by a commit or an import that never made them known (a
+    /// crash before HEAD named them and before their history record): removed, so the operation is
+    /// undone as a whole and the store is at the old version.
+    public var removedUnfinishedVersions: [Int] = []
     /// Why unreferenced blobs were left alone (an unreadable manifest), if they were.
     public var blobCleanupSkipped: String?
 
     public var isEmpty: Bool {
-        removedTemporary.isEmpty && removedBlobs.isEmpty && !truncatedHistory && !recordedHead
+        removedTemporary.isEmpty && removedBlobs.isEmpty && !truncatedHistory && !recordedHead && removedUnfinishedVersions.isEmpty
     }
 }
 
@@ -105,10 +109,10 @@ public struct LoadedVersion {
 /// ```
 ///
 /// A commit writes the new blobs, then the manifest, then HEAD, each as a temporary file, fsync,
-/// rename, fsync of the folder; then appends its history record. A version exists once its
-/// manifest is renamed into place and is current once HEAD names it, so a crash leaves the store at
-/// the old or the new version. Opening cleans what an interrupted operation left: temporary files,
-/// blobs no manifest references, a torn history line. Versions keep their numbers; a new commit gets
+/// rename, fsync of the folder; then appends its history record. The commit is done once HEAD names
+/// the new version, so a crash leaves the store at the old or the new version. Opening cleans what an
+/// interrupted operation left: temporary files, a manifest that neither HEAD nor the history names
+/// (its commit is undone), blobs no manifest references, a torn history line. Versions keep their numbers; a new commit gets
 /// one more than any number ever used, with the current HEAD as parent. Reading re-hashes every
 /// blob, checks its zstd frame (content checksum) and, for a whole version, its `state_sha256`.
 public final class CheckpointStore: @unchecked Sendable {
@@ -606,6 +610,25 @@ public final class CheckpointStore: @unchecked Sendable {
                     try fileSystem.syncFile(atPath: historyPath)
                     report.truncatedHistory = true
                 }
+            }
+        }
+        // A version is made known by HEAD naming it or by a history record (commit, rollback, import,
+        // gc); a manifest that neither names was left by a commit or import that crashed before either
+        // (the commit's caller never heard it succeed, and its batch is still to do): remove it, before
+        // its blobs are counted.
+        // Only with a readable HEAD, or none and no history (the first commit): a store whose HEAD is
+        // lost or damaged keeps every manifest for its repair.
+        let records = try history()
+        let known = Set(records.flatMap { [$0.version, $0.from].compactMap { $0 } + ($0.versions ?? []) })
+        let current: Int?? = try? head()
+        if let current, current != nil || records.isEmpty {
+            let unfinished = try versions().filter { !known.contains($0) && $0 != current }
+            if !unfinished.isEmpty {
+                try storeIO {
+                    for v in unfinished { try fileSystem.removeFile(atPath: manifestPath(v)) }
+                    try fileSystem.syncDirectory(atPath: versionsPath)
+                }
+                report.removedUnfinishedVersions = unfinished
             }
         }
         // Blobs no manifest references: only when every manifest reads, so a damaged manifest never

@@ -110,15 +110,19 @@ final class CrashInjectionTests: XCTestCase {
 
     /// Checks that the store opens at version `old` with state `a`, or at `new` with state `b`,
     /// and holds nothing else: no temporary files, no unreferenced blobs, verify clean.
-    private func assertOldOrNew(_ root: URL, old: Int, new: Int, a: [String: Tensor], b: [String: Tensor],
+    /// `creates`: the operation made version `new` (a commit), which must then be gone when HEAD stayed.
+    private func assertOldOrNew(_ root: URL, old: Int, new: Int, a: [String: Tensor], b: [String: Tensor], creates: Bool,
                                 context: String, file: StaticString = #filePath, line: UInt = #line) throws -> Int {
         let store = try CheckpointStore(at: root, fileSystem: NoSyncFileSystem())
         let head = try XCTUnwrap(try store.head(), context, file: file, line: line)
         XCTAssertTrue(head == old || head == new, "\(context): HEAD \(head)", file: file, line: line)
         let loaded = try store.loadTensors()
         assertStatesEqual(loaded, head == new ? b : a, context, file: file, line: line)
-        // A manifest that made it is complete, even when HEAD did not move.
-        if try store.versions().contains(new) {
+        // A commit that did not reach HEAD is undone as a whole: its manifest goes too, so the version
+        // does not look committed to anyone who lists the store (its batch is still to do).
+        if head == old && creates {
+            XCTAssertFalse(try store.versions().contains(new), "\(context): the unfinished version \(new) is removed", file: file, line: line)
+        } else {
             assertStatesEqual(try store.loadTensors(.number(new)), b, "\(context) (version \(new))", file: file, line: line)
         }
         XCTAssertEqual(try leftovers(root), [], context, file: file, line: line)
@@ -154,7 +158,7 @@ final class CrashInjectionTests: XCTestCase {
                 }
                 if succeeded && faulty.calls < k { break }  // every step has had its turn
                 let context = "\(mode), failing step \(k) (\(faulty.steps.last ?? "?"))"
-                let head = try assertOldOrNew(root, old: 1, new: 2, a: stateA, b: stateB, context: context)
+                let head = try assertOldOrNew(root, old: 1, new: 2, a: stateA, b: stateB, creates: true, context: context)
                 if head == 1 { sawOld = true } else { sawNew = true }
                 k += 1
             }
@@ -180,7 +184,7 @@ final class CrashInjectionTests: XCTestCase {
                     succeeded = true
                 } catch {}
                 if succeeded && faulty.calls < k { break }
-                _ = try assertOldOrNew(root, old: 2, new: 1, a: stateB, b: stateA, context: "\(mode) rollback step \(k)")
+                _ = try assertOldOrNew(root, old: 2, new: 1, a: stateB, b: stateA, creates: false, context: "\(mode) rollback step \(k)")
                 k += 1
             }
             XCTAssertGreaterThanOrEqual(k, 6)

@@ -86,7 +86,8 @@ struct Watch: ParsableCommand {
         let store = try runMapped { try location.open(create: true) }
         if let r = store.recovery, !r.isEmpty {
             logger.notice("the store cleaned up after an interrupted operation", metadata: [
-                "temporary_files": "\(r.removedTemporary.count)", "blobs": "\(r.removedBlobs.count)"])
+                "temporary_files": "\(r.removedTemporary.count)", "blobs": "\(r.removedBlobs.count)",
+                "unfinished_versions": "\(r.removedUnfinishedVersions.map(String.init).joined(separator: ","))"])
         }
         let folder = try model.load(requireTokenizer: true)
         guard let tok = folder.tokenizer else { throw ValidationError("the model folder has no tokenizer.json") }
