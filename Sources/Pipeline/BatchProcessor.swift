@@ -95,8 +95,9 @@ public struct BatchOutcome: Sendable {
 /// evaluate, run the collapse guard, commit, write the evaluation file and the history and journal lines,
 /// and move the file to `done/` (or `failed/` with an error file).
 ///
-/// Exactly once: the journal and the store's manifests record every committed batch's SHA-256. A batch
-/// whose hash is already committed is never applied again: dropped again it is a duplicate; found in
+/// Exactly once: the store's manifests (and, for versions `gc` removed, its commit records and the
+/// journal) record every committed batch's SHA-256. A batch that HEAD's lineage already holds is never
+/// applied again: dropped again it is a duplicate; found in
 /// `processing/` at start-up (a crash after the commit) it is finished (evaluation file, history, journal,
 /// move) from the evaluation stored with its version. A batch that was not committed is processed again
 /// from the current HEAD. Every step after the commit is idempotent.
@@ -117,8 +118,11 @@ public final class BatchProcessor {
     public var historyFile: URL { evaluationsFolder.appendingPathComponent("history.jsonl") }
     public var journalFile: URL { evaluationsFolder.appendingPathComponent("journal.jsonl") }
 
-    /// Batch SHA-256 → the version that committed it.
-    public private(set) var committed: [String: Int] = [:]
+    /// Version → its parent and batch SHA-256 (manifests never change, so read each once).
+    private var lineageCache: [Int: (parent: Int?, batch: String?)] = [:]
+    /// The same for versions whose manifest `gc` removed: the parent from the store's commit records,
+    /// the batch from the journal.
+    private var removedLineage: [Int: (parent: Int?, batch: String?)] = [:]
     /// (sha256, version) pairs already in history.jsonl.
     var historyKeys: Set<String> = []
 
@@ -153,19 +157,17 @@ public final class BatchProcessor {
         try loadJournal()
     }
 
-    /// Rebuilds the committed-batch index from the journal and every manifest (the store is the truth).
+    /// The history lines already written, and the lineage of versions `gc` removed (the store's
+    /// commit records and the journal's committed batches).
     func loadJournal() throws {
+        var batchOf: [Int: String] = [:]
         let decoder = JSONDecoder()
         for line in try Files.lines(journalFile.path) {
             guard let e = try? decoder.decode(JournalEntry.self, from: line) else { continue }
-            if e.status == BatchOutcome.Status.committed.rawValue, let v = e.version { committed[e.sha256] = v }
+            if e.status == BatchOutcome.Status.committed.rawValue, let v = e.version { batchOf[v] = e.sha256 }
         }
-        for v in try store.versions() {
-            guard let m = try? store.manifest(v) else {
-                logger.warning("a manifest cannot be read; its batch is not known as committed", metadata: ["version": "\(v)"])
-                continue
-            }
-            if let b = m.batch, committed[b.sha256] == nil { committed[b.sha256] = m.version }
+        for r in try store.history() where r.op == "commit" {
+            if let v = r.version { removedLineage[v] = (r.from, batchOf[v]) }
         }
         for line in try Files.lines(historyFile.path) {
             if let h = try? PipelineJSON.decoder.decode(HistoryLine.self, from: line) { historyKeys.insert(Self.historyKey(h)) }
@@ -253,7 +255,7 @@ public final class BatchProcessor {
         let path = inbox.claimedPath(name)
         guard let info = Files.regularFile(path) else { throw PipelineError.io(operation: "open", path: path, errno: ENOENT) }
         let sha = try FileHash.sha256(ofFileAt: URL(fileURLWithPath: path))
-        if let v = committed[sha] {
+        if let v = try lineageVersion(holding: sha) {
             return try finishCommitted(name, sha: sha, version: v, status: atStartup ? .recovered : .duplicate, times: times)
         }
         guard info.size <= settings.maxBatchBytes else {
@@ -393,14 +395,13 @@ public final class BatchProcessor {
                 manifest = try store.manifest(v)
             }
             times.commit = Date().timeIntervalSince(t)
-            committed[sha] = manifest.version
+            lineageCache[manifest.version] = (manifest.parent, sha)
             if manifest.parent != head {
                 // A rollback slipped in between the check and the commit: the new version would claim the
                 // wrong parent. Put HEAD back where the rollback left it and apply the batch there.
                 logger.warning("HEAD moved during the commit; undoing it and applying the batch again on the new HEAD",
                                metadata: ["batch": "\(name)", "version": "\(manifest.version)"])
                 if let p = manifest.parent { try store.rollback(to: .number(p)) }
-                committed[sha] = nil
                 guard attempt < settings.maxAttempts else { throw PipelineError.headUnstable(batch: name, attempts: attempt) }
                 continue
             }
@@ -426,6 +427,31 @@ public final class BatchProcessor {
                                  reason: "prompt + target_new is \(n) tokens; the model takes at most \(maxT)")
             }
         }
+    }
+
+    /// The version of HEAD's lineage (HEAD and its ancestors) that committed the batch with this
+    /// SHA-256, if any: a batch is already applied only when the current state holds it, so after a
+    /// rollback past it the same batch applies again. A manifest that cannot be read ends the walk
+    /// (loading HEAD then reports the damage); one that `gc` removed is known from the records.
+    func lineageVersion(holding sha: String) throws -> Int? {
+        var v = try store.head()
+        var seen = Set<Int>()
+        while let at = v, seen.insert(at).inserted {
+            if lineageCache[at] == nil {
+                if let m = try? store.manifest(at) {
+                    lineageCache[at] = (m.parent, m.batch?.sha256)
+                } else if let r = removedLineage[at], try !store.versions().contains(at) {
+                    lineageCache[at] = r
+                } else {
+                    logger.warning("a manifest of HEAD's lineage cannot be read", metadata: ["version": "\(at)"])
+                    return nil
+                }
+            }
+            let entry = lineageCache[at]!
+            if entry.batch == sha { return at }
+            v = entry.parent
+        }
+        return nil
     }
 
     /// The steps after a commit (all idempotent): evaluation file, history line, journal line, move to done/.

@@ -104,6 +104,71 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(try restarted.runOnce().map(\.status), [.duplicate])
     }
 
+    /// A duplicate is a batch HEAD's lineage holds: after a rollback past a batch, the same batch applies
+    /// again (and gives the same state as the first time); one still in the lineage stays a duplicate,
+    /// also once `gc` removed the version that committed it.
+    func testRollbackPastABatchAppliesItAgain() throws {
+        let h = try Harness()
+        try h.drop("001.jsonl", try Fixture.batch(0..<2))
+        try h.drop("002.jsonl", try Fixture.batch(2..<4))
+        try h.processor.runOnce()
+        let v2 = try h.store.manifest(2)
+        try h.store.rollback(to: .number(1))
+        try h.drop("002-again.jsonl", try Fixture.batch(2..<4))
+        let again = try h.processor.runOnce()
+        XCTAssertEqual(again.map(\.status), [.committed], "HEAD no longer holds 002")
+        let v3 = try h.store.manifest(3)
+        XCTAssertEqual(v3.parent, 1)
+        XCTAssertEqual(v3.stateSHA256, v2.stateSHA256, "the same batch on the same parent gives the same state")
+        try h.drop("001-again.jsonl", try Fixture.batch(0..<2))
+        XCTAssertEqual(try h.processor.runOnce().map(\.status), [.duplicate], "001 is in HEAD's lineage")
+
+        try h.store.gc(keep: 0)
+        XCTAssertEqual(try h.store.versions(), [3])
+        let restarted = try BatchProcessor(inbox: h.inbox, store: h.store, editor: h.editor, resources: h.processor.resources,
+                                           settings: h.processor.settings, logger: h.processor.logger)
+        try h.drop("001-third.jsonl", try Fixture.batch(0..<2))
+        let third = try restarted.runOnce()
+        XCTAssertEqual(third.map(\.status), [.duplicate], "version 1 is gone, but the records say HEAD descends from it")
+        XCTAssertEqual(third.map(\.version), [1])
+    }
+
+    /// A crash after a commit wrote its manifest and before HEAD named it: the store undoes the commit
+    /// when it is opened, and the batch (still in processing/) is applied on HEAD, so no edit is lost
+    /// and the next batch does not skip it.
+    func testCrashBeforeHeadMovedAppliesTheBatchAgain() throws {
+        let h = try Harness()
+        try h.drop("001.jsonl", try Fixture.batch(0..<2))
+        try h.drop("002.jsonl", try Fixture.batch(2..<4))
+        try h.processor.runOnce()
+        let v2 = try h.store.manifest(2)
+        // What the crash leaves: version 2's manifest, HEAD still at 1, no history record, the batch in
+        // processing/ and none of the steps after the commit.
+        try Data("1\n".utf8).write(to: h.storeURL.appendingPathComponent("HEAD"))
+        let storeHistory = h.storeURL.appendingPathComponent("history.jsonl")
+        try (Files.lines(storeHistory.path).dropLast().map { $0 + Data("\n".utf8) }.reduce(Data(), +)).write(to: storeHistory)
+        for f in [h.processor.historyFile, h.processor.journalFile] {
+            try (Files.lines(f.path).dropLast().map { $0 + Data("\n".utf8) }.reduce(Data(), +)).write(to: f)
+        }
+        try FileManager.default.removeItem(at: h.processor.evaluationsFolder.appendingPathComponent("002.v0002.json"))
+        try FileManager.default.removeItem(at: h.store.evaluationsDirectory(for: 2))
+        try FileManager.default.moveItem(at: h.inboxURL.appendingPathComponent("done/002.jsonl"),
+                                         to: h.inboxURL.appendingPathComponent("processing/002.jsonl"))
+
+        let reopened = try CheckpointStore(at: h.storeURL)
+        XCTAssertEqual(reopened.recovery?.removedUnfinishedVersions, [2])
+        let restarted = try BatchProcessor(inbox: h.inbox, store: reopened, editor: h.editor, resources: h.processor.resources,
+                                           settings: h.processor.settings, logger: h.processor.logger)
+        try h.drop("003.jsonl", try Fixture.batch(4..<6))
+        let out = try restarted.runOnce()
+        XCTAssertEqual(out.map(\.status), [.committed, .committed])
+        XCTAssertEqual(try reopened.versions(), [1, 2, 3])
+        XCTAssertEqual(try reopened.manifest(2).parent, 1)
+        XCTAssertEqual(try reopened.manifest(2).stateSHA256, v2.stateSHA256)
+        XCTAssertEqual(try reopened.manifest(3).parent, 2, "the next batch builds on 002")
+        XCTAssertEqual(h.names("done"), ["001.jsonl", "002.jsonl", "003.jsonl"])
+    }
+
     /// `dafnet rollback` works while the daemon runs (it holds its own lock, not the store's), and the next
     /// batch applies on the rolled-back version; also when the rollback lands while a batch is being
     /// prepared: the batch starts again from the new HEAD.

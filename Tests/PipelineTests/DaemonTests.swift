@@ -76,17 +76,24 @@ final class DaemonTests: XCTestCase {
 
     /// The state hash of applying `batches` in order on an empty state (the editor of the folder).
     static func uninterruptedState(editor folder: URL, batches: [Data]) throws -> String {
+        try uninterruptedStates(editor: folder, batches: batches).last!
+    }
+
+    /// The state hash after each of `batches`, applied in order on an empty state.
+    static func uninterruptedStates(editor folder: URL, batches: [Data]) throws -> [String] {
         let f = try ModelFolder.load(Fixture.modelFolder, requireTokenizer: true)
         let editor = try DAFNetEditor.load(from: folder, model: f.model, tokenizer: f.tokenizer!)
         let state = EditState(moduleNames: editor.config.modules)
-        for b in batches { try editor.apply(try EditBatch.parse(b, file: "b"), to: state) }
-        var hasher = StateHasher()
-        let tensors = state.tensors()
-        for name in tensors.keys.sorted(by: Manifest.precedes) {
-            let t = tensors[name]!
-            hasher.add(name: name, shape: t.shape, values: UnsafeRawBufferPointer(start: t.data, count: t.count * 4))
+        return try batches.map { b in
+            try editor.apply(try EditBatch.parse(b, file: "b"), to: state)
+            var hasher = StateHasher()
+            let tensors = state.tensors()
+            for name in tensors.keys.sorted(by: Manifest.precedes) {
+                let t = tensors[name]!
+                hasher.add(name: name, shape: t.shape, values: UnsafeRawBufferPointer(start: t.data, count: t.count * 4))
+            }
+            return hasher.finalize()
         }
-        return hasher.finalize()
     }
 
     static func waitUntil(_ seconds: Double, _ condition: () -> Bool) -> Bool {
@@ -108,7 +115,8 @@ final class DaemonTests: XCTestCase {
 
         // The uninterrupted run: the same batches applied in order through the same editor, in process
         // (`testDeterminism` shows the pipeline's state is exactly this).
-        let expected = try Self.uninterruptedState(editor: s.editor, batches: batches.map(\.1))
+        let expectedAfter = try Self.uninterruptedStates(editor: s.editor, batches: batches.map(\.1))
+        let expected = expectedAfter.last!
         let t0 = Date()
 
         var rng = RNG(seed: UInt64(ProcessInfo.processInfo.environment["DAFNET_KILL_SEED"] ?? "") ?? 20_241_122)
@@ -130,8 +138,9 @@ final class DaemonTests: XCTestCase {
         }
         let logs = (1...rounds).map { (try? String(contentsOf: s.tmp.path("round\($0).log"), encoding: .utf8)) ?? "" }.joined()
         let recovered = logs.components(separatedBy: "batch recovered").count - 1
-        print(String(format: "kill test: %d kills in %d rounds, %d batches done, %d recovered after a kill between commit and done/, %.1f s",
-                     kills, rounds, s.names("done").count, recovered, Date().timeIntervalSince(t0)))
+        let undone = logs.components(separatedBy: "unfinished_versions=").dropFirst().filter { !$0.hasPrefix(" ") && !$0.hasPrefix("\n") }.count
+        print(String(format: "kill test: %d kills in %d rounds, %d batches done, %d recovered after a kill between commit and done/, %d commits undone after a kill before HEAD moved, %.1f s",
+                     kills, rounds, s.names("done").count, recovered, undone, Date().timeIntervalSince(t0)))
         // Finish whatever is left with one clean run.
         let (last, log) = try s.spawn(s.arguments(once: true, answers: false), tag: "final")
         last.waitUntilExit()
@@ -146,7 +155,11 @@ final class DaemonTests: XCTestCase {
         XCTAssertEqual(manifests.count, 30, "one version per batch")
         XCTAssertEqual(manifests.map { $0.batch!.name }, batches.map(\.0))
         XCTAssertEqual(Set(manifests.map { $0.batch!.sha256 }).count, 30)
+        XCTAssertEqual(manifests.map(\.parent), [nil] + manifests.dropLast().map(\.version), "each version builds on the one before")
         XCTAssertEqual(try store.manifest(try store.head()!).stateSHA256, expected, "bit-identical to the uninterrupted run")
+        if let bad = manifests.indices.first(where: { manifests[$0].stateSHA256 != expectedAfter[$0] }) {
+            XCTFail("the first version that differs from the uninterrupted run: \(manifests[bad].version) (batch \(manifests[bad].batch!.name))\n" + logs)
+        }
         XCTAssertTrue(try store.verify().isClean)
         let history = try HistoryReport.load(store: s.store)
         XCTAssertEqual(history.map(\.batch), batches.map(\.0), "one history line per batch")
