@@ -60,6 +60,9 @@ extension MetaTrainingConfig {
         checkpointEvery = try c.value(.checkpointEvery, checkpointEvery); logEvery = try c.value(.logEvery, logEvery)
         curriculum = try c.value(.curriculum, curriculum); plateauPatience = try c.value(.plateauPatience, plateauPatience)
         plateauDecay = try c.value(.plateauDecay, plateauDecay); lossSample = try c.value(.lossSample, lossSample)
-        lsLambdaLR = try c.value(.lsLambdaLR, lsLambdaLR)
+        lsLambdaLR = try c.value(.lsLambdaLR, lsLambdaLR); curriculumStart = try c.value(.curriculumStart, curriculumStart)
+        guard curriculumStart >= 1 && curriculumStart <= maxSeq else {
+            throw DecodingError.dataCorruptedError(forKey: .curriculumStart, in: c, debugDescription: "curriculum_start must be in 1…max_seq (\(maxSeq))")
+        }
     }
 }

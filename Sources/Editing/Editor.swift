@@ -83,6 +83,9 @@ public struct MetaTrainingConfig: Codable, Sendable {
     /// The curriculum: episodes draw their length uniformly from 1…n, n starting at 1 and growing to `maxSeq`.
     public var curriculum = Curriculum.linear
     public var maxSeq = 8
+    /// `plateau`: the longest sequence at step 0 (1 from scratch; larger when continuing from a trained
+    /// editor with `--init-from`, whose networks already handle short sequences).
+    public var curriculumStart = 1
     public var growEvery = 200
     public var growBy = 1
     /// `plateau`: steps without a new minimum of the moving-average reliability loss before n grows (at n ≤ 10).
@@ -102,7 +105,7 @@ public struct MetaTrainingConfig: Codable, Sendable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case steps, seed, auxLR = "aux_lr", editLRLR = "edit_lr_lr", reliaLambda = "relia_lambda", genLambda = "gen_lambda"
-        case locLambda = "loc_lambda", curriculum, maxSeq = "max_seq", growEvery = "grow_every", growBy = "grow_by"
+        case locLambda = "loc_lambda", curriculum, maxSeq = "max_seq", curriculumStart = "curriculum_start", growEvery = "grow_every", growBy = "grow_by"
         case plateauPatience = "plateau_patience", plateauDecay = "plateau_decay", lossSample = "loss_sample"
         case lsLambdaLR = "ls_lambda_lr", gradClip = "grad_clip", checkpointEvery = "checkpoint_every", logEvery = "log_every"
     }

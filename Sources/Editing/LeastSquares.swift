@@ -18,7 +18,12 @@ public enum LeastSquares {
 
     /// Adds the key statistics to a safetensors file being written, under the names `readKeyStatistics` reads.
     public static func writeKeyStatistics(_ stats: [String: Tensor], to writer: inout SafetensorsWriter) throws {
-        for (m, t) in stats { try writer.add("key_stats." + m, t) }
+        for (name, t) in keyStatisticsTensors(stats) { try writer.add(name, t) }
+    }
+
+    /// The stored names and tensors of the key statistics, by module name.
+    public static func keyStatisticsTensors(_ stats: [String: Tensor]) -> [(String, Tensor)] {
+        stats.keys.sorted().map { ("key_stats." + $0, stats[$0]!) }
     }
 
     /// Σ uᵀu over rows: [in, in] (added to `into` when given).

@@ -31,7 +31,7 @@ public struct CurriculumState: Sendable, Equatable {
 /// unedited model: locality), and back-propagates through ΔW into the networks, the per-module edit
 /// learning rates and (`least_squares`) λ (Adam, clipped). The edits' gradient signals come from the
 /// unedited model and never change, so each is computed once and cached.
-/// Resumable from `runDir/checkpoint.safetensors`; writes a log.
+/// Resumable from the checkpoint in `runDir` (sharded, see `checkpointStem`); writes a log.
 public final class MetaTrainer {
     public let editor: DAFNetEditor
     public let pool: [EditRequest]
@@ -54,6 +54,7 @@ public final class MetaTrainer {
             throw EditingError.invalidInput("least_squares meta-training needs the key statistics of the edited modules")
         }
         self.editor = editor; self.pool = pool; self.runDir = runDir
+        curriculum.longest = editor.config.training.curriculumStart
         let netParams = editor.networks.keys.sorted().flatMap { editor.networks[$0]!.parameters }
         auxOpt = AdamW(params: netParams, learningRate: editor.config.training.auxLR)
         lrOpt = AdamW(params: editor.config.modules.map { editor.editLRs[$0]! }, learningRate: editor.config.training.editLRLR)
@@ -61,15 +62,38 @@ public final class MetaTrainer {
         lambdaOpt = lambdas.isEmpty ? nil : AdamW(params: lambdas, learningRate: editor.config.training.lsLambdaLR)
     }
 
-    var checkpointURL: URL { runDir.appendingPathComponent("checkpoint.safetensors") }
+    /// The checkpoint: `checkpoint.safetensors.index.json` and its shards (each under the repository's
+    /// file limit, so a run's checkpoint can be committed), or a single `checkpoint.safetensors` of
+    /// earlier runs.
+    static let checkpointStem = "checkpoint"
+    static let maxShardBytes = 30_000_000
+    static func checkpointIndex(_ runDir: URL) -> URL { runDir.appendingPathComponent(checkpointStem + ".safetensors.index.json") }
+    static func legacyCheckpoint(_ runDir: URL) -> URL { runDir.appendingPathComponent(checkpointStem + ".safetensors") }
+
+    /// The run's checkpoint (its tensors and metadata), nil when it has none.
+    static func openCheckpoint(_ runDir: URL) throws -> (source: TensorSource, metadata: [String: String], file: String)? {
+        let index = checkpointIndex(runDir), legacy = legacyCheckpoint(runDir)
+        if FileManager.default.fileExists(atPath: index.path) {
+            let f = try ShardedSafetensors(indexURL: index, mode: .read)
+            return (f, f.metadata.compactMapValues(\.stringValue), index.path)
+        }
+        if FileManager.default.fileExists(atPath: legacy.path) {
+            let f = try SafetensorsFile(contentsOf: legacy, mode: .read)
+            return (f, f.metadata, legacy.path)
+        }
+        return nil
+    }
+
+    /// Whether the run folder holds a checkpoint to resume from.
+    public static func hasCheckpoint(runDir: URL) -> Bool {
+        [checkpointIndex(runDir), legacyCheckpoint(runDir)].contains { FileManager.default.fileExists(atPath: $0.path) }
+    }
 
     /// The key statistics a run's checkpoint holds (nil without a checkpoint), so a resumed run need not
     /// recompute them.
     public static func checkpointKeyStatistics(runDir: URL, modules: [String]) throws -> [String: Tensor]? {
-        let url = runDir.appendingPathComponent("checkpoint.safetensors")
-        guard FileManager.default.fileExists(atPath: url.path) else { return nil }
-        let f = try SafetensorsFile(contentsOf: url, mode: .read)
-        return try LeastSquares.readKeyStatistics(f, modules: modules)
+        guard let c = try openCheckpoint(runDir) else { return nil }
+        return try LeastSquares.readKeyStatistics(c.source, modules: modules)
     }
     public var logURL: URL { runDir.appendingPathComponent("train.log") }
 
@@ -296,8 +320,8 @@ public final class MetaTrainer {
 
     /// Writes the editor folder from the run's last checkpoint without training (where a long run stands).
     public func writeEditorFromCheckpoint(out: URL) throws {
-        guard FileManager.default.fileExists(atPath: checkpointURL.path) else {
-            throw EditingError.invalidInput("\(checkpointURL.path): no checkpoint to write an editor from")
+        guard Self.hasCheckpoint(runDir: runDir) else {
+            throw EditingError.invalidInput("\(runDir.path): no checkpoint to write an editor from")
         }
         try loadCheckpoint()
         try editor.save(to: out)
@@ -307,7 +331,7 @@ public final class MetaTrainer {
     /// Runs until `cfg.steps` (or `stopAfter`), checkpointing and logging; writes the editor folder at the end.
     public func run(out: URL, stopAfter: Int? = nil) throws {
         try FileManager.default.createDirectory(at: runDir, withIntermediateDirectories: true)
-        if FileManager.default.fileExists(atPath: checkpointURL.path) {
+        if Self.hasCheckpoint(runDir: runDir) {
             try loadCheckpoint()
             log("resumed at step \(step) (longest sequence \(longest)); losses \(cfg.reliaLambda)·rel + \(cfg.genLambda)·gen + \(cfg.locLambda)·loc, curriculum \(cfg.curriculum.rawValue) to \(cfg.maxSeq), patience \(cfg.plateauPatience), loss sample \(cfg.lossSample)")
         } else {
@@ -340,50 +364,53 @@ public final class MetaTrainer {
 
     func saveCheckpoint() throws {
         let c = curriculum
-        var w = SafetensorsWriter(metadata: ["step": String(step), "aux_step": String(auxOpt.step), "lr_step": String(lrOpt.step),
-                                             "lambda_step": String(lambdaOpt?.step ?? 0), "curriculum_longest": String(c.longest),
-                                             "curriculum_average": String(c.average), "curriculum_best": String(c.best),
-                                             "curriculum_since_best": String(c.sinceBest)])
-        for (key, net) in editor.networks {
-            for (n, t) in net.stateTensors() { try w.add(key + "/" + n, t) }
+        let metadata = ["step": String(step), "aux_step": String(auxOpt.step), "lr_step": String(lrOpt.step),
+                        "lambda_step": String(lambdaOpt?.step ?? 0), "curriculum_longest": String(c.longest),
+                        "curriculum_average": String(c.average), "curriculum_best": String(c.best),
+                        "curriculum_since_best": String(c.sinceBest)]
+        var tensors: [(String, Tensor)] = []
+        for key in editor.networks.keys.sorted() {
+            for (n, t) in editor.networks[key]!.stateTensors() { tensors.append((key + "/" + n, t)) }
         }
-        for i in auxOpt.params.indices { try w.add("adam.m.\(i)", auxOpt.m[i]); try w.add("adam.v.\(i)", auxOpt.v[i]) }
+        for i in auxOpt.params.indices { tensors.append(("adam.m.\(i)", auxOpt.m[i])) }
+        for i in auxOpt.params.indices { tensors.append(("adam.v.\(i)", auxOpt.v[i])) }
         for (i, p) in lrOpt.params.enumerated() {
-            try w.add(p.name, p.value); try w.add("lr_adam.m.\(i)", lrOpt.m[i]); try w.add("lr_adam.v.\(i)", lrOpt.v[i])
+            tensors += [(p.name, p.value), ("lr_adam.m.\(i)", lrOpt.m[i]), ("lr_adam.v.\(i)", lrOpt.v[i])]
         }
         if let o = lambdaOpt {
             for (i, p) in o.params.enumerated() {
-                try w.add(p.name, p.value); try w.add("lambda_adam.m.\(i)", o.m[i]); try w.add("lambda_adam.v.\(i)", o.v[i])
+                tensors += [(p.name, p.value), ("lambda_adam.m.\(i)", o.m[i]), ("lambda_adam.v.\(i)", o.v[i])]
             }
         }
-        try LeastSquares.writeKeyStatistics(editor.keyStatistics, to: &w)
-        let tmp = runDir.appendingPathComponent(".checkpoint.tmp")
-        try w.write(to: tmp)
-        guard rename(tmp.path, checkpointURL.path) == 0 else { throw EditingError.invalidInput("cannot replace \(checkpointURL.path)") }
+        tensors += LeastSquares.keyStatisticsTensors(editor.keyStatistics)
+        try ShardedSafetensors.write(tensors, metadata: metadata, to: runDir, stem: Self.checkpointStem,
+                                     tag: String(format: "s%06d", step), maxShardBytes: Self.maxShardBytes)
+        // The single-file checkpoint of an earlier run is superseded.
+        try? FileManager.default.removeItem(at: Self.legacyCheckpoint(runDir))
     }
 
     func loadCheckpoint() throws {
-        let f = try SafetensorsFile(contentsOf: checkpointURL, mode: .read)
-        for (key, net) in editor.networks { try net.load(f, prefix: key + "/", file: checkpointURL.path) }
+        guard let (f, metadata, file) = try Self.openCheckpoint(runDir) else { throw EditingError.invalidInput("\(runDir.path): no checkpoint") }
+        for (key, net) in editor.networks { try net.load(f, prefix: key + "/", file: file) }
         for i in auxOpt.params.indices { auxOpt.m[i].assign(try f.tensor("adam.m.\(i)")); auxOpt.v[i].assign(try f.tensor("adam.v.\(i)")) }
         for (i, p) in lrOpt.params.enumerated() {
             p.value.assign(try f.tensor(p.name)); lrOpt.m[i].assign(try f.tensor("lr_adam.m.\(i)")); lrOpt.v[i].assign(try f.tensor("lr_adam.v.\(i)"))
         }
-        guard let s = f.metadata["step"].flatMap(Int.init), let a = f.metadata["aux_step"].flatMap(Int.init),
-              let l = f.metadata["lr_step"].flatMap(Int.init) else { throw EditingError.invalidInput("\(checkpointURL.path): no step") }
+        guard let s = metadata["step"].flatMap(Int.init), let a = metadata["aux_step"].flatMap(Int.init),
+              let l = metadata["lr_step"].flatMap(Int.init) else { throw EditingError.invalidInput("\(file): no step") }
         if let o = lambdaOpt {
             for (i, p) in o.params.enumerated() {
                 p.value.assign(try f.tensor(p.name)); o.m[i].assign(try f.tensor("lambda_adam.m.\(i)")); o.v[i].assign(try f.tensor("lambda_adam.v.\(i)"))
             }
-            o.restore(step: f.metadata["lambda_step"].flatMap(Int.init) ?? 0)
+            o.restore(step: metadata["lambda_step"].flatMap(Int.init) ?? 0)
         }
         if editor.config.accumulation == .leastSquares {
             try editor.setKeyStatistics(LeastSquares.readKeyStatistics(f, modules: editor.config.modules))
         }
-        if let n = f.metadata["curriculum_longest"].flatMap(Int.init) {
-            curriculum = CurriculumState(longest: n, average: f.metadata["curriculum_average"].flatMap(Double.init) ?? .nan,
-                                         best: f.metadata["curriculum_best"].flatMap(Double.init) ?? .infinity,
-                                         sinceBest: f.metadata["curriculum_since_best"].flatMap(Int.init) ?? 0)
+        if let n = metadata["curriculum_longest"].flatMap(Int.init) {
+            curriculum = CurriculumState(longest: n, average: metadata["curriculum_average"].flatMap(Double.init) ?? .nan,
+                                         best: metadata["curriculum_best"].flatMap(Double.init) ?? .infinity,
+                                         sinceBest: metadata["curriculum_since_best"].flatMap(Int.init) ?? 0)
         }
         step = s
         auxOpt.restore(step: a)

@@ -92,3 +92,45 @@ public enum SafetensorsModel {
         throw SafetensorsError.io(file: directory.path, message: "neither \(singleFileName) nor \(indexFileName) found")
     }
 }
+
+extension ShardedSafetensors {
+    /// Writes `tensors` as shards of at most `maxShardBytes` of data each (a larger tensor gets a shard
+    /// of its own) and `<stem>.safetensors.index.json` naming them, with `metadata` in the index.
+    /// The shards get names of their own (`<stem>-<tag>-<k>-of-<n>.safetensors`), the index is renamed
+    /// into place last, and only then are the shards of an earlier index removed: a crash at any moment
+    /// leaves the earlier or the new set whole. Returns the index's URL.
+    @discardableResult
+    public static func write(_ tensors: [(String, Tensor)], metadata: [String: String], to folder: URL, stem: String,
+                             tag: String, maxShardBytes: Int) throws -> URL {
+        var groups: [[(String, Tensor)]] = [[]]
+        var bytes = 0
+        for item in tensors {
+            let b = item.1.count * 4
+            if bytes > 0 && bytes + b > maxShardBytes { groups.append([]); bytes = 0 }
+            groups[groups.count - 1].append(item)
+            bytes += b
+        }
+        let n = groups.count
+        var weightMap: [String: JSONValue] = [:]
+        var names: Set<String> = []
+        for (k, group) in groups.enumerated() {
+            let name = String(format: "%@-%@-%05d-of-%05d.safetensors", stem, tag, k + 1, n)
+            var w = SafetensorsWriter()
+            for (t, value) in group { try w.add(t, value); weightMap[t] = .string(name) }
+            try w.write(to: folder.appendingPathComponent(name))
+            names.insert(name)
+        }
+        let index: JSONValue = .object(["metadata": .object(metadata.mapValues { .string($0) }), "weight_map": .object(weightMap)])
+        let url = folder.appendingPathComponent(stem + ".safetensors.index.json")
+        let data = Data((index.description + "\n").utf8)
+        do {
+            try AtomicFile.write(to: url.path) { fd in try data.withUnsafeBytes { try POSIXFileSystem.writeAll(fd: fd, $0, path: url.path) } }
+            for old in try FileUtil.list(folder.path) where old.hasPrefix(stem + "-") && old.hasSuffix(".safetensors") && !names.contains(old) {
+                try POSIXFileSystem().removeFile(atPath: folder.appendingPathComponent(old).path)
+            }
+        } catch let error as FileIOError {
+            throw SafetensorsError.io(file: url.path, message: error.description)
+        }
+        return url
+    }
+}

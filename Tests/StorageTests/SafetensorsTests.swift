@@ -227,6 +227,29 @@ final class SafetensorsTests: XCTestCase {
         }
     }
 
+    /// Sharded writing: shards under the size limit, the index names them, a rewrite replaces the set
+    /// and removes the earlier shards.
+    func testShardedWriteRoundTripAndReplacement() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let tensors: [(String, Tensor)] = (0..<5).map { ("t\($0)", randomTensor([64, 32 + $0], seed: UInt64($0))) }
+        let index = try ShardedSafetensors.write(tensors, metadata: ["step": "7"], to: dir, stem: "ck", tag: "a", maxShardBytes: 20_000)
+        var f = try ShardedSafetensors(indexURL: index, mode: .read)
+        XCTAssertEqual(f.metadata["step"]?.stringValue, "7")
+        XCTAssertGreaterThan(f.shards.count, 2)
+        for (name, shard) in f.shards { XCTAssertLessThanOrEqual(shard.tensorNames.count * 64 * 36 * 4, 20_000 + 64 * 36 * 4, name) }
+        assertStatesEqual(Dictionary(uniqueKeysWithValues: try f.tensorNames.map { ($0, try f.tensor($0)) }), Dictionary(uniqueKeysWithValues: tensors))
+        let first = Set(f.shards.keys)
+
+        let changed = tensors.map { ($0.0, randomTensor($0.1.shape, seed: 99)) }
+        try ShardedSafetensors.write(changed, metadata: ["step": "8"], to: dir, stem: "ck", tag: "b", maxShardBytes: 20_000)
+        f = try ShardedSafetensors(indexURL: index, mode: .read)
+        XCTAssertEqual(f.metadata["step"]?.stringValue, "8")
+        assertStatesEqual(Dictionary(uniqueKeysWithValues: try f.tensorNames.map { ($0, try f.tensor($0)) }), Dictionary(uniqueKeysWithValues: changed))
+        let files = Set(try FileManager.default.contentsOfDirectory(atPath: dir.path))
+        XCTAssertTrue(first.isDisjoint(with: files), "the earlier shards are removed")
+        XCTAssertEqual(files, Set(f.shards.keys).union(["ck.safetensors.index.json"]))
+    }
+
     func testRefusesMalformedHeaders() throws {
         let ok = #"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#
         XCTAssertNoThrow(try SafetensorsFile(data: file(header: ok, dataSize: 8)))
