@@ -273,7 +273,8 @@ public final class DAFNetEditor: @unchecked Sendable {
     }
 
     /// Copies another editor's network weights and batch-norm statistics (same modules and sizes), and its
-    /// edit learning rates when it accumulates by the same rule (the rates mean something else under another).
+    /// edit learning rates and learned λ when it accumulates by the same rule (the rates mean something
+    /// else under another).
     public func warmStart(from other: DAFNetEditor) throws {
         guard other.config.modules == config.modules, other.config.auxModel == config.auxModel else {
             throw EditingError.invalidInput("warm start: the editor's modules or network sizes differ")
@@ -285,6 +286,7 @@ public final class DAFNetEditor: @unchecked Sendable {
         }
         if other.config.accumulation == config.accumulation {
             for (m, p) in editLRs { p.value.assign(other.editLRs[m]!.value) }
+            for (m, p) in logLambdas { if let q = other.logLambdas[m] { p.value.assign(q.value) } }
         }
     }
 

@@ -161,6 +161,9 @@ public final class CheckpointStore: @unchecked Sendable {
                 if try FileUtil.list(rootPath).allSatisfy({ $0.hasPrefix(".") }) {
                     throw StoreError.storeNotFound(path: rootPath)
                 }
+                if [versionsPath, objectsPath].contains(where: { (try? FileUtil.list($0))?.isEmpty == false }) {
+                    throw StoreError.notAStore(path: rootPath, reason: "no store.json, although it holds versions or blobs; `dafnet checkpoints repair` writes it again")
+                }
                 throw StoreError.notAStore(path: rootPath, reason: "no store.json")
             }
             // What an interrupted creation may have left (the marker is written last) is not foreign.
@@ -176,8 +179,7 @@ public final class CheckpointStore: @unchecked Sendable {
             }
             for dir in [objectsPath, versionsPath, evaluationsPath] { try FileUtil.makeDirectory(dir) }
             try AtomicFile.write(to: historyPath) { _ in }
-            let marker = Data("{\"format\":\"\(Self.markerFormat)\"}\n".utf8)
-            try AtomicFile.write(to: markerPath) { fd in try marker.withUnsafeBytes { try POSIXFileSystem.writeAll(fd: fd, $0, path: markerPath) } }
+            try Self.writeMarker(markerPath)
             return
         }
         let markerData = try FileUtil.read(markerPath, limit: 1 << 16)
@@ -185,6 +187,24 @@ public final class CheckpointStore: @unchecked Sendable {
             throw StoreError.notAStore(path: rootPath, reason: "store.json is not a \(Self.markerFormat) marker")
         }
         for dir in [objectsPath, versionsPath, evaluationsPath] { try FileUtil.makeDirectory(dir) }
+    }
+
+    private static func writeMarker(_ path: String) throws {
+        let marker = Data("{\"format\":\"\(markerFormat)\"}\n".utf8)
+        try AtomicFile.write(to: path) { fd in try marker.withUnsafeBytes { try POSIXFileSystem.writeAll(fd: fd, $0, path: path) } }
+    }
+
+    /// Writes `store.json` again in a folder that lost it but still holds a store (`versions/` or
+    /// `objects/` with entries). Returns false when the marker was there; throws when the folder does
+    /// not look like a store.
+    @discardableResult
+    public static func repairMarker(at url: URL) throws -> Bool {
+        let root = url.standardizedFileURL.path
+        if FileUtil.exists(root + "/store.json") { return false }
+        let held = ["versions", "objects"].contains { (try? FileUtil.list(root + "/" + $0))?.isEmpty == false }
+        guard held else { throw StoreError.notAStore(path: root, reason: "no store.json, and no versions or blobs to keep") }
+        try storeIO { try writeMarker(root + "/store.json") }
+        return true
     }
 
     // MARK: Lock
@@ -245,12 +265,56 @@ public final class CheckpointStore: @unchecked Sendable {
     }
 
     /// The current version (nil for an empty store).
+    /// HEAD's version; nil for a store that never had one. A HEAD that is missing although the history
+    /// recorded one, unreadable, or naming a version without a manifest is `badHead`: nothing is
+    /// committed on top of it until `repairHead` sets it again.
     public func head() throws -> Int? {
-        guard FileUtil.exists(headPath) else { return nil }
+        guard FileUtil.exists(headPath) else {
+            if let last = try history().last(where: { $0.version != nil }), !(try versions()).isEmpty {
+                throw StoreError.badHead(path: headPath, reason: "missing, although the store has versions (the history's last HEAD is \(last.version!))")
+            }
+            return nil
+        }
         let data = try storeIO { try FileUtil.read(headPath, limit: 64) }
         let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-        guard let v = Int(text), v >= 1 else { throw StoreError.badHead(path: headPath, reason: "'\(text)' is not a version number") }
+        guard let v = Int(text), v >= 1 else { throw StoreError.badHead(path: headPath, reason: "'\(text.prefix(40))' is not a version number") }
+        guard FileUtil.exists(manifestPath(v)) else { throw StoreError.badHead(path: headPath, reason: "names version \(v), which does not exist") }
         return v
+    }
+
+    /// Sets HEAD again on a store whose HEAD is missing or bad: to `version` when given, else to the
+    /// history's last HEAD when that version loads, else to the newest version that loads (none: the
+    /// store is empty and HEAD is removed). The target is fully verified; recorded as `repair`.
+    /// Returns the record, or nil when HEAD was fine (nothing done unless `version` is given, which
+    /// then acts as a rollback).
+    @discardableResult
+    public func repairHead(to version: Int? = nil) throws -> HistoryRecord? {
+        try withLock {
+            if (try? head()) != nil, version == nil { return nil }
+            func loads(_ v: Int) -> Bool { (try? load(.number(v))) != nil }
+            let all = try versions()
+            var target: Int?
+            if let version {
+                guard all.contains(version) else { throw StoreError.versionNotFound(version) }
+                _ = try load(.number(version))
+                target = version
+            } else if let last = try history().last(where: { $0.version != nil })?.version, all.contains(last), loads(last) {
+                target = last
+            } else {
+                target = all.reversed().first(where: loads)
+            }
+            let record = HistoryRecord(op: "repair", version: target, from: nil)
+            if let target {
+                try moveHead(to: target, record: record)
+            } else {
+                try storeIO {
+                    if FileUtil.exists(headPath) { try fileSystem.removeFile(atPath: headPath) }
+                    try fileSystem.syncDirectory(atPath: rootPath)
+                    try appendHistory(record)
+                }
+            }
+            return record
+        }
     }
 
     /// Every version with a manifest, ascending.

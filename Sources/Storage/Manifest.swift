@@ -259,7 +259,7 @@ public enum VersionRef: Sendable, Equatable, CustomStringConvertible {
 /// gc, appended in order and never rewritten.
 public struct HistoryRecord: Codable, Sendable, Equatable {
     public var time: String
-    /// `commit`, `rollback`, `import`, `gc` or `recover`.
+    /// `commit`, `rollback`, `import`, `gc`, `recover` or `repair`.
     public var op: String
     /// HEAD after the operation.
     public var version: Int?

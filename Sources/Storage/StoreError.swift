@@ -33,7 +33,8 @@ public enum StoreError: Error, CustomStringConvertible, Sendable {
         case .empty(let path): return "checkpoint store \(path) has no version yet"
         case .versionNotFound(let v): return "version \(v) does not exist"
         case .invalidVersionReference(let s): return "'\(s)' is not a version (a number, HEAD or HEAD~K)"
-        case .badHead(let path, let reason): return "\(path): bad HEAD: \(reason)"
+        case .badHead(let path, let reason):
+            return "\(path): bad HEAD: \(reason); `dafnet checkpoints repair` sets it to the last recorded HEAD (or `--to V`)"
         case .badManifest(let path, let reason): return "\(path): bad manifest: \(reason)"
         case .missingBlob(let hash, let version, let entry): return "version \(version): blob \(hash) of '\(entry)' is missing"
         case .hashMismatch(let path, let expected, let actual):

@@ -306,6 +306,57 @@ final class CheckpointStoreTests: XCTestCase {
         XCTAssertEqual(try reopened.history().last?.version, 1)
     }
 
+    /// HEAD lost, garbage or naming a missing version: the store refuses to commit (no silent new root,
+    /// no jump of the version numbers), `verify` reports it, and `repairHead` sets it again.
+    func testHeadFaultsRefuseCommitsAndRepair() throws {
+        let (store, root) = try newStore()
+        for k in 1...3 { try store.commit(CommitRequest(tensors: state(UInt64(k)))) }
+        try store.rollback(to: .number(2))
+        let headURL = root.appendingPathComponent("HEAD")
+        for (fault, apply) in [("deleted", { try FileManager.default.removeItem(at: headURL) }),
+                               ("empty", { try Data().write(to: headURL) }),
+                               ("garbage", { try Data("\u{1}zz\n".utf8).write(to: headURL) }),
+                               ("missing version", { try Data("99\n".utf8).write(to: headURL) })] as [(String, () throws -> Void)] {
+            try apply()
+            let reopened = try CheckpointStore(at: root)
+            XCTAssertEqual(reopened.recovery?.recordedHead, false, fault)
+            XCTAssertEqual(reopened.recovery?.removedUnfinishedVersions, [], "\(fault): nothing removed while HEAD is bad")
+            guard case StoreError.badHead? = expectError({ try reopened.head() }) as? StoreError else { return XCTFail(fault) }
+            XCTAssertThrowsError(try reopened.commit(CommitRequest(tensors: state(9))), fault)
+            XCTAssertEqual(try reopened.versions(), [1, 2, 3], fault)
+            XCTAssertFalse(try reopened.verify().isClean, fault)
+            let record = try XCTUnwrap(try reopened.repairHead(), fault)
+            XCTAssertEqual(record.version, 2, "\(fault): the history's last HEAD")
+            XCTAssertEqual(try reopened.head(), 2, fault)
+            XCTAssertTrue(try reopened.verify().isClean, fault)
+            XCTAssertNil(try reopened.repairHead(), "\(fault): nothing left to repair")
+        }
+        // The next commit builds on the repaired HEAD with the next number.
+        let m = try store.commit(CommitRequest(tensors: state(4)))
+        XCTAssertEqual(m.version, 4)
+        XCTAssertEqual(m.parent, 2)
+        // --to V moves it explicitly.
+        try FileManager.default.removeItem(at: headURL)
+        XCTAssertEqual(try store.repairHead(to: 3)?.version, 3)
+        XCTAssertThrowsError(try store.repairHead(to: 77))
+    }
+
+    /// A store that lost store.json says how to repair it; repairMarker writes it again, and only where
+    /// a store's versions or blobs remain.
+    func testMissingMarkerIsRepaired() throws {
+        let (store, root) = try newStore()
+        try store.commit(CommitRequest(tensors: state(1)))
+        try FileManager.default.removeItem(at: root.appendingPathComponent("store.json"))
+        XCTAssertThrowsError(try CheckpointStore(at: root)) { e in
+            XCTAssertTrue("\(e)".contains("checkpoints repair"), "\(e)")
+        }
+        XCTAssertTrue(try CheckpointStore.repairMarker(at: root))
+        XCTAssertFalse(try CheckpointStore.repairMarker(at: root))
+        assertStatesEqual(try CheckpointStore(at: root).loadTensors(), state(1))
+        let empty = try makeTemporaryDirectory(self)
+        XCTAssertThrowsError(try CheckpointStore.repairMarker(at: empty))
+    }
+
     func testEvaluationFiles() throws {
         let (store, root) = try newStore()
         try store.commit(CommitRequest(tensors: state(1)))

@@ -32,7 +32,7 @@ struct VersionArgument: ExpressibleByArgument {
 struct Checkpoints: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Inspect and maintain the checkpoint store (versions of the edit state).",
-        subcommands: [List.self, Show.self, Diff.self, Verify.self, GC.self, History.self]
+        subcommands: [List.self, Show.self, Diff.self, Verify.self, GC.self, History.self, Repair.self]
     )
 
     struct List: ParsableCommand {
@@ -112,6 +112,25 @@ struct Checkpoints: ParsableCommand {
         func run() throws {
             let report = try runMapped { try location.open().gc(keep: keep) }
             print(json ? try runMapped { try StoreText.json(report) } : StoreText.gc(report))
+        }
+    }
+
+    struct Repair: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Repair a store whose store.json or HEAD was lost or damaged: writes store.json again, and sets HEAD to --to V, else to the history's last HEAD, else to the newest version that loads.")
+        @OptionGroup var location: StoreLocationOptions
+        @Option(help: "The version HEAD is set to (verified first).") var to: Int?
+
+        func run() throws {
+            try runMapped {
+                if try CheckpointStore.repairMarker(at: location.url) { print("wrote \(location.store)/store.json") }
+                let store = try location.open()
+                if let r = try store.repairHead(to: to) {
+                    print(r.version.map { "HEAD set to version \($0)" } ?? "no version loads: HEAD removed (the store is empty)")
+                } else {
+                    print("HEAD is version \(try store.head().map(String.init) ?? "none"): nothing to repair")
+                }
+            }
         }
     }
 
