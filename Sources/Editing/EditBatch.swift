@@ -36,7 +36,7 @@ public enum EditBatch {
         -> [(line: Int, request: EditRequest)] {
         guard !data.isEmpty else { throw BatchError(file: file, line: 0, field: "", reason: "the file is empty") }
         if requireFinalNewline && data.last != UInt8(ascii: "\n") {
-            throw BatchError(file: file, line: 0, field: "", reason: "the file does not end with a newline (still being written?)")
+            throw BatchError(file: file, line: 0, field: "", reason: "the file does not end with a newline (a writer that stopped mid-line?)")
         }
         var out: [(line: Int, request: EditRequest)] = []
         var lineNo = 0
@@ -55,21 +55,52 @@ public enum EditBatch {
             guard let o = obj as? [String: Any] else {
                 throw BatchError(file: file, line: lineNo, field: "", reason: "a line must be a JSON object")
             }
-            var r = try request(o, file: file, line: lineNo)
-            if o.keys.contains(where: { !EditRequest.knownFields.contains($0) }) {
-                // Unknown fields are kept exactly as written (integers stay integers).
-                guard let all = try? JSONDecoder().decode([String: JSONValue].self, from: bytes) else {
-                    throw BatchError(file: file, line: lineNo, field: "", reason: "invalid JSON")
-                }
-                r.extra = all.filter { !EditRequest.knownFields.contains($0.key) }
+            if let key = duplicateKey(bytes) {
+                throw BatchError(file: file, line: lineNo, field: key, reason: "appears twice in one object (which one is meant?)")
             }
+            // The values as written (integers stay integers, booleans stay booleans).
+            guard let all = try? JSONDecoder().decode([String: JSONValue].self, from: bytes) else {
+                throw BatchError(file: file, line: lineNo, field: "", reason: "invalid JSON")
+            }
+            var r = try request(o, typed: all, file: file, line: lineNo)
+            r.extra = all.filter { !EditRequest.knownFields.contains($0.key) }
             out.append((lineNo, r))
         }
         guard !out.isEmpty else { throw BatchError(file: file, line: 0, field: "", reason: "the file holds no edits") }
         return out
     }
 
-    static func request(_ o: [String: Any], file: String, line: Int) throws -> EditRequest {
+    /// The first key that occurs twice in one object of a valid JSON text (at any depth), if any:
+    /// JSON parsers keep the last one silently.
+    static func duplicateKey(_ bytes: Data) -> String? {
+        let quote = UInt8(ascii: "\""), backslash = UInt8(ascii: "\\")
+        var objects: [Set<String>?] = []  // nil for an array
+        var expectKey = false
+        var i = bytes.startIndex
+        while i < bytes.endIndex {
+            switch bytes[i] {
+            case UInt8(ascii: "{"): objects.append([]); expectKey = true
+            case UInt8(ascii: "["): objects.append(nil); expectKey = false
+            case UInt8(ascii: "}"), UInt8(ascii: "]"): objects.removeLast(); expectKey = false
+            case UInt8(ascii: ","): expectKey = objects.last.map { $0 != nil } ?? false
+            case quote:
+                let start = i
+                i += 1
+                while i < bytes.endIndex && bytes[i] != quote { i += bytes[i] == backslash ? 2 : 1 }
+                if expectKey, let last = objects.last, var keys = last, i < bytes.endIndex,
+                   let key = (try? JSONSerialization.jsonObject(with: bytes[start...i], options: [.fragmentsAllowed])) as? String {
+                    if !keys.insert(key).inserted { return key }
+                    objects[objects.count - 1] = keys
+                }
+                expectKey = false
+            default: break
+            }
+            i += 1
+        }
+        return nil
+    }
+
+    static func request(_ o: [String: Any], typed: [String: JSONValue], file: String, line: Int) throws -> EditRequest {
         func fail(_ field: String, _ reason: String) -> BatchError { BatchError(file: file, line: line, field: field, reason: reason) }
         func checked(_ s: String, _ field: String) throws -> String {
             if s.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty { throw fail(field, "must not be empty") }
@@ -122,9 +153,11 @@ public enum EditBatch {
         case (_, nil): throw fail("locality_ground_truth", "required with locality_prompt")
         }
         var caseId: String?
-        if let c = o["case_id"], !(c is NSNull) {
-            if let i = c as? Int { caseId = String(i) } else if let s = c as? String { caseId = s }
-            else { throw fail("case_id", "must be an integer or a string") }
+        switch typed["case_id"] {
+        case nil, .null?: break
+        case .int(let i)?: caseId = String(i)
+        case .string(let s)?: caseId = s
+        default: throw fail("case_id", "must be an integer or a string")
         }
         return EditRequest(prompt: prompt, targetNew: target, subject: try text(["subject"], required: false),
                            groundTruth: try text(["ground_truth"], required: false), rephrases: rephrases,

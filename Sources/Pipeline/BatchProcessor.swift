@@ -10,6 +10,10 @@ public struct PipelineSettings: Sendable {
     /// A batch is taken only once its file is this many seconds old (a producer that writes in place
     /// has finished by then; one that renames a finished file in is old enough at once).
     public var minimumFileAge = 1.0
+    /// A batch that is empty or does not end with a newline is still being written: it (and every batch
+    /// after it in name order) waits until it ends with one, or fails once it has not changed for this
+    /// many seconds (a writer that stopped mid-line).
+    public var unfinishedTimeout = 300.0
     /// Seconds between rescans of the inbox when inotify reports nothing.
     public var rescanInterval = 30.0
     public var collapseGuard = CollapseGuard()
@@ -209,9 +213,18 @@ public final class BatchProcessor {
         let scan = try inbox.scan(now: now)
         noteIgnored(scan.ignored)
         guard let first = scan.candidates.first else { return .empty }
-        if first.age >= settings.minimumFileAge { return .batch(first.name) }
-        return .wait(max(0.01, settings.minimumFileAge - first.age))
+        guard first.age >= settings.minimumFileAge else { return .wait(max(0.01, settings.minimumFileAge - first.age)) }
+        if first.age < settings.unfinishedTimeout && !Files.endsWithNewline(inbox.root.path + "/" + first.name) {
+            if unfinishedNoted.insert(first.name).inserted {
+                logger.notice("waiting for a batch that does not end with a newline yet (still being written?)",
+                              metadata: ["batch": "\(first.name)", "timeout_seconds": "\(settings.unfinishedTimeout)"])
+            }
+            return .wait(min(1, max(0.01, settings.unfinishedTimeout - first.age)))
+        }
+        return .batch(first.name)
     }
+
+    var unfinishedNoted: Set<String> = []
 
     var ignoredNoted: Set<String> = []
     func noteIgnored(_ names: [String]) {
@@ -254,7 +267,14 @@ public final class BatchProcessor {
         var t = Date()
         let path = inbox.claimedPath(name)
         guard let info = Files.regularFile(path) else { throw PipelineError.io(operation: "open", path: path, errno: ENOENT) }
-        let sha = try FileHash.sha256(ofFileAt: URL(fileURLWithPath: path))
+        // A batch that cannot be read (permissions, an I/O error) fails like a malformed one: retrying it
+        // at every start would block the inbox for good.
+        func unreadable(_ error: Error) throws -> BatchOutcome {
+            try reject(name, sha: "", error: BatchError(file: name, line: 0, field: "", reason: "cannot read the file: \(error)"),
+                       stage: "validation", times: times)
+        }
+        let sha: String
+        do { sha = try FileHash.sha256(ofFileAt: URL(fileURLWithPath: path)) } catch { return try unreadable(error) }
         if let v = try lineageVersion(holding: sha) {
             return try finishCommitted(name, sha: sha, version: v, status: atStartup ? .recovered : .duplicate, times: times)
         }
@@ -263,7 +283,8 @@ public final class BatchProcessor {
                                                                    reason: "the file is larger than \(settings.maxBatchBytes) bytes"),
                               stage: "validation", times: times)
         }
-        let data = try Files.read(path, limit: settings.maxBatchBytes)
+        let data: Data
+        do { data = try Files.read(path, limit: settings.maxBatchBytes) } catch { return try unreadable(error) }
         let numbered: [(line: Int, request: EditRequest)]
         do {
             numbered = try EditBatch.parseNumbered(data, file: name, requireFinalNewline: true)
@@ -419,12 +440,21 @@ public final class BatchProcessor {
         }
         let maxT = editor.model.spec.maxPositions
         for (line, r) in numbered {
-            let s = editor.scored(r.prompt, r.targetNew)
-            if s.targetIds.isEmpty { throw BatchError(file: file, line: line, field: "target_new", reason: "has no tokens") }
-            let n = s.promptIds.count + s.targetIds.count
-            if n > maxT {
-                throw BatchError(file: file, line: line, field: "prompt",
-                                 reason: "prompt + target_new is \(n) tokens; the model takes at most \(maxT)")
+            // Every prompt the batch is applied and scored with, with the answer it is scored on; the
+            // longer of the two is named when they do not fit.
+            var pairs = [(prompt: r.prompt, promptField: "prompt", answer: r.targetNew)]
+            pairs += r.rephrases.enumerated().map { (i, p) in (p, r.rephrases.count == 1 ? "rephrase_prompt" : "rephrase_prompt[\(i)]", r.targetNew) }
+            pairs += r.locality.enumerated().map { (i, l) in (l.prompt, r.locality.count == 1 ? "locality_prompt" : "locality[\(i)].prompt", l.groundTruth) }
+            for (k, pair) in pairs.enumerated() {
+                let s = editor.scored(pair.prompt, pair.answer)
+                let answerField = k <= r.rephrases.count ? "target_new" : pair.promptField.replacingOccurrences(of: "prompt", with: "ground_truth")
+                if s.targetIds.isEmpty { throw BatchError(file: file, line: line, field: answerField, reason: "has no tokens") }
+                let n = s.promptIds.count + s.targetIds.count
+                if n > maxT {
+                    let field = s.targetIds.count > s.promptIds.count ? answerField : pair.promptField
+                    throw BatchError(file: file, line: line, field: field,
+                                     reason: "\(pair.promptField) + \(answerField) is \(n) tokens (\(s.promptIds.count) + \(s.targetIds.count)); the model takes at most \(maxT)")
+                }
             }
         }
     }

@@ -54,6 +54,19 @@ enum Files {
         return out
     }
 
+    /// Whether a file is non-empty and its last byte is a newline (false when it cannot be read: the
+    /// processing step reports that).
+    static func endsWithNewline(_ path: String) -> Bool {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return true }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_size > 0 else { return false }
+        var byte: UInt8 = 0
+        guard pread(fd, &byte, 1, st.st_size - 1) == 1 else { return true }
+        return byte == UInt8(ascii: "\n")
+    }
+
     static func read(_ path: String, limit: Int) throws -> Data {
         guard let info = regularFile(path) else { throw PipelineError.io(operation: "open", path: path, errno: ENOENT) }
         guard info.size <= limit else { throw PipelineError.io(operation: "read", path: path, errno: EFBIG) }

@@ -29,6 +29,7 @@ final class BatchProcessorTests: XCTestCase {
     /// reason, and changes nothing: HEAD, its state and the version list stay as they were.
     func testBadInputsAreRejectedWithTheirErrorAndChangeNothing() throws {
         let h = try Harness()
+        h.processor.settings.unfinishedTimeout = 0  // the empty and unterminated files fail at once here
         try h.drop("000-good.jsonl", try Fixture.batch(0..<2))
         XCTAssertEqual(try h.processor.runOnce().map(\.status), [.committed])
         let stateBefore = try h.headState()
@@ -53,6 +54,18 @@ final class BatchProcessorTests: XCTestCase {
             ("13-null-required.jsonl", Data("{\"prompt\": null, \"target_new\": \"x\"}\n".utf8), 1, "prompt", "required but missing"),
             ("14-half-locality.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": \"x\", \"locality_prompt\": \"Rome is in\"}\n".utf8),
              1, "locality_ground_truth", "required with locality_prompt"),
+            ("15-duplicate-key.jsonl", Data((good + "\n{\"prompt\": \"Lyon is in\", \"target_new\": \"x\", \"target_new\": \"y\"}\n").utf8),
+             2, "target_new", "appears twice"),
+            ("16-duplicate-nested-key.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": \"x\", \"locality\": [{\"prompt\": \"a\", \"ground_truth\": \"b\", \"prompt\": \"c\"}]}\n".utf8),
+             1, "prompt", "appears twice"),
+            ("17-case-id-bool.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": \"x\", \"case_id\": true}\n".utf8),
+             1, "case_id", "must be an integer or a string"),
+            ("18-long-target.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": \"\(longWords)\"}\n".utf8), 1, "target_new",
+             "the model takes at most 64"),
+            ("19-long-rephrase.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": \"x\", \"rephrase_prompt\": \"\(longWords)\"}\n".utf8),
+             1, "rephrase_prompt", "the model takes at most 64"),
+            ("20-long-locality.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": \"x\", \"locality_prompt\": \"\(longWords)\", \"locality_ground_truth\": \"y\"}\n".utf8),
+             1, "locality_prompt", "the model takes at most 64"),
         ]
         for c in cases { try h.drop(c.name, c.data) }
         let out = try h.processor.runOnce()
@@ -76,6 +89,61 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(h.names("done"), ["000-good.jsonl"])
         XCTAssertEqual(try HistoryReport.load(store: h.storeURL).count, 1, "rejected batches add no history line")
         XCTAssertEqual(h.inboxNames(), [])
+    }
+
+    /// A batch still being written (empty, or no final newline) waits, and the batches after it with it,
+    /// until it ends with a newline; one left unfinished past the timeout fails with that reason.
+    func testUnfinishedBatchWaitsForItsNewline() throws {
+        let h = try Harness()
+        h.processor.settings.unfinishedTimeout = 100
+        let line = String(decoding: try EditBatch.line(Fixture.request(0)), as: UTF8.self)
+        let url = h.inboxURL.appendingPathComponent("001.jsonl")
+        try Data(line.prefix(20).utf8).write(to: url)
+        try h.drop("002.jsonl", try Fixture.batch(1..<2))
+        guard case .wait = try h.processor.next() else { return XCTFail("an unfinished batch is not taken") }
+        try Data((line + "\n").utf8).write(to: url)
+        XCTAssertEqual(try h.processor.next(), .batch("001.jsonl"))
+        XCTAssertEqual(try h.processor.runOnce().map(\.status), [.committed, .committed])
+
+        // Unfinished for longer than the timeout: it fails, and the inbox goes on.
+        let stale = h.inboxURL.appendingPathComponent("003.jsonl")
+        try Data(line.prefix(20).utf8).write(to: stale)
+        var times = [timeval(tv_sec: time(nil) - 200, tv_usec: 0), timeval(tv_sec: time(nil) - 200, tv_usec: 0)]
+        XCTAssertEqual(utimes(stale.path, &times), 0)
+        try h.drop("004.jsonl", try Fixture.batch(2..<3))
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(out.map(\.status), [.rejected, .committed])
+        XCTAssertTrue(out[0].note!.contains("does not end with a newline"), out[0].note!)
+    }
+
+    /// A batch the daemon cannot read goes to failed/ with the reason, and the next one is processed (it
+    /// used to stay in processing/ and stop the daemon at every start).
+    func testUnreadableBatchFailsAndTheInboxGoesOn() throws {
+        let h = try Harness()
+        try h.drop("001.jsonl", try Fixture.batch(0..<1))
+        try h.drop("002.jsonl", try Fixture.batch(1..<2))
+        XCTAssertEqual(chmod(h.inboxURL.appendingPathComponent("001.jsonl").path, 0), 0)
+        // Root reads any file: run the processor as nobody, owning the folders it writes.
+        let asRoot = geteuid() == 0
+        if asRoot {
+            let root = h.tmp.url.path
+            XCTAssertEqual(chown(root, 65534, 65534), 0)
+            for sub in FileManager.default.subpaths(atPath: root) ?? [] where !sub.hasSuffix("001.jsonl") {
+                XCTAssertEqual(chown(root + "/" + sub, 65534, 65534), 0, sub)
+            }
+            XCTAssertEqual(setegid(65534), 0)
+            XCTAssertEqual(seteuid(65534), 0)
+        }
+        let out = Result { try h.processor.runOnce() }
+        if asRoot {
+            XCTAssertEqual(seteuid(0), 0)
+            XCTAssertEqual(setegid(0), 0)
+        }
+        let outcomes = try out.get()
+        XCTAssertEqual(outcomes.map(\.status), [.rejected, .committed])
+        XCTAssertTrue(outcomes[0].note!.contains("cannot read the file"), outcomes[0].note!)
+        XCTAssertEqual(h.names("failed"), ["001.jsonl", "001.jsonl.error.json"])
+        XCTAssertEqual(h.names("processing"), [])
     }
 
     /// A re-dropped identical batch (same bytes, any name) is a no-op with a note, not a second application.

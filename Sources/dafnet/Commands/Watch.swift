@@ -38,6 +38,8 @@ struct Watch: ParsableCommand {
     var canaryCount = 20
     @Option(help: "Seconds a batch file must have been left alone before it is taken.")
     var minAge: Double = 1
+    @Option(help: "Seconds a batch that is empty or lacks its final newline waits (it and the batches after it) before it fails as unfinished.")
+    var unfinishedTimeout: Double = 300
     @Option(help: "Seconds between rescans of the inbox besides inotify.")
     var rescanInterval: Double = 30
     @Flag(help: "Turn the collapse guard off (its measurements are still recorded).")
@@ -62,7 +64,9 @@ struct Watch: ParsableCommand {
     func validate() throws {
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level: \(logLevel) is not a level") }
         guard StructuredLogHandler.Format(rawValue: logFormat) != nil else { throw ValidationError("--log-format: text or json") }
-        guard minAge >= 0, rescanInterval > 0 else { throw ValidationError("--min-age must be ≥ 0 and --rescan-interval > 0") }
+        guard minAge >= 0, rescanInterval > 0, unfinishedTimeout >= 0 else {
+            throw ValidationError("--min-age and --unfinished-timeout must be ≥ 0 and --rescan-interval > 0")
+        }
         guard maxPerplexityRatio > 0 else { throw ValidationError("--max-perplexity-ratio must be positive") }
         guard retentionSample >= 0, answerTokens >= 0, canaryCount >= 0, textLines >= 0 else {
             throw ValidationError("counts must be 0 or more")
@@ -111,6 +115,7 @@ struct Watch: ParsableCommand {
                                           baseModelSHA256: hashes.model, editorSHA256: hashes.editor)
         var settings = PipelineSettings()
         settings.minimumFileAge = minAge
+        settings.unfinishedTimeout = unfinishedTimeout
         settings.rescanInterval = rescanInterval
         settings.collapseGuard.enabled = !noGuard
         settings.collapseGuard.maxPerplexityRatio = maxPerplexityRatio
