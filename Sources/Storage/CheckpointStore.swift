@@ -145,7 +145,9 @@ public final class CheckpointStore: @unchecked Sendable {
         self.configuration = configuration
         self.fileSystem = fileSystem
         try storeIO { try openOrCreate(create: create) }
-        if recover {
+        // A store this process cannot write (permissions, a read-only mount) is opened for reading:
+        // nothing to clean up from here, and reads take a shared lock when they take one.
+        if recover && faccessat(AT_FDCWD, rootPath, W_OK, AT_EACCESS) == 0 {
             recovery = try withLock { try recoverLocked() }
         }
     }
@@ -211,12 +213,20 @@ public final class CheckpointStore: @unchecked Sendable {
 
     /// Runs `body` holding the store-wide lock (flock on `lock`; waits up to `lockTimeout`). Not
     /// reentrant: `body` must not call the store's mutating methods, which take the lock themselves.
-    public func withLock<T>(_ body: () throws -> T) throws -> T {
-        let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+    ///
+    /// `shared`: for reads that need a consistent view (verify): many readers at once, no writer
+    /// meanwhile; on a store this process cannot write, the lock file is opened read-only, and where
+    /// there is none no writer ever took it, so the body runs without it.
+    public func withLock<T>(shared: Bool = false, _ body: () throws -> T) throws -> T {
+        var fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+        if fd < 0 && shared && (errno == EACCES || errno == EROFS) {
+            fd = open(lockPath, O_RDONLY | O_CLOEXEC)
+            if fd < 0 && errno == ENOENT { return try body() }
+        }
         guard fd >= 0 else { throw StoreError.io(FileIOError("open lock", lockPath)) }
         defer { close(fd) }
         let start = Date()
-        while flock(fd, LOCK_EX | LOCK_NB) != 0 {
+        while flock(fd, (shared ? LOCK_SH : LOCK_EX) | LOCK_NB) != 0 {
             let e = errno
             if e == EINTR { continue }
             guard e == EWOULDBLOCK || e == EAGAIN else { throw StoreError.io(FileIOError("flock", lockPath, code: e)) }

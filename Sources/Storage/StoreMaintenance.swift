@@ -73,9 +73,10 @@ extension CheckpointStore {
     }
 
     /// Re-hashes every blob, decodes every frame, reads every manifest and recomputes each version's
-    /// `state_sha256`, under the store lock. Never throws for corruption: it lands in `problems`.
+    /// `state_sha256`, under the store lock (shared: verifies run beside each other and on a read-only
+    /// store). Never throws for corruption: it lands in `problems`.
     public func verify() throws -> VerificationReport {
-        try withLock { verifyLocked() }
+        try withLock(shared: true) { verifyLocked() }
     }
 
     func verifyLocked() -> VerificationReport {

@@ -357,6 +357,35 @@ final class CheckpointStoreTests: XCTestCase {
         XCTAssertThrowsError(try CheckpointStore.repairMarker(at: empty))
     }
 
+    /// A store the process cannot write opens for reading: list, load, history and verify work (verify
+    /// under a shared lock), and a commit fails with an I/O error, changing nothing.
+    func testReadOnlyStoreCanBeReadAndVerified() throws {
+        let (store, root) = try newStore()
+        try store.commit(CommitRequest(tensors: state(1)))
+        try store.commit(CommitRequest(tensors: state(2)))
+        let paths = [root.path] + (FileManager.default.subpaths(atPath: root.path) ?? []).map { root.path + "/" + $0 }
+        for p in paths { XCTAssertEqual(chmod(p, isDir(p) ? 0o555 : 0o444), 0, p) }
+        defer { for p in paths { chmod(p, isDir(p) ? 0o755 : 0o644) } }
+        // Root writes anywhere: read as nobody.
+        let asRoot = geteuid() == 0
+        if asRoot { XCTAssertEqual(seteuid(65534), 0) }
+        let result = Result { () throws -> (CheckpointStore, VerificationReport) in
+            let ro = try CheckpointStore(at: root)
+            return (ro, try ro.verify())
+        }
+        let commit = Result { try CheckpointStore(at: root).commit(CommitRequest(tensors: state(3))) }
+        if asRoot { XCTAssertEqual(seteuid(0), 0) }
+        let (ro, report) = try result.get()
+        XCTAssertNil(ro.recovery)
+        XCTAssertTrue(report.isClean, "\(report.problems)")
+        XCTAssertEqual(report.checkedVersions, 2)
+        XCTAssertEqual(try ro.summaries().map(\.version), [1, 2])
+        XCTAssertEqual(try ro.history().count, 2)
+        assertStatesEqual(try ro.loadTensors(), state(2))
+        XCTAssertThrowsError(try commit.get())
+        XCTAssertEqual(try ro.versions(), [1, 2])
+    }
+
     func testEvaluationFiles() throws {
         let (store, root) = try newStore()
         try store.commit(CommitRequest(tensors: state(1)))
@@ -461,4 +490,9 @@ enum SHA256Hex {
         try? Data(buffer).write(to: dir)
         return (try? FileHash.sha256(ofFileAt: dir)) ?? ""
     }
+}
+
+private func isDir(_ path: String) -> Bool {
+    var d: ObjCBool = false
+    return FileManager.default.fileExists(atPath: path, isDirectory: &d) && d.boolValue
 }

@@ -6,6 +6,18 @@ func printError(_ message: String) {
     FileHandle.standardError.write(Data((message + "\n").utf8))
 }
 
+/// The exit statuses of every command, one meaning each (the README lists them).
+enum ExitStatus {
+    /// A check found problems (`checkpoints verify`, `check-reference`).
+    static let checkFailed: Int32 = 1
+    /// The command failed: bad input, a missing or damaged file, an I/O error, a store error.
+    static let failure: Int32 = 2
+    /// Another daemon holds the store or the inbox.
+    static let alreadyRunning: Int32 = 3
+    /// `watch` ran, and some batches went to `failed/` (rejected, or refused by the collapse guard).
+    static let batchesFailed: Int32 = 4
+}
+
 /// Runs a library call and maps its thrown error to a message and an exit code; only the CLI does this.
 func runMapped<T>(_ body: () throws -> T) throws -> T {
     do {
@@ -16,6 +28,6 @@ func runMapped<T>(_ body: () throws -> T) throws -> T {
         throw error
     } catch {
         printError("error: \(error)")
-        throw ExitCode(2)
+        throw ExitCode(ExitStatus.failure)
     }
 }

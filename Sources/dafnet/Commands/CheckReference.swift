@@ -20,6 +20,6 @@ struct CheckReference: ParsableCommand {
             AuxReference.recognises(url) ? try AuxReference.check(folder: url) : try LanguageModelReference.check(folder: url)
         }
         if json { try printJSON(report) } else { print(report.table()) }
-        if !report.passed { throw ExitCode(1) }
+        if !report.passed { throw ExitCode(ExitStatus.checkFailed) }
     }
 }

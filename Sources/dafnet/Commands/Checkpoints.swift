@@ -93,7 +93,7 @@ struct Checkpoints: ParsableCommand {
         func run() throws {
             let report = try runMapped { try location.open().verify() }
             print(json ? try runMapped { try StoreText.json(report) } : StoreText.verify(report))
-            if !report.isClean { throw ExitCode(1) }
+            if !report.isClean { throw ExitCode(ExitStatus.checkFailed) }
         }
     }
 

@@ -85,7 +85,8 @@ struct Watch: ParsableCommand {
             inboxLock = try DaemonLock(inbox: URL(fileURLWithPath: inbox))
         } catch let e as PipelineError {
             printError("error: \(e)")
-            throw ExitCode(3)
+            if case .alreadyRunning = e { throw ExitCode(ExitStatus.alreadyRunning) }
+            throw ExitCode(ExitStatus.failure)
         }
         let store = try runMapped { try location.open(create: true) }
         if let r = store.recovery, !r.isEmpty {
@@ -143,6 +144,8 @@ struct Watch: ParsableCommand {
                   + (summary.count(.abandoned) > 0 ? ", \(summary.count(.abandoned)) abandoned (left in processing/)" : "")
                   + "; HEAD \((try? store.head()).flatMap { $0 }.map { "version \($0)" } ?? "none")")
         }
+        // Scripts can tell a run that left batches in failed/.
+        if summary.count(.rejected) + summary.count(.guarded) > 0 { throw ExitCode(ExitStatus.batchesFailed) }
     }
 
     static func progressLine(_ n: Int, _ o: BatchOutcome) -> String {
