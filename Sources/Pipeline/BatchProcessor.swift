@@ -28,6 +28,8 @@ public struct PipelineSettings: Sendable {
     public var editLogChunk = 1000
     /// Attempts at a batch while HEAD keeps moving under it (rollbacks) before giving up.
     public var maxAttempts = 5
+    /// Commit on a HEAD made on another base model (its manifest's hash differs from the model's).
+    public var allowOtherBaseModel = false
 
     public init() {}
 }
@@ -309,6 +311,7 @@ public final class BatchProcessor {
             var headManifest: Manifest?
             if let head {
                 let loaded = try store.load(.number(head))
+                if !settings.allowOtherBaseModel { try loaded.manifest.requireBaseModel(resources.baseModelSHA256) }
                 headManifest = loaded.manifest
                 state = try EditState(moduleNames: editor.moduleNames, tensors: loaded.tensors)
                 log = try EditLog.load(from: store, version: head, chunkSize: settings.editLogChunk)

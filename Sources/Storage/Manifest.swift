@@ -227,6 +227,16 @@ public struct Manifest: Codable, Sendable, Equatable {
     }
 }
 
+extension Manifest {
+    /// Throws `baseModelMismatch` when the version records a base model other than `given` (the
+    /// SHA-256 of a model folder's weights); nothing is checked where either is unknown.
+    public func requireBaseModel(_ given: String?) throws {
+        if let stored = baseModelSHA256, let given, stored != given {
+            throw StoreError.baseModelMismatch(version: version, stored: stored, given: given)
+        }
+    }
+}
+
 /// A version named on the command line or in code: a number, `HEAD`, or `HEAD~K` (K parents back).
 public enum VersionRef: Sendable, Equatable, CustomStringConvertible {
     case head

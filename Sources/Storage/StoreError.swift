@@ -23,6 +23,7 @@ public enum StoreError: Error, CustomStringConvertible, Sendable {
     /// HEAD moved to `version` but a later step (directory fsync, history record) failed.
     case currentWithError(version: Int, underlying: String)
     case gcRefused(String)
+    case baseModelMismatch(version: Int, stored: String, given: String)
 
     public var description: String {
         switch self {
@@ -50,6 +51,8 @@ public enum StoreError: Error, CustomStringConvertible, Sendable {
         case .currentWithError(let version, let underlying):
             return "version \(version) is now current, but a final step failed: \(underlying)"
         case .gcRefused(let reason): return "gc refused: \(reason)"
+        case .baseModelMismatch(let version, let stored, let given):
+            return "version \(version) was made on the base model with weights sha256 \(stored), but the model folder given has \(given): its edits belong to another model (--allow-other-base-model applies them anyway)"
         }
     }
 }

@@ -146,6 +146,28 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(h.names("processing"), [])
     }
 
+    /// A daemon whose model is not the base HEAD was made on refuses to commit on it (an error naming
+    /// both weight hashes; the batch stays claimed for a corrected restart), unless told otherwise.
+    func testHeadFromAnotherBaseModelIsRefused() throws {
+        let h = try Harness()
+        try h.drop("001.jsonl", try Fixture.batch(0..<1))
+        try h.processor.runOnce()
+        var other = h.processor.resources
+        other.baseModelSHA256 = String(repeating: "ab", count: 32)
+        let wrong = try BatchProcessor(inbox: h.inbox, store: h.store, editor: h.editor, resources: other,
+                                       settings: h.processor.settings, logger: h.processor.logger)
+        try h.drop("002.jsonl", try Fixture.batch(1..<2))
+        XCTAssertThrowsError(try wrong.runOnce()) { e in
+            guard case StoreError.baseModelMismatch(1, let stored, let given)? = e as? StoreError else { return XCTFail("\(e)") }
+            XCTAssertEqual(stored, h.processor.resources.baseModelSHA256)
+            XCTAssertEqual(given, other.baseModelSHA256)
+        }
+        XCTAssertEqual(try h.store.versions(), [1])
+        XCTAssertEqual(h.names("processing"), ["002.jsonl"])
+        wrong.settings.allowOtherBaseModel = true
+        XCTAssertEqual(try wrong.runOnce().map(\.status), [.committed])
+    }
+
     /// A re-dropped identical batch (same bytes, any name) is a no-op with a note, not a second application.
     func testDuplicateBatchIsANoOp() throws {
         let h = try Harness()

@@ -2,6 +2,7 @@ import ArgumentParser
 import Editing
 import Foundation
 import LanguageModel
+import Pipeline
 import Storage
 
 struct Export: ParsableCommand {
@@ -16,6 +17,8 @@ struct Export: ParsableCommand {
     var out: String
     @Option(help: "Stored dtype: F32, F16 or BF16.")
     var dtype = "F32"
+    @Flag(help: "Apply the version to a model folder other than the one it was made on (by default an error naming both weight hashes).")
+    var allowOtherBaseModel = false
 
     func run() throws {
         guard let dt = SafetensorsDType(rawValue: dtype.uppercased()), [.F32, .F16, .BF16].contains(dt) else {
@@ -24,7 +27,11 @@ struct Export: ParsableCommand {
         let folder = try model.load()
         try runMapped {
             let store = try location.open()
-            let tensors = try store.loadTensors(version.ref)
+            let loaded = try store.load(version.ref)
+            if !allowOtherBaseModel {
+                try loaded.manifest.requireBaseModel(PipelineResources.hashes(modelFolder: model.url, editorFolder: nil).model)
+            }
+            let tensors = loaded.tensors
             try EditedModelExport.export(model: folder, state: tensors, to: URL(fileURLWithPath: out), dtype: dt)
         }
         print("wrote \(out) (version \(version.ref))")

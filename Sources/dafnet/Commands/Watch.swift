@@ -42,6 +42,8 @@ struct Watch: ParsableCommand {
     var unfinishedTimeout: Double = 300
     @Option(help: "Seconds between rescans of the inbox besides inotify.")
     var rescanInterval: Double = 30
+    @Flag(help: "Commit on a HEAD made on another base model (by default an error naming both weight hashes).")
+    var allowOtherBaseModel = false
     @Flag(help: "Turn the collapse guard off (its measurements are still recorded).")
     var noGuard = false
     @Option(help: "Collapse guard: largest held-out perplexity, as a multiple of the unedited model's.")
@@ -117,6 +119,7 @@ struct Watch: ParsableCommand {
         var settings = PipelineSettings()
         settings.minimumFileAge = minAge
         settings.unfinishedTimeout = unfinishedTimeout
+        settings.allowOtherBaseModel = allowOtherBaseModel
         settings.rescanInterval = rescanInterval
         settings.collapseGuard.enabled = !noGuard
         settings.collapseGuard.maxPerplexityRatio = maxPerplexityRatio
