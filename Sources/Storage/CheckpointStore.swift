@@ -287,6 +287,7 @@ public final class CheckpointStore: @unchecked Sendable {
         }
         let data = try storeIO { try FileUtil.read(headPath, limit: 64) }
         let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if text == "0" { return nil }  // rolled back to the unedited base model
         guard let v = Int(text), v >= 1 else { throw StoreError.badHead(path: headPath, reason: "'\(text.prefix(40))' is not a version number") }
         guard FileUtil.exists(manifestPath(v)) else { throw StoreError.badHead(path: headPath, reason: "names version \(v), which does not exist") }
         return v
@@ -616,6 +617,19 @@ public final class CheckpointStore: @unchecked Sendable {
             let record = HistoryRecord(op: "rollback", version: target, from: current)
             if current == target { return record }
             try moveHead(to: target, record: record)
+            return record
+        }
+    }
+
+    /// Makes the unedited base model current (HEAD `0`: no edits); the versions stay and can be rolled
+    /// forward to, and the next commit starts a new root. Recorded as `rollback` to no version.
+    @discardableResult
+    public func rollbackToBase() throws -> HistoryRecord {
+        try withLock {
+            let current = try head()
+            let record = HistoryRecord(op: "rollback", version: nil, from: current)
+            if current == nil { return record }
+            try moveHead(to: 0, record: record)
             return record
         }
     }

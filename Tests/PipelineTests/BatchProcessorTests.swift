@@ -221,6 +221,13 @@ final class BatchProcessorTests: XCTestCase {
         let third = try restarted.runOnce()
         XCTAssertEqual(third.map(\.status), [.duplicate], "version 1 is gone, but the records say HEAD descends from it")
         XCTAssertEqual(third.map(\.version), [1])
+
+        // Back to the unedited model: every batch applies again, from a new root.
+        try h.store.rollbackToBase()
+        try h.drop("001-fourth.jsonl", try Fixture.batch(0..<2))
+        let fourth = try restarted.runOnce()
+        XCTAssertEqual(fourth.map(\.status), [.committed])
+        XCTAssertNil(try h.store.manifest(fourth[0].version!).parent)
     }
 
     /// A crash after a commit wrote its manifest and before HEAD named it: the store undoes the commit

@@ -341,6 +341,28 @@ final class CheckpointStoreTests: XCTestCase {
         XCTAssertThrowsError(try store.repairHead(to: 77))
     }
 
+    /// Rolling back to the unedited base: HEAD `0`, no current version (not a fault), the versions stay
+    /// and can be rolled forward to, and the next commit is a new root.
+    func testRollbackToBase() throws {
+        let (store, root) = try newStore()
+        try store.commit(CommitRequest(tensors: state(1)))
+        try store.commit(CommitRequest(tensors: state(2)))
+        let r = try store.rollbackToBase()
+        XCTAssertEqual(r.from, 2)
+        XCTAssertNil(r.version)
+        XCTAssertNil(try store.head())
+        XCTAssertEqual(try String(contentsOf: root.appendingPathComponent("HEAD"), encoding: .utf8), "0\n")
+        let reopened = try CheckpointStore(at: root)
+        XCTAssertNil(try reopened.head())
+        XCTAssertEqual(reopened.recovery?.removedUnfinishedVersions, [])
+        XCTAssertTrue(try reopened.verify().isClean)
+        let m = try reopened.commit(CommitRequest(tensors: state(3)))
+        XCTAssertEqual(m.version, 3)
+        XCTAssertNil(m.parent)
+        try reopened.rollback(to: .number(2))
+        assertStatesEqual(try reopened.loadTensors(), state(2))
+    }
+
     /// A store that lost store.json says how to repair it; repairMarker writes it again, and only where
     /// a store's versions or blobs remain.
     func testMissingMarkerIsRepaired() throws {
