@@ -229,10 +229,10 @@ public final class BatchProcessor {
     var unfinishedNoted: Set<String> = []
 
     var ignoredNoted: Set<String> = []
-    func noteIgnored(_ names: [String]) {
-        for n in names where !ignoredNoted.contains(n) {
-            ignoredNoted.insert(n)
-            logger.notice("ignoring a file that is not a batch (*.jsonl)", metadata: ["file": "\(n)"])
+    /// Logs each entry of the inbox that is not taken once (per name and reason).
+    func noteIgnored(_ entries: [Inbox.Ignored]) {
+        for e in entries where ignoredNoted.insert(e.name + "\u{0}" + e.reason).inserted {
+            logger.notice("ignoring an inbox entry", metadata: ["entry": "\(e.name)", "reason": "\(e.reason)"])
         }
     }
 
@@ -268,7 +268,14 @@ public final class BatchProcessor {
         var times = StageTimes()
         var t = Date()
         let path = inbox.claimedPath(name)
-        guard let info = Files.regularFile(path) else { throw PipelineError.io(operation: "open", path: path, errno: ENOENT) }
+        guard let info = Files.regularFile(path) else {
+            // Swapped for a symbolic link or a special file between the scan and the claim: never followed.
+            if Files.kind(path) != .missing {
+                return try reject(name, sha: "", error: BatchError(file: name, line: 0, field: "", reason: "not a regular file (a symbolic link is never followed)"),
+                                  stage: "validation", times: times)
+            }
+            throw PipelineError.io(operation: "open", path: path, errno: ENOENT)
+        }
         // A batch that cannot be read (permissions, an I/O error) fails like a malformed one: retrying it
         // at every start would block the inbox for good.
         func unreadable(_ error: Error) throws -> BatchOutcome {

@@ -40,18 +40,43 @@ enum Files {
         }
     }
 
-    /// Names in a folder (no "." or ".."), unsorted.
-    static func list(_ path: String) throws -> [String] {
+    /// Names in a folder (no "." or ".."), unsorted; names that are not valid UTF-8 are left out.
+    static func list(_ path: String) throws -> [String] { try listChecked(path).names }
+
+    /// Names in a folder (no "." or ".."), unsorted, and, shown with replacement characters, the names
+    /// that are not valid UTF-8 (no String can name them exactly).
+    static func listChecked(_ path: String) throws -> (names: [String], notUTF8: [String]) {
         guard let dir = opendir(path) else { throw fail("opendir", path) }
         defer { closedir(dir) }
-        var out: [String] = []
+        var out: [String] = [], bad: [String] = []
         while let entry = readdir(dir) {
-            let name = withUnsafePointer(to: entry.pointee.d_name) {
-                $0.withMemoryRebound(to: CChar.self, capacity: Int(NAME_MAX) + 1) { String(cString: $0) }
+            withUnsafePointer(to: entry.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: Int(NAME_MAX) + 1) { p in
+                    if let name = String(validatingCString: p) {
+                        if name != "." && name != ".." { out.append(name) }
+                    } else {
+                        bad.append(String(cString: p))
+                    }
+                }
             }
-            if name != "." && name != ".." { out.append(name) }
         }
-        return out
+        return (out, bad)
+    }
+
+    /// What kind of entry a path is, without following a symbolic link.
+    enum Kind: Equatable {
+        case regular, directory, symbolicLink, other, missing
+    }
+
+    static func kind(_ path: String) -> Kind {
+        var st = stat()
+        guard lstat(path, &st) == 0 else { return .missing }
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: return .regular
+        case S_IFDIR: return .directory
+        case S_IFLNK: return .symbolicLink
+        default: return .other
+        }
     }
 
     /// Whether a file is non-empty and its last byte is a newline (false when it cannot be read: the

@@ -40,12 +40,20 @@ public struct Inbox: Sendable {
         public var size: Int
     }
 
+    /// An entry of the inbox that is not taken, and why.
+    public struct Ignored: Sendable, Equatable {
+        public var name: String
+        public var reason: String
+    }
+
     /// What a look at the inbox found.
     public struct Scan: Sendable {
         /// Batches, in processing order.
         public var candidates: [Candidate]
-        /// Plain files that are not batches (not `.jsonl`), by name.
-        public var ignored: [String]
+        /// Entries that are not taken (besides dot-files, `*.tmp` and the inbox's own folders), by name:
+        /// files that are not `*.jsonl`, symbolic links (never followed), folders, FIFOs and other
+        /// special files, names that are not UTF-8.
+        public var ignored: [Ignored]
     }
 
     /// Whether a name in the inbox is a batch: `*.jsonl`, not a dot-file, not `*.tmp`.
@@ -59,23 +67,34 @@ public struct Inbox: Sendable {
     /// Lists the batches waiting (regular files only), in processing order.
     public func scan(now: Date = Date()) throws -> Scan {
         var candidates: [Candidate] = []
-        var ignored: [String] = []
+        var ignored: [Ignored] = []
         let t = now.timeIntervalSince1970
-        for name in try Files.list(root.path) {
-            guard let info = Files.regularFile(root.path + "/" + name) else { continue }
-            if Self.isBatchName(name) {
-                candidates.append(Candidate(name: name, age: t - info.mtime, size: info.size))
-            } else if !name.hasPrefix(".") && !name.hasSuffix(".tmp") {
-                ignored.append(name)
+        let (names, notUTF8) = try Files.listChecked(root.path)
+        ignored += notUTF8.map { Ignored(name: $0, reason: "the name is not valid UTF-8") }
+        let own = Set(["processing", "done", "failed"])
+        for name in names where !name.hasPrefix(".") && !name.hasSuffix(".tmp") {
+            let path = root.path + "/" + name
+            switch Files.kind(path) {
+            case .regular:
+                guard let info = Files.regularFile(path) else { continue }
+                if Self.isBatchName(name) {
+                    candidates.append(Candidate(name: name, age: t - info.mtime, size: info.size))
+                } else {
+                    ignored.append(Ignored(name: name, reason: "not a batch (*.jsonl)"))
+                }
+            case .symbolicLink: ignored.append(Ignored(name: name, reason: "a symbolic link (never followed)"))
+            case .directory where !own.contains(name): ignored.append(Ignored(name: name, reason: "a folder"))
+            case .other: ignored.append(Ignored(name: name, reason: "not a regular file (a FIFO, socket or device)"))
+            case .directory, .missing: continue
             }
         }
         candidates.sort { Self.precedes($0.name, $1.name) }
-        return Scan(candidates: candidates, ignored: ignored.sorted())
+        return Scan(candidates: candidates, ignored: ignored.sorted { Self.precedes($0.name, $1.name) })
     }
 
     /// Batches left in `processing/` (claimed by a daemon that stopped before finishing them), in order.
     public func claimed() throws -> [String] {
-        try Files.list(processing.path).filter { !$0.hasPrefix(".") && Files.regularFile(processing.path + "/" + $0) != nil }
+        try Files.list(processing.path).filter { !$0.hasPrefix(".") && ![.missing, .directory].contains(Files.kind(processing.path + "/" + $0)) }
             .sorted(by: Self.precedes)
     }
 

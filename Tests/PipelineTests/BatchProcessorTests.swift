@@ -25,6 +25,38 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(h.names("processing"), [])
     }
 
+    /// Symbolic links (to a batch outside the inbox), folders, FIFOs and names that are not UTF-8 are not
+    /// taken, each reported with its reason; the batch beside them is.
+    func testLinksFoldersFIFOsAndBadNamesAreIgnoredWithAReason() throws {
+        let h = try Harness()
+        let outside = h.tmp.path("outside.jsonl")
+        try Fixture.batch(5..<6).write(to: outside)
+        try FileManager.default.createSymbolicLink(atPath: h.inboxURL.appendingPathComponent("link.jsonl").path, withDestinationPath: outside.path)
+        try FileManager.default.createDirectory(at: h.inboxURL.appendingPathComponent("dir.jsonl"), withIntermediateDirectories: false)
+        XCTAssertEqual(mkfifo(h.inboxURL.appendingPathComponent("fifo.jsonl").path, 0o644), 0)
+        var bad = Array((h.inboxURL.path + "/bad").utf8CString.dropLast()) + [CChar(bitPattern: 0xFF)] + Array(".jsonl".utf8CString)
+        let fd = bad.withUnsafeMutableBufferPointer { open($0.baseAddress!, O_CREAT | O_WRONLY, 0o644) }
+        XCTAssertGreaterThanOrEqual(fd, 0)
+        close(fd)
+        try h.drop("001.jsonl", try Fixture.batch(0..<1))
+        let scan = try h.processor.inbox.scan()
+        XCTAssertEqual(scan.candidates.map(\.name), ["001.jsonl"])
+        let reasons = Dictionary(uniqueKeysWithValues: scan.ignored.map { ($0.name, $0.reason) })
+        XCTAssertEqual(reasons["link.jsonl"], "a symbolic link (never followed)")
+        XCTAssertEqual(reasons["dir.jsonl"], "a folder")
+        XCTAssertEqual(reasons["fifo.jsonl"], "not a regular file (a FIFO, socket or device)")
+        XCTAssertEqual(reasons["bad\u{FFFD}.jsonl"], "the name is not valid UTF-8")
+        XCTAssertEqual(try h.processor.runOnce().map(\.batch), ["001.jsonl"])
+        XCTAssertEqual(try h.store.versions(), [1])
+        XCTAssertTrue(FileManager.default.fileExists(atPath: outside.path), "the link's target is untouched")
+
+        // A link swapped in under a batch's name after the scan is claimed but never followed.
+        try FileManager.default.createSymbolicLink(atPath: h.inboxURL.appendingPathComponent("processing/002.jsonl").path, withDestinationPath: outside.path)
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(out.map(\.status), [.rejected])
+        XCTAssertEqual(try h.store.versions(), [1])
+    }
+
     /// Every kind of bad input gives `failed/NAME` and `failed/NAME.error.json` with its line, field and
     /// reason, and changes nothing: HEAD, its state and the version list stay as they were.
     func testBadInputsAreRejectedWithTheirErrorAndChangeNothing() throws {
