@@ -119,17 +119,15 @@ public final class BatchProcessor {
     /// Checked between stages: when it returns true before the commit, the batch is abandoned.
     public var shouldStop: () -> Bool = { false }
 
-    /// `STORE/evaluations/`: the evaluation files, `history.jsonl` and `journal.jsonl`.
-    public var evaluationsFolder: URL { store.root.appendingPathComponent("evaluations", isDirectory: true) }
-    public var historyFile: URL { evaluationsFolder.appendingPathComponent("history.jsonl") }
-    public var journalFile: URL { evaluationsFolder.appendingPathComponent("journal.jsonl") }
+    /// `STORE/evaluations/`: the evaluation files and the logs, all written through the store.
+    public var evaluationsFolder: URL { store.evaluationsFolder }
 
     /// Version → its parent and batch SHA-256 (manifests never change, so read each once).
     private var lineageCache: [Int: (parent: Int?, batch: String?)] = [:]
     /// The same for versions whose manifest `gc` removed: the parent from the store's commit records,
     /// the batch from the journal.
     private var removedLineage: [Int: (parent: Int?, batch: String?)] = [:]
-    /// (sha256, version) pairs already in history.jsonl.
+    /// (sha256, version) pairs already in the batch log.
     var historyKeys: Set<String> = []
 
     /// The held-out texts ordered by length, so the perplexity batches carry little padding.
@@ -157,9 +155,6 @@ public final class BatchProcessor {
         canaryItems = items
         canaryReference = model.withoutEdits { model.predict(items) }
         heldoutFingerprint = Self.fingerprint(resources.heldoutText)
-        try Files.makeDirectories(evaluationsFolder.path)
-        try Files.repairTornTail(historyFile.path)
-        try Files.repairTornTail(journalFile.path)
         try loadJournal()
     }
 
@@ -168,14 +163,14 @@ public final class BatchProcessor {
     func loadJournal() throws {
         var batchOf: [Int: String] = [:]
         let decoder = JSONDecoder()
-        for line in try Files.lines(journalFile.path) {
+        for line in try store.lines(of: .journal) {
             guard let e = try? decoder.decode(JournalEntry.self, from: line) else { continue }
             if e.status == BatchOutcome.Status.committed.rawValue, let v = e.version { batchOf[v] = e.sha256 }
         }
         for r in try store.history() where r.op == "commit" {
             if let v = r.version { removedLineage[v] = (r.from, batchOf[v]) }
         }
-        for line in try Files.lines(historyFile.path) {
+        for line in try store.lines(of: .batches) {
             if let h = try? PipelineJSON.decoder.decode(HistoryLine.self, from: line) { historyKeys.insert(Self.historyKey(h)) }
         }
     }
@@ -190,10 +185,8 @@ public final class BatchProcessor {
     /// Finishes or reprocesses the batches a stopped daemon left in `processing/`, in order.
     @discardableResult
     public func recoverClaimed() throws -> [BatchOutcome] {
-        // Temporary files of writes a crash interrupted (evaluation and error files).
-        for dir in [evaluationsFolder.path, inbox.failed.path] {
-            for name in try Files.list(dir) where name.hasPrefix(".tmp-") { unlink(dir + "/" + name) }
-        }
+        // Temporary files of error files a crash interrupted (the store cleans its own when opened).
+        for name in try Files.list(inbox.failed.path) where name.hasPrefix(".tmp-") { unlink(inbox.failed.path + "/" + name) }
         var out: [BatchOutcome] = []
         for name in try inbox.claimed() {
             if shouldStop() { break }
@@ -517,18 +510,17 @@ public final class BatchProcessor {
             }
             if let r = report {
                 let fileName = BatchReport.fileName(batch: r.batch, version: version)
-                let url = evaluationsFolder.appendingPathComponent(fileName)
                 var final = r
                 final.timings = status == .committed ? times : r.timings
                 if status == .committed { final.timings.finish = 0 }
                 let data = try final.encoded()
-                try Files.writeAtomically(data, to: url.path)
+                let url = try store.writeEvaluationsFile(data, named: fileName)
                 // And in the version's own folder, which archives carry with the version.
                 try store.writeEvaluationFile(data, named: fileName, for: version)
                 evaluationFile = url
                 let line = final.historyLine
                 if !historyKeys.contains(Self.historyKey(line)) {
-                    try Files.appendLine(try PipelineJSON.line(line), to: historyFile.path)
+                    try store.append(try PipelineJSON.line(line), to: .batches)
                     historyKeys.insert(Self.historyKey(line))
                 }
                 report = final
@@ -582,7 +574,7 @@ public final class BatchProcessor {
             // Before the move, so a crash in between gives the line once (the retry finds it).
             let line = report.historyLine
             if !historyKeys.contains(Self.historyKey(line)) {
-                try Files.appendLine(try PipelineJSON.line(line), to: historyFile.path)
+                try store.append(try PipelineJSON.line(line), to: .batches)
                 historyKeys.insert(Self.historyKey(line))
             }
         }
@@ -619,7 +611,7 @@ public final class BatchProcessor {
     }
 
     func journal(_ e: JournalEntry) throws {
-        try Files.appendLine(try PipelineJSON.line(e), to: journalFile.path)
+        try store.append(try PipelineJSON.line(e), to: .journal)
     }
 
     // MARK: Helpers

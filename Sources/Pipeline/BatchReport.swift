@@ -158,7 +158,7 @@ public struct BatchReport: Codable, Sendable {
 
     public func encoded() throws -> Data { try PipelineJSON.pretty(self) }
 
-    /// The line this batch adds to `evaluations/history.jsonl`.
+    /// The line this batch adds to `evaluations/batches.jsonl`.
     public var historyLine: HistoryLine {
         HistoryLine(time: time, batch: batch, sha256: sha256, status: status, version: version, parent: parent, edits: edits,
                     totalEdits: totalEdits, reliability: reliability, generality: generality, locality: locality,
@@ -174,7 +174,7 @@ public struct BatchReport: Codable, Sendable {
     }
 }
 
-/// One line of `STORE/evaluations/history.jsonl`: a batch's means, in processing order.
+/// One line of `STORE/evaluations/batches.jsonl`: a batch's means, in processing order.
 public struct HistoryLine: Codable, Sendable, Equatable {
     public var time: String
     public var batch: String

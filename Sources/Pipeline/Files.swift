@@ -15,11 +15,6 @@ enum Files {
         return lstat(path, &st) == 0
     }
 
-    static func isDirectory(_ path: String) -> Bool {
-        var st = stat()
-        return stat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
-    }
-
     /// Regular file: its modification time (seconds since 1970) and size; nil for anything else.
     static func regularFile(_ path: String) -> (mtime: Double, size: Int)? {
         var st = stat()
@@ -150,36 +145,5 @@ enum Files {
             throw error
         }
         try syncDirectory(dir)
-    }
-
-    /// Appends one line (a newline is added) and fsyncs. A torn last line left by a crash is cut off
-    /// first, so every line stays whole.
-    static func appendLine(_ line: Data, to path: String) throws {
-        try repairTornTail(path)
-        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw fail("open", path) }
-        defer { close(fd) }
-        var bytes = line
-        bytes.append(UInt8(ascii: "\n"))
-        try writeAll(fd, bytes, path: path)
-        guard fsync(fd) == 0 else { throw fail("fsync", path) }
-    }
-
-    /// Cuts a partial final line (no newline) off a JSON Lines file.
-    static func repairTornTail(_ path: String) throws {
-        guard let info = regularFile(path), info.size > 0 else { return }
-        let data = try read(path, limit: Int.max)
-        guard data.last != UInt8(ascii: "\n") else { return }
-        let keep = data.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 } ?? 0
-        guard truncate(path, off_t(keep)) == 0 else { throw fail("truncate", path) }
-    }
-
-    /// The whole lines of a JSON Lines file (a torn last line is skipped).
-    static func lines(_ path: String) throws -> [Data] {
-        guard regularFile(path) != nil else { return [] }
-        let data = try read(path, limit: Int.max)
-        var parts = data.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false).map { Data($0) }
-        parts.removeLast()  // after the final newline: empty; without one: a torn line
-        return parts.filter { !$0.isEmpty }
     }
 }

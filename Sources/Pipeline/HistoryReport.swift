@@ -1,15 +1,18 @@
 import Foundation
+import Storage
 
-/// `dafnet report`: the batches of `STORE/evaluations/history.jsonl` as one self-contained HTML page
+/// `dafnet report`: the batches of `STORE/evaluations/batches.jsonl` as one self-contained HTML page
 /// (inline CSS and SVG, no scripts, nothing fetched): metrics across versions, perplexity across
 /// versions, and a table of every batch.
 public enum HistoryReport {
-    /// Reads the history lines of a store (a torn or unreadable line is skipped).
-    public static func load(store: URL) throws -> [HistoryLine] {
-        let path = store.appendingPathComponent("evaluations/history.jsonl").path
+    /// Reads the batch lines of a store (an unreadable line is skipped).
+    public static func load(_ store: CheckpointStore) throws -> [HistoryLine] {
         let decoder = PipelineJSON.decoder
-        return try Files.lines(path).compactMap { try? decoder.decode(HistoryLine.self, from: $0) }
+        return try store.lines(of: .batches).compactMap { try? decoder.decode(HistoryLine.self, from: $0) }
     }
+
+    /// The same for the store folder at `store`.
+    public static func load(store: URL) throws -> [HistoryLine] { try load(CheckpointStore(at: store)) }
 
     struct Series {
         var name: String

@@ -75,6 +75,8 @@ public struct RecoveryReport: Sendable, Equatable {
     public var removedBlobs: [String] = []
     /// A torn last line of history.jsonl was cut off.
     public var truncatedHistory = false
+    /// The evaluation logs (`evaluations/…`) whose torn last line was cut off.
+    public var truncatedLogs: [String] = []
     /// HEAD had moved without its history record (a crash right after the move); one was added.
     public var recordedHead = false
     /// Versions whose manifest was written by a commit or an import that never made them known (a
@@ -85,7 +87,7 @@ public struct RecoveryReport: Sendable, Equatable {
     public var blobCleanupSkipped: String?
 
     public var isEmpty: Bool {
-        removedTemporary.isEmpty && removedBlobs.isEmpty && !truncatedHistory && !recordedHead && removedUnfinishedVersions.isEmpty
+        removedTemporary.isEmpty && removedBlobs.isEmpty && !truncatedHistory && truncatedLogs.isEmpty && !recordedHead && removedUnfinishedVersions.isEmpty
     }
 }
 
@@ -105,7 +107,8 @@ public struct LoadedVersion {
 /// history.jsonl       append-only: every move of HEAD and every gc (HistoryRecord)
 /// objects/<sha256>    blobs: 8-byte header + one zstd frame; the hash is over these stored bytes
 /// versions/NNNNNNNN.json   immutable manifests
-/// evaluations/vNNNNNNNN/   evaluation files of a version (written by the pipeline)
+/// evaluations/vNNNNNNNN/   evaluation files of a version (written by the pipeline through the store)
+/// evaluations/*.jsonl      the pipeline's logs (EvaluationLog), appended under the lock
 /// ```
 ///
 /// A commit writes the new blobs, then the manifest, then HEAD, each as a temporary file, fsync,
@@ -699,6 +702,7 @@ public final class CheckpointStore: @unchecked Sendable {
                     report.truncatedHistory = true
                 }
             }
+            try recoverLogs(&report)
         }
         // A version is made known by HEAD naming it or by a history record (commit, rollback, import,
         // gc); a manifest that neither names was left by a commit or import that crashed before either

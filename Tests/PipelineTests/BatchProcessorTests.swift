@@ -216,7 +216,7 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(try h.store.versions(), [1])
         XCTAssertEqual(try h.headState(), state)
         XCTAssertEqual(h.names("done"), ["001-first.jsonl", "001-first~2.jsonl", "002-again.jsonl"])
-        let journal = try Files.lines(h.processor.journalFile.path).map { try JSONDecoder().decode(JournalEntry.self, from: $0) }
+        let journal = try h.store.lines(of: .journal).map { try JSONDecoder().decode(JournalEntry.self, from: $0) }
         XCTAssertEqual(journal.map(\.status), ["committed", "duplicate", "duplicate"])
         XCTAssertEqual(Set(journal.map(\.sha256)).count, 1)
         // A new processor (a restart) knows the batch from the journal and the store.
@@ -275,9 +275,11 @@ final class BatchProcessorTests: XCTestCase {
         // processing/ and none of the steps after the commit.
         try Data("1\n".utf8).write(to: h.storeURL.appendingPathComponent("HEAD"))
         let storeHistory = h.storeURL.appendingPathComponent("history.jsonl")
-        try (Files.lines(storeHistory.path).dropLast().map { $0 + Data("\n".utf8) }.reduce(Data(), +)).write(to: storeHistory)
-        for f in [h.processor.historyFile, h.processor.journalFile] {
-            try (Files.lines(f.path).dropLast().map { $0 + Data("\n".utf8) }.reduce(Data(), +)).write(to: f)
+        let records = try Data(contentsOf: storeHistory).split(separator: UInt8(ascii: "\n"))
+        try Data(records.dropLast().map { Data($0) + Data("\n".utf8) }.reduce(Data(), +)).write(to: storeHistory)
+        for f in EvaluationLog.allCases.map({ h.store.evaluationsFolder.appendingPathComponent($0.rawValue) }) {
+            let lines = try Data(contentsOf: f).split(separator: UInt8(ascii: "\n"))
+            try Data(lines.dropLast().map { Data($0) + Data("\n".utf8) }.reduce(Data(), +)).write(to: f)
         }
         try FileManager.default.removeItem(at: h.processor.evaluationsFolder.appendingPathComponent("002.v0002.json"))
         try FileManager.default.removeItem(at: h.store.evaluationsDirectory(for: 2))
@@ -360,8 +362,9 @@ final class BatchProcessorTests: XCTestCase {
         try FileManager.default.removeItem(at: eval2)
         try FileManager.default.moveItem(at: h.inboxURL.appendingPathComponent("done/002.jsonl"),
                                          to: h.inboxURL.appendingPathComponent("processing/002.jsonl"))
-        let history = try Files.lines(h.processor.historyFile.path)
-        try (history.dropLast().map { $0 + Data("\n".utf8) }.reduce(Data(), +) + Data("{\"torn".utf8)).write(to: h.processor.historyFile)
+        let history = try h.store.lines(of: .batches)
+        let batchLog = h.store.evaluationsFolder.appendingPathComponent(EvaluationLog.batches.rawValue)
+        try (history.dropLast().map { $0 + Data("\n".utf8) }.reduce(Data(), +) + Data("{\"torn".utf8)).write(to: batchLog)
         // And a claimed batch that never got to its commit.
         try Fixture.batch(4..<6).write(to: h.inboxURL.appendingPathComponent("processing/003.jsonl"))
 

@@ -408,6 +408,37 @@ final class CheckpointStoreTests: XCTestCase {
         XCTAssertEqual(try ro.versions(), [1, 2])
     }
 
+    /// The evaluation logs: appended under the lock, read as complete lines, a torn last line cut at
+    /// open (and before an append), the old batch log renamed; files in evaluations/ go through the store.
+    func testEvaluationLogs() throws {
+        let (store, root) = try newStore()
+        try store.append(Data("{\"a\":1}".utf8), to: .batches)
+        try store.append(Data("{\"a\":2}".utf8), to: .batches)
+        try store.append(Data("{\"j\":1}".utf8), to: .journal)
+        XCTAssertEqual(try store.lines(of: .batches), [Data("{\"a\":1}".utf8), Data("{\"a\":2}".utf8)])
+        XCTAssertThrowsError(try store.append(Data("a\nb".utf8), to: .journal))
+        let batches = root.appendingPathComponent("evaluations/batches.jsonl")
+        let h = try FileHandle(forWritingTo: batches)
+        h.seekToEndOfFile()
+        h.write(Data("{\"torn".utf8))
+        try h.close()
+        XCTAssertEqual(try store.lines(of: .batches).count, 2, "a torn line is not a line")
+        try store.append(Data("{\"a\":3}".utf8), to: .batches)
+        XCTAssertEqual(try store.lines(of: .batches).last, Data("{\"a\":3}".utf8), "the append cut the torn line first")
+        try Data("{\"torn".utf8).write(to: root.appendingPathComponent("evaluations/journal.jsonl"), options: .atomic)
+        XCTAssertEqual(try CheckpointStore(at: root).recovery?.truncatedLogs, ["journal.jsonl"])
+        XCTAssertEqual(try Data(contentsOf: root.appendingPathComponent("evaluations/journal.jsonl")), Data())
+
+        // A store from before the rename.
+        try FileManager.default.moveItem(at: batches, to: root.appendingPathComponent("evaluations/history.jsonl"))
+        XCTAssertEqual(try CheckpointStore(at: root).lines(of: .batches).count, 3)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: root.appendingPathComponent("evaluations/history.jsonl").path))
+
+        let url = try store.writeEvaluationsFile(Data("<html>".utf8), named: "report.html")
+        XCTAssertEqual(try Data(contentsOf: url), Data("<html>".utf8))
+        for bad in ["", "a/b", "..", "batches.jsonl", ".tmp-x"] { XCTAssertThrowsError(try store.writeEvaluationsFile(Data(), named: bad), bad) }
+    }
+
     func testEvaluationFiles() throws {
         let (store, root) = try newStore()
         try store.commit(CommitRequest(tensors: state(1)))

@@ -1,11 +1,12 @@
 import ArgumentParser
 import Foundation
 import Pipeline
+import Storage
 
 /// `dafnet report`: the store's batch history as one self-contained HTML page with charts.
 struct Report: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Render STORE/evaluations/history.jsonl as an HTML page (metrics and perplexity across versions, every batch).")
+        abstract: "Render STORE/evaluations/batches.jsonl as an HTML page (metrics and perplexity across versions, every batch).")
 
     @OptionGroup var location: StoreLocationOptions
     @Option(help: "Where to write the page (default: STORE/evaluations/report.html).")
@@ -16,9 +17,15 @@ struct Report: ParsableCommand {
     func run() throws {
         try runMapped {
             let store = try location.open()
-            let lines = try HistoryReport.load(store: store.root)
-            let url = out.map { URL(fileURLWithPath: $0) } ?? store.root.appendingPathComponent("evaluations/report.html")
-            try Data(HistoryReport.html(lines, title: title).utf8).write(to: url, options: .atomic)
+            let lines = try HistoryReport.load(store)
+            let page = Data(HistoryReport.html(lines, title: title).utf8)
+            let url: URL
+            if let out {
+                url = URL(fileURLWithPath: out)
+                try page.write(to: url, options: .atomic)
+            } else {
+                url = try store.writeEvaluationsFile(page, named: "report.html")
+            }
             print("\(url.path): \(lines.count) batch\(lines.count == 1 ? "" : "es")")
         }
     }

@@ -18,7 +18,7 @@ struct Watch: ParsableCommand {
         Each batch is claimed into INBOX/processing/, validated whole, applied on HEAD's edit state, evaluated, \
         checked by the collapse guard, committed as a new version, and moved to INBOX/done/ (or to INBOX/failed/ \
         beside NAME.error.json). Evaluation files go to STORE/evaluations/NAME.vNNNN.json, one line per batch to \
-        STORE/evaluations/history.jsonl (see `dafnet report`). One daemon per store; SIGTERM/SIGINT stop it cleanly.
+        STORE/evaluations/batches.jsonl (see `dafnet report`). One daemon per store; SIGTERM/SIGINT stop it cleanly.
         """)
 
     @Flag(help: "Process what is in the inbox, then exit (scripts and CI).")
