@@ -46,6 +46,8 @@ public struct ArchiveCreateReport: Sendable {
     public var evaluationFiles: Int
     public var modelFiles: Int
     public var archiveBytes: Int
+    /// The archive file's SHA-256 (also in `F.sha256`).
+    public var sha256: String
 }
 
 /// What `CheckpointArchive.restore` imported.
@@ -56,6 +58,8 @@ public struct ArchiveRestoreReport: Sendable {
     public var restoredVersion: Int
     /// Whether HEAD moved to it (only when the store had no version).
     public var headMoved: Bool
+    /// Whether the archive matched its `.sha256` file (false: there was none beside it).
+    public var checksumVerified: Bool
     public var blobsAdded: Int
     /// Where the base-model files went, if the archive had them.
     public var modelDirectory: String?
@@ -144,9 +148,29 @@ public enum CheckpointArchive {
             unlink(temp)
             throw error
         }
+        // The archive's own hash beside it (`sha256sum` format): archive.json records every other
+        // file's hash, and this records archive.json's.
+        let sha = try FileHash.sha256(ofFileAt: URL(fileURLWithPath: out))
+        let line = Data("\(sha)  \((out as NSString).lastPathComponent)\n".utf8)
+        try storeIO { try AtomicFile.write(to: out + checksumSuffix) { fd in try line.withUnsafeBytes { try POSIXFileSystem.writeAll(fd: fd, $0, path: out) } } }
         return ArchiveCreateReport(path: out, version: version, versions: chain, objects: objects.count,
                                    evaluationFiles: evaluations.count, modelFiles: model.count,
-                                   archiveBytes: FileUtil.fileSize(out) ?? 0)
+                                   archiveBytes: FileUtil.fileSize(out) ?? 0, sha256: sha)
+    }
+
+    /// `F.tar.zst.sha256`, written beside every archive.
+    public static let checksumSuffix = ".sha256"
+
+    /// Checks an archive against its `.sha256` file when there is one. Returns whether it was checked.
+    static func checkChecksum(_ path: String) throws -> Bool {
+        guard FileUtil.exists(path + checksumSuffix) else { return false }
+        let text = String(decoding: try storeIO { try FileUtil.read(path + checksumSuffix, limit: 4096) }, as: UTF8.self)
+        guard let recorded = text.split(separator: " ").first.map(String.init), Hex.isSHA256(recorded) else {
+            throw ArchiveError.invalidArchive("\(path)\(checksumSuffix) does not hold a sha256")
+        }
+        let actual = try FileHash.sha256(ofFileAt: URL(fileURLWithPath: path))
+        guard actual == recorded else { throw ArchiveError.hashMismatch(path: path, expected: recorded, actual: actual) }
+        return true
     }
 
     /// Restores an archive into `store`, under the store lock. The archive is extracted into a fresh
@@ -166,6 +190,7 @@ public enum CheckpointArchive {
                                modelDestination: URL? = nil) throws -> ArchiveRestoreReport {
         let archivePath = url.standardizedFileURL.path
         guard FileUtil.isRegularFile(archivePath) else { throw StoreError.io(FileIOError("open", archivePath, code: ENOENT)) }
+        let checked = try checkChecksum(archivePath)
         return try store.withLock {
             let staging = store.rootPath + "/" + CheckpointStore.tempPrefix + "restore-" + FileUtil.randomSuffix()
             guard mkdir(staging, 0o700) == 0 else { throw StoreError.io(FileIOError("mkdir", staging)) }
@@ -173,8 +198,10 @@ public enum CheckpointArchive {
             let files = try SafeExtractor.extract(archivePath, into: staging, root: rootFolder, limits: limits)
             let base = staging + "/" + rootFolder
             let staged = try validate(base: base, files: Set(files.map { String($0.dropFirst(rootFolder.count + 1)) }))
-            return try importStaged(staged, base: base, archiveName: url.lastPathComponent, store: store,
-                                    modelDestination: modelDestination)
+            var report = try importStaged(staged, base: base, archiveName: url.lastPathComponent, store: store,
+                                          modelDestination: modelDestination)
+            report.checksumVerified = checked
+            return report
         }
     }
 
@@ -252,6 +279,9 @@ public enum CheckpointArchive {
             guard let recorded = index.manifests[String(v)] else { throw ArchiveError.invalidArchive("no hash for \(rel)") }
             guard actual == recorded else { throw ArchiveError.hashMismatch(path: rel, expected: recorded, actual: actual) }
             let m = try Manifest.decode(data, path: rel, expectedVersion: v)
+            if let p = m.parent, let recorded = m.parentManifestSHA256, let parentSHA = index.manifests[String(p)], parentSHA != recorded {
+                throw ArchiveError.hashMismatch(path: Manifest.fileName(p) + " (recorded by its child " + rel + ")", expected: recorded, actual: parentSHA)
+            }
             var state = StateHasher()
             for t in m.tensors {
                 guard contentSize[t.blob] == t.bytes else {
@@ -336,6 +366,7 @@ public enum CheckpointArchive {
                 if try store.storeBlob(bytes.buffer, hash: o, temps: &temps, created: &created) { added += 1 }
             }
             if added > 0 { try store.fileSystem.syncDirectory(atPath: store.objectsPath) }
+            var newSHA: [Int: String] = [:]  // archive version → the hash of its manifest as installed
             for v in index.versions {
                 let target = store.manifestPath(map[v]!)
                 if keepNumbers {
@@ -343,9 +374,13 @@ public enum CheckpointArchive {
                 } else {
                     var m = staged.manifests[v]!
                     m.version = map[v]!
+                    // The chain of hashes is rebuilt over the renumbered manifests (ascending: parents first).
+                    m.parentManifestSHA256 = m.parent.flatMap { newSHA[$0] }
                     m.parent = m.parent.flatMap { map[$0] }
+                    if m.parent == nil { m.parentManifestSHA256 = nil }
                     m.origin = m.origin ?? ManifestOrigin(archive: archiveName, version: v)
                     let data = try m.encoded()
+                    newSHA[v] = Hex.sha256(data)
                     try data.withUnsafeBytes { try store.install($0, at: target, in: store.versionsPath, temps: &temps) }
                 }
             }
@@ -379,7 +414,7 @@ public enum CheckpointArchive {
             }
             try store.appendHistory(HistoryRecord(op: "import", version: headAfter, from: headBefore, source: archiveName,
                                                   versions: index.versions.map { map[$0]! }))
-            return ArchiveRestoreReport(versionMap: map, restoredVersion: restored, headMoved: keepNumbers,
+            return ArchiveRestoreReport(versionMap: map, restoredVersion: restored, headMoved: keepNumbers, checksumVerified: false,
                                         blobsAdded: added, modelDirectory: modelDir)
         }
     }

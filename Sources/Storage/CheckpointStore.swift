@@ -288,12 +288,57 @@ public final class CheckpointStore: @unchecked Sendable {
             }
             return nil
         }
-        let data = try storeIO { try FileUtil.read(headPath, limit: 64) }
+        return try headRecord().version
+    }
+
+    /// HEAD as written: `N SHA256` (the version and its manifest file's hash; `N` alone in stores made
+    /// before the hash was recorded), or `0` for the unedited base (version nil).
+    func headRecord() throws -> (version: Int?, manifestSHA256: String?) {
+        let data = try storeIO { try FileUtil.read(headPath, limit: 200) }
         let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-        if text == "0" { return nil }  // rolled back to the unedited base model
-        guard let v = Int(text), v >= 1 else { throw StoreError.badHead(path: headPath, reason: "'\(text.prefix(40))' is not a version number") }
+        if text == "0" { return (nil, nil) }  // rolled back to the unedited base model
+        let parts = text.split(separator: " ", omittingEmptySubsequences: false)
+        guard (1...2).contains(parts.count), let v = Int(parts[0]), v >= 1, parts.count == 1 || Hex.isSHA256(String(parts[1])) else {
+            throw StoreError.badHead(path: headPath, reason: "'\(text.prefix(40))' is not a version number")
+        }
         guard FileUtil.exists(manifestPath(v)) else { throw StoreError.badHead(path: headPath, reason: "names version \(v), which does not exist") }
-        return v
+        return (v, parts.count == 2 ? String(parts[1]) : nil)
+    }
+
+    /// Reads a manifest file and checks it against a record of its hash (HEAD's, a child's or a
+    /// commit's), when there is one.
+    func manifestChecked(_ version: Int, against expected: String?, recordedBy: @autoclosure () -> String) throws -> (Manifest, Data) {
+        let data = try manifestData(version)
+        if let expected {
+            let actual = Hex.sha256(data)
+            guard actual == expected else {
+                throw StoreError.manifestChanged(version: version, recordedBy: recordedBy(), expected: expected, actual: actual)
+            }
+        }
+        return (try Manifest.decode(data, path: manifestPath(version), expectedVersion: version), data)
+    }
+
+    /// Every record of a version's manifest hash: its commit's history record and its children's
+    /// `parent_manifest_sha256` (HEAD's is read with HEAD).
+    func manifestRecords() throws -> [Int: [(by: String, sha256: String)]] {
+        var out: [Int: [(by: String, sha256: String)]] = [:]
+        for r in try history() where r.op == "commit" {
+            if let v = r.version, let h = r.manifestSHA256 { out[v, default: []].append(("its commit record in history.jsonl", h)) }
+        }
+        for v in try versions() {
+            guard let m = try? manifest(v), let p = m.parent, let h = m.parentManifestSHA256 else { continue }
+            out[p, default: []].append(("its child \(Manifest.fileName(v))", h))
+        }
+        return out
+    }
+
+    /// Checks a version's manifest against every record of its hash (before HEAD is moved to it).
+    func checkManifestRecords(_ version: Int) throws {
+        let data = try manifestData(version)
+        let actual = Hex.sha256(data)
+        for r in try manifestRecords()[version] ?? [] where r.sha256 != actual {
+            throw StoreError.manifestChanged(version: version, recordedBy: r.by, expected: r.sha256, actual: actual)
+        }
     }
 
     /// Sets HEAD again on a store whose HEAD is missing or bad: to `version` when given, else to the
@@ -305,12 +350,13 @@ public final class CheckpointStore: @unchecked Sendable {
     public func repairHead(to version: Int? = nil) throws -> HistoryRecord? {
         try withLock {
             if (try? head()) != nil, version == nil { return nil }
-            func loads(_ v: Int) -> Bool { (try? load(.number(v))) != nil }
+            func loads(_ v: Int) -> Bool { (try? load(.number(v))) != nil && (try? checkManifestRecords(v)) != nil }
             let all = try versions()
             var target: Int?
             if let version {
                 guard all.contains(version) else { throw StoreError.versionNotFound(version) }
                 _ = try load(.number(version))
+                try checkManifestRecords(version)
                 target = version
             } else if let last = try history().last(where: { $0.version != nil })?.version, all.contains(last), loads(last) {
                 target = last
@@ -371,18 +417,24 @@ public final class CheckpointStore: @unchecked Sendable {
             guard FileUtil.exists(manifestPath(n)) else { throw StoreError.versionNotFound(n) }
             return n
         case .head:
-            guard let h = try head() else { throw StoreError.empty(path: rootPath) }
-            return h
+            guard try head() != nil else { throw StoreError.empty(path: rootPath) }
+            let record = try headRecord()
+            _ = try manifestChecked(record.version!, against: record.manifestSHA256, recordedBy: "HEAD")
+            return record.version!
         case .headMinus(let k):
-            guard let h = try head() else { throw StoreError.empty(path: rootPath) }
-            var current = h
+            // The walk follows parents only through manifests their records vouch for.
+            guard try head() != nil else { throw StoreError.empty(path: rootPath) }
+            let record = try headRecord()
+            let h = record.version!
+            var (m, _) = try manifestChecked(h, against: record.manifestSHA256, recordedBy: "HEAD")
             for step in 0..<k {
-                guard let p = try manifest(current).parent, FileUtil.exists(manifestPath(p)) else {
+                guard let p = m.parent, FileUtil.exists(manifestPath(p)) else {
                     throw StoreError.notEnoughAncestors(from: h, steps: k, reached: step)
                 }
-                current = p
+                let child = m.version
+                (m, _) = try manifestChecked(p, against: m.parentManifestSHA256, recordedBy: "its child \(Manifest.fileName(child))")
             }
-            return current
+            return m.version
         }
     }
 
@@ -513,8 +565,9 @@ public final class CheckpointStore: @unchecked Sendable {
         return true
     }
 
+    /// HEAD names `version` with its manifest file's hash (`0`: the unedited base).
     func writeHead(_ version: Int, temps: inout [String]) throws {
-        let text = Data("\(version)\n".utf8)
+        let text = Data((version == 0 ? "0\n" : "\(version) \(Hex.sha256(try manifestData(version)))\n").utf8)
         try text.withUnsafeBytes { try install($0, at: headPath, in: rootPath, temps: &temps) }
     }
 
@@ -558,6 +611,12 @@ public final class CheckpointStore: @unchecked Sendable {
 
     func commitLocked(_ request: CommitRequest) throws -> Manifest {
         let parent = try head()
+        // The new version vouches for its parent's manifest: only one HEAD's record vouches for too.
+        var parentSHA: String?
+        if parent != nil {
+            let record = try headRecord()
+            parentSHA = Hex.sha256(try manifestChecked(parent!, against: record.manifestSHA256, recordedBy: "HEAD").1)
+        }
         let number = try nextVersionNumber()
         var temps: [String] = []
         var created: [String] = []
@@ -587,7 +646,7 @@ public final class CheckpointStore: @unchecked Sendable {
                 fileEntries.append(FileEntry(name: name, blob: hash, bytes: data.count, storedBytes: blob.count))
             }
             if wroteBlob { try fileSystem.syncDirectory(atPath: objectsPath) }
-            let manifest = Manifest(version: number, parent: parent, baseModelSHA256: request.baseModelSHA256,
+            let manifest = Manifest(version: number, parent: parent, parentManifestSHA256: parentSHA, baseModelSHA256: request.baseModelSHA256,
                                     editorSHA256: request.editorSHA256, batch: request.batch, created: Timestamp.now(),
                                     tensors: tensorEntries, files: fileEntries, stateSHA256: state.finalize(), info: request.info)
             let data = try manifest.encoded()
@@ -597,7 +656,8 @@ public final class CheckpointStore: @unchecked Sendable {
             try writeHead(number, temps: &temps)
             headMoved = true
             try fileSystem.syncDirectory(atPath: rootPath)
-            try appendHistory(HistoryRecord(op: "commit", version: number, from: parent, source: request.batch?.name))
+            try appendHistory(HistoryRecord(op: "commit", version: number, from: parent, source: request.batch?.name,
+                                            manifestSHA256: Hex.sha256(data)))
             return manifest
         } catch {
             for t in temps { try? fileSystem.removeFile(atPath: t) }
@@ -617,6 +677,7 @@ public final class CheckpointStore: @unchecked Sendable {
             let target = try resolve(ref)
             let current = try head()
             _ = try load(.number(target))
+            try checkManifestRecords(target)
             let record = HistoryRecord(op: "rollback", version: target, from: current)
             if current == target { return record }
             try moveHead(to: target, record: record)

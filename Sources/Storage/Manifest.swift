@@ -70,6 +70,10 @@ public struct Manifest: Codable, Sendable, Equatable {
     public var version: Int
     /// The version that was HEAD when this one was committed (nil for the first).
     public var parent: Int?
+    /// SHA-256 of the parent's manifest file: changing any manifest of the chain (its parent, time,
+    /// batch, info, …) breaks this record in its child, as HEAD's record and the commit's history
+    /// record cover the newest. Absent in stores made before it was recorded.
+    public var parentManifestSHA256: String?
     public var baseModelSHA256: String?
     public var editorSHA256: String?
     public var batch: BatchReference?
@@ -90,6 +94,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         case baseModelSHA256 = "base_model_sha256"
         case editorSHA256 = "editor_sha256"
         case stateSHA256 = "state_sha256"
+        case parentManifestSHA256 = "parent_manifest_sha256"
     }
 
     public init(from decoder: Decoder) throws {
@@ -97,6 +102,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         format = try c.decode(String.self, forKey: .format)
         version = try c.decode(Int.self, forKey: .version)
         parent = try c.decodeIfPresent(Int.self, forKey: .parent)
+        parentManifestSHA256 = try c.decodeIfPresent(String.self, forKey: .parentManifestSHA256)
         baseModelSHA256 = try c.decodeIfPresent(String.self, forKey: .baseModelSHA256)
         editorSHA256 = try c.decodeIfPresent(String.self, forKey: .editorSHA256)
         batch = try c.decodeIfPresent(BatchReference.self, forKey: .batch)
@@ -108,12 +114,13 @@ public struct Manifest: Codable, Sendable, Equatable {
         origin = try c.decodeIfPresent(ManifestOrigin.self, forKey: .origin)
     }
 
-    init(version: Int, parent: Int?, baseModelSHA256: String?, editorSHA256: String?, batch: BatchReference?,
+    init(version: Int, parent: Int?, parentManifestSHA256: String?, baseModelSHA256: String?, editorSHA256: String?, batch: BatchReference?,
          created: String, tensors: [TensorEntry], files: [FileEntry], stateSHA256: String, info: JSONValue?,
          origin: ManifestOrigin? = nil) {
         self.format = Self.currentFormat
         self.version = version
         self.parent = parent
+        self.parentManifestSHA256 = parentManifestSHA256
         self.baseModelSHA256 = baseModelSHA256
         self.editorSHA256 = editorSHA256
         self.batch = batch
@@ -130,6 +137,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         try c.encode(format, forKey: .format)
         try c.encode(version, forKey: .version)
         if let parent { try c.encode(parent, forKey: .parent) } else { try c.encodeNil(forKey: .parent) }
+        try c.encodeIfPresent(parentManifestSHA256, forKey: .parentManifestSHA256)
         if let baseModelSHA256 { try c.encode(baseModelSHA256, forKey: .baseModelSHA256) } else { try c.encodeNil(forKey: .baseModelSHA256) }
         if let editorSHA256 { try c.encode(editorSHA256, forKey: .editorSHA256) } else { try c.encodeNil(forKey: .editorSHA256) }
         if let batch { try c.encode(batch, forKey: .batch) } else { try c.encodeNil(forKey: .batch) }
@@ -175,7 +183,9 @@ public struct Manifest: Codable, Sendable, Equatable {
             return "the file is named for version \(expectedVersion) but holds version \(version)"
         }
         if let parent, !(parent >= 1 && parent < version) { return "parent \(parent) is not an earlier version" }
-        for (label, hash) in [("base_model_sha256", baseModelSHA256), ("editor_sha256", editorSHA256), ("batch.sha256", batch?.sha256)] {
+        if parentManifestSHA256 != nil && parent == nil { return "parent_manifest_sha256 without a parent" }
+        for (label, hash) in [("base_model_sha256", baseModelSHA256), ("editor_sha256", editorSHA256), ("batch.sha256", batch?.sha256),
+                              ("parent_manifest_sha256", parentManifestSHA256)] {
             if let hash, !Hex.isSHA256(hash) { return "\(label) is not a sha256 hex string" }
         }
         guard Hex.isSHA256(stateSHA256) else { return "state_sha256 is not a sha256 hex string" }
@@ -228,6 +238,9 @@ public struct Manifest: Codable, Sendable, Equatable {
 }
 
 extension Manifest {
+    /// `versions/NNNNNNNN.json`, the manifest's path in a store.
+    public static func fileName(_ version: Int) -> String { "versions/" + String(format: "%08d", version) + ".json" }
+
     /// Throws `baseModelMismatch` when the version records a base model other than `given` (the
     /// SHA-256 of a model folder's weights); nothing is checked where either is unknown.
     public func requireBaseModel(_ given: String?) throws {
@@ -279,14 +292,23 @@ public struct HistoryRecord: Codable, Sendable, Equatable {
     public var source: String?
     /// import: the versions created; gc: the versions removed.
     public var versions: [Int]?
+    /// commit: SHA-256 of the new version's manifest file (so a version no child or HEAD covers is
+    /// covered too).
+    public var manifestSHA256: String?
 
-    public init(op: String, version: Int?, from: Int?, source: String? = nil, versions: [Int]? = nil) {
+    enum CodingKeys: String, CodingKey {
+        case time, op, version, from, source, versions
+        case manifestSHA256 = "manifest_sha256"
+    }
+
+    public init(op: String, version: Int?, from: Int?, source: String? = nil, versions: [Int]? = nil, manifestSHA256: String? = nil) {
         self.time = Timestamp.now()
         self.op = op
         self.version = version
         self.from = from
         self.source = source
         self.versions = versions
+        self.manifestSHA256 = manifestSHA256
     }
 }
 

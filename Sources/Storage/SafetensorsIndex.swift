@@ -114,7 +114,7 @@ extension ShardedSafetensors {
         var weightMap: [String: JSONValue] = [:]
         var names: Set<String> = []
         for (k, group) in groups.enumerated() {
-            let name = String(format: "%@-%@-%05d-of-%05d.safetensors", stem, tag, k + 1, n)
+            let name = "\(stem)-\(tag)-" + String(format: "%05d-of-%05d", k + 1, n) + ".safetensors"
             var w = SafetensorsWriter()
             for (t, value) in group { try w.add(t, value); weightMap[t] = .string(name) }
             try w.write(to: folder.appendingPathComponent(name))

@@ -24,6 +24,7 @@ public enum StoreError: Error, CustomStringConvertible, Sendable {
     case currentWithError(version: Int, underlying: String)
     case gcRefused(String)
     case baseModelMismatch(version: Int, stored: String, given: String)
+    case manifestChanged(version: Int, recordedBy: String, expected: String, actual: String)
 
     public var description: String {
         switch self {
@@ -51,6 +52,8 @@ public enum StoreError: Error, CustomStringConvertible, Sendable {
         case .currentWithError(let version, let underlying):
             return "version \(version) is now current, but a final step failed: \(underlying)"
         case .gcRefused(let reason): return "gc refused: \(reason)"
+        case .manifestChanged(let version, let by, let expected, let actual):
+            return "\(Manifest.fileName(version)) was changed after it was made: \(by) records sha256 \(expected), the file has \(actual)"
         case .baseModelMismatch(let version, let stored, let given):
             return "version \(version) was made on the base model with weights sha256 \(stored), but the model folder given has \(given): its edits belong to another model (--allow-other-base-model applies them anyway)"
         }

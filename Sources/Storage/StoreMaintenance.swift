@@ -91,6 +91,24 @@ extension CheckpointStore {
         if let h, !FileUtil.exists(manifestPath(h)) {
             report.problems.append("HEAD names version \(h), which has no manifest")
         }
+        // The chain of manifest hashes: HEAD's record, each child's, each commit's.
+        var covered = Set<Int>()
+        if let h, let record = try? headRecord(), let expected = record.manifestSHA256 {
+            covered.insert(h)
+            if let data = try? manifestData(h), Hex.sha256(data) != expected {
+                report.problems.append("\(Manifest.fileName(h)) was changed after it was made: HEAD records sha256 \(expected), the file has \(Hex.sha256(data))")
+            }
+        }
+        if let records = try? manifestRecords() {
+            for (v, list) in records.sorted(by: { $0.key < $1.key }) {
+                guard let data = try? manifestData(v) else { continue }
+                covered.insert(v)
+                let actual = Hex.sha256(data)
+                for r in list where r.sha256 != actual {
+                    report.problems.append("\(Manifest.fileName(v)) was changed after it was made: \(r.by) records sha256 \(r.sha256), the file has \(actual)")
+                }
+            }
+        }
         // Blobs: hash and frame.
         var good = Set<String>()
         var blobNames: [String] = []
@@ -125,6 +143,9 @@ extension CheckpointStore {
             }
         } catch {
             report.problems.append("\(error)")
+        }
+        for v in all where !covered.contains(v) {
+            report.warnings.append("\(Manifest.fileName(v)): no record of its hash covers it (made before the chain was recorded)")
         }
         for v in all {
             report.checkedVersions += 1

@@ -266,6 +266,22 @@ final class ArchiveTests: XCTestCase {
         guard case ArchiveError.hashMismatch? = try assertRefused(manifest, dir: dir) as? ArchiveError else { return XCTFail() }
         let evaluation = try repack("evaluation.tar.zst") { path, data in if path.hasSuffix("evaluation.json") { data.append(0x20) } }
         guard case ArchiveError.hashMismatch? = try assertRefused(evaluation, dir: dir) as? ArchiveError else { return XCTFail() }
+
+        // archive.json itself, with a manifest edited and its recorded hash updated to match: consistent
+        // inside, so only the archive's .sha256 beside it (written by create) catches it.
+        XCTAssertTrue(FileManager.default.fileExists(atPath: good.path + CheckpointArchive.checksumSuffix))
+        let forged = try repack("forged.tar.zst") { path, data in
+            if path == "archive.json" {
+                var index = try! JSONDecoder().decode(ArchiveIndex.self, from: data)
+                index.created = "2020-01-01T00:00:00Z"
+                data = try! JSONEncoder().encode(index)
+            }
+        }
+        try FileManager.default.copyItem(atPath: good.path + CheckpointArchive.checksumSuffix, toPath: forged.path + CheckpointArchive.checksumSuffix)
+        guard case ArchiveError.hashMismatch(let p, _, _)? = try assertRefused(forged, dir: dir) as? ArchiveError else { return XCTFail() }
+        XCTAssertEqual(p, forged.standardizedFileURL.path)
+        let ok = try CheckpointArchive.restore(from: good, into: try store(dir.appendingPathComponent("fresh")))
+        XCTAssertTrue(ok.checksumVerified)
     }
 
 }

@@ -54,7 +54,9 @@ final class CheckpointStoreTests: XCTestCase {
         for key in ["version", "parent", "base_model_sha256", "editor_sha256", "batch", "created", "tensors", "state_sha256", "info"] {
             XCTAssertNotNil(json[key], key)
         }
-        XCTAssertEqual(try String(contentsOf: root.appendingPathComponent("HEAD"), encoding: .utf8), "1\n")
+        let manifestSHA = try FileHash.sha256(ofFileAt: root.appendingPathComponent("versions/00000001.json"))
+        XCTAssertEqual(try String(contentsOf: root.appendingPathComponent("HEAD"), encoding: .utf8), "1 \(manifestSHA)\n",
+                       "HEAD records the version and its manifest's hash")
     }
 
     func testStateHashIsCanonicalAcrossStoresAndSettings() throws {
@@ -153,14 +155,17 @@ final class CheckpointStoreTests: XCTestCase {
         var manifestData = try String(contentsOf: root.appendingPathComponent("versions/00000001.json"), encoding: .utf8)
         manifestData = manifestData.replacingOccurrences(of: m.tensors[2].blob, with: truncatedHash)
         try manifestData.write(to: root.appendingPathComponent("versions/00000001.json"), atomically: true, encoding: .utf8)
-        let frameError = expectError { try store.load() }
+        // (Through HEAD the edited manifest no longer matches HEAD's record of its hash; by number
+        // the blob checks are what is tested.)
+        guard case StoreError.manifestChanged(1, "HEAD", _, _)? = expectError({ try store.load() }) as? StoreError else { return XCTFail("chain") }
+        let frameError = expectError { try store.load(.number(1)) }
         guard case StoreError.corruptBlob(_, let reason)? = frameError as? StoreError, reason.contains("truncated") else {
             return XCTFail("\(String(describing: frameError))")
         }
 
         // A bad manifest.
         try Data("{\"format\":\"dafnet-checkpoint-manifest/1\",\"version\":1".utf8).write(to: root.appendingPathComponent("versions/00000001.json"))
-        guard case StoreError.badManifest? = expectError({ try store.load() }) as? StoreError else { return XCTFail("bad manifest") }
+        guard case StoreError.badManifest? = expectError({ try store.load(.number(1)) }) as? StoreError else { return XCTFail("bad manifest") }
         // A manifest that names another version.
         var m2 = m
         m2.version = 2
@@ -172,18 +177,51 @@ final class CheckpointStoreTests: XCTestCase {
         var m3 = m
         m3.tensors[0].shape = [8, 3]
         try m3.encoded().write(to: root.appendingPathComponent("versions/00000001.json"))
-        guard case StoreError.stateMismatch? = expectError({ try store.load() }) as? StoreError else { return XCTFail("state mismatch") }
+        guard case StoreError.stateMismatch? = expectError({ try store.load(.number(1)) }) as? StoreError else { return XCTFail("state mismatch") }
         // A manifest claiming a huge tensor: refused from the frame header, before allocating.
         var m4 = m
         m4.tensors[0].shape = [1 << 30, 64]
         m4.tensors[0].bytes = (1 << 30) * 64 * 4
         try m4.encoded().write(to: root.appendingPathComponent("versions/00000001.json"))
-        guard case StoreError.corruptBlob(_, let huge)? = expectError({ try store.load() }) as? StoreError, huge.contains("the frame holds") else {
+        guard case StoreError.corruptBlob(_, let huge)? = expectError({ try store.load(.number(1)) }) as? StoreError, huge.contains("the frame holds") else {
             return XCTFail("oversized tensor claim")
         }
         // A bad HEAD.
         try Data("banana\n".utf8).write(to: root.appendingPathComponent("HEAD"))
         guard case StoreError.badHead? = expectError({ try store.head() }) as? StoreError else { return XCTFail("bad head") }
+    }
+
+    /// The version chain is tamper-evident: editing a manifest's metadata (parent, time, batch, info)
+    /// breaks the hash its child, HEAD or its commit record holds; verify reports it, and neither a
+    /// rollback nor a commit follows or builds on the edited manifest.
+    func testEditedManifestMetadataIsCaught() throws {
+        for (what, edit) in [("parent", { (m: inout Manifest) in m.parent = 1 }),
+                             ("created", { (m: inout Manifest) in m.created = "2020-01-01T00:00:00.000Z" }),
+                             ("batch.sha256", { (m: inout Manifest) in m.batch = BatchReference(name: "x.jsonl", sha256: String(repeating: "cd", count: 32)) }),
+                             ("info", { (m: inout Manifest) in m.info = .string("forged") })] as [(String, (inout Manifest) -> Void)] {
+            for target in [2, 3] {  // a middle version (its child records it) and HEAD
+                let (store, root) = try newStore()
+                for k in 1...3 {
+                    try store.commit(CommitRequest(tensors: state(UInt64(k)), batch: BatchReference(name: "\(k).jsonl", sha256: String(repeating: "a\(k)", count: 32))))
+                }
+                XCTAssertTrue(try store.verify().isClean && store.verify().warnings.isEmpty, "\(what)")
+                var m = try store.manifest(target)
+                edit(&m)
+                if target == 2 && what == "parent" { m.parent = nil; m.parentManifestSHA256 = nil }
+                try m.encoded().write(to: root.appendingPathComponent(Manifest.fileName(target)))
+                let report = try store.verify()
+                XCTAssertFalse(report.isClean, "\(what) of \(target)")
+                XCTAssertTrue(report.problems.contains { $0.contains("was changed after it was made") }, "\(what) of \(target): \(report.problems)")
+                if target == 3 {
+                    guard case StoreError.manifestChanged? = expectError({ try store.rollback(steps: 1) }) as? StoreError else { return XCTFail("\(what): rollback") }
+                    XCTAssertThrowsError(try store.commit(CommitRequest(tensors: state(9))), "\(what): no commit on an edited HEAD")
+                } else {
+                    guard case StoreError.manifestChanged? = expectError({ try store.rollback(steps: 1) }) as? StoreError else { return XCTFail("\(what): walk") }
+                    XCTAssertThrowsError(try store.rollback(to: .number(2)), "\(what): no rollback onto an edited version")
+                }
+                XCTAssertEqual(try store.head(), 3)
+            }
+        }
     }
 
     func testVerifyCatchesAPlantedCorruptBlob() throws {

@@ -23,7 +23,7 @@ struct Archive: ParsableCommand {
                                                           includeModel: includeModel.map { URL(fileURLWithPath: $0) })
                 print("wrote \(report.path): version \(report.version) (chain \(report.versions.map(String.init).joined(separator: " → "))), "
                     + "\(report.objects) blobs, \(report.evaluationFiles) evaluation files, \(report.modelFiles) model files, "
-                    + "\(report.archiveBytes) bytes")
+                    + "\(report.archiveBytes) bytes; sha256 \(report.sha256) in \(report.path)\(CheckpointArchive.checksumSuffix)")
             }
         }
     }
@@ -45,7 +45,8 @@ struct Archive: ParsableCommand {
                 print("imported versions \(mapping); "
                     + (report.headMoved ? "HEAD is version \(report.restoredVersion)"
                                         : "HEAD unchanged (dafnet rollback --to \(report.restoredVersion) to use it)")
-                    + (report.modelDirectory.map { "; base model in \($0)" } ?? ""))
+                    + (report.modelDirectory.map { "; base model in \($0)" } ?? "")
+                    + (report.checksumVerified ? "; archive checksum verified" : "; no \(file)\(CheckpointArchive.checksumSuffix) beside it: archive.json itself was not checked"))
             }
         }
     }
