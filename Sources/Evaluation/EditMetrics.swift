@@ -61,6 +61,12 @@ public struct EditEvaluation: Codable, Sendable {
 }
 
 public enum EditMetrics {
+    /// The generated answer of a greedy continuation: the tokens after the prompt, up to end-of-text
+    /// (not included).
+    public static func answerTokens(_ generated: [Int], promptCount: Int, eos: Int?) -> [Int] {
+        Array(generated.dropFirst(promptCount).prefix { $0 != eos })
+    }
+
     static func mean(_ xs: [Double]) -> Double? { xs.isEmpty ? nil : xs.reduce(0, +) / Double(xs.count) }
 
     /// The unedited model's locality predictions for `requests` (computed before editing; pass to `evaluate`).
@@ -95,11 +101,12 @@ public enum EditMetrics {
             var e = EditEvaluation.PerEdit(prompt: r.prompt, targetNew: r.targetNew, reliability: rel[i].accuracy,
                                            generality: mean(gens), locality: mean(locs))
             if answers {
+                // Answers end at end-of-text (not included).
                 let ids = editor.tokenizer.encode(r.prompt)
-                let after = try model.generateGreedy(prompt: ids, maxNewTokens: answerTokens)
-                let before = try model.withoutEdits { try model.generateGreedy(prompt: ids, maxNewTokens: answerTokens) }
-                e.answerAfter = editor.tokenizer.decode(Array(after.dropFirst(ids.count)))
-                e.answerBefore = editor.tokenizer.decode(Array(before.dropFirst(ids.count)))
+                let eos = editor.tokenizer.eosTokenID
+                func answer(_ out: [Int]) -> String { editor.tokenizer.decode(Self.answerTokens(out, promptCount: ids.count, eos: eos)) }
+                e.answerAfter = answer(try model.generateGreedy(prompt: ids, maxNewTokens: answerTokens, stop: eos))
+                e.answerBefore = answer(try model.withoutEdits { try model.generateGreedy(prompt: ids, maxNewTokens: answerTokens, stop: eos) })
             }
             edits.append(e)
         }

@@ -376,7 +376,7 @@ public final class BatchProcessor {
                 perplexity = PerplexityResult(unedited: u, before: b, after: model.perplexity(heldout),
                                               texts: resources.heldoutText.count)
             }
-            let verdict = settings.collapseGuard.check(perplexity: perplexity, canary: canary, retention: retention)
+            let verdict = settings.collapseGuard.check(reliability: ev.reliability, perplexity: perplexity, canary: canary, retention: retention)
             times.evaluate += Date().timeIntervalSince(t)
             var report = BatchReport(batch: name, sha256: sha, status: verdict.passed ? "committed" : "guarded", version: nil,
                                      parent: head, stateSHA256: nil, baseModelSHA256: resources.baseModelSHA256,

@@ -11,9 +11,14 @@ public struct CollapseGuard: Codable, Sendable, Equatable {
     /// predicts as the unedited model does).
     public var minCanaryLocality = 0.5
     /// Smallest accepted retention (reliability on a sample of earlier batches' edits) after the batch.
-    /// 0 by default: sequential editors forget gradually, so a floor only makes sense for a given
-    /// editor and workload.
-    public var minRetention = 0.0
+    /// 0.5 by default: the shipped `least_squares` editor keeps its edits (0.98–1.0 of them after 100,
+    /// 0.66 after 1,000), so falling under half means the batch overwrote earlier ones. (The paper's
+    /// `decayed` rule forgets by design: set 0 for it.)
+    public var minRetention = 0.5
+    /// Smallest accepted reliability of the batch's own edits: 0.5 by default, since the shipped editor
+    /// takes 0.98–1.0 of a batch's edits at up to 100 earlier ones; a batch where most edits did not
+    /// take is a failure to look at, not a version to commit silently.
+    public var minReliability = 0.5
 
     public init() {}
 
@@ -21,13 +26,26 @@ public struct CollapseGuard: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case enabled, maxPerplexityRatio = "max_perplexity_ratio", minCanaryLocality = "min_canary_locality"
-        case minRetention = "min_retention"
+        case minRetention = "min_retention", minReliability = "min_reliability"
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = CollapseGuard()
+        enabled = try c.decodeIfPresent(Bool.self, forKey: .enabled) ?? d.enabled
+        maxPerplexityRatio = try c.decodeIfPresent(Double.self, forKey: .maxPerplexityRatio) ?? d.maxPerplexityRatio
+        minCanaryLocality = try c.decodeIfPresent(Double.self, forKey: .minCanaryLocality) ?? d.minCanaryLocality
+        minRetention = try c.decodeIfPresent(Double.self, forKey: .minRetention) ?? d.minRetention
+        minReliability = try c.decodeIfPresent(Double.self, forKey: .minReliability) ?? d.minReliability
     }
 
     /// Checks the measurements of one batch.
-    public func check(perplexity: PerplexityResult?, canary: CanaryResult, retention: RetentionResult?) -> GuardResult {
+    public func check(reliability: Double?, perplexity: PerplexityResult?, canary: CanaryResult, retention: RetentionResult?) -> GuardResult {
         var violations: [String] = []
         var notes: [String] = []
+        if let r = reliability, !(r >= minReliability) {
+            violations.append(String(format: "the batch's reliability %.3f is below the floor %.3f (its edits did not take)", r, minReliability))
+        }
         if let p = perplexity {
             let r = p.ratioToUnedited
             if !(r <= maxPerplexityRatio) {

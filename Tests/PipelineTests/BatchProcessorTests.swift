@@ -1,4 +1,5 @@
 import Editing
+import Evaluation
 import Foundation
 import Storage
 import XCTest
@@ -457,7 +458,7 @@ final class BatchProcessorTests: XCTestCase {
     /// reason, HEAD unchanged; the next batch is judged on its own.
     func testCollapseGuardKeepsHead() throws {
         var g = CollapseGuard()
-        g.minCanaryLocality = 0; g.maxPerplexityRatio = 1e6
+        g.minCanaryLocality = 0; g.maxPerplexityRatio = 1e6; g.minRetention = 0; g.minReliability = 0  // the fixture's editor is untrained
         let h = try Harness(guardSettings: g)
         try h.drop("001.jsonl", try Fixture.batch(0..<2))
         XCTAssertEqual(try h.processor.runOnce().map(\.status), [.committed])
@@ -488,12 +489,27 @@ final class BatchProcessorTests: XCTestCase {
         try h.drop("004.jsonl", try Fixture.batch(5..<6))
         XCTAssertEqual(try h.processor.runOnce().map(\.status), [.guarded])
         XCTAssertEqual(try h.store.versions(), [1])
+        // Reliability floor: the batch's own edits must take.
+        h.processor.settings.collapseGuard.minRetention = 0
+        h.processor.settings.collapseGuard.minReliability = 1.01
+        try h.drop("005.jsonl", try Fixture.batch(6..<7))
+        let refused = try h.processor.runOnce()
+        XCTAssertEqual(refused.map(\.status), [.guarded])
+        XCTAssertTrue(refused[0].note!.contains("reliability"), refused[0].note!)
+        XCTAssertEqual(try h.store.versions(), [1])
         // Off: the same batch commits, the would-be violations noted.
         h.processor.settings.collapseGuard.enabled = false
         try FileManager.default.moveItem(at: h.inboxURL.appendingPathComponent("failed/004.jsonl"), to: h.inboxURL.appendingPathComponent("004.jsonl"))
         let last = try h.processor.runOnce()
         XCTAssertEqual(last.map(\.status), [.committed])
         XCTAssertTrue(last[0].report!.guardResult.notes.contains { $0.contains("would refuse") })
+    }
+
+    /// Greedy answers stop at end-of-text: `Polish` + EOS + `The` is reported as `Polish`.
+    func testAnswersStopAtEndOfText() {
+        XCTAssertEqual(EditMetrics.answerTokens([5, 6, 7, 50256, 8], promptCount: 2, eos: 50256), [7])
+        XCTAssertEqual(EditMetrics.answerTokens([5, 6, 50256, 8], promptCount: 2, eos: 50256), [])
+        XCTAssertEqual(EditMetrics.answerTokens([5, 6, 7, 50256, 8], promptCount: 2, eos: nil), [7, 50256, 8])
     }
 
     /// The evaluation file, the version's files, history.jsonl and the HTML report.

@@ -50,8 +50,10 @@ struct Watch: ParsableCommand {
     var maxPerplexityRatio: Double = CollapseGuard().maxPerplexityRatio
     @Option(help: "Collapse guard: smallest locality on the canary facts.")
     var minCanaryLocality: Double = CollapseGuard().minCanaryLocality
-    @Option(help: "Collapse guard: smallest retention (reliability on a sample of earlier edits).")
+    @Option(help: "Collapse guard: smallest retention (reliability on a sample of earlier edits; 0 for an editor that forgets by design).")
     var minRetention: Double = CollapseGuard().minRetention
+    @Option(help: "Collapse guard: smallest reliability of the batch's own edits.")
+    var minReliability: Double = CollapseGuard().minReliability
     @Option(help: "Earlier edits sampled for retention.")
     var retentionSample = 32
     @Option(help: "Tokens of the greedy answers before and after, per edit (0: none).")
@@ -125,6 +127,7 @@ struct Watch: ParsableCommand {
         settings.collapseGuard.maxPerplexityRatio = maxPerplexityRatio
         settings.collapseGuard.minCanaryLocality = minCanaryLocality
         settings.collapseGuard.minRetention = minRetention
+        settings.collapseGuard.minReliability = minReliability
         settings.retentionSample = retentionSample
         settings.answerTokens = answerTokens
         let processor = try runMapped {
