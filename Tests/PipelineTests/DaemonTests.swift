@@ -168,6 +168,39 @@ final class DaemonTests: XCTestCase {
         XCTAssertEqual(evaluations.filter { $0.hasPrefix(".tmp-") }, [])
     }
 
+    /// `generate --store S --version V` answers with the version's edits installed: what the evaluation
+    /// file recorded as the answer after; `--prompts` answers many at once; exit status 4 when `watch`
+    /// left a batch in failed/; another model folder is refused with exit status 2.
+    func testGenerateAsksAStoredVersion() throws {
+        _ = try Self.executable()
+        let s = try Setup()
+        try Fixture.batch(0..<2).write(to: s.inbox.appendingPathComponent("001.jsonl"))
+        try Data("{\"prompt\": \"x\"}\n".utf8).write(to: s.inbox.appendingPathComponent("002-bad.jsonl"))
+        let (w, wLog) = try s.spawn(s.arguments(once: true), tag: "watch")
+        w.waitUntilExit()
+        XCTAssertEqual(w.terminationStatus, 4, (try? String(contentsOf: wLog, encoding: .utf8)) ?? "")
+        let report = try PipelineJSON.decoder.decode(BatchReport.self, from: Data(contentsOf: s.store.appendingPathComponent("evaluations/001.v0001.json")))
+        let prompts = s.tmp.path("prompts.jsonl")
+        try Data(report.perEdit.map { "{\"prompt\": \"\($0.prompt)\"}\n" }.joined().utf8).write(to: prompts)
+        let (g, gLog) = try s.spawn(["generate", "--model", Fixture.modelFolder.path, "--store", s.store.path, "--version", "1",
+                                     "--max-tokens", "1", "--prompts", prompts.path], tag: "generate")
+        g.waitUntilExit()
+        let text = try String(contentsOf: gLog, encoding: .utf8)
+        XCTAssertEqual(g.terminationStatus, 0, text)
+        let answers = text.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
+        XCTAssertEqual(answers.map { $0["answer"] as? String }, report.perEdit.map(\.answerAfter), "the evaluation's answers after the edit")
+        let other = s.tmp.path("other-model")
+        try FileManager.default.copyItem(at: Fixture.modelFolder, to: other)
+        let weights = other.appendingPathComponent("model.safetensors")
+        var bytes = try Data(contentsOf: weights)
+        bytes[bytes.count - 1] ^= 1
+        try bytes.write(to: weights)
+        let (o, oLog) = try s.spawn(["generate", "--model", other.path, "--store", s.store.path, "x"], tag: "other")
+        o.waitUntilExit()
+        XCTAssertEqual(o.terminationStatus, 2)
+        XCTAssertTrue(try String(contentsOf: oLog, encoding: .utf8).contains("another model"))
+    }
+
     /// One daemon per store: a second one exits at once with a clear message (exit status 3) while the
     /// first runs; SIGTERM stops the first cleanly (exit status 0) and a later run finishes everything.
     func testTwoDaemonsAndSIGTERM() throws {

@@ -1,6 +1,9 @@
 import ArgumentParser
+import Editing
 import Foundation
 import LanguageModel
+import Pipeline
+import Storage
 
 /// The embedded default: resources shipped in `samples/` beside the executable's package.
 enum Embedded {
@@ -37,4 +40,30 @@ func printJSON<T: Encodable>(_ value: T) throws {
     let enc = JSONEncoder()
     enc.outputFormatting = [.prettyPrinted, .sortedKeys]
     print(String(decoding: try enc.encode(value), as: UTF8.self))
+}
+
+/// `--store S [--version V]`: ask a stored version's edited model instead of the bare one (the version's
+/// ΔW/Δb installed on the model folder it was made on).
+struct StoredVersionOptions: ParsableArguments {
+    @Option(help: "A checkpoint store: answer with one of its versions' edits installed (default: the unedited model).")
+    var store: String?
+    @Option(help: "With --store: the version (a number, HEAD or HEAD~K).")
+    var version: VersionArgument = VersionArgument(.head)
+    @Flag(help: "With --store: install the version on a model folder other than the one it was made on.")
+    var allowOtherBaseModel = false
+
+    /// Installs the version's edits on `folder`'s model; returns a label for output, nil without --store.
+    @discardableResult
+    func install(on folder: ModelFolder) throws -> String? {
+        guard let store else { return nil }
+        return try runMapped {
+            let s = try CheckpointStore(at: URL(fileURLWithPath: store))
+            let loaded = try s.load(version.ref)
+            if !allowOtherBaseModel {
+                try loaded.manifest.requireBaseModel(PipelineResources.hashes(modelFolder: folder.url, editorFolder: nil).model)
+            }
+            try EditedModelExport.install(loaded.tensors, on: folder.model)
+            return "version \(loaded.manifest.version) of \(store)"
+        }
+    }
 }
