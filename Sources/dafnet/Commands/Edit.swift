@@ -3,6 +3,8 @@ import Editing
 import Evaluation
 import Foundation
 import LanguageModel
+import Pipeline
+import Storage
 
 struct Edit: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -14,15 +16,58 @@ struct Edit: ParsableCommand {
     var text: String?
     @Flag(help: "Print JSON.")
     var json = false
+    @Option(help: "Preview on this store's version (default HEAD, see --version): the batch is applied on top of it and nothing is committed.")
+    var store: String?
+    @Option(help: "With --store: the version to apply the batch on (a number, HEAD or HEAD~K).")
+    var version: VersionArgument = VersionArgument(.head)
+    @Option(help: "A one-edit batch without a file: the prompt (with --target).")
+    var prompt: String?
+    @Option(help: "A one-edit batch without a file: the new target.")
+    var target: String?
+    @Option(help: "With --prompt: a rephrasing to score generality on (repeatable).")
+    var rephrase: [String] = []
     @Argument(help: "The batch: one edit per line (prompt, target_new, rephrase_prompt, locality_prompt, …).")
-    var batch: String
+    var batch: String?
+
+    func validate() throws {
+        if (batch == nil) == (prompt == nil) { throw ValidationError("give a BATCH file or --prompt P --target T") }
+        if (prompt == nil) != (target == nil) { throw ValidationError("--prompt and --target go together") }
+    }
 
     func run() throws {
         let folder = try model.load(requireTokenizer: true)
-        let requests = try runMapped { try EditBatch.read(URL(fileURLWithPath: batch)) }
+        let requests: [EditRequest]
+        if let batch {
+            requests = try runMapped { try EditBatch.read(URL(fileURLWithPath: batch)) }
+        } else {
+            var line: [String: Any] = ["prompt": prompt!, "target_new": target!]
+            if !rephrase.isEmpty { line["rephrase_prompt"] = rephrase }
+            let data = try JSONSerialization.data(withJSONObject: line) + Data("\n".utf8)
+            requests = try runMapped { try EditBatch.parse(data, file: "--prompt") }
+        }
         let editor = try runMapped { try DAFNetEditor.load(from: editorOption.url, model: folder.model, tokenizer: folder.tokenizer!) }
         let ref = EditMetrics.localityReference(editor: editor, requests)
-        let state = EditState(moduleNames: editor.config.modules)
+        var state = EditState(moduleNames: editor.config.modules)
+        var headAnswers: [String]?
+        var headLabel = ""
+        if let store {
+            // Start from the stored version: its answers are the "before" that matters here.
+            let loaded = try runMapped { () throws -> LoadedVersion in
+                let s = try CheckpointStore(at: URL(fileURLWithPath: store))
+                let l = try s.load(version.ref)
+                try l.manifest.requireBaseModel(PipelineResources.hashes(modelFolder: folder.url, editorFolder: nil).model)
+                return l
+            }
+            state = try runMapped { try EditState(moduleNames: editor.config.modules, tensors: loaded.tensors) }
+            editor.install(state)
+            headLabel = "version \(loaded.manifest.version)"
+            let tok = folder.tokenizer!
+            headAnswers = try requests.map { r in
+                let ids = tok.encode(r.prompt)
+                let out = try runMapped { try folder.model.generateGreedy(prompt: ids, maxNewTokens: 4, stop: tok.eosTokenID) }
+                return tok.decode(EditMetrics.answerTokens(out, promptCount: ids.count, eos: tok.eosTokenID))
+            }
+        }
         let times = try runMapped { try editor.apply(requests, to: state) }
         let text = heldoutText(self.text, tokenizer: { folder.tokenizer!.encode($0) }, limit: 200)
         let ev = try runMapped { try EditMetrics.evaluate(editor: editor, requests, localityReference: ref, heldoutText: text, answers: true) }
@@ -31,8 +76,13 @@ struct Edit: ParsableCommand {
             print("\(i + 1). \(e.prompt) → \(e.targetNew)")
             print(String(format: "   reliability %.2f  generality %@  locality %@", e.reliability,
                          e.generality.map { String(format: "%.2f", $0) } ?? "-", e.locality.map { String(format: "%.2f", $0) } ?? "-"))
-            print("   before: \(e.answerBefore ?? "")\n   after:  \(e.answerAfter ?? "")")
+            if let headAnswers {
+                print("   unedited: \(e.answerBefore ?? "")\n   \(headLabel): \(headAnswers[i])\n   after:  \(e.answerAfter ?? "")")
+            } else {
+                print("   before: \(e.answerBefore ?? "")\n   after:  \(e.answerAfter ?? "")")
+            }
         }
+        if store != nil { print("\n(preview on \(headLabel) of \(store!): nothing was committed)") }
         print(String(format: "\nmean reliability %.3f  generality %@  locality %@  perplexity %.2f → %.2f", ev.reliability,
                      ev.generality.map { String(format: "%.3f", $0) } ?? "-", ev.locality.map { String(format: "%.3f", $0) } ?? "-",
                      ev.perplexityBefore ?? .nan, ev.perplexityAfter ?? .nan))
