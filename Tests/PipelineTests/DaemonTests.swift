@@ -189,6 +189,14 @@ final class DaemonTests: XCTestCase {
         XCTAssertEqual(g.terminationStatus, 0, text)
         let answers = text.split(separator: "\n").compactMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] }
         XCTAssertEqual(answers.map { $0["answer"] as? String }, report.perEdit.map(\.answerAfter), "the evaluation's answers after the edit")
+        // A preview on the stored version commits nothing.
+        let (e, eLog) = try s.spawn(["edit", "--model", Fixture.modelFolder.path, "--editor", s.editor.path, "--store", s.store.path,
+                                     "--text", s.text.path, "--prompt", report.perEdit[0].prompt, "--target", "Lyon"], tag: "edit")
+        e.waitUntilExit()
+        let eText = try String(contentsOf: eLog, encoding: .utf8)
+        XCTAssertEqual(e.terminationStatus, 0, eText)
+        XCTAssertTrue(eText.contains("version 1:") && eText.contains("nothing was committed"), eText)
+        XCTAssertEqual(try CheckpointStore(at: s.store).versions(), [1])
         let other = s.tmp.path("other-model")
         try FileManager.default.copyItem(at: Fixture.modelFolder, to: other)
         let weights = other.appendingPathComponent("model.safetensors")
