@@ -75,4 +75,27 @@ public struct EditLog: Sendable {
         }
         return out
     }
+
+    /// Every edit of the log, in order.
+    public func all() throws -> [EditRequest] { try sample(count) }
+
+    /// The edits a version holds, batch by batch: for each version of its lineage (root first), the
+    /// batch that made it and the edits it added (the difference of its log and its parent's).
+    public static func lineage(of version: Int, in store: CheckpointStore) throws -> [(version: Int, batch: String?, edits: [EditRequest])] {
+        var chain: [Manifest] = []
+        var v: Int? = version
+        while let at = v, let m = try? store.manifest(at) {
+            chain.append(m)
+            v = m.parent
+        }
+        let edits = try load(from: store, version: version).all()
+        var out: [(version: Int, batch: String?, edits: [EditRequest])] = []
+        var start = 0
+        for m in chain.reversed() {
+            let end = try load(from: store, version: m.version).count
+            out.append((m.version, m.batch?.name, Array(edits[min(start, edits.count)..<min(end, edits.count)])))
+            start = end
+        }
+        return out
+    }
 }

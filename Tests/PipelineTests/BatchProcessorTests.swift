@@ -263,6 +263,22 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertNil(try h.store.manifest(fourth[0].version!).parent)
     }
 
+    /// What a version holds: its lineage's edits, batch by batch (a rolled-back branch is not in it).
+    func testLineageEditsOfAVersion() throws {
+        let h = try Harness()
+        try h.drop("001.jsonl", try Fixture.batch(0..<2))
+        try h.drop("002.jsonl", try Fixture.batch(2..<5))
+        try h.processor.runOnce()
+        try h.store.rollback(to: .number(1))
+        try h.drop("003.jsonl", try Fixture.batch(5..<6))
+        try h.processor.runOnce()
+        let parts = try EditLog.lineage(of: 3, in: h.store)
+        XCTAssertEqual(parts.map(\.version), [1, 3])
+        XCTAssertEqual(parts.map(\.batch), ["001.jsonl", "003.jsonl"])
+        XCTAssertEqual(parts.map { $0.edits.map(\.prompt) }, [[0, 1].map { Fixture.request($0).prompt }, [Fixture.request(5).prompt]])
+        XCTAssertEqual(try EditLog.lineage(of: 2, in: h.store).map { $0.edits.count }, [2, 3])
+    }
+
     /// A crash after a commit wrote its manifest and before HEAD named it: the store undoes the commit
     /// when it is opened, and the batch (still in processing/) is applied on HEAD, so no edit is lost
     /// and the next batch does not skip it.

@@ -1,5 +1,7 @@
 import ArgumentParser
 import Foundation
+import Pipeline
+import Editing
 import Storage
 
 /// `--store DIR`, shared by every command that works on the checkpoint store.
@@ -32,7 +34,7 @@ struct VersionArgument: ExpressibleByArgument {
 struct Checkpoints: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Inspect and maintain the checkpoint store (versions of the edit state).",
-        subcommands: [List.self, Show.self, Diff.self, Verify.self, GC.self, History.self, Repair.self]
+        subcommands: [List.self, Show.self, Edits.self, Diff.self, Verify.self, GC.self, History.self, Repair.self]
     )
 
     struct List: ParsableCommand {
@@ -63,6 +65,35 @@ struct Checkpoints: ParsableCommand {
                 } else {
                     print(StoreText.show(try store.manifest(v), isHead: try store.head() == v))
                 }
+            }
+        }
+    }
+
+    struct Edits: ParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "The edits version V holds, in order, with the batch and version each came from.")
+        @OptionGroup var location: StoreLocationOptions
+        @Argument(help: "A version number, HEAD or HEAD~K.") var version: VersionArgument = VersionArgument(.head)
+        @Flag(help: "Print JSON Lines (one edit per line, with its version and batch).") var json = false
+
+        func run() throws {
+            try runMapped {
+                let store = try location.open()
+                let v = try store.resolve(version.ref)
+                var n = 0
+                for part in try EditLog.lineage(of: v, in: store) {
+                    for e in part.edits {
+                        n += 1
+                        if json {
+                            var line = try JSONValue(parsing: try EditBatch.line(e)).objectValue ?? [:]
+                            line["version"] = .int(Int64(part.version))
+                            line["batch"] = part.batch.map { .string($0) } ?? .null
+                            print(JSONValue.object(line).description)
+                        } else {
+                            print("\(n). v\(part.version) \(part.batch ?? "-"): \(e.prompt) → \(e.targetNew)")
+                        }
+                    }
+                }
+                if !json { print("(\(n) edits in version \(v))") }
             }
         }
     }
