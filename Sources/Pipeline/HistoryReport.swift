@@ -42,7 +42,7 @@ public enum HistoryReport {
                 Series(name: "locality", color: "#ff7f0e", values: committed.map(\.locality)),
                 Series(name: "retention", color: "#9467bd", values: committed.map(\.retention)),
                 Series(name: "canary locality", color: "#8c564b", values: committed.map(\.canaryLocality)),
-            ], yRange: (0, 1), yFormat: "%.1f")
+            ], yRange: (0, 1))
             let ppl = committed.map(\.perplexityAfter)
             if ppl.contains(where: { $0 != nil }) {
                 body += "<h2>Held-out perplexity across versions</h2>\n"
@@ -52,7 +52,7 @@ public enum HistoryReport {
                 body += chart(labels: labels, series: [
                     Series(name: "after the batch", color: "#d62728", values: ppl),
                     Series(name: "unedited model", color: "#7f7f7f", dashed: true, values: committed.map(\.perplexityUnedited)),
-                ], yRange: (max(0, lo - pad), hi + pad), yFormat: "%.2f")
+                ], yRange: (max(0, lo - pad), hi + pad))
             }
         }
         body += "<h2>Batches</h2>\n<table>\n<tr><th>time</th><th>batch</th><th>status</th><th>version</th><th>parent</th><th>edits</th>"
@@ -84,7 +84,7 @@ public enum HistoryReport {
     }
 
     /// A line chart with one x position per version, a y grid, and a legend.
-    static func chart(labels: [String], series: [Series], yRange: (Double, Double), yFormat: String) -> String {
+    static func chart(labels: [String], series: [Series], yRange: (Double, Double)) -> String {
         let w = 900.0, h = 300.0, left = 50.0, right = 160.0, top = 15.0, bottom = 35.0
         let pw = w - left - right, ph = h - top - bottom
         let n = labels.count
@@ -95,11 +95,11 @@ public enum HistoryReport {
             return top + ph * (1 - (c - lo) / max(hi - lo, 1e-12))
         }
         var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(Int(w))\" height=\"\(Int(h))\" viewBox=\"0 0 \(Int(w)) \(Int(h))\">\n"
-        for k in 0...4 {
-            let v = yRange.0 + (yRange.1 - yRange.0) * Double(k) / 4
+        let (ticks, decimals) = niceTicks(yRange.0, yRange.1)
+        for v in ticks {
             let yy = y(v)
             s += "<line x1=\"\(f(left))\" y1=\"\(f(yy))\" x2=\"\(f(left + pw))\" y2=\"\(f(yy))\" stroke=\"#eee\"/>"
-            s += "<text x=\"\(f(left - 6))\" y=\"\(f(yy + 4))\" text-anchor=\"end\">\(String(format: yFormat, v))</text>\n"
+            s += "<text class=\"ytick\" x=\"\(f(left - 6))\" y=\"\(f(yy + 4))\" text-anchor=\"end\">\(String(format: "%.\(decimals)f", v))</text>\n"
         }
         s += "<line x1=\"\(f(left))\" y1=\"\(f(top + ph))\" x2=\"\(f(left + pw))\" y2=\"\(f(top + ph))\" stroke=\"#888\"/>\n"
         let step = max(1, Int((Double(n) / 15).rounded(.up)))
@@ -127,6 +127,20 @@ public enum HistoryReport {
     }
 
     static func f(_ x: Double) -> String { String(format: "%.1f", x) }
+
+    /// Round tick values (steps of 1, 2 or 5 × 10^k, four to ten of them) inside [lo, hi], and the
+    /// decimals that print each exactly: a label always names the value at its height.
+    static func niceTicks(_ lo: Double, _ hi: Double) -> (values: [Double], decimals: Int) {
+        let span = max(hi - lo, 1e-12)
+        let raw = span / 5
+        let p = pow(10, floor(log10(raw)))
+        let step = [1.0, 2, 5, 10].map { $0 * p }.first { span / $0 <= 6 } ?? 10 * p
+        let first = (lo / step).rounded(.up) * step
+        var out: [Double] = []
+        var v = first
+        while v <= hi + step * 1e-9 { out.append(abs(v) < step * 1e-9 ? 0 : v); v += step }
+        return (out, max(0, Int(-floor(log10(step) + 1e-9))))
+    }
 
     static func num(_ x: Double?, _ format: String = "%.3f") -> String {
         guard let x else { return "–" }

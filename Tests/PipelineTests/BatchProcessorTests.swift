@@ -521,6 +521,25 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertTrue(last[0].report!.guardResult.notes.contains { $0.contains("would refuse") })
     }
 
+    /// The report's y-axis labels name the value at their height (they read 0.2/0.5/0.8 at 0.25/0.5/0.75).
+    func testReportTicksAreExact() {
+        let (unit, d1) = HistoryReport.niceTicks(0, 1)
+        XCTAssertEqual(unit.map { String(format: "%.\(d1)f", $0) }, ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"])
+        let (ppl, d0) = HistoryReport.niceTicks(150, 230)
+        XCTAssertEqual(ppl, [160, 180, 200, 220]); XCTAssertEqual(d0, 0)
+        let (small, d3) = HistoryReport.niceTicks(0.98, 1.02)
+        XCTAssertEqual(small.map { String(format: "%.\(d3)f", $0) }, ["0.98", "0.99", "1.00", "1.01", "1.02"])
+        // In the page: each label's height is its value's.
+        let svg = HistoryReport.chart(labels: ["v1", "v2"], series: [.init(name: "r", color: "#000", values: [0.3, 0.9])], yRange: (0, 1))
+        let ticks = svg.components(separatedBy: "class=\"ytick\"").dropFirst().map { part -> (Double, Double) in
+            let y = Double(part.components(separatedBy: "y=\"")[1].prefix { $0 != "\"" })!
+            let label = Double(part.components(separatedBy: ">")[1].prefix { $0 != "<" })!
+            return (y - 4, label)
+        }
+        XCTAssertEqual(ticks.count, 6)
+        for (y, v) in ticks { XCTAssertEqual(y, 15 + 250 * (1 - v), accuracy: 0.06, "label \(v)") }
+    }
+
     /// Greedy answers stop at end-of-text: `Polish` + EOS + `The` is reported as `Polish`.
     func testAnswersStopAtEndOfText() {
         XCTAssertEqual(EditMetrics.answerTokens([5, 6, 7, 50256, 8], promptCount: 2, eos: 50256), [7])
