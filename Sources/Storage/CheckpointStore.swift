@@ -263,8 +263,15 @@ public final class CheckpointStore: @unchecked Sendable {
         _ = try manifest(version)
         let target = evaluationsDirectory(for: version).path + "/" + name
         let dir = (target as NSString).deletingLastPathComponent
+        try storeIO { try FileUtil.makeDirectories(dir) }
+        try installSynced(data, at: target, in: dir)
+        return URL(fileURLWithPath: target)
+    }
+
+    /// Writes a whole file outside the commit protocol: temporary file, fsync, rename, fsync of the
+    /// folder; the temporary file is removed when a step fails.
+    func installSynced(_ data: Data, at target: String, in dir: String) throws {
         try storeIO {
-            try FileUtil.makeDirectories(dir)
             var temps: [String] = []
             do {
                 try data.withUnsafeBytes { try install($0, at: target, in: dir, temps: &temps) }
@@ -274,7 +281,6 @@ public final class CheckpointStore: @unchecked Sendable {
                 throw error
             }
         }
-        return URL(fileURLWithPath: target)
     }
 
     /// The current version (nil for an empty store).

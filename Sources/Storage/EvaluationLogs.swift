@@ -52,16 +52,7 @@ extension CheckpointStore {
             throw StoreError.invalidCommit("'\(name)' is not a file name for evaluations/")
         }
         let target = evaluationsPath + "/" + name
-        try storeIO {
-            var temps: [String] = []
-            do {
-                try data.withUnsafeBytes { try install($0, at: target, in: evaluationsPath, temps: &temps) }
-                try fileSystem.syncDirectory(atPath: evaluationsPath)
-            } catch {
-                for t in temps { try? fileSystem.removeFile(atPath: t) }
-                throw error
-            }
-        }
+        try installSynced(data, at: target, in: evaluationsPath)
         return URL(fileURLWithPath: target)
     }
 

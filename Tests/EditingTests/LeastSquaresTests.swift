@@ -47,6 +47,16 @@ final class LeastSquaresTests: XCTestCase {
         return e
     }
 
+    /// max |(λ·C + gram)·ΔW − cross|: how far ΔW is from solving the module's normal equations.
+    func residual(_ e: DAFNetEditor, _ m: String, gram: Tensor, cross: Tensor, deltaWeight: Tensor) -> Float {
+        let system = e.keyStatistics[m]! * e.lambda(m)
+        system.add(gram)
+        let n = system.shape[0], o = cross.shape[1]
+        let lhs = Tensor(shape: [n, o])
+        BLAS.gemm(lhs.data, system.data, deltaWeight.data, M: n, N: o, K: n)
+        return lhs.maxAbsDifference(cross)
+    }
+
     /// ΔW solves (λ·C + Σ uuᵀ)·ΔW = Σ u·vᵀ: the residual of the normal equations is float round-off
     /// (the solve runs in double; the tolerance is 1e-4 of the right-hand side's scale for float32 inputs).
     func testUpdateSolvesTheNormalEquations() throws {
@@ -55,12 +65,7 @@ final class LeastSquaresTests: XCTestCase {
         try e.apply(requests, to: state)
         for m in e.config.modules {
             let st = state.modules[m]!
-            let a = e.keyStatistics[m]! * e.lambda(m)
-            a.add(st.gram!)
-            let n = a.shape[0], o = st.cross!.shape[1]
-            let lhs = Tensor(shape: [n, o])
-            BLAS.gemm(lhs.data, a.data, st.deltaWeight!.data, M: n, N: o, K: n)
-            XCTAssertLessThan(lhs.maxAbsDifference(st.cross!), 1e-4 * st.cross!.maxAbs(), m)
+            XCTAssertLessThan(residual(e, m, gram: st.gram!, cross: st.cross!, deltaWeight: st.deltaWeight!), 1e-4 * st.cross!.maxAbs(), m)
             XCTAssertGreaterThan(st.deltaWeight!.maxAbs(), 0, m)
             XCTAssertNil(st.deltaBias, m)
         }
@@ -81,12 +86,7 @@ final class LeastSquaresTests: XCTestCase {
             let a = one.modules[m]!, b = seq.modules[m]!
             XCTAssertLessThan(a.gram!.maxAbsDifference(b.gram!), 1e-4 * a.gram!.maxAbs(), m)
             XCTAssertLessThan(a.cross!.maxAbsDifference(b.cross!), 1e-4 * a.cross!.maxAbs(), m)
-            let system = e.keyStatistics[m]! * e.lambda(m)
-            system.add(a.gram!)
-            let n = system.shape[0], o = a.cross!.shape[1]
-            let lhs = Tensor(shape: [n, o])
-            BLAS.gemm(lhs.data, system.data, b.deltaWeight!.data, M: n, N: o, K: n)
-            XCTAssertLessThan(lhs.maxAbsDifference(a.cross!), 1e-3 * a.cross!.maxAbs(), m)
+            XCTAssertLessThan(residual(e, m, gram: a.gram!, cross: a.cross!, deltaWeight: b.deltaWeight!), 1e-3 * a.cross!.maxAbs(), m)
             XCTAssertGreaterThan(b.deltaWeight!.maxAbs(), 0, m)
         }
     }
