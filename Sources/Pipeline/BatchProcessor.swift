@@ -329,7 +329,8 @@ public final class BatchProcessor {
             let model = editor.model
             let earlier = try log.sample(settings.retentionSample)
             let earlierItems = earlier.map { editor.scored($0.prompt, $0.targetNew) }
-            let retentionBefore = Self.meanAccuracy(model.predict(earlierItems))
+            let earlierBefore = model.predict(earlierItems)
+            let retentionBefore = Self.meanAccuracy(earlierBefore)
             var perplexityBefore: Double?
             if uneditedPerplexity != nil {
                 if head == nil { perplexityBefore = uneditedPerplexity }
@@ -361,9 +362,13 @@ public final class BatchProcessor {
                 return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "", reason: "evaluation failed: \(error)"),
                                   stage: "evaluate", head: head, times: times)
             }
+            let earlierAfter = model.predict(earlierItems)
             let retention = earlier.isEmpty ? nil : RetentionResult(
                 sampled: earlier.count, earlierEdits: log.count, before: retentionBefore ?? 0,
-                after: Self.meanAccuracy(model.predict(earlierItems)) ?? 0)
+                after: Self.meanAccuracy(earlierAfter) ?? 0,
+                perEdit: zip(earlier, zip(earlierBefore, earlierAfter)).map { r, p in
+                    RetentionResult.Edit(prompt: r.prompt, targetNew: r.targetNew, before: p.0.accuracy, after: p.1.accuracy)
+                })
             var canary = CanaryResult(probes: canaryItems.count, locality: nil, skipped: nil)
             if canaryItems.isEmpty {
                 canary.skipped = resources.canaryNote ?? "no canary facts"

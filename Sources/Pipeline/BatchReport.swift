@@ -63,8 +63,19 @@ public struct RetentionResult: Codable, Sendable, Equatable {
     public var earlierEdits: Int
     public var before: Double
     public var after: Double
+    /// Each sampled earlier edit: its prompt and target and its reliability before and after the batch
+    /// (absent in evaluation files written before it was recorded).
+    public var perEdit: [Edit]?
 
-    enum CodingKeys: String, CodingKey { case sampled, earlierEdits = "earlier_edits", before, after }
+    public struct Edit: Codable, Sendable, Equatable {
+        public var prompt: String
+        public var targetNew: String
+        public var before: Double
+        public var after: Double
+        enum CodingKeys: String, CodingKey { case prompt, targetNew = "target_new", before, after }
+    }
+
+    enum CodingKeys: String, CodingKey { case sampled, earlierEdits = "earlier_edits", before, after, perEdit = "per_edit" }
 }
 
 /// Locality on the fixed canary facts: the share of their answer tokens where the edited model's argmax
