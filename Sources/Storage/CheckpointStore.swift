@@ -283,7 +283,6 @@ public final class CheckpointStore: @unchecked Sendable {
         }
     }
 
-    /// The current version (nil for an empty store).
     /// HEAD's version; nil for a store that never had one. A HEAD that is missing although the history
     /// recorded one, unreadable, or naming a version without a manifest is `badHead`: nothing is
     /// committed on top of it until `repairHead` sets it again.
@@ -348,8 +347,8 @@ public final class CheckpointStore: @unchecked Sendable {
     }
 
     /// Sets HEAD again on a store whose HEAD is missing or bad: to `version` when given, else to the
-    /// history's last HEAD when that version loads, else to the newest version that loads (none: the
-    /// store is empty and HEAD is removed). The target is fully verified; recorded as `repair`.
+    /// history's last HEAD when that version loads, else to the newest version that loads (none: HEAD
+    /// is the unedited base, `0`). The target is fully verified; recorded as `repair`.
     /// Returns the record, or nil when HEAD was fine (nothing done unless `version` is given, which
     /// then acts as a rollback).
     @discardableResult
@@ -370,15 +369,7 @@ public final class CheckpointStore: @unchecked Sendable {
                 target = all.reversed().first(where: loads)
             }
             let record = HistoryRecord(op: "repair", version: target, from: nil)
-            if let target {
-                try moveHead(to: target, record: record)
-            } else {
-                try storeIO {
-                    if FileUtil.exists(headPath) { try fileSystem.removeFile(atPath: headPath) }
-                    try fileSystem.syncDirectory(atPath: rootPath)
-                    try appendHistory(record)
-                }
-            }
+            try moveHead(to: target ?? 0, record: record)
             return record
         }
     }

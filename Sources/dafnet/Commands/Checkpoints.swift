@@ -157,7 +157,7 @@ struct Checkpoints: ParsableCommand {
                 if try CheckpointStore.repairMarker(at: location.url) { print("wrote \(location.store)/store.json") }
                 let store = try location.open()
                 if let r = try store.repairHead(to: to) {
-                    print(r.version.map { "HEAD set to version \($0)" } ?? "no version loads: HEAD removed (the store is empty)")
+                    print(r.version.map { "HEAD set to version \($0)" } ?? "no version loads: HEAD is the unedited base model")
                 } else {
                     print("HEAD is version \(try store.head().map(String.init) ?? "none"): nothing to repair")
                 }
