@@ -44,11 +44,14 @@ public struct PipelineResources {
     /// Recorded in every manifest.
     public var baseModelSHA256: String?
     public var editorSHA256: String?
+    /// Facts checked after every batch, each with the answer it must give (`target_new`): one's own
+    /// edits, or facts that must never change.
+    public var watchList: [EditRequest]
 
     public init(heldoutText: [[Int]], canaries: [EditRequest.LocalityPair] = [], canaryNote: String? = nil,
-                baseModelSHA256: String? = nil, editorSHA256: String? = nil) {
+                baseModelSHA256: String? = nil, editorSHA256: String? = nil, watchList: [EditRequest] = []) {
         self.heldoutText = heldoutText; self.canaries = canaries; self.canaryNote = canaryNote
-        self.baseModelSHA256 = baseModelSHA256; self.editorSHA256 = editorSHA256
+        self.baseModelSHA256 = baseModelSHA256; self.editorSHA256 = editorSHA256; self.watchList = watchList
     }
 
     /// SHA-256 of a model folder's weights (`model.safetensors`, or the shard index) and of an editor
@@ -331,6 +334,8 @@ public final class BatchProcessor {
             let earlierItems = earlier.map { editor.scored($0.prompt, $0.targetNew) }
             let earlierBefore = model.predict(earlierItems)
             let retentionBefore = Self.meanAccuracy(earlierBefore)
+            let watchItems = resources.watchList.map { editor.scored($0.prompt, $0.targetNew) }
+            let watchBefore = model.predict(watchItems)
             var perplexityBefore: Double?
             if uneditedPerplexity != nil {
                 if head == nil { perplexityBefore = uneditedPerplexity }
@@ -363,6 +368,10 @@ public final class BatchProcessor {
                                   stage: "evaluate", head: head, times: times)
             }
             let earlierAfter = model.predict(earlierItems)
+            let watchAfter = model.predict(watchItems)
+            let watched = resources.watchList.isEmpty ? nil : zip(resources.watchList, zip(watchBefore, watchAfter)).map { r, p in
+                WatchedFact(prompt: r.prompt, target: r.targetNew, before: p.0.accuracy, after: p.1.accuracy)
+            }
             let retention = earlier.isEmpty ? nil : RetentionResult(
                 sampled: earlier.count, earlierEdits: log.count, before: retentionBefore ?? 0,
                 after: Self.meanAccuracy(earlierAfter) ?? 0,
@@ -387,7 +396,7 @@ public final class BatchProcessor {
                                      parent: head, stateSHA256: nil, baseModelSHA256: resources.baseModelSHA256,
                                      editorSHA256: resources.editorSHA256, time: Clock.timestamp(), edits: requests.count,
                                      totalEdits: state.editCount, reliability: ev.reliability, generality: ev.generality,
-                                     locality: ev.locality, perEdit: ev.edits, retention: retention, canary: canary,
+                                     locality: ev.locality, perEdit: ev.edits, retention: retention, watchList: watched, canary: canary,
                                      perplexity: perplexity, guardResult: verdict, timings: times)
             if !verdict.passed {
                 return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "",

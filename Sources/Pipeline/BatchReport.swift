@@ -154,6 +154,8 @@ public struct BatchReport: Codable, Sendable {
     /// Per edit: reliability, generality, locality, and the greedy answers before (unedited model) and after.
     public var perEdit: [EditEvaluation.PerEdit]
     public var retention: RetentionResult?
+    /// The watch list's facts (`watch --watch-list`), each scored before and after the batch.
+    public var watchList: [WatchedFact]?
     public var canary: CanaryResult
     /// Nil when there is no held-out text.
     public var perplexity: PerplexityResult?
@@ -164,7 +166,7 @@ public struct BatchReport: Codable, Sendable {
         case format, batch, sha256, status, version, parent, time, edits, reliability, generality, locality, retention, canary
         case perplexity, timings
         case stateSHA256 = "state_sha256", baseModelSHA256 = "base_model_sha256", editorSHA256 = "editor_sha256"
-        case totalEdits = "total_edits", perEdit = "per_edit", guardResult = "guard"
+        case totalEdits = "total_edits", perEdit = "per_edit", guardResult = "guard", watchList = "watch_list"
     }
 
     public func encoded() throws -> Data { try PipelineJSON.pretty(self) }
@@ -175,7 +177,8 @@ public struct BatchReport: Codable, Sendable {
                     totalEdits: totalEdits, reliability: reliability, generality: generality, locality: locality,
                     retention: retention?.after, canaryLocality: canary.locality, perplexityUnedited: perplexity?.unedited,
                     perplexityBefore: perplexity?.before, perplexityAfter: perplexity?.after, seconds: timings.total,
-                    evaluation: version.map { BatchReport.fileName(batch: batch, version: $0) })
+                    evaluation: version.map { BatchReport.fileName(batch: batch, version: $0) },
+                    watch: watchList.map { $0.map { WatchedFact.Line(prompt: $0.prompt, target: $0.target, after: $0.after) } })
     }
 
     /// `NAME.vNNNN.json` for batch `NAME.jsonl` and version NNNN (at least 4 digits).
@@ -206,11 +209,31 @@ public struct HistoryLine: Codable, Sendable, Equatable {
     public var seconds: Double
     /// The evaluation file's name in `evaluations/`.
     public var evaluation: String?
+    /// The watch list's facts after the batch (nil without a watch list).
+    public var watch: [WatchedFact.Line]?
 
     enum CodingKeys: String, CodingKey {
-        case time, batch, sha256, status, version, parent, edits, reliability, generality, locality, retention, seconds, evaluation
+        case time, batch, sha256, status, version, parent, edits, reliability, generality, locality, retention, seconds, evaluation, watch
         case totalEdits = "total_edits", canaryLocality = "canary_locality", perplexityUnedited = "perplexity_unedited"
         case perplexityBefore = "perplexity_before", perplexityAfter = "perplexity_after"
+    }
+}
+
+/// A fact of the watch list after a batch: the answer it must give (`target_new` of its line) scored
+/// like reliability (share of the answer's tokens the model predicts), before and after.
+public struct WatchedFact: Codable, Sendable, Equatable {
+    public var prompt: String
+    public var target: String
+    public var before: Double
+    public var after: Double
+    /// Every answer token predicted after the batch.
+    public var holds: Bool { after >= 1 }
+
+    /// The fact in a batch line of `batches.jsonl`.
+    public struct Line: Codable, Sendable, Equatable {
+        public var prompt: String
+        public var target: String
+        public var after: Double
     }
 }
 

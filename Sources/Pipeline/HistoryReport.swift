@@ -55,6 +55,7 @@ public enum HistoryReport {
                 ], yRange: (max(0, lo - pad), hi + pad))
             }
         }
+        body += watchTable(committed)
         body += "<h2>Batches</h2>\n<table>\n<tr><th>time</th><th>batch</th><th>status</th><th>version</th><th>parent</th><th>edits</th>"
         body += "<th>total edits</th><th>reliability</th><th>generality</th><th>locality</th><th>retention</th><th>canary</th>"
         body += "<th>perplexity before → after</th><th>seconds</th></tr>\n"
@@ -75,12 +76,37 @@ public enum HistoryReport {
         h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}.meta{color:#555}
         table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
         td:nth-child(2),th:nth-child(2),td:nth-child(1),td:nth-child(3){text-align:left}
-        tr.guarded{background:#fde8e8}svg{background:#fff;border:1px solid #ddd}
+        tr.guarded{background:#fde8e8}td.lost{background:#fde8e8}td.holds{color:#2a7}svg{background:#fff;border:1px solid #ddd}
         svg text{font-size:11px;fill:#333}
         </style></head><body>
         \(body)</body></html>
 
         """
+    }
+
+    /// The watch list's facts over versions: one row per fact, one column per committed batch, the
+    /// score after it (✓ when every answer token holds).
+    static func watchTable(_ committed: [HistoryLine]) -> String {
+        var facts: [String] = []
+        var seen = Set<String>()
+        for l in committed { for f in l.watch ?? [] where seen.insert(f.prompt + "\u{0}" + f.target).inserted { facts.append(f.prompt + "\u{0}" + f.target) } }
+        guard !facts.isEmpty else { return "" }
+        var out = "<h2>Watch list across versions</h2>\n<table class=\"watch\">\n<tr><th>fact</th>"
+        for l in committed { out += "<th>v\(l.version ?? 0)</th>" }
+        out += "</tr>\n"
+        for key in facts {
+            let parts = key.components(separatedBy: "\u{0}")
+            out += "<tr><td>\(escape(parts[0])) → \(escape(parts[1]))</td>"
+            for l in committed {
+                if let f = l.watch?.first(where: { $0.prompt == parts[0] && $0.target == parts[1] }) {
+                    out += f.after >= 1 ? "<td class=\"holds\">✓</td>" : "<td class=\"lost\">\(num(f.after, "%.2f"))</td>"
+                } else {
+                    out += "<td>–</td>"
+                }
+            }
+            out += "</tr>\n"
+        }
+        return out + "</table>\n"
     }
 
     /// A line chart with one x position per version, a y grid, and a legend.

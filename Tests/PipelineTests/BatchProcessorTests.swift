@@ -521,6 +521,31 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertTrue(last[0].report!.guardResult.notes.contains { $0.contains("would refuse") })
     }
 
+    /// The watch list: each fact scored before and after every batch, in the evaluation file, the batch
+    /// log and the report.
+    func testWatchListIsScoredAfterEveryBatch() throws {
+        let h = try Harness()
+        var resources = h.processor.resources
+        let mine = Fixture.request(0)
+        resources.watchList = [mine, EditRequest(prompt: "The capital of France is", targetNew: "Paris")]
+        let p = try BatchProcessor(inbox: h.inbox, store: h.store, editor: h.editor, resources: resources,
+                                   settings: h.processor.settings, logger: h.processor.logger)
+        try h.drop("001.jsonl", try Fixture.batch(0..<1))
+        try h.drop("002.jsonl", try Fixture.batch(1..<2))
+        let out = try p.runOnce()
+        XCTAssertEqual(out.map(\.status), [.committed, .committed])
+        let first = try XCTUnwrap(out[0].report?.watchList)
+        XCTAssertEqual(first.map(\.prompt), [mine.prompt, "The capital of France is"])
+        XCTAssertEqual(first[0].after, out[0].report!.perEdit[0].reliability, "the batch's own edit, scored the same way")
+        let second = try XCTUnwrap(out[1].report?.watchList)
+        XCTAssertEqual(second[0].before, first[0].after, accuracy: 1e-12, "before the next batch = after the last")
+        let lines = try HistoryReport.load(h.store)
+        XCTAssertEqual(lines.map { $0.watch?.count }, [2, 2])
+        let html = HistoryReport.html(lines)
+        XCTAssertTrue(html.contains("Watch list across versions"))
+        XCTAssertEqual(html.components(separatedBy: "<tr><td>").count - 1 - lines.count, 2, "one row per watched fact")
+    }
+
     /// The report's y-axis labels name the value at their height (they read 0.2/0.5/0.8 at 0.25/0.5/0.75).
     func testReportTicksAreExact() {
         let (unit, d1) = HistoryReport.niceTicks(0, 1)

@@ -34,6 +34,8 @@ struct Watch: ParsableCommand {
     var textLines = 100
     @Option(help: "Canary facts (JSON Lines: locality_prompt + locality_ground_truth, or prompt + ground_truth; lines with a split other than heldout are skipped). Default: samples/world/facts.jsonl.")
     var canaries: String?
+    @Option(help: "A watch list: facts (batch layout; prompt + target_new, the answer each must give) scored after every batch, each in the evaluation file and the report.")
+    var watchList: String?
     @Option(help: "How many canary facts to take from the file.")
     var canaryCount = 20
     @Option(help: "Seconds a batch file must have been left alone before it is taken.")
@@ -116,8 +118,9 @@ struct Watch: ParsableCommand {
         }
         if let canaryNote { logger.notice("canary check skipped", metadata: ["reason": "\(canaryNote)"]) }
         let hashes = PipelineResources.hashes(modelFolder: model.url, editorFolder: editorOption.url)
+        let watched = try watchList.map { path in try runMapped { try EditBatch.read(URL(fileURLWithPath: path)) } } ?? []
         let resources = PipelineResources(heldoutText: texts, canaries: probes, canaryNote: canaryNote,
-                                          baseModelSHA256: hashes.model, editorSHA256: hashes.editor)
+                                          baseModelSHA256: hashes.model, editorSHA256: hashes.editor, watchList: watched)
         var settings = PipelineSettings()
         settings.minimumFileAge = minAge
         settings.unfinishedTimeout = unfinishedTimeout
