@@ -5,10 +5,42 @@ import Storage
 /// (inline CSS and SVG, no scripts, nothing fetched): metrics across versions, perplexity across
 /// versions, and a table of every batch.
 public enum HistoryReport {
-    /// Reads the batch lines of a store (an unreadable line is skipped).
+    /// Reads the batch lines of a store (an unreadable line is skipped), and for versions the log does
+    /// not know (restored from an archive, which carries each version's own evaluation file) the line
+    /// their evaluation file gives; in time order.
     public static func load(_ store: CheckpointStore) throws -> [HistoryLine] {
         let decoder = PipelineJSON.decoder
-        return try store.lines(of: .batches).compactMap { try? decoder.decode(HistoryLine.self, from: $0) }
+        var lines = try store.lines(of: .batches).compactMap { try? decoder.decode(HistoryLine.self, from: $0) }
+        let known = Set(lines.compactMap(\.version))
+        for v in try store.versions() where !known.contains(v) {
+            let dir = store.evaluationsDirectory(for: v)
+            let suffix = String(format: ".v%04d.json", v)
+            guard let name = (try? FileManager.default.contentsOfDirectory(atPath: dir.path))?.sorted().first(where: { $0.hasSuffix(suffix) }),
+                  let data = try? Data(contentsOf: dir.appendingPathComponent(name)),
+                  var r = try? decoder.decode(BatchReport.self, from: data) else { continue }
+            r.version = v
+            lines.append(r.historyLine)
+        }
+        return lines.enumerated().sorted { ($0.element.time, $0.offset) < ($1.element.time, $1.offset) }.map(\.element)
+    }
+
+    /// What the page shows besides the batches: HEAD, its moves other than commits, the failed batches.
+    public struct Context: Sendable {
+        public var head: Int?
+        public var moves: [HistoryRecord] = []
+        public var failed: [JournalEntry] = []
+        public init(head: Int? = nil, moves: [HistoryRecord] = [], failed: [JournalEntry] = []) {
+            self.head = head; self.moves = moves; self.failed = failed
+        }
+
+        /// HEAD, the rollbacks, repairs and imports of the store's history, and the journal's rejected
+        /// and guarded batches.
+        public static func of(_ store: CheckpointStore) throws -> Context {
+            let failed = try store.lines(of: .journal).compactMap { try? JSONDecoder().decode(JournalEntry.self, from: $0) }
+                .filter { [BatchOutcome.Status.rejected.rawValue, BatchOutcome.Status.guarded.rawValue].contains($0.status) }
+            return Context(head: try? store.head(), moves: try store.history().filter { ["rollback", "repair", "import"].contains($0.op) },
+                           failed: failed)
+        }
     }
 
     /// The same for the store folder at `store`.
@@ -21,7 +53,7 @@ public enum HistoryReport {
         var values: [Double?]
     }
 
-    public static func html(_ lines: [HistoryLine], title: String = "dafnet: batches and versions") -> String {
+    public static func html(_ lines: [HistoryLine], context: Context = Context(), title: String = "dafnet: batches and versions") -> String {
         let committed = lines.filter { $0.status == "committed" }
         let labels = committed.map { "v\($0.version ?? 0)" }
         var body = ""
@@ -31,7 +63,7 @@ public enum HistoryReport {
         body += "<p class=\"meta\">\(committed.count) committed batch\(committed.count == 1 ? "" : "es") (\(edits) edits)"
         if guarded > 0 { body += ", \(guarded) refused by the collapse guard" }
         if let last = lines.last { body += "; last batch \(escape(last.time))" }
-        body += ".</p>\n"
+        body += "; HEAD: " + (context.head.map { "version \($0)" } ?? "the unedited model") + ".</p>\n"
         if committed.isEmpty {
             body += "<p>No committed batch yet.</p>\n"
         } else {
@@ -60,14 +92,32 @@ public enum HistoryReport {
         body += "<th>total edits</th><th>reliability</th><th>generality</th><th>locality</th><th>retention</th><th>canary</th>"
         body += "<th>perplexity before → after</th><th>seconds</th></tr>\n"
         for l in lines {
-            let cls = l.status == "committed" ? "" : " class=\"\(escape(l.status))\""
-            body += "<tr\(cls)><td>\(escape(l.time))</td><td>\(escape(l.batch))</td><td>\(escape(l.status))</td>"
+            let isHead = l.status == "committed" && l.version != nil && l.version == context.head
+            let cls = l.status == "committed" ? (isHead ? " class=\"head\"" : "") : " class=\"\(escape(l.status))\""
+            let batch = l.evaluation.map { "<a href=\"\(escape($0))\">\(escape(l.batch))</a>" } ?? escape(l.batch)
+            body += "<tr\(cls)><td>\(escape(l.time))</td><td>\(batch)</td><td>\(escape(l.status))\(isHead ? " (HEAD)" : "")</td>"
             body += "<td>\(l.version.map(String.init) ?? "–")</td><td>\(l.parent.map(String.init) ?? "–")</td>"
             body += "<td>\(l.edits)</td><td>\(l.totalEdits)</td><td>\(num(l.reliability))</td><td>\(num(l.generality))</td>"
             body += "<td>\(num(l.locality))</td><td>\(num(l.retention))</td><td>\(num(l.canaryLocality))</td>"
             body += "<td>\(num(l.perplexityBefore, "%.2f")) → \(num(l.perplexityAfter, "%.2f"))</td><td>\(num(l.seconds, "%.2f"))</td></tr>\n"
         }
         body += "</table>\n"
+        if !context.failed.isEmpty {
+            body += "<h2>Failed batches</h2>\n<table class=\"failed\">\n<tr><th>time</th><th>batch</th><th>status</th><th>HEAD then</th><th>reason</th></tr>\n"
+            for f in context.failed {
+                body += "<tr><td>\(escape(f.time))</td><td>\(escape(f.batch))</td><td>\(escape(f.status))</td>"
+                body += "<td>\(f.version.map(String.init) ?? "–")</td><td class=\"reason\">\(escape(f.note ?? ""))</td></tr>\n"
+            }
+            body += "</table>\n"
+        }
+        if !context.moves.isEmpty {
+            body += "<h2>Moves of HEAD besides commits</h2>\n<table class=\"moves\">\n<tr><th>time</th><th>operation</th><th>from</th><th>to</th></tr>\n"
+            for m in context.moves {
+                body += "<tr><td>\(escape(m.time))</td><td>\(escape(m.op))</td><td>\(m.from.map(String.init) ?? "–")</td>"
+                body += "<td>\(m.version.map(String.init) ?? "base")</td></tr>\n"
+            }
+            body += "</table>\n"
+        }
         return """
         <!DOCTYPE html>
         <html lang="en"><head><meta charset="utf-8"><title>\(escape(title))</title>
@@ -76,7 +126,7 @@ public enum HistoryReport {
         h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}.meta{color:#555}
         table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
         td:nth-child(2),th:nth-child(2),td:nth-child(1),td:nth-child(3){text-align:left}
-        tr.guarded{background:#fde8e8}td.lost{background:#fde8e8}td.holds{color:#2a7}svg{background:#fff;border:1px solid #ddd}
+        tr.guarded{background:#fde8e8}td.lost{background:#fde8e8}tr.head{font-weight:600;background:#eef6ff}td.reason{text-align:left}td.holds{color:#2a7}svg{background:#fff;border:1px solid #ddd}
         svg text{font-size:11px;fill:#333}
         </style></head><body>
         \(body)</body></html>

@@ -546,6 +546,30 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(html.components(separatedBy: "<tr><td>").count - 1 - lines.count, 2, "one row per watched fact")
     }
 
+    /// The report marks HEAD, lists rollbacks and failed batches with their reasons, links each batch
+    /// to its evaluation file, and shows the batches of a store restored from an archive.
+    func testReportMarksHeadFailuresAndRestoredBatches() throws {
+        let h = try Harness()
+        h.processor.settings.unfinishedTimeout = 0
+        try h.drop("001.jsonl", try Fixture.batch(0..<1))
+        try h.drop("002.jsonl", try Fixture.batch(1..<2))
+        try h.drop("003-bad.jsonl", Data("{\"prompt\": \"x\"}\n".utf8))
+        try h.processor.runOnce()
+        try h.store.rollback(to: .number(1))
+        let html = HistoryReport.html(try HistoryReport.load(h.store), context: try HistoryReport.Context.of(h.store))
+        XCTAssertTrue(html.contains("HEAD: version 1"))
+        XCTAssertEqual(html.components(separatedBy: "(HEAD)").count - 1, 1)
+        XCTAssertTrue(html.contains("<tr class=\"head\"><td>") && html.contains("<a href=\"001.v0001.json\">001.jsonl</a>"))
+        XCTAssertTrue(html.contains("Failed batches") && html.contains("003-bad.jsonl") && html.contains("required but missing"))
+        XCTAssertTrue(html.contains("Moves of HEAD besides commits") && html.contains("<td>rollback</td><td>2</td><td>1</td>"))
+
+        let archive = h.tmp.path("v2.tar.zst")
+        try CheckpointArchive.create(store: h.store, version: .number(2), to: archive)
+        let restored = try CheckpointStore(at: h.tmp.path("restored"), create: true)
+        try CheckpointArchive.restore(from: archive, into: restored)
+        XCTAssertEqual(try HistoryReport.load(restored).map(\.batch), ["001.jsonl", "002.jsonl"], "from the versions' own evaluation files")
+    }
+
     /// The report's y-axis labels name the value at their height (they read 0.2/0.5/0.8 at 0.25/0.5/0.75).
     func testReportTicksAreExact() {
         let (unit, d1) = HistoryReport.niceTicks(0, 1)

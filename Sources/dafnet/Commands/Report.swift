@@ -18,7 +18,7 @@ struct Report: ParsableCommand {
         try runMapped {
             let store = try location.open()
             let lines = try HistoryReport.load(store)
-            let page = Data(HistoryReport.html(lines, title: title).utf8)
+            let page = Data(HistoryReport.html(lines, context: try HistoryReport.Context.of(store), title: title).utf8)
             let url: URL
             if let out {
                 url = URL(fileURLWithPath: out)
