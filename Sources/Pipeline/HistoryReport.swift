@@ -122,9 +122,9 @@ public enum HistoryReport {
         <!DOCTYPE html>
         <html lang="en"><head><meta charset="utf-8"><title>\(escape(title))</title>
         <style>
-        body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em;color:#222;max-width:1100px}
+        body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em;color:#222;max-width:1400px}
         h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}.meta{color:#555}
-        table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
+        table{border-collapse:collapse;font-size:.8em}td:first-child{white-space:nowrap}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
         td:nth-child(2),th:nth-child(2),td:nth-child(1),td:nth-child(3){text-align:left}
         tr.guarded{background:#fde8e8}td.lost{background:#fde8e8}tr.head{font-weight:600;background:#eef6ff}td.reason{text-align:left}td.holds{color:#2a7}svg{background:#fff;border:1px solid #ddd}
         svg text{font-size:11px;fill:#333}
