@@ -99,16 +99,35 @@ struct Checkpoints: ParsableCommand {
     }
 
     struct Diff: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Per-tensor changes from version V to version W.")
+        static let configuration = CommandConfiguration(abstract: "Per-tensor changes from version V to version W; with --facts, which edits W holds that V does not and the reverse.")
         @OptionGroup var location: StoreLocationOptions
         @Argument(help: "The first version.") var from: VersionArgument
         @Argument(help: "The second version.") var to: VersionArgument = VersionArgument(.head)
+        @Flag(help: "The facts that changed: edits only in W (+) and only in V (−), by prompt and target.") var facts = false
         @Flag(help: "Print JSON.") var json = false
 
         func run() throws {
             try runMapped {
                 let store = try location.open()
                 let a = try store.resolve(from.ref), b = try store.resolve(to.ref)
+                if facts {
+                    func edits(_ v: Int) throws -> [(String, String, Int)] {
+                        try EditLog.lineage(of: v, in: store).flatMap { part in part.edits.map { ($0.prompt, $0.targetNew, part.version) } }
+                    }
+                    let ea = try edits(a), eb = try edits(b)
+                    let ka = Set(ea.map { $0.0 + "\u{0}" + $0.1 }), kb = Set(eb.map { $0.0 + "\u{0}" + $0.1 })
+                    let added = eb.filter { !ka.contains($0.0 + "\u{0}" + $0.1) }, removed = ea.filter { !kb.contains($0.0 + "\u{0}" + $0.1) }
+                    if json {
+                        struct Fact: Encodable { var change: String; var prompt: String; var targetNew: String; var version: Int }
+                        print(try StoreText.json(added.map { Fact(change: "added", prompt: $0.0, targetNew: $0.1, version: $0.2) }
+                            + removed.map { Fact(change: "removed", prompt: $0.0, targetNew: $0.1, version: $0.2) }))
+                    } else {
+                        for e in added { print("+ \(e.0) → \(e.1)  (v\(e.2))") }
+                        for e in removed { print("− \(e.0) → \(e.1)  (v\(e.2))") }
+                        print("(\(added.count) edits only in version \(b), \(removed.count) only in version \(a))")
+                    }
+                    return
+                }
                 let rows = try store.diff(.number(a), .number(b))
                 print(json ? try StoreText.json(rows) : StoreText.diff(rows, from: a, to: b))
             }
