@@ -43,6 +43,8 @@ let package = Package(
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: optimize),
+        // The parsers' fuzz harnesses (scripts/fuzz.sh builds them under libFuzzer; normally a corpus replayer).
+        .executableTarget(name: "dafnet-fuzz", dependencies: ["TensorCore", "Tokenizers", "Storage", "Editing"]),
 
         .testTarget(name: "TensorCoreTests", dependencies: ["TensorCore"]),
         .testTarget(name: "TokenizersTests", dependencies: ["Tokenizers"], resources: [.copy("Fixtures")]),

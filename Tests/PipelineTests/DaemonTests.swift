@@ -11,13 +11,32 @@ import Glibc
 
 /// The daemon as users run it: the real `dafnet` executable built by SwiftPM beside this test bundle.
 final class DaemonTests: XCTestCase {
-    static func executable() throws -> URL {
+    static func executable(_ name: String = "dafnet") throws -> URL {
         let dirs = [Bundle.module.bundleURL.deletingLastPathComponent(), Bundle.main.bundleURL,
                     Bundle.main.bundleURL.deletingLastPathComponent()]
-        guard let url = dirs.map({ $0.appendingPathComponent("dafnet") }).first(where: { FileManager.default.isExecutableFile(atPath: $0.path) }) else {
-            throw XCTSkip("the dafnet executable is not built beside the tests (run `swift build` first, or `swift test`, which builds it)")
+        guard let url = dirs.map({ $0.appendingPathComponent(name) }).first(where: { FileManager.default.isExecutableFile(atPath: $0.path) }) else {
+            throw XCTSkip("the \(name) executable is not built beside the tests (run `swift build` first, or `swift test`, which builds it)")
         }
         return url
+    }
+
+    /// The fuzzing corpora (fuzz/corpus/<harness>, seeds and what campaigns found) replayed through the
+    /// harnesses without the fuzzer: every input that once mattered still parses or fails cleanly.
+    func testFuzzCorporaReplay() throws {
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+        let corpus = root.appendingPathComponent("fuzz/corpus")
+        let dirs = try FileManager.default.contentsOfDirectory(atPath: corpus.path).sorted().map { corpus.appendingPathComponent($0).path }
+        XCTAssertEqual(dirs.count, 5, "one corpus per harness")
+        let p = Process()
+        p.executableURL = try Self.executable("dafnet-fuzz")
+        p.arguments = ["replay"] + dirs
+        let out = Pipe()
+        p.standardOutput = out
+        try p.run()
+        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        XCTAssertEqual(p.terminationStatus, 0, text)
+        XCTAssertTrue(text.hasPrefix("replayed "), text)
     }
 
     /// The files a `dafnet watch` run needs, in a temporary folder.
