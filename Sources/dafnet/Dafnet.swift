@@ -5,8 +5,8 @@ struct Dafnet: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "dafnet",
         abstract: "Keep a language model's facts up to date with DAFNet sequential editing.",
-        version: "0.1.0",
         subcommands: [
+            VersionCommand.self,
             Bench.self,
             Tokenize.self,
             Generate.self,
@@ -41,4 +41,12 @@ struct Bench: ParsableCommand {
             BenchPipeline.self,
         ]
     )
+}
+
+/// `dafnet version`: the tool's version. (A root `--version` flag would be repeated in every
+/// subcommand's help beside the `--version V` of the store commands.)
+struct VersionCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "version", abstract: "Print dafnet's version.")
+    static let number = "0.1.0"
+    func run() { print(Self.number) }
 }

@@ -228,6 +228,22 @@ final class DaemonTests: XCTestCase {
         XCTAssertTrue(try String(contentsOf: oLog, encoding: .utf8).contains("another model"))
     }
 
+    /// The store commands' `--version V` is the only `--version` in their help, its default reads HEAD,
+    /// and `dafnet version` prints the tool's.
+    func testVersionOptionIsNotShadowed() throws {
+        let s = try Setup()
+        for command in [["export", "--help"], ["archive", "create", "--help"]] {
+            let (p, log) = try s.spawn(command, tag: command[0])
+            p.waitUntilExit()
+            let help = try String(contentsOf: log, encoding: .utf8)
+            XCTAssertEqual(help.components(separatedBy: "\n").filter { $0.trimmingCharacters(in: .whitespaces).hasPrefix("--version") }.count, 1, help)
+            XCTAssertTrue(help.contains("(default: HEAD)"), help)
+        }
+        let (v, vLog) = try s.spawn(["version"], tag: "version")
+        v.waitUntilExit()
+        XCTAssertEqual(try String(contentsOf: vLog, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines), "0.1.0")
+    }
+
     /// One daemon per store: a second one exits at once with a clear message (exit status 3) while the
     /// first runs; SIGTERM stops the first cleanly (exit status 0) and a later run finishes everything.
     func testTwoDaemonsAndSIGTERM() throws {

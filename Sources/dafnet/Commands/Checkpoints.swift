@@ -27,7 +27,7 @@ struct VersionArgument: ExpressibleByArgument {
 
     init(_ ref: VersionRef) { self.ref = ref }
 
-    static var defaultValueDescription: String { "HEAD" }
+    var defaultValueDescription: String { "\(ref)" }
 }
 
 /// `dafnet checkpoints …`: inspect and maintain the checkpoint store.

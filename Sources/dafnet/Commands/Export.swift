@@ -25,15 +25,17 @@ struct Export: ParsableCommand {
             throw ValidationError("--dtype must be F32, F16 or BF16")
         }
         let folder = try model.load()
+        var resolved = 0
         try runMapped {
             let store = try location.open()
             let loaded = try store.load(version.ref)
+            resolved = loaded.manifest.version
             if !allowOtherBaseModel {
                 try loaded.manifest.requireBaseModel(PipelineResources.hashes(modelFolder: model.url, editorFolder: nil).model)
             }
             let tensors = loaded.tensors
             try EditedModelExport.export(model: folder, state: tensors, to: URL(fileURLWithPath: out), dtype: dt)
         }
-        print("wrote \(out) (version \(version.ref))")
+        print("wrote \(out) (version \(resolved))")
     }
 }
