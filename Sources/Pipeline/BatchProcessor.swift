@@ -331,11 +331,11 @@ public final class BatchProcessor {
             t = Date()
             let model = editor.model
             let earlier = try log.sample(settings.retentionSample)
-            let earlierItems = earlier.map { editor.scored($0.prompt, $0.targetNew) }
-            let earlierBefore = model.predict(earlierItems)
-            let retentionBefore = Self.meanAccuracy(earlierBefore)
-            let watchItems = resources.watchList.map { editor.scored($0.prompt, $0.targetNew) }
-            let watchBefore = model.predict(watchItems)
+            // The sampled earlier edits (retention) and the watch list, scored in one pass before and after.
+            let facts = earlier + resources.watchList
+            let factItems = facts.map { editor.scored($0.prompt, $0.targetNew) }
+            let factsBefore = model.predict(factItems)
+            let retentionBefore = Self.meanAccuracy(factsBefore.prefix(earlier.count))
             var perplexityBefore: Double?
             if uneditedPerplexity != nil {
                 if head == nil { perplexityBefore = uneditedPerplexity }
@@ -367,17 +367,14 @@ public final class BatchProcessor {
                 return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "", reason: "evaluation failed: \(error)"),
                                   stage: "evaluate", head: head, times: times)
             }
-            let earlierAfter = model.predict(earlierItems)
-            let watchAfter = model.predict(watchItems)
-            let watched = resources.watchList.isEmpty ? nil : zip(resources.watchList, zip(watchBefore, watchAfter)).map { r, p in
-                WatchedFact(prompt: r.prompt, target: r.targetNew, before: p.0.accuracy, after: p.1.accuracy)
-            }
+            let factsAfter = model.predict(factItems)
+            let n = earlier.count
+            let watched = resources.watchList.isEmpty ? nil
+                : FactScore.scores(resources.watchList, before: factsBefore[n...], after: factsAfter[n...])
             let retention = earlier.isEmpty ? nil : RetentionResult(
-                sampled: earlier.count, earlierEdits: log.count, before: retentionBefore ?? 0,
-                after: Self.meanAccuracy(earlierAfter) ?? 0,
-                perEdit: zip(earlier, zip(earlierBefore, earlierAfter)).map { r, p in
-                    RetentionResult.Edit(prompt: r.prompt, targetNew: r.targetNew, before: p.0.accuracy, after: p.1.accuracy)
-                })
+                sampled: n, earlierEdits: log.count, before: retentionBefore ?? 0,
+                after: Self.meanAccuracy(factsAfter.prefix(n)) ?? 0,
+                perEdit: FactScore.scores(earlier, before: factsBefore[..<n], after: factsAfter[..<n]))
             var canary = CanaryResult(probes: canaryItems.count, locality: nil, skipped: nil)
             if canaryItems.isEmpty {
                 canary.skipped = resources.canaryNote ?? "no canary facts"
@@ -630,7 +627,7 @@ public final class BatchProcessor {
 
     // MARK: Helpers
 
-    static func meanAccuracy(_ p: [TargetPrediction]) -> Double? {
+    static func meanAccuracy<C: Collection>(_ p: C) -> Double? where C.Element == TargetPrediction {
         p.isEmpty ? nil : p.map(\.accuracy).reduce(0, +) / Double(p.count)
     }
 

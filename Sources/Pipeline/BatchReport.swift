@@ -1,6 +1,7 @@
 import Editing
 import Evaluation
 import Foundation
+import LanguageModel
 import Storage
 
 /// Seconds spent per stage of one batch.
@@ -63,17 +64,9 @@ public struct RetentionResult: Codable, Sendable, Equatable {
     public var earlierEdits: Int
     public var before: Double
     public var after: Double
-    /// Each sampled earlier edit: its prompt and target and its reliability before and after the batch
-    /// (absent in evaluation files written before it was recorded).
-    public var perEdit: [Edit]?
-
-    public struct Edit: Codable, Sendable, Equatable {
-        public var prompt: String
-        public var targetNew: String
-        public var before: Double
-        public var after: Double
-        enum CodingKeys: String, CodingKey { case prompt, targetNew = "target_new", before, after }
-    }
+    /// Each sampled earlier edit scored before and after the batch (absent in evaluation files written
+    /// before it was recorded).
+    public var perEdit: [FactScore]?
 
     enum CodingKeys: String, CodingKey { case sampled, earlierEdits = "earlier_edits", before, after, perEdit = "per_edit" }
 }
@@ -155,7 +148,7 @@ public struct BatchReport: Codable, Sendable {
     public var perEdit: [EditEvaluation.PerEdit]
     public var retention: RetentionResult?
     /// The watch list's facts (`watch --watch-list`), each scored before and after the batch.
-    public var watchList: [WatchedFact]?
+    public var watchList: [FactScore]?
     public var canary: CanaryResult
     /// Nil when there is no held-out text.
     public var perplexity: PerplexityResult?
@@ -178,7 +171,7 @@ public struct BatchReport: Codable, Sendable {
                     retention: retention?.after, canaryLocality: canary.locality, perplexityUnedited: perplexity?.unedited,
                     perplexityBefore: perplexity?.before, perplexityAfter: perplexity?.after, seconds: timings.total,
                     evaluation: version.map { BatchReport.fileName(batch: batch, version: $0) },
-                    watch: watchList.map { $0.map { WatchedFact.Line(prompt: $0.prompt, target: $0.target, after: $0.after) } })
+                    watch: watchList)
     }
 
     /// `NAME.vNNNN.json` for batch `NAME.jsonl` and version NNNN (at least 4 digits).
@@ -209,8 +202,8 @@ public struct HistoryLine: Codable, Sendable, Equatable {
     public var seconds: Double
     /// The evaluation file's name in `evaluations/`.
     public var evaluation: String?
-    /// The watch list's facts after the batch (nil without a watch list).
-    public var watch: [WatchedFact.Line]?
+    /// The watch list's facts before and after the batch (nil without a watch list).
+    public var watch: [FactScore]?
 
     enum CodingKeys: String, CodingKey {
         case time, batch, sha256, status, version, parent, edits, reliability, generality, locality, retention, seconds, evaluation, watch
@@ -219,21 +212,21 @@ public struct HistoryLine: Codable, Sendable, Equatable {
     }
 }
 
-/// A fact of the watch list after a batch: the answer it must give (`target_new` of its line) scored
-/// like reliability (share of the answer's tokens the model predicts), before and after.
-public struct WatchedFact: Codable, Sendable, Equatable {
+/// A fact (an earlier edit sampled for retention, or a watch-list line) scored like reliability — the
+/// share of `target_new`'s tokens the model predicts — before and after a batch.
+public struct FactScore: Codable, Sendable, Equatable {
     public var prompt: String
-    public var target: String
+    public var targetNew: String
     public var before: Double
     public var after: Double
     /// Every answer token predicted after the batch.
     public var holds: Bool { after >= 1 }
 
-    /// The fact in a batch line of `batches.jsonl`.
-    public struct Line: Codable, Sendable, Equatable {
-        public var prompt: String
-        public var target: String
-        public var after: Double
+    enum CodingKeys: String, CodingKey { case prompt, targetNew = "target_new", before, after }
+
+    /// The scores of `facts` from the model's predictions before and after, in order.
+    static func scores(_ facts: [EditRequest], before: ArraySlice<TargetPrediction>, after: ArraySlice<TargetPrediction>) -> [FactScore] {
+        zip(facts, zip(before, after)).map { FactScore(prompt: $0.prompt, targetNew: $0.targetNew, before: $1.0.accuracy, after: $1.1.accuracy) }
     }
 }
 

@@ -139,7 +139,7 @@ public enum HistoryReport {
     static func watchTable(_ committed: [HistoryLine]) -> String {
         var facts: [String] = []
         var seen = Set<String>()
-        for l in committed { for f in l.watch ?? [] where seen.insert(f.prompt + "\u{0}" + f.target).inserted { facts.append(f.prompt + "\u{0}" + f.target) } }
+        for l in committed { for f in l.watch ?? [] where seen.insert(f.prompt + "\u{0}" + f.targetNew).inserted { facts.append(f.prompt + "\u{0}" + f.targetNew) } }
         guard !facts.isEmpty else { return "" }
         var out = "<h2>Watch list across versions</h2>\n<table class=\"watch\">\n<tr><th>fact</th>"
         for l in committed { out += "<th>v\(l.version ?? 0)</th>" }
@@ -148,8 +148,8 @@ public enum HistoryReport {
             let parts = key.components(separatedBy: "\u{0}")
             out += "<tr><td>\(escape(parts[0])) → \(escape(parts[1]))</td>"
             for l in committed {
-                if let f = l.watch?.first(where: { $0.prompt == parts[0] && $0.target == parts[1] }) {
-                    out += f.after >= 1 ? "<td class=\"holds\">✓</td>" : "<td class=\"lost\">\(num(f.after, "%.2f"))</td>"
+                if let f = l.watch?.first(where: { $0.prompt == parts[0] && $0.targetNew == parts[1] }) {
+                    out += f.holds ? "<td class=\"holds\">✓</td>" : "<td class=\"lost\">\(num(f.after, "%.2f"))</td>"
                 } else {
                     out += "<td>–</td>"
                 }
