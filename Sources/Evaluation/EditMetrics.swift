@@ -1,6 +1,7 @@
 import Editing
 import Foundation
 import LanguageModel
+import Tokenizers
 import TensorCore
 
 /// What a sequence of edits did, per edit and on average: teacher-forced token accuracy of the new target
@@ -67,6 +68,17 @@ public enum EditMetrics {
         Array(generated.dropFirst(promptCount).prefix { $0 != eos })
     }
 
+    /// The model's greedy answer to `prompt` (at most `maxTokens`, stopping at end-of-text), as text.
+    public static func greedyAnswer(_ model: TransformerLM, _ tokenizer: Tokenizer, prompt: String, maxTokens: Int) throws -> String {
+        tokenizer.decode(try greedyAnswerTokens(model, tokenizer, promptIds: tokenizer.encode(prompt), maxTokens: maxTokens))
+    }
+
+    /// The same as token ids, from the prompt's ids.
+    public static func greedyAnswerTokens(_ model: TransformerLM, _ tokenizer: Tokenizer, promptIds: [Int], maxTokens: Int) throws -> [Int] {
+        let eos = tokenizer.eosTokenID
+        return answerTokens(try model.generateGreedy(prompt: promptIds, maxNewTokens: maxTokens, stop: eos), promptCount: promptIds.count, eos: eos)
+    }
+
     static func mean(_ xs: [Double]) -> Double? { xs.isEmpty ? nil : xs.reduce(0, +) / Double(xs.count) }
 
     /// The unedited model's locality predictions for `requests` (computed before editing; pass to `evaluate`).
@@ -101,12 +113,8 @@ public enum EditMetrics {
             var e = EditEvaluation.PerEdit(prompt: r.prompt, targetNew: r.targetNew, reliability: rel[i].accuracy,
                                            generality: mean(gens), locality: mean(locs))
             if answers {
-                // Answers end at end-of-text (not included).
-                let ids = editor.tokenizer.encode(r.prompt)
-                let eos = editor.tokenizer.eosTokenID
-                func answer(_ out: [Int]) -> String { editor.tokenizer.decode(Self.answerTokens(out, promptCount: ids.count, eos: eos)) }
-                e.answerAfter = answer(try model.generateGreedy(prompt: ids, maxNewTokens: answerTokens, stop: eos))
-                e.answerBefore = answer(try model.withoutEdits { try model.generateGreedy(prompt: ids, maxNewTokens: answerTokens, stop: eos) })
+                e.answerAfter = try greedyAnswer(model, editor.tokenizer, prompt: r.prompt, maxTokens: answerTokens)
+                e.answerBefore = try model.withoutEdits { try greedyAnswer(model, editor.tokenizer, prompt: r.prompt, maxTokens: answerTokens) }
             }
             edits.append(e)
         }

@@ -3,8 +3,6 @@ import Editing
 import Evaluation
 import Foundation
 import LanguageModel
-import Pipeline
-import Storage
 
 struct Edit: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -16,10 +14,8 @@ struct Edit: ParsableCommand {
     var text: String?
     @Flag(help: "Print JSON.")
     var json = false
-    @Option(help: "Preview on this store's version (default HEAD, see --version): the batch is applied on top of it and nothing is committed.")
-    var store: String?
-    @Option(help: "With --store: the version to apply the batch on (a number, HEAD or HEAD~K).")
-    var version: VersionArgument = VersionArgument(.head)
+    /// `--store S [--version V]`: preview the batch on top of that version; nothing is committed.
+    @OptionGroup var stored: StoredVersionOptions
     @Option(help: "A one-edit batch without a file: the prompt (with --target).")
     var prompt: String?
     @Option(help: "A one-edit batch without a file: the new target.")
@@ -50,22 +46,13 @@ struct Edit: ParsableCommand {
         var state = EditState(moduleNames: editor.config.modules)
         var headAnswers: [String]?
         var headLabel = ""
-        if let store {
+        if let loaded = try stored.load(for: folder) {
             // Start from the stored version: its answers are the "before" that matters here.
-            let loaded = try runMapped { () throws -> LoadedVersion in
-                let s = try CheckpointStore(at: URL(fileURLWithPath: store))
-                let l = try s.load(version.ref)
-                try l.manifest.requireBaseModel(PipelineResources.hashes(modelFolder: folder.url, editorFolder: nil).model)
-                return l
-            }
             state = try runMapped { try EditState(moduleNames: editor.config.modules, tensors: loaded.tensors) }
             editor.install(state)
             headLabel = "version \(loaded.manifest.version)"
-            let tok = folder.tokenizer!
             headAnswers = try requests.map { r in
-                let ids = tok.encode(r.prompt)
-                let out = try runMapped { try folder.model.generateGreedy(prompt: ids, maxNewTokens: 4, stop: tok.eosTokenID) }
-                return tok.decode(EditMetrics.answerTokens(out, promptCount: ids.count, eos: tok.eosTokenID))
+                try runMapped { try EditMetrics.greedyAnswer(folder.model, folder.tokenizer!, prompt: r.prompt, maxTokens: 4) }
             }
         }
         let times = try runMapped { try editor.apply(requests, to: state) }
@@ -82,7 +69,7 @@ struct Edit: ParsableCommand {
                 print("   before: \(e.answerBefore ?? "")\n   after:  \(e.answerAfter ?? "")")
             }
         }
-        if store != nil { print("\n(preview on \(headLabel) of \(store!): nothing was committed)") }
+        if let store = stored.store { print("\n(preview on \(headLabel) of \(store): nothing was committed)") }
         print(String(format: "\nmean reliability %.3f  generality %@  locality %@  perplexity %.2f → %.2f", ev.reliability,
                      ev.generality.map { String(format: "%.3f", $0) } ?? "-", ev.locality.map { String(format: "%.3f", $0) } ?? "-",
                      ev.perplexityBefore ?? .nan, ev.perplexityAfter ?? .nan))

@@ -29,8 +29,7 @@ struct Generate: ParsableCommand {
         func answer(_ text: String) throws -> [Int] {
             let promptIds = tok.encode(text)
             if promptIds.isEmpty { throw ValidationError("the prompt has no tokens") }
-            let out = try runMapped { try folder.model.generateGreedy(prompt: promptIds, maxNewTokens: maxTokens, stop: tok.eosTokenID) }
-            return EditMetrics.answerTokens(out, promptCount: promptIds.count, eos: tok.eosTokenID)
+            return try runMapped { try EditMetrics.greedyAnswerTokens(folder.model, tok, promptIds: promptIds, maxTokens: maxTokens) }
         }
         if let prompt {
             let out = try answer(prompt)

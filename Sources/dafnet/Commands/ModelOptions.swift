@@ -52,18 +52,23 @@ struct StoredVersionOptions: ParsableArguments {
     @Flag(help: "With --store: install the version on a model folder other than the one it was made on.")
     var allowOtherBaseModel = false
 
-    /// Installs the version's edits on `folder`'s model; returns a label for output, nil without --store.
-    @discardableResult
-    func install(on folder: ModelFolder) throws -> String? {
+    /// The version, verified and checked against `folder`'s weights; nil without --store.
+    func load(for folder: ModelFolder) throws -> LoadedVersion? {
         guard let store else { return nil }
         return try runMapped {
-            let s = try CheckpointStore(at: URL(fileURLWithPath: store))
-            let loaded = try s.load(version.ref)
+            let loaded = try CheckpointStore(at: URL(fileURLWithPath: store)).load(version.ref)
             if !allowOtherBaseModel {
                 try loaded.manifest.requireBaseModel(PipelineResources.hashes(modelFolder: folder.url, editorFolder: nil).model)
             }
-            try EditedModelExport.install(loaded.tensors, on: folder.model)
-            return "version \(loaded.manifest.version) of \(store)"
+            return loaded
         }
+    }
+
+    /// Installs the version's edits on `folder`'s model; returns a label for output, nil without --store.
+    @discardableResult
+    func install(on folder: ModelFolder) throws -> String? {
+        guard let loaded = try load(for: folder) else { return nil }
+        try runMapped { try EditedModelExport.install(loaded.tensors, on: folder.model) }
+        return "version \(loaded.manifest.version) of \(store!)"
     }
 }
