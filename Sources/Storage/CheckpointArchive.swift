@@ -133,7 +133,7 @@ public enum CheckpointArchive {
             let writer = try TarArchiveWriter(path: temp, compression: .zstd(level: compressionLevel))
             let r = rootFolder + "/"
             try writer.addFile(r + "archive.json", data: indexData)
-            for v in chain { try writer.addFile(r + "versions/" + String(format: "%08d.json", v), data: manifestData[v]!) }
+            for v in chain { try writer.addFile(r + Manifest.fileName(v), data: manifestData[v]!) }
             for hash in objects.sorted() { try writer.addFile(r + "objects/" + hash, contentsOf: store.blobPath(hash)) }
             for e in evaluations { try writer.addFile(r + e.record.path, contentsOf: e.source) }
             for m in model { try writer.addFile(r + m.record.path, contentsOf: m.source) }
@@ -236,7 +236,7 @@ public enum CheckpointArchive {
             throw ArchiveError.invalidArchive("bad version list")
         }
         var expected: Set<String> = ["archive.json"]
-        for v in index.versions { expected.insert("versions/" + String(format: "%08d.json", v)) }
+        for v in index.versions { expected.insert(Manifest.fileName(v)) }
         for o in index.objects {
             guard Hex.isSHA256(o) else { throw ArchiveError.invalidArchive("object name '\(o)' is not a sha256") }
             expected.insert("objects/" + o)
@@ -273,7 +273,7 @@ public enum CheckpointArchive {
         var manifests: [Int: Manifest] = [:]
         var manifestData: [Int: Data] = [:]
         for v in index.versions {
-            let rel = "versions/" + String(format: "%08d.json", v)
+            let rel = Manifest.fileName(v)
             let data = try storeIO { try FileUtil.read(base + "/" + rel, limit: 1 << 28) }
             let actual = Hex.sha256(data)
             guard let recorded = index.manifests[String(v)] else { throw ArchiveError.invalidArchive("no hash for \(rel)") }
@@ -370,7 +370,7 @@ public enum CheckpointArchive {
             for v in index.versions {
                 let target = store.manifestPath(map[v]!)
                 if keepNumbers {
-                    try installCopy(of: base + "/versions/" + String(format: "%08d.json", v), to: target, in: store.versionsPath, store: store)
+                    try installCopy(of: base + "/" + Manifest.fileName(v), to: target, in: store.versionsPath, store: store)
                 } else {
                     var m = staged.manifests[v]!
                     m.version = map[v]!

@@ -243,7 +243,7 @@ public final class CheckpointStore: @unchecked Sendable {
 
     // MARK: Reading
 
-    func manifestPath(_ version: Int) -> String { versionsPath + "/" + String(format: "%08d.json", version) }
+    func manifestPath(_ version: Int) -> String { rootPath + "/" + Manifest.fileName(version) }
     func blobPath(_ hash: String) -> String { objectsPath + "/" + hash }
 
     /// The folder where the evaluation files of `version` belong (not created here).

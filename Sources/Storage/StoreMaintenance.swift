@@ -96,7 +96,7 @@ extension CheckpointStore {
         if let h, let record = try? headRecord(), let expected = record.manifestSHA256 {
             covered.insert(h)
             if let data = try? manifestData(h), Hex.sha256(data) != expected {
-                report.problems.append("\(Manifest.fileName(h)) was changed after it was made: HEAD records sha256 \(expected), the file has \(Hex.sha256(data))")
+                report.problems.append("\(StoreError.manifestChanged(version: h, recordedBy: "HEAD", expected: expected, actual: Hex.sha256(data)))")
             }
         }
         if let records = try? manifestRecords() {
@@ -105,7 +105,7 @@ extension CheckpointStore {
                 covered.insert(v)
                 let actual = Hex.sha256(data)
                 for r in list where r.sha256 != actual {
-                    report.problems.append("\(Manifest.fileName(v)) was changed after it was made: \(r.by) records sha256 \(r.sha256), the file has \(actual)")
+                    report.problems.append("\(StoreError.manifestChanged(version: v, recordedBy: r.by, expected: r.sha256, actual: actual))")
                 }
             }
         }
