@@ -751,15 +751,7 @@ public final class CheckpointStore: @unchecked Sendable {
                 if removed { try fileSystem.syncDirectory(atPath: dir) }
             }
             // A torn final history line (a crash during the append): cut it off.
-            if let size = FileUtil.fileSize(historyPath), size > 0 {
-                let data = try FileUtil.read(historyPath)
-                if data.last != UInt8(ascii: "\n") {
-                    let keep = (data.lastIndex(of: UInt8(ascii: "\n")).map { $0 + 1 }) ?? 0
-                    guard truncate(historyPath, off_t(keep)) == 0 else { throw FileIOError("truncate", historyPath) }
-                    try fileSystem.syncFile(atPath: historyPath)
-                    report.truncatedHistory = true
-                }
-            }
+            if try cutTornLine(historyPath) { report.truncatedHistory = true }
             try recoverLogs(&report)
         }
         // A version is made known by HEAD naming it or by a history record (commit, rollback, import,

@@ -68,7 +68,8 @@ extension CheckpointStore {
         for log in EvaluationLog.allCases where try cutTornLine(logPath(log)) { report.truncatedLogs.append(log.rawValue) }
     }
 
-    /// Cuts a last line that lacks its newline (an append a crash interrupted). Returns whether it did.
+    /// Cuts a last line that lacks its newline (an append a crash interrupted) from an append-only log
+    /// of the store (history.jsonl, the evaluation logs). Returns whether it did.
     @discardableResult
     func cutTornLine(_ path: String) throws -> Bool {
         guard let size = FileUtil.fileSize(path), size > 0 else { return false }
