@@ -74,18 +74,19 @@ public struct Inbox: Sendable {
         let own = Set(["processing", "done", "failed"])
         for name in names where !name.hasPrefix(".") && !name.hasSuffix(".tmp") {
             let path = root.path + "/" + name
-            switch Files.kind(path) {
-            case .regular:
-                guard let info = Files.regularFile(path) else { continue }
+            if let info = Files.regularFile(path) {
                 if Self.isBatchName(name) {
                     candidates.append(Candidate(name: name, age: t - info.mtime, size: info.size))
                 } else {
                     ignored.append(Ignored(name: name, reason: "not a batch (*.jsonl)"))
                 }
+                continue
+            }
+            switch Files.kind(path) {
             case .symbolicLink: ignored.append(Ignored(name: name, reason: "a symbolic link (never followed)"))
             case .directory where !own.contains(name): ignored.append(Ignored(name: name, reason: "a folder"))
             case .other: ignored.append(Ignored(name: name, reason: "not a regular file (a FIFO, socket or device)"))
-            case .directory, .missing: continue
+            case .directory, .missing, .regular: continue
             }
         }
         candidates.sort { Self.precedes($0.name, $1.name) }
