@@ -343,20 +343,3 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return tape.add(tape.clamp(pre, min: 0, max: .infinity), x)
     }
 }
-
-/// Errors of the editor.
-public enum EditingError: Error, CustomStringConvertible, Equatable, Sendable {
-    case shapeMismatch(name: String, expected: [Int], found: [Int], file: String)
-    case invalidConfig(file: String, field: String, reason: String)
-    case unknownModule(String)
-    case invalidInput(String)
-
-    public var description: String {
-        switch self {
-        case let .shapeMismatch(name, expected, found, file): return "\(file): tensor \"\(name)\" has shape \(found), expected \(expected)"
-        case let .invalidConfig(file, field, reason): return "\(file): field \"\(field)\": \(reason)"
-        case let .unknownModule(m): return "module \"\(m)\" is not a linear module of the model"
-        case let .invalidInput(msg): return msg
-        }
-    }
-}

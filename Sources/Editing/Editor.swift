@@ -30,7 +30,7 @@ public enum SignalRows: String, Codable, Sendable, CaseIterable {
 /// sizes, the method, and the meta-training settings.
 public struct EditorConfig: Codable, Sendable {
     /// `dafnet` (inter-edit fusion) or `mend` (the same per-token network, plain accumulation).
-    public var method = "dafnet"
+    public var method = EditorMethod.dafnet
     /// HF names of the edited linear modules.
     public var modules: [String] = []
     public var editBias = true
@@ -114,7 +114,7 @@ public struct MetaTrainingConfig: Codable, Sendable {
 /// Everything needed to continue a sequence of edits exactly: per module ΔW, Δb and the auxiliary
 /// network's past sample representations (one row per edit per layer), the `least_squares` sums, and
 /// the edit count. Memory grows by `layer_n × (in + out)` floats per edit per module.
-public final class EditState: @unchecked Sendable {
+public final class EditState: EditorState, @unchecked Sendable {
     public final class Module {
         public var deltaWeight: Tensor?
         public var deltaBias: Tensor?
@@ -177,6 +177,10 @@ public final class EditState: @unchecked Sendable {
         }
     }
 
+    public func delta(_ module: String) -> (weight: Tensor?, bias: Tensor?) {
+        (modules[module]?.deltaWeight, modules[module]?.deltaBias)
+    }
+
     public func copy() -> EditState {
         let s = EditState(moduleNames: Array(modules.keys))
         s.editCount = editCount
@@ -189,9 +193,6 @@ public final class EditState: @unchecked Sendable {
         }
         return s
     }
-
-    /// Bytes held.
-    public var byteCount: Int { tensors().values.reduce(0) { $0 + $1.count * 4 } }
 }
 
 /// Per-module gradient signal rows `[u | δ]` of a batch of edits, one segment per edit.
@@ -212,7 +213,7 @@ public struct EditTimings: Codable, Sendable {
 
 /// DAFNet (or its MEND-like ablation): gradient signals from the unedited model → the auxiliary network of
 /// each module's shape → `ΔW ← s_past·ΔW + lr·x1ᵀx2`, installed as module edits of the model.
-public final class DAFNetEditor: @unchecked Sendable {
+public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     public let config: EditorConfig
     public let model: TransformerLM
     public let tokenizer: Tokenizer
@@ -227,11 +228,13 @@ public final class DAFNetEditor: @unchecked Sendable {
     public private(set) var keyStatistics: [String: Tensor] = [:]
     public let logLambdas: [String: Parameter]
 
-    public var fusion: Bool { config.method == "dafnet" }
+    public var fusion: Bool { config.method == .dafnet }
+    public var method: EditorMethod { config.method }
+    public var moduleNames: [String] { config.modules }
 
     public init(config: EditorConfig, model: TransformerLM, tokenizer: Tokenizer) throws {
-        guard ["dafnet", "mend"].contains(config.method) else {
-            throw EditingError.invalidConfig(file: "editor.json", field: "method", reason: "\"\(config.method)\" is not dafnet or mend")
+        guard [.dafnet, .mend].contains(config.method) else {
+            throw EditingError.invalidConfig(file: "editor.json", field: "method", reason: "\"\(config.method.rawValue)\" is not dafnet or mend")
         }
         guard !config.modules.isEmpty else { throw EditingError.invalidConfig(file: "editor.json", field: "modules", reason: "empty") }
         self.config = config; self.model = model; self.tokenizer = tokenizer
@@ -306,11 +309,6 @@ public final class DAFNetEditor: @unchecked Sendable {
 
     // MARK: Sequences
 
-    /// prompt + target (the target with a leading space), scored on the target tokens.
-    public func scored(_ prompt: String, _ target: String) -> ScoredPrompt {
-        ScoredPrompt(prompt: prompt, target: target, tokenizer: tokenizer)
-    }
-
     /// A right-padded batch with labels and a mask on the answer tokens.
     public static func lossBatch(_ items: [ScoredPrompt]) -> (batch: TokenBatch, labels: [Int32], mask: [Float]) {
         let inputs = items.map { $0.promptIds + $0.targetIds.dropLast() }
@@ -371,19 +369,17 @@ public final class DAFNetEditor: @unchecked Sendable {
 
     // MARK: Editing
 
-    /// Installs a state's ΔW/Δb as the model's module edits.
-    public func install(_ state: EditState) {
-        for m in config.modules {
-            let lin = model.linears[m]!
-            lin.deltaWeight = state.modules[m]?.deltaWeight
-            lin.deltaBias = state.modules[m]?.deltaBias
-        }
+    public func newState() -> EditorState { EditState(moduleNames: config.modules) }
+
+    public func restoreState(_ tensors: [String: Tensor]) throws -> EditorState {
+        try EditState(moduleNames: config.modules, tensors: tensors)
     }
 
     /// Applies `requests` in order as one call of the networks (each edit attends causally to the earlier
     /// ones and to the state's past), folds the result into `state`, and installs it on the model.
     @discardableResult
-    public func apply(_ requests: [EditRequest], to state: EditState) throws -> EditTimings {
+    public func apply(_ requests: [EditRequest], to anyState: EditorState) throws -> EditTimings {
+        let state = try own(anyState, as: EditState.self)
         guard !requests.isEmpty else { return EditTimings() }
         var times = EditTimings()
         var t0 = Date()
@@ -458,14 +454,14 @@ public final class DAFNetEditor: @unchecked Sendable {
 
     // MARK: Persistence
 
-    public static let configFile = "editor.json"
-    public static let weightsFile = "editor.safetensors"
+    public static let configFile = EditorRegistry.configFile
+    public static let weightsFile = EditorRegistry.weightsFile
 
     /// Writes `editor.json` and `editor.safetensors` (network parameters and batch-norm buffers under
     /// "<in>x<out>/<official name>", and `edit_lr.<module>`).
     public func save(to folder: URL) throws {
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
-        var w = SafetensorsWriter(metadata: ["format": "dafnet-editor", "method": config.method])
+        var w = SafetensorsWriter(metadata: ["format": "dafnet-editor", "method": config.method.rawValue])
         for (key, net) in networks { for (n, t) in net.stateTensors() { try w.add(key + "/" + n, t) } }
         for (_, p) in editLRs { try w.add(p.name, p.value) }
         for (_, p) in logLambdas { try w.add(p.name, p.value) }

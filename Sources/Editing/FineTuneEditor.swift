@@ -3,24 +3,9 @@ import LanguageModel
 import TensorCore
 import Tokenizers
 
-/// What the benchmark and the pipeline need of an editor.
-public protocol SequentialEditor: AnyObject {
-    var model: TransformerLM { get }
-    var tokenizer: Tokenizer { get }
-    var moduleNames: [String] { get }
-    var methodName: String { get }
-    func scored(_ prompt: String, _ target: String) -> ScoredPrompt
-    @discardableResult func apply(_ requests: [EditRequest], to state: EditState) throws -> EditTimings
-    func install(_ state: EditState)
-}
-
-extension DAFNetEditor: SequentialEditor {
-    public var moduleNames: [String] { config.modules }
-    public var methodName: String { config.method }
-}
-
 /// Settings of the fine-tuning baseline.
 public struct FineTuneConfig: Codable, Sendable {
+    public var method = EditorMethod.ft
     public var modules: [String] = []
     /// Adam steps per edit on the edit's loss, and their learning rate.
     public var steps = 10
@@ -31,7 +16,7 @@ public struct FineTuneConfig: Codable, Sendable {
     public init() {}
 
     enum CodingKeys: String, CodingKey {
-        case modules, steps, learningRate = "learning_rate", targetLoss = "target_loss"
+        case method, modules, steps, learningRate = "learning_rate", targetLoss = "target_loss"
     }
 }
 
@@ -42,24 +27,40 @@ public final class FineTuneEditor: SequentialEditor {
     public let model: TransformerLM
     public let tokenizer: Tokenizer
     public var moduleNames: [String] { config.modules }
-    public var methodName: String { "ft" }
+    public var method: EditorMethod { .ft }
 
     public init(config: FineTuneConfig, model: TransformerLM, tokenizer: Tokenizer) throws {
         for m in config.modules where model.linears[m] == nil { throw EditingError.unknownModule(m) }
         self.config = config; self.model = model; self.tokenizer = tokenizer
     }
 
-    public func scored(_ prompt: String, _ target: String) -> ScoredPrompt { ScoredPrompt(prompt: prompt, target: target, tokenizer: tokenizer) }
+    public func newState() -> EditorState { EditState(moduleNames: config.modules) }
 
-    public func install(_ state: EditState) {
-        for m in config.modules {
-            model.linears[m]!.deltaWeight = state.modules[m]?.deltaWeight
-            model.linears[m]!.deltaBias = state.modules[m]?.deltaBias
+    public func restoreState(_ tensors: [String: Tensor]) throws -> EditorState {
+        try EditState(moduleNames: config.modules, tensors: tensors)
+    }
+
+    /// Writes `editor.json` (the settings; FT has no weights).
+    public func save(to folder: URL) throws {
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try enc.encode(config).write(to: folder.appendingPathComponent(EditorRegistry.configFile), options: .atomic)
+    }
+
+    /// Loads an `editor.json` with `method: ft`.
+    public static func load(from folder: URL, model: TransformerLM, tokenizer: Tokenizer) throws -> FineTuneEditor {
+        let url = folder.appendingPathComponent(EditorRegistry.configFile)
+        let config: FineTuneConfig
+        do { config = try JSONDecoder().decode(FineTuneConfig.self, from: Data(contentsOf: url)) } catch {
+            throw EditingError.invalidConfig(file: url.path, field: "(document)", reason: "\(error)")
         }
+        return try FineTuneEditor(config: config, model: model, tokenizer: tokenizer)
     }
 
     @discardableResult
-    public func apply(_ requests: [EditRequest], to state: EditState) throws -> EditTimings {
+    public func apply(_ requests: [EditRequest], to anyState: EditorState) throws -> EditTimings {
+        let state = try own(anyState, as: EditState.self)
         var times = EditTimings()
         for m in config.modules {
             let lin = model.linears[m]!

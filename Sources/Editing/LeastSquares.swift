@@ -26,6 +26,23 @@ public enum LeastSquares {
         stats.keys.sorted().map { ("key_stats." + $0, stats[$0]!) }
     }
 
+    /// The facts a pool of edits states as true (prompt + ground truth, each rephrasing + ground truth, each
+    /// neighbour + its answer): what the model knows and edits must leave alone. The texts of the preserved
+    /// keys' statistics when no other text is given.
+    public static func preservedTexts(_ pool: [EditRequest]) -> [String] {
+        var out: [String] = []
+        var seen = Set<String>()
+        func add(_ s: String) { if seen.insert(s).inserted { out.append(s) } }
+        for r in pool {
+            if let gt = r.groundTruth {
+                add(r.prompt + " " + gt)
+                for p in r.rephrases { add(p + " " + gt) }
+            }
+            for l in r.locality { add(l.prompt + " " + l.groundTruth) }
+        }
+        return out
+    }
+
     /// Σ uᵀu over rows: [in, in] (added to `into` when given).
     public static func gram(_ u: Tensor, into: Tensor? = nil) -> Tensor {
         let n = u.shape[1], L = u.shape[0]

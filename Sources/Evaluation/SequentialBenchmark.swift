@@ -47,7 +47,7 @@ public enum SequentialBenchmark {
                 let requests = Array(pool[(c * n)..<((c + 1) * n)])
                 model.clearEdits()
                 let ref = EditMetrics.localityReference(editor: editor, requests)
-                let state = EditState(moduleNames: editor.moduleNames)
+                let state = editor.newState()
                 for r in requests {
                     let t = try editor.apply([r], to: state)
                     times.signal += t.signal; times.auxiliary += t.auxiliary; times.apply += t.apply

@@ -16,6 +16,11 @@ public final class LinearModule: @unchecked Sendable {
     public var deltaBias: Tensor?
     /// When false the module computes its unedited output (edits kept, not applied).
     public var editsEnabled = true
+    /// Vectors added to chosen output rows of the next forwards (MEMIT's value search adds a δ at the
+    /// subject's last token): `rows` index the forward's [B·T] positions, `vectors` is [rows.count, out].
+    /// A constant offset: the backward pass is unchanged, and the gradient of a loss with respect to the
+    /// vector of row r is the captured output gradient at r. Applied even with edits switched off.
+    public var outputOffsets: (rows: [Int], vectors: Tensor)?
 
     init(name: String, inFeatures: Int, outFeatures: Int, layout: WeightLayout, weight: Parameter, bias: Parameter?) {
         self.name = name
@@ -34,6 +39,11 @@ public final class LinearModule: @unchecked Sendable {
         }
         if editsEnabled, let db = deltaBias {
             for n in 0..<N { BLAS.axpy(out + n * outFeatures, db.data, count: outFeatures, alpha: 1) }
+        }
+        if let o = outputOffsets {
+            for (i, r) in o.rows.enumerated() where r < N {
+                BLAS.axpy(out + r * outFeatures, o.vectors.data + i * outFeatures, count: outFeatures, alpha: 1)
+            }
         }
     }
 
@@ -292,6 +302,13 @@ public final class TransformerLM: @unchecked Sendable {
             if layer.mlpOut.name == module { return a.mlpAct[l] }
         }
         return nil
+    }
+
+    /// The residual stream leaving block `layer` in the last forward, [B·T, hidden] (a view into the saved
+    /// activations, valid until the next forward).
+    public func lastBlockOutput(layer: Int) -> Tensor? {
+        guard let a = acts, layer >= 0, layer < spec.layers else { return nil }
+        return a.residual[layer + 1]
     }
 
     /// Releases the saved activations.

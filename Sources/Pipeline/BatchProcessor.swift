@@ -61,7 +61,7 @@ public struct PipelineResources {
         let weights = ["model.safetensors", "model.safetensors.index.json"].map { modelFolder.appendingPathComponent($0) }
             .first { fm.fileExists(atPath: $0.path) }
         let model = weights.flatMap { try? FileHash.sha256(ofFileAt: $0) }
-        let editor = editorFolder.flatMap { try? FileHash.sha256(ofFileAt: $0.appendingPathComponent(DAFNetEditor.weightsFile)) }
+        let editor = editorFolder.flatMap { try? FileHash.sha256(ofFileAt: $0.appendingPathComponent(EditorRegistry.weightsFile)) }
         return (model, editor)
     }
 }
@@ -309,20 +309,20 @@ public final class BatchProcessor {
             // Load HEAD fresh: a rollback since the last batch is honoured.
             t = Date()
             let head = try store.head()
-            let state: EditState
+            let state: EditorState
             var log = EditLog(chunkSize: settings.editLogChunk)
             var headManifest: Manifest?
             if let head {
                 let loaded = try store.load(.number(head))
                 if !settings.allowOtherBaseModel { try loaded.manifest.requireBaseModel(resources.baseModelSHA256) }
                 headManifest = loaded.manifest
-                state = try EditState(moduleNames: editor.moduleNames, tensors: loaded.tensors)
+                state = try editor.restoreState(loaded.tensors)
                 log = try EditLog.load(from: store, version: head, chunkSize: settings.editLogChunk)
                 if let m = resources.editorSHA256, let s = loaded.manifest.editorSHA256, m != s {
                     logger.warning("HEAD was made by another editor", metadata: ["head": "\(head)", "head_editor": "\(s)", "editor": "\(m)"])
                 }
             } else {
-                state = EditState(moduleNames: editor.moduleNames)
+                state = editor.newState()
             }
             editor.install(state)
             times.load = Date().timeIntervalSince(t)

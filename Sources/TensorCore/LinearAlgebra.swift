@@ -7,10 +7,13 @@ public enum LinearAlgebra {
     public enum Failure: Error, CustomStringConvertible, Equatable {
         /// The matrix is not positive definite (LAPACK's `info`: the order of the failing minor).
         case notPositiveDefinite(minor: Int)
+        /// The eigenvalue iteration did not converge (LAPACK's `info`).
+        case eigenNotConverged(info: Int)
 
         public var description: String {
             switch self {
             case let .notPositiveDefinite(minor): return "matrix is not positive definite (leading minor \(minor))"
+            case let .eigenNotConverged(info): return "symmetric eigendecomposition did not converge (LAPACK info \(info))"
             }
         }
     }
@@ -50,5 +53,28 @@ public enum LinearAlgebra {
             for i in 0..<n { for j in 0..<m { out.data[i * m + j] = Float(x[j * n + i]) } }
             return out
         }
+    }
+
+    /// Eigenvalues (ascending) and orthonormal eigenvectors of a symmetric n × n matrix (row-major; only
+    /// its symmetric part is meaningful), by LAPACK `dsyevd` in double precision. `vectors` is row-major
+    /// [n, n] with eigenvector j in column j.
+    public static func symmetricEigen(_ a: [Double], n: Int) throws -> (values: [Double], vectors: [Double]) {
+        precondition(a.count == n * n, "symmetricEigen: \(a.count) values for \(n) × \(n)")
+        guard n > 0 else { return ([], []) }
+        var m = a  // symmetric: row-major is column-major
+        var w = [Double](repeating: 0, count: n)
+        var jobz = CChar(UInt8(ascii: "V")), uplo = CChar(UInt8(ascii: "L")), nn = Int32(n), lda = Int32(n), info: Int32 = 0
+        // Workspace query, then the decomposition.
+        var lwork: Int32 = -1, liwork: Int32 = -1, workSize = 0.0, iworkSize: Int32 = 0
+        dsyevd_(&jobz, &uplo, &nn, &m, &lda, &w, &workSize, &lwork, &iworkSize, &liwork, &info)
+        lwork = Int32(workSize); liwork = iworkSize
+        var work = [Double](repeating: 0, count: Int(lwork))
+        var iwork = [Int32](repeating: 0, count: Int(liwork))
+        dsyevd_(&jobz, &uplo, &nn, &m, &lda, &w, &work, &lwork, &iwork, &liwork, &info)
+        guard info == 0 else { throw Failure.eigenNotConverged(info: Int(info)) }
+        // Column-major output: eigenvector j is m[j*n ..< (j+1)*n]; return row-major with vectors in columns.
+        var v = [Double](repeating: 0, count: n * n)
+        for j in 0..<n { for i in 0..<n { v[i * n + j] = m[j * n + i] } }
+        return (w, v)
     }
 }

@@ -16,6 +16,7 @@ struct Dafnet: ParsableCommand {
             Facts.self,
             DAFSetCommand.self,
             TrainEditor.self,
+            EditorCommand.self,
             Edit.self,
             Export.self,
             TokenizerCommand.self,

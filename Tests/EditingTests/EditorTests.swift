@@ -6,7 +6,7 @@ import TensorCore
 final class EditorTests: XCTestCase {
     static let folder = Bundle.module.resourceURL!.appendingPathComponent("Fixtures/gpt2-tiny")
 
-    func makeEditor(method: String = "dafnet", seed: UInt64 = 3) throws -> DAFNetEditor {
+    func makeEditor(method: EditorMethod = .dafnet, seed: UInt64 = 3) throws -> DAFNetEditor {
         let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
         var cfg = EditorConfig()
         cfg.method = method
@@ -100,7 +100,7 @@ final class EditorTests: XCTestCase {
     }
 
     func testMENDKeepsThePastWholeAndNoRepresentations() throws {
-        let e = try makeEditor(method: "mend")
+        let e = try makeEditor(method: .mend)
         let s = EditState(moduleNames: e.config.modules)
         try e.apply([requests[0]], to: s)
         let first = s.modules["transformer.h.2.mlp.c_fc"]!.deltaWeight!.copy()

@@ -436,7 +436,7 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(try a.headState(), try b.headState())
         XCTAssertEqual(try a.store.manifests().map(\.stateSHA256), try b.store.manifests().map(\.stateSHA256))
         // Direct: the editor on an empty state, batch by batch.
-        let state = EditState(moduleNames: a.editor.config.modules)
+        let state = a.editor.newState()
         for r in batches { try a.editor.apply(r.map(Fixture.request), to: state) }
         var hasher = StateHasher()
         let tensors = state.tensors()
@@ -462,12 +462,42 @@ final class BatchProcessorTests: XCTestCase {
             XCTAssertNotNil(loaded.tensors["gram." + m], m)
             XCTAssertNotNil(loaded.tensors["cross." + m], m)
         }
-        let direct = EditState(moduleNames: a.editor.config.modules)
+        let direct = a.editor.newState()
         try a.editor.apply((0..<3).map(Fixture.request), to: direct)
         try a.editor.apply((3..<5).map(Fixture.request), to: direct)
         for m in Fixture.modules {
-            XCTAssertEqual(loaded.tensors["delta_weight." + m]!.array, direct.modules[m]!.deltaWeight!.array, m)
+            XCTAssertEqual(loaded.tensors["delta_weight." + m]!.array, direct.delta(m).weight!.array, m)
         }
+    }
+
+    /// A training-free AlphaEdit editor goes through the daemon through the registry: versions hold its own
+    /// state (ΔW and the earlier edits' keys), HEAD equals the editor applied directly, a rollback and the
+    /// same batch again give the same state, and the version exports.
+    func testAlphaEditEditorThroughTheStore() throws {
+        let tmp = TempDir("alphaedit-editor")
+        try Fixture.writeAlphaEditEditor(to: tmp.path("editor"))
+        let a = try Harness(editorFolder: tmp.path("editor"))
+        XCTAssertEqual(a.editor.method, .alphaedit)
+        try a.drop("0.jsonl", try Fixture.batch(0..<3))
+        try a.drop("1.jsonl", try Fixture.batch(3..<5))
+        try a.processor.runOnce()
+        XCTAssertEqual(a.names("done"), ["0.jsonl", "1.jsonl"])
+        let loaded = try a.store.load()
+        let m = "transformer.h.1.mlp.c_proj"
+        XCTAssertNotNil(loaded.tensors["edit_keys." + m])
+        XCTAssertEqual(loaded.tensors["edit_count"]?[0], 5)
+        let direct = a.editor.newState()
+        try a.editor.apply((0..<3).map(Fixture.request), to: direct)
+        try a.editor.apply((3..<5).map(Fixture.request), to: direct)
+        XCTAssertEqual(loaded.tensors["delta_weight." + m]!.array, direct.delta(m).weight!.array)
+        let head = try a.headState()
+        try a.store.rollback(to: .number(1))
+        try a.drop("1-again.jsonl", try Fixture.batch(3..<5))
+        try a.processor.runOnce()
+        XCTAssertEqual(try a.headState(), head)
+        let out = tmp.path("exported")
+        try EditedModelExport.export(model: a.folder, state: try a.store.load().tensors, to: out)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: out.appendingPathComponent("model.safetensors").path))
     }
 
     /// The collapse guard refuses a batch that crosses a threshold: failed/ with the evaluation as the

@@ -43,6 +43,16 @@ enum Fixture {
         try e.save(to: folder)
     }
 
+    /// Writes an AlphaEdit editor (no training) with key statistics from the fixture's own texts.
+    static func writeAlphaEditEditor(to folder: URL) throws {
+        let f = try ModelFolder.load(modelFolder, requireTokenizer: true)
+        var c = MEMITConfig()
+        c.clampNormFactor = 4; c.valueSteps = 8; c.l2 = 1e-2; c.nullspaceThreshold = 0.05
+        let texts = (0..<80).map { k -> String in let r = request(k); return r.prompt + " " + objects[k % objects.count] + "." } + heldout
+        try MEMITEditor.create(method: .alphaedit, model: f.model, tokenizer: f.tokenizer!, modules: ["transformer.h.1.mlp.c_proj"],
+                               texts: texts, settings: c).save(to: folder)
+    }
+
     static let subjects = ["Danielle Darrieux", "Toko Yasuda", "Autonomous University of Madrid", "Apple A5", "Ferrari",
                            "Lyon", "Thomas Joannes Stieltjes", "Honda Civic", "Anaal Nathrakh", "Pierre Curie", "Gazeta",
                            "Kamal Haasan", "Nissan Skyline", "Ivan Bunin", "Lake Ontario", "Hans Zimmer"]
@@ -89,7 +99,7 @@ final class Harness {
     let tmp: TempDir
     let editorFolder: URL
     let folder: ModelFolder
-    let editor: DAFNetEditor
+    let editor: SequentialEditor
     let inbox: Inbox
     var store: CheckpointStore
     let processor: BatchProcessor
@@ -102,7 +112,7 @@ final class Harness {
         editorFolder = existing ?? tmp.path("editor")
         if existing == nil { try Fixture.writeEditor(to: editorFolder) }
         folder = try ModelFolder.load(Fixture.modelFolder, requireTokenizer: true)
-        editor = try DAFNetEditor.load(from: editorFolder, model: folder.model, tokenizer: folder.tokenizer!)
+        editor = try EditorRegistry.load(from: editorFolder, model: folder.model, tokenizer: folder.tokenizer!)
         inbox = try Inbox(tmp.path("inbox"))
         store = try CheckpointStore(at: tmp.path("store"), create: true)
         var settings = PipelineSettings()

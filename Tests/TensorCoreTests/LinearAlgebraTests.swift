@@ -24,4 +24,27 @@ final class LinearAlgebraTests: XCTestCase {
             XCTAssertEqual(error as? LinearAlgebra.Failure, .notPositiveDefinite(minor: 2))
         }
     }
+
+    /// A V diag(w) Vᵀ rebuilds the matrix and V is orthonormal, to double round-off (1e-10 on entries of order 10);
+    /// eigenvalues ascend; a known 2 × 2 case gives its eigenvalues exactly.
+    func testSymmetricEigenRebuildsTheMatrix() throws {
+        var rng = RNG(seed: 4)
+        let n = 23
+        let mat = Tensor.uniform([n, n], -1, 1, rng: &rng)
+        var a = [Double](repeating: 0, count: n * n)
+        for i in 0..<n { for j in 0..<n { a[i * n + j] = Double(mat[i, j]) + Double(mat[j, i]) } }
+        let (w, v) = try LinearAlgebra.symmetricEigen(a, n: n)
+        XCTAssertEqual(w, w.sorted())
+        for i in 0..<n {
+            for j in 0..<n {
+                var rebuilt = 0.0, dot = 0.0
+                for k in 0..<n { rebuilt += v[i * n + k] * w[k] * v[j * n + k]; dot += v[k * n + i] * v[k * n + j] }
+                XCTAssertEqual(rebuilt, a[i * n + j], accuracy: 1e-10)
+                XCTAssertEqual(dot, i == j ? 1 : 0, accuracy: 1e-10)
+            }
+        }
+        let (w2, _) = try LinearAlgebra.symmetricEigen([2, 1, 1, 2], n: 2)
+        XCTAssertEqual(w2[0], 1, accuracy: 1e-14)
+        XCTAssertEqual(w2[1], 3, accuracy: 1e-14)
+    }
 }

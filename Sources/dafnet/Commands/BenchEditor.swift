@@ -60,7 +60,7 @@ struct BenchEditor: ParsableCommand {
                               n, row.seconds, row.signals, row.networks, row.losses, row.backward))
         }
         // Inference: `past` edits one call each, then 10 calls of `batch` edits timed.
-        let state = EditState(moduleNames: editor.config.modules)
+        let state = editor.newState()
         for r in pool.prefix(past) { _ = try runMapped { try editor.apply([r], to: state) } }
         var times = EditTimings()
         for c in 0..<10 {

@@ -11,10 +11,12 @@ struct BenchEdits: ParsableCommand {
 
     @OptionGroup var model: ModelOption
     @OptionGroup var editorOption: EditorOption
-    @Option(help: "Methods, comma-separated: dafnet, mend, ft.")
+    @Option(help: "Methods, comma-separated: dafnet, mend, ft, memit, alphaedit.")
     var method = "dafnet"
     @Option(help: "Editor folder for --method mend (default: samples/editor-mend).")
     var mendEditor: String?
+    @Option(help: "METHOD=DIR: the editor folder of a method (repeatable; default samples/editor-METHOD; dafnet's is --editor; ft without one is built from --ft-steps/--ft-lr).")
+    var editorFor: [String] = []
     @Option(help: "Numbers of sequential edits, comma-separated.")
     var counts = "1,10,100,1000"
     @Option(help: "Evaluation edits (JSON Lines). Default: samples/dafset/eval.jsonl (the world's held-out facts).")
@@ -59,29 +61,36 @@ struct BenchEdits: ParsableCommand {
         let pool = try runMapped { try EditBatch.read(dataURL) }
         let text = heldoutText(self.text, tokenizer: { tok.encode($0) }, limit: 200)
         var results: [SequentialBenchmark.Result] = []
-        // The trained editor is needed for dafnet; FT borrows its modules when it exists (else the defaults).
-        let dafnet = FileManager.default.fileExists(atPath: editorOption.url.appendingPathComponent(DAFNetEditor.configFile).path)
-            ? try runMapped { try DAFNetEditor.load(from: editorOption.url, model: folder.model, tokenizer: tok) } : nil
-        for m in method.split(separator: ",").map(String.init) {
+        let methods = try method.split(separator: ",").map { name -> EditorMethod in
+            guard let m = EditorMethod(rawValue: String(name)) else {
+                throw ValidationError("unknown method \(name) (\(EditorMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
+            }
+            return m
+        }
+        var folders: [EditorMethod: URL] = [.dafnet: editorOption.url]
+        folders[.mend] = mendEditor.map { URL(fileURLWithPath: $0) }
+        for item in editorFor {
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            guard parts.count == 2, let m = EditorMethod(rawValue: parts[0]) else { throw ValidationError("--editor-for METHOD=DIR, not \(item)") }
+            folders[m] = URL(fileURLWithPath: parts[1])
+        }
+        for m in methods {
             let editor: SequentialEditor
-            switch m {
-            case "dafnet":
-                guard let dafnet else { throw ValidationError("no editor at \(editorOption.url.path) (train one with dafnet train-editor)") }
-                editor = dafnet
-            case "mend":
-                let url = mendEditor.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("editor-mend")
-                editor = try runMapped { try DAFNetEditor.load(from: url, model: folder.model, tokenizer: tok) }
-            case "ft":
+            if m == .ft && folders[.ft] == nil {
+                // FT needs no folder: the dafnet editor's modules when it exists, else DAFNet's defaults.
                 var c = FineTuneConfig()
-                c.modules = dafnet?.config.modules ?? EditorConfig.defaultModules(for: folder.model.spec)
+                c.modules = (try? EditorRegistry.header(of: editorOption.url).modules) ?? EditorConfig.defaultModules(for: folder.model.spec)
                 c.steps = ftSteps; c.learningRate = ftLR
                 editor = try runMapped { try FineTuneEditor(config: c, model: folder.model, tokenizer: tok) }
-            default: throw ValidationError("unknown method \(m) (dafnet, mend, ft)")
+            } else {
+                let url = folders[m] ?? Embedded.samples().appendingPathComponent("editor-" + m.rawValue)
+                editor = try runMapped { try EditorRegistry.load(from: url, model: folder.model, tokenizer: tok) }
+                guard editor.method == m else { throw ValidationError("\(url.path) holds a \(editor.methodName) editor, not \(m.rawValue)") }
             }
             var rows = try runMapped {
                 try SequentialBenchmark.run(editor: editor, pool: pool, counts: ns, budget: budget, heldoutText: text) { printError($0) }
             }
-            if m == "dafnet", let label { for i in rows.indices { rows[i].method = label } }
+            if m == .dafnet, let label { for i in rows.indices { rows[i].method = label } }
             results += rows
         }
         try write(results)

@@ -47,14 +47,15 @@ struct BenchPipeline: ParsableCommand {
         }
         let folder = try model.load(requireTokenizer: true)
         let tok = folder.tokenizer!
-        let editor: DAFNetEditor
+        let editor: SequentialEditor
         if let randomEditor {
             var cfg = try runMapped { try JSONDecoder().decode(EditorConfig.self, from: Data(contentsOf: URL(fileURLWithPath: randomEditor))) }
             if cfg.modules.isEmpty { cfg.modules = EditorConfig.defaultModules(for: folder.model.spec) }
-            editor = try runMapped { try DAFNetEditor(config: cfg, model: folder.model, tokenizer: tok) }
-            editor.initialise(seed: cfg.training.seed)
+            let random = try runMapped { try DAFNetEditor(config: cfg, model: folder.model, tokenizer: tok) }
+            random.initialise(seed: cfg.training.seed)
+            editor = random
         } else {
-            editor = try runMapped { try DAFNetEditor.load(from: editorOption.url, model: folder.model, tokenizer: tok) }
+            editor = try runMapped { try EditorRegistry.load(from: editorOption.url, model: folder.model, tokenizer: tok) }
         }
         let editorLabel = randomEditor.map { "random editor of \($0)" } ?? editorOption.url.path
         let samples = Embedded.samples()

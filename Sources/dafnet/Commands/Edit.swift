@@ -22,6 +22,8 @@ struct Edit: ParsableCommand {
     var target: String?
     @Option(help: "With --prompt: a rephrasing to score generality on (repeatable).")
     var rephrase: [String] = []
+    @Option(help: "With --prompt: the subject the fact is about, a part of the prompt (MEMIT and AlphaEdit write at its last token; else at the prompt's).")
+    var subject: String?
     @Argument(help: "The batch: one edit per line (prompt, target_new, rephrase_prompt, locality_prompt, …).")
     var batch: String?
 
@@ -38,17 +40,18 @@ struct Edit: ParsableCommand {
         } else {
             var line: [String: Any] = ["prompt": prompt!, "target_new": target!]
             if !rephrase.isEmpty { line["rephrase_prompt"] = rephrase }
+            if let subject { line["subject"] = subject }
             let data = try JSONSerialization.data(withJSONObject: line) + Data("\n".utf8)
             requests = try runMapped { try EditBatch.parse(data, file: "--prompt") }
         }
-        let editor = try runMapped { try DAFNetEditor.load(from: editorOption.url, model: folder.model, tokenizer: folder.tokenizer!) }
+        let editor = try runMapped { try EditorRegistry.load(from: editorOption.url, model: folder.model, tokenizer: folder.tokenizer!) }
         let ref = EditMetrics.localityReference(editor: editor, requests)
-        var state = EditState(moduleNames: editor.config.modules)
+        var state = editor.newState()
         var headAnswers: [String]?
         var headLabel = ""
         if let loaded = try stored.load(for: folder) {
             // Start from the stored version: its answers are the "before" that matters here.
-            state = try runMapped { try EditState(moduleNames: editor.config.modules, tensors: loaded.tensors) }
+            state = try runMapped { try editor.restoreState(loaded.tensors) }
             editor.install(state)
             headLabel = "version \(loaded.manifest.version)"
             headAnswers = try requests.map { r in

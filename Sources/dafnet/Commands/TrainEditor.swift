@@ -32,7 +32,12 @@ struct TrainEditor: ParsableCommand {
         reuseLargeAllocations()
         let folder = try model.load(requireTokenizer: true)
         var cfg = try runMapped { try JSONDecoder().decode(EditorConfig.self, from: Data(contentsOf: URL(fileURLWithPath: config))) }
-        if let method { cfg.method = method }
+        if let method {
+            guard let m = EditorMethod(rawValue: method), [.dafnet, .mend].contains(m) else {
+                throw ValidationError("--method dafnet or mend (memit and alphaedit need no training: dafnet editor create)")
+            }
+            cfg.method = m
+        }
         if cfg.modules.isEmpty { cfg.modules = EditorConfig.defaultModules(for: folder.model.spec) }
         let pool = try runMapped { try EditBatch.read(URL(fileURLWithPath: data)) }
         let editor = try runMapped { try DAFNetEditor(config: cfg, model: folder.model, tokenizer: folder.tokenizer!) }
@@ -46,7 +51,7 @@ struct TrainEditor: ParsableCommand {
            let stats = try runMapped({ try MetaTrainer.checkpointKeyStatistics(runDir: URL(fileURLWithPath: runDir), modules: cfg.modules) }) {
             try runMapped { try editor.setKeyStatistics(stats) }
         } else if cfg.accumulation == .leastSquares {
-            var texts = Self.preservedTexts(pool)
+            var texts = LeastSquares.preservedTexts(pool)
             if let statsText {
                 texts = try runMapped { try String(contentsOfFile: statsText, encoding: .utf8) }
                     .split(separator: "\n").map(String.init).filter { !$0.isEmpty }
@@ -78,21 +83,5 @@ struct TrainEditor: ParsableCommand {
         printError("log: \(trainer.logURL.path)")
         try runMapped { try trainer.run(out: URL(fileURLWithPath: out), stopAfter: stopAfter) }
         printError(trainer.step >= cfg.training.steps ? "\nwrote \(out)" : "\nstopped at step \(trainer.step); run again to resume")
-    }
-
-    /// The facts a meta-training pool states as true (prompt + ground truth, each rephrasing + ground truth,
-    /// each neighbour + its answer): what the model knows and edits must leave alone.
-    static func preservedTexts(_ pool: [EditRequest]) -> [String] {
-        var out: [String] = []
-        var seen = Set<String>()
-        func add(_ s: String) { if seen.insert(s).inserted { out.append(s) } }
-        for r in pool {
-            if let gt = r.groundTruth {
-                add(r.prompt + " " + gt)
-                for p in r.rephrases { add(p + " " + gt) }
-            }
-            for l in r.locality { add(l.prompt + " " + l.groundTruth) }
-        }
-        return out
     }
 }

@@ -102,7 +102,7 @@ struct Watch: ParsableCommand {
         }
         let folder = try model.load(requireTokenizer: true)
         guard let tok = folder.tokenizer else { throw ValidationError("the model folder has no tokenizer.json") }
-        let editor = try runMapped { try DAFNetEditor.load(from: editorOption.url, model: folder.model, tokenizer: tok) }
+        let editor = try runMapped { try EditorRegistry.load(from: editorOption.url, model: folder.model, tokenizer: tok) }
         let texts = textLines == 0 ? [] : heldoutText(text, tokenizer: { tok.encode($0) }, limit: textLines)
         var canaryNote: String?
         var probes: [EditRequest.LocalityPair] = []

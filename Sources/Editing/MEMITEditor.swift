@@ -1,0 +1,560 @@
+import Foundation
+import LanguageModel
+import Storage
+import TensorCore
+import Tokenizers
+
+/// Settings of MEMIT and AlphaEdit (`editor.json`). The defaults are the published GPT-2 XL settings of
+/// MEMIT and AlphaEdit (EasyEdit / the official hparams) unless the comment says otherwise.
+public struct MEMITConfig: Codable, Sendable {
+    /// `memit` or `alphaedit`.
+    public var method = EditorMethod.memit
+    /// The MLP output projections edited (`c_proj`, `down_proj`), in block order. The residual stream
+    /// after the last one's block is where each edit's target value is sought.
+    public var modules: [String] = []
+    /// The model folder the statistics were computed on (its name) and the SHA-256 of its weights.
+    public var baseModel: String?
+    public var baseModelSHA256: String?
+    /// Context prefixes: "" (the plain prompt) first, then short texts the model wrote itself. Values are
+    /// sought, and keys averaged, over every prefix so an edit holds in other contexts (MEMIT's templates).
+    public var prefixes: [String] = [""]
+    /// Value search: Adam steps and learning rate on the residual shift δ at the subject's last token.
+    public var valueSteps = 20
+    public var valueLR: Float = 0.5
+    /// Value search: weight of ‖δ‖ / ‖h‖² (keeps the shift small).
+    public var valueWeightDecay: Float = 0.5
+    /// Value search: ‖δ‖ is clamped to this multiple of ‖h‖ after each step.
+    public var clampNormFactor: Float = 0.75
+    /// Value search: weight of the KL between the edited and unedited next-token distributions after
+    /// "<subject> is a" (keeps the subject's other properties).
+    public var klFactor: Float = 0.0625
+    /// Value search: an edit stops early once its loss is below this.
+    public var valueStopLoss: Float = 0.05
+    /// MEMIT: the weight λ of the preserved keys' second moment against the edits' own keys,
+    /// `ΔW = (λ·C + KᵀK)⁻¹ KᵀR`.
+    public var covarianceWeight: Float = 20000
+    /// AlphaEdit: the weight of ‖ΔW‖² in the projected normal equations (the paper's L2 = 10).
+    public var l2: Float = 10
+    /// AlphaEdit: the null space is spanned by the eigenvectors of the key second moment whose eigenvalues
+    /// are below this fraction of the largest. The paper thresholds at an absolute 2e-2 on GPT-2 XL and
+    /// Llama 3; a fraction carries over between models whose activations have other scales.
+    public var nullspaceThreshold: Float = 1e-2
+    /// The statistics pass: tokens seen, and where the text came from.
+    public var statisticsTokens = 0
+    public var statisticsText: String?
+
+    public init() {}
+
+    /// The names of the settings in `editor.json`.
+    public static var settingNames: [String] { CodingKeys.allCases.map(\.stringValue) }
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case method, modules, baseModel = "base_model", baseModelSHA256 = "base_model_sha256", prefixes
+        case valueSteps = "value_steps", valueLR = "value_lr", valueWeightDecay = "value_weight_decay"
+        case clampNormFactor = "clamp_norm_factor", klFactor = "kl_factor", valueStopLoss = "value_stop_loss"
+        case covarianceWeight = "covariance_weight", l2, nullspaceThreshold = "nullspace_threshold"
+        case statisticsTokens = "statistics_tokens", statisticsText = "statistics_text"
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let d = MEMITConfig()
+        method = try c.decode(EditorMethod.self, forKey: .method)
+        modules = try c.decode([String].self, forKey: .modules)
+        baseModel = try c.decodeIfPresent(String.self, forKey: .baseModel)
+        baseModelSHA256 = try c.decodeIfPresent(String.self, forKey: .baseModelSHA256)
+        prefixes = try c.decodeIfPresent([String].self, forKey: .prefixes) ?? d.prefixes
+        valueSteps = try c.decodeIfPresent(Int.self, forKey: .valueSteps) ?? d.valueSteps
+        valueLR = try c.decodeIfPresent(Float.self, forKey: .valueLR) ?? d.valueLR
+        valueWeightDecay = try c.decodeIfPresent(Float.self, forKey: .valueWeightDecay) ?? d.valueWeightDecay
+        clampNormFactor = try c.decodeIfPresent(Float.self, forKey: .clampNormFactor) ?? d.clampNormFactor
+        klFactor = try c.decodeIfPresent(Float.self, forKey: .klFactor) ?? d.klFactor
+        valueStopLoss = try c.decodeIfPresent(Float.self, forKey: .valueStopLoss) ?? d.valueStopLoss
+        covarianceWeight = try c.decodeIfPresent(Float.self, forKey: .covarianceWeight) ?? d.covarianceWeight
+        l2 = try c.decodeIfPresent(Float.self, forKey: .l2) ?? d.l2
+        nullspaceThreshold = try c.decodeIfPresent(Float.self, forKey: .nullspaceThreshold) ?? d.nullspaceThreshold
+        statisticsTokens = try c.decodeIfPresent(Int.self, forKey: .statisticsTokens) ?? 0
+        statisticsText = try c.decodeIfPresent(String.self, forKey: .statisticsText)
+    }
+
+    /// The MLP output projections of the blocks MEMIT edits by default: for GPT-2 XL MEMIT edits blocks
+    /// 13–17 of 48 and AlphaEdit on Llama 3 blocks 4–8 of 32, the early-middle MLPs where causal tracing
+    /// finds subject recall; the same share of a model's depth, at least one block, never the last block
+    /// (it has no later layers to carry the shift). On a 4-block model: blocks 1 and 2.
+    public static func defaultModules(for spec: TransformerSpec) -> [String] {
+        let L = spec.layers
+        let first = min(max(0, Int((Double(L) * 0.27).rounded(.down))), max(0, L - 2))
+        let last = max(first, min(L - 2, Int((Double(L) * 0.37).rounded(.down)) + (L < 12 ? 1 : 0)))
+        return (first...max(first, last)).map { spec.names.layerPrefix($0) + "." + spec.names.mlpOut }
+    }
+}
+
+/// MEMIT's and AlphaEdit's edit state: per module the accumulated ΔW, and for AlphaEdit the second
+/// moment Σ kkᵀ of every earlier edit's keys (`edit_keys.<module>`), which later edits must not disturb.
+public final class MEMITState: EditorState, @unchecked Sendable {
+    public private(set) var editCount = 0
+    public var deltaWeights: [String: Tensor] = [:]
+    public var editKeys: [String: Tensor] = [:]
+    let moduleNames: Set<String>
+
+    init(moduleNames: [String]) { self.moduleNames = Set(moduleNames) }
+
+    convenience init(moduleNames: [String], tensors: [String: Tensor], method: EditorMethod) throws {
+        self.init(moduleNames: moduleNames)
+        for (key, t) in tensors {
+            if key == "edit_count" { editCount = Int(t[0]); continue }
+            let parts = key.split(separator: ".", maxSplits: 1).map(String.init)
+            guard parts.count == 2, self.moduleNames.contains(parts[1]) else {
+                throw EditingError.foreignState(method: method, reason: "unexpected tensor \"\(key)\" in the edit state")
+            }
+            switch parts[0] {
+            case "delta_weight": deltaWeights[parts[1]] = t.copy()
+            case "edit_keys" where method == .alphaedit: editKeys[parts[1]] = t.copy()
+            default: throw EditingError.foreignState(method: method, reason: "unexpected tensor \"\(key)\" in the edit state")
+            }
+        }
+    }
+
+    func count(_ n: Int) { editCount += n }
+
+    public func tensors() -> [String: Tensor] {
+        var out: [String: Tensor] = ["edit_count": Tensor(shape: [1], values: [Float(editCount)])]
+        for (m, w) in deltaWeights { out["delta_weight." + m] = w }
+        for (m, k) in editKeys { out["edit_keys." + m] = k }
+        return out
+    }
+
+    public func delta(_ module: String) -> (weight: Tensor?, bias: Tensor?) { (deltaWeights[module], nil) }
+}
+
+/// MEMIT (Meng et al., ICLR 2023) and AlphaEdit (Fang et al., ICLR 2025): no trained network. Per batch of
+/// edits: (1) a target value for each edit, the residual stream after the last edited block at the
+/// subject's last token shifted by a δ found by a few Adam steps on −log p(target_new) (over the context
+/// prefixes, with a KL and a norm penalty); (2) for each edited block in order, the keys (the MLP output
+/// projection's inputs at that token, averaged over the prefixes) on the model as edited so far, and the
+/// residual still missing at the last block, spread evenly over the remaining blocks; (3) the update
+/// that writes it: MEMIT's `ΔW = (λ·C + KᵀK)⁻¹ KᵀR`; AlphaEdit's the same asked only within the null
+/// space `P = UUᵀ` of the preserved keys, with the earlier edits' keys `K_p` held still:
+/// `ΔW = U (Uᵀ(KᵀK + K_pᵀK_p)U + l2·I)⁻¹ UᵀKᵀR` (the official `solve(P(KKᵀ + C_p) + l2·I, P·K·Rᵀ)`, reduced
+/// to the null space's coordinates, where it is symmetric positive definite).
+public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
+    public let config: MEMITConfig
+    public let model: TransformerLM
+    public let tokenizer: Tokenizer
+    /// Per module: E[kkᵀ] of its inputs on ordinary text [in, in].
+    public let keyStatistics: [String: Tensor]
+    /// AlphaEdit, per module: an orthonormal basis U [in, k] of the preserved keys' null space.
+    public let nullSpaces: [String: Tensor]
+    /// The block of each edited module, and the block whose output holds the target values.
+    let blocks: [Int]
+    var valueBlock: Int { blocks.last! }
+    /// Sequences per forward in the value search and the key pass.
+    public var chunkSize = 64
+
+    public var method: EditorMethod { config.method }
+    public var moduleNames: [String] { config.modules }
+
+    public init(config: MEMITConfig, model: TransformerLM, tokenizer: Tokenizer, keyStatistics: [String: Tensor],
+                nullSpaces: [String: Tensor] = [:], file: String = EditorRegistry.configFile) throws {
+        guard [.memit, .alphaedit].contains(config.method) else {
+            throw EditingError.invalidConfig(file: file, field: "method", reason: "\"\(config.method.rawValue)\" is not memit or alphaedit")
+        }
+        guard !config.modules.isEmpty else { throw EditingError.invalidConfig(file: file, field: "modules", reason: "empty") }
+        guard config.prefixes.first == "" else {
+            throw EditingError.invalidConfig(file: file, field: "prefixes", reason: "the first prefix must be \"\" (the plain prompt)")
+        }
+        guard config.valueSteps > 0, config.valueLR > 0, config.clampNormFactor > 0, config.covarianceWeight >= 0, config.l2 > 0 else {
+            throw EditingError.invalidConfig(file: file, field: "value_steps/value_lr/clamp_norm_factor/covariance_weight/l2", reason: "must be positive")
+        }
+        let spec = model.spec
+        var blocks: [Int] = []
+        for m in config.modules {
+            guard let l = (0..<spec.layers).first(where: { spec.names.layerPrefix($0) + "." + spec.names.mlpOut == m }) else {
+                throw EditingError.invalidConfig(file: file, field: "modules",
+                                                 reason: "\"\(m)\" is not an MLP output projection of this model (\(spec.names.layerPrefix(0)).\(spec.names.mlpOut) and the like)")
+            }
+            blocks.append(l)
+        }
+        guard blocks.last! < spec.layers - 1 else {
+            throw EditingError.invalidConfig(file: file, field: "modules",
+                                             reason: "the last block (\(spec.layers - 1)) cannot be edited: no later layer carries a value at the subject's token to the answer")
+        }
+        guard blocks == blocks.sorted(), Set(blocks).count == blocks.count else {
+            throw EditingError.invalidConfig(file: file, field: "modules", reason: "list each block once, in block order")
+        }
+        for m in config.modules {
+            let n = model.linears[m]!.inFeatures
+            guard let s = keyStatistics[m], s.shape == [n, n] else {
+                throw EditingError.invalidInput("\(m): key statistics [\(n), \(n)] missing")
+            }
+            if config.method == .alphaedit {
+                guard let u = nullSpaces[m], u.shape.count == 2, u.shape[0] == n else {
+                    throw EditingError.invalidInput("\(m): AlphaEdit needs a null-space basis [\(n), k]")
+                }
+            }
+        }
+        self.config = config; self.model = model; self.tokenizer = tokenizer
+        self.keyStatistics = keyStatistics; self.nullSpaces = nullSpaces; self.blocks = blocks
+    }
+
+    // MARK: Creation
+
+    /// Computes the key statistics of `modules` over `texts` (and, for AlphaEdit, their null spaces) and
+    /// the context prefixes: an editor for `model` without any training.
+    public static func create(method: EditorMethod, model: TransformerLM, tokenizer: Tokenizer, modules: [String]? = nil,
+                              texts: [String], settings: MEMITConfig = MEMITConfig(),
+                              progress: (Int, Int) -> Void = { _, _ in }) throws -> MEMITEditor {
+        var config = settings
+        config.method = method
+        config.modules = modules ?? MEMITConfig.defaultModules(for: model.spec)
+        for m in config.modules where model.linears[m] == nil {
+            throw EditingError.editorDoesNotFit(editor: "(new)", madeFor: nil, module: m, modelLinears: model.linearModuleNames)
+        }
+        if config.prefixes == [""] { config.prefixes = try contextPrefixes(model: model, tokenizer: tokenizer) }
+        let (stats, tokens) = LeastSquares.keyStatistics(model: model, tokenizer: tokenizer, modules: config.modules,
+                                                          texts: texts, progress: progress)
+        guard tokens > 0 else { throw EditingError.invalidInput("the statistics text has no tokens") }
+        config.statisticsTokens = tokens
+        var spaces: [String: Tensor] = [:]
+        if method == .alphaedit {
+            for m in config.modules { spaces[m] = try nullSpace(of: stats[m]!, threshold: config.nullspaceThreshold) }
+        }
+        return try MEMITEditor(config: config, model: model, tokenizer: tokenizer, keyStatistics: stats, nullSpaces: spaces)
+    }
+
+    /// An orthonormal basis [n, k] of the eigenvectors of `stats` whose eigenvalues are below `threshold` of
+    /// the largest.
+    public static func nullSpace(of stats: Tensor, threshold: Float) throws -> Tensor {
+        let n = stats.shape[0]
+        let a = (0..<(n * n)).map { Double(stats.data[$0]) }
+        let (values, vectors) = try LinearAlgebra.symmetricEigen(a, n: n)
+        let top = values.last ?? 0
+        let keep = values.indices.filter { values[$0] < Double(threshold) * top }
+        let u = Tensor(shape: [n, keep.count])
+        for i in 0..<n { for (j, c) in keep.enumerated() { u.data[i * keep.count + j] = Float(vectors[i * n + c]) } }
+        return u
+    }
+
+    /// MEMIT's context prefixes: "" and, for each of five opening words, the model's greedy continuation
+    /// of 10 tokens followed by ". " (the official code samples them; greedy keeps the editor reproducible).
+    public static func contextPrefixes(model: TransformerLM, tokenizer: Tokenizer, length: Int = 10) throws -> [String] {
+        var out = [""]
+        try model.withoutEdits {
+            for word in ["The", "Therefore", "Because", "I", "You"] {
+                let ids = tokenizer.encode(word)
+                let gen = try model.generateGreedy(prompt: ids, maxNewTokens: length, stop: tokenizer.eosTokenID)
+                let text = tokenizer.decode(gen).replacingOccurrences(of: "\n", with: " ")
+                    .replacingOccurrences(of: "{", with: " ").replacingOccurrences(of: "}", with: " ")
+                out.append(text + ". ")
+            }
+        }
+        return out
+    }
+
+    // MARK: Persistence
+
+    /// Writes `editor.json` and `editor.safetensors` (`key_stats.<module>`, and `null_space.<module>` for AlphaEdit).
+    public func save(to folder: URL) throws {
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        var w = SafetensorsWriter(metadata: ["format": "dafnet-editor", "method": config.method.rawValue])
+        try LeastSquares.writeKeyStatistics(keyStatistics, to: &w)
+        for m in nullSpaces.keys.sorted() { try w.add("null_space." + m, nullSpaces[m]!) }
+        try w.write(to: folder.appendingPathComponent(EditorRegistry.weightsFile))
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try enc.encode(config).write(to: folder.appendingPathComponent(EditorRegistry.configFile), options: .atomic)
+    }
+
+    public static func load(from folder: URL, model: TransformerLM, tokenizer: Tokenizer) throws -> MEMITEditor {
+        let cfgURL = folder.appendingPathComponent(EditorRegistry.configFile)
+        let config: MEMITConfig
+        do { config = try JSONDecoder().decode(MEMITConfig.self, from: Data(contentsOf: cfgURL)) } catch {
+            throw EditingError.invalidConfig(file: cfgURL.path, field: "(document)", reason: "\(error)")
+        }
+        let wURL = folder.appendingPathComponent(EditorRegistry.weightsFile)
+        let f = try SafetensorsFile(contentsOf: wURL)
+        let stats = try LeastSquares.readKeyStatistics(f, modules: config.modules)
+        var spaces: [String: Tensor] = [:]
+        if config.method == .alphaedit { for m in config.modules { spaces[m] = try f.tensor("null_space." + m) } }
+        return try MEMITEditor(config: config, model: model, tokenizer: tokenizer, keyStatistics: stats, nullSpaces: spaces, file: cfgURL.path)
+    }
+
+    // MARK: State
+
+    public func newState() -> EditorState { MEMITState(moduleNames: config.modules) }
+
+    public func restoreState(_ tensors: [String: Tensor]) throws -> EditorState {
+        let s = try MEMITState(moduleNames: config.modules, tensors: tensors, method: config.method)
+        for m in config.modules {
+            let lin = model.linears[m]!
+            if let w = s.deltaWeights[m], w.shape != [lin.inFeatures, lin.outFeatures] {
+                throw EditingError.shapeMismatch(name: "delta_weight." + m, expected: [lin.inFeatures, lin.outFeatures], found: w.shape, file: "edit state")
+            }
+            if let k = s.editKeys[m], k.shape != [lin.inFeatures, lin.inFeatures] {
+                throw EditingError.shapeMismatch(name: "edit_keys." + m, expected: [lin.inFeatures, lin.inFeatures], found: k.shape, file: "edit state")
+            }
+        }
+        return s
+    }
+
+    // MARK: Editing
+
+    /// Where an edit's key and value sit: a prompt (with one of the prefixes) and the position of the
+    /// subject's last token in it (the prompt's last token when the subject is not given or not in it).
+    struct Lookup {
+        var item: ScoredPrompt
+        var position: Int
+    }
+
+    func lookup(_ r: EditRequest, prefix: String) -> Lookup {
+        let item = ScoredPrompt(prompt: prefix + r.prompt, target: r.targetNew, tokenizer: tokenizer)
+        var position = item.promptIds.count - 1
+        if let s = r.subject, !s.isEmpty, let range = r.prompt.range(of: s) {
+            let upTo = tokenizer.encode(prefix + String(r.prompt[..<range.upperBound])).count
+            position = min(max(upTo - 1, 0), item.promptIds.count - 1)
+        }
+        return Lookup(item: item, position: position)
+    }
+
+    @discardableResult
+    public func apply(_ requests: [EditRequest], to anyState: EditorState) throws -> EditTimings {
+        let state = try own(anyState, as: MEMITState.self)
+        var times = EditTimings()
+        guard !requests.isEmpty else { return times }
+        for (i, r) in requests.enumerated() {
+            let e = ScoredPrompt(prompt: r.prompt, target: r.targetNew, tokenizer: tokenizer)
+            let longest = config.prefixes.map { tokenizer.encode($0).count }.max() ?? 0
+            guard !e.targetIds.isEmpty, e.promptIds.count + e.targetIds.count + longest <= model.spec.maxPositions else {
+                throw EditingError.invalidInput("edit \(i): prompt + target (+ a context prefix) must have 1…\(model.spec.maxPositions) tokens")
+            }
+        }
+        install(state)
+        defer { install(state) }
+        var t0 = Date()
+        let lookups = requests.map { r in config.prefixes.map { lookup(r, prefix: $0) } }
+        let kl: [Lookup?] = requests.map { r in
+            guard let s = r.subject, !s.isEmpty else { return nil }
+            let ids = tokenizer.encode(s + " is a")
+            return Lookup(item: ScoredPrompt(promptIds: ids, targetIds: []), position: max(tokenizer.encode(s).count - 1, 0))
+        }
+        let targets = try searchValues(lookups: lookups, kl: kl)
+        times.signal = Date().timeIntervalSince(t0)
+
+        for (i, m) in config.modules.enumerated() {
+            t0 = Date()
+            let (keys, current) = keysAndValues(lookups: lookups, modules: [m])
+            times.auxiliary += Date().timeIntervalSince(t0)
+            t0 = Date()
+            // R: what the last block still lacks, spread evenly over this block and the ones after it.
+            let K = keys[m]!
+            let R = targets.copy()
+            R.add(current, alpha: -1)
+            R.scale(1 / Float(config.modules.count - i))
+            let update = try solve(m, keys: K, residual: R, state: state)
+            if ProcessInfo.processInfo.environment["DAFNET_DEBUG_MEMIT"] != nil {
+                let got = Tensor(shape: R.shape)
+                BLAS.gemm(got.data, K.data, update.data, M: K.shape[0], N: R.shape[1], K: K.shape[1])
+                got.add(R, alpha: -1)
+                func nrm(_ t: Tensor) -> Float { sqrtf((0..<t.count).reduce(0) { $0 + t.data[$1] * t.data[$1] }) }
+                FileHandle.standardError.write(Data("\(m): |K| \(nrm(K)) |R| \(nrm(R)) |KΔ−R| \(nrm(got)) |Δ| \(nrm(update))\n".utf8))
+            }
+            if let w = state.deltaWeights[m] { w.add(update, alpha: 1) } else { state.deltaWeights[m] = update }
+            model.linears[m]!.deltaWeight = state.deltaWeights[m]
+            times.apply += Date().timeIntervalSince(t0)
+        }
+        if config.method == .alphaedit {
+            // The keys these edits left, on the model as edited, join the ones later edits must keep.
+            t0 = Date()
+            let (keys, _) = keysAndValues(lookups: lookups, modules: config.modules)
+            for m in config.modules { state.editKeys[m] = LeastSquares.gram(keys[m]!, into: state.editKeys[m]) }
+            times.auxiliary += Date().timeIntervalSince(t0)
+        }
+        state.count(requests.count)
+        return times
+    }
+
+    /// The update of one module for keys K [n, in] and residuals R [n, out].
+    func solve(_ m: String, keys K: Tensor, residual R: Tensor, state: MEMITState) throws -> Tensor {
+        let KR = LeastSquares.cross(K, R)  // Kᵀ R [in, out]
+        switch config.method {
+        case .alphaedit:
+            let U = nullSpaces[m]!
+            let n = U.shape[0], k = U.shape[1], out = R.shape[1]
+            guard k > 0 else { return Tensor(shape: [n, out]) }  // nothing is free to change
+            let A = LeastSquares.gram(K, into: state.editKeys[m]?.copy())  // KᵀK + K_pᵀK_p [in, in]
+            let AU = Tensor(shape: [n, k])
+            BLAS.gemm(AU.data, A.data, U.data, M: n, N: k, K: n)
+            let M = Tensor(shape: [k, k])
+            BLAS.gemm(M.data, U.data, AU.data, M: k, N: k, K: n, transA: true)  // Uᵀ A U
+            var a = (0..<(k * k)).map { Double(M.data[$0]) }
+            for j in 0..<k { a[j * k + j] += Double(config.l2) }
+            let rhs = Tensor(shape: [k, out])
+            BLAS.gemm(rhs.data, U.data, KR.data, M: k, N: out, K: n, transA: true)  // Uᵀ Kᵀ R
+            let y: Tensor
+            do { y = try LinearAlgebra.Cholesky(a, n: k).solve(rhs) } catch {
+                throw EditingError.invalidInput("module \(m): AlphaEdit system: \(error)")
+            }
+            let upd = Tensor(shape: [n, out])
+            BLAS.gemm(upd.data, U.data, y.data, M: n, N: out, K: k)
+            return upd
+        default:
+            let gram = LeastSquares.gram(K)
+            do { return try LeastSquares.factor(stats: keyStatistics[m]!, lambda: config.covarianceWeight, gram: gram).solve(KR) } catch {
+                throw EditingError.invalidInput("module \(m): MEMIT system: \(error)")
+            }
+        }
+    }
+
+    /// Per module in `modules`: the keys [n, in] (inputs at the lookup position, averaged over the prefixes),
+    /// and the residual stream after the value block at the plain prompt's lookup position [n, hidden], on the
+    /// model as it stands.
+    func keysAndValues(lookups: [[Lookup]], modules: [String]) -> (keys: [String: Tensor], values: Tensor) {
+        let n = lookups.count, P = config.prefixes.count, C = model.spec.hidden
+        var keys: [String: Tensor] = [:]
+        for m in modules { keys[m] = Tensor(shape: [n, model.linears[m]!.inFeatures]) }
+        let values = Tensor(shape: [n, C])
+        let flat = lookups.flatMap { $0 }
+        var start = 0
+        while start < flat.count {
+            let chunk = Array(flat[start..<min(start + chunkSize, flat.count)])
+            let batch = TokenBatch(rightPadded: chunk.map(\.item.promptIds))
+            model.forward(batch)
+            for (b, lk) in chunk.enumerated() {
+                let seq = start + b, edit = seq / P, row = b * batch.T + lk.position
+                for m in modules {
+                    let inp = model.lastInput(of: m)!, width = inp.shape[1]
+                    BLAS.axpy(keys[m]!.data + edit * width, inp.data + row * width, count: width, alpha: 1 / Float(P))
+                }
+                if seq % P == 0 {
+                    (values.data + edit * C).update(from: model.lastBlockOutput(layer: valueBlock)!.data + row * C, count: C)
+                }
+            }
+            start += chunk.count
+        }
+        return (keys, values)
+    }
+
+    /// The target values z [n, hidden]: the value block's output at each edit's lookup position plus the δ
+    /// that makes `target_new` likely after the prompt under every prefix.
+    func searchValues(lookups: [[Lookup]], kl: [Lookup?]) throws -> Tensor {
+        let n = lookups.count, C = model.spec.hidden
+        let z = Tensor(shape: [n, C])
+        // Edits in groups whose sequences fit one forward.
+        let perEdit = config.prefixes.count + 1
+        let group = max(1, chunkSize / perEdit)
+        var start = 0
+        while start < n {
+            let ids = Array(start..<min(start + group, n))
+            let part = try searchValues(edits: ids.map { lookups[$0] }, kl: ids.map { kl[$0] })
+            for (j, e) in ids.enumerated() { (z.data + e * C).update(from: part.data + j * C, count: C) }
+            start += ids.count
+        }
+        return z
+    }
+
+    func searchValues(edits: [[Lookup]], kl: [Lookup?]) throws -> Tensor {
+        let n = edits.count, C = model.spec.hidden, V = model.spec.vocabSize
+        let module = config.modules.last!
+        let lin = model.linears[module]!
+        // Sequences: each edit's prompt under every prefix with the target (teacher-forced), then its KL prompt.
+        var seqs: [[Int]] = [], owner: [Int] = [], position: [Int] = [], items: [ScoredPrompt?] = []
+        var klSeq: [Int?] = Array(repeating: nil, count: n)
+        for (e, lks) in edits.enumerated() {
+            for lk in lks {
+                seqs.append(lk.item.promptIds + lk.item.targetIds.dropLast()); owner.append(e); position.append(lk.position)
+                items.append(lk.item)
+            }
+            if let k = kl[e] {
+                klSeq[e] = seqs.count
+                seqs.append(k.item.promptIds); owner.append(e); position.append(k.position); items.append(nil)
+            }
+        }
+        let batch = TokenBatch(rightPadded: seqs)
+        let N = batch.B * batch.T
+        // Labels on the target tokens, each weighted 1 / (target length · prefixes): an edit's NLL is the
+        // mean over its prefixes of the per-token mean.
+        var labels = [Int32](repeating: -1, count: N)
+        var mask = [Float](repeating: 0, count: N)
+        for (b, item) in items.enumerated() {
+            guard let it = item else { continue }
+            let w = 1 / Float(it.targetIds.count * edits[owner[b]].count)
+            for (j, token) in it.targetIds.enumerated() {
+                let t = it.promptIds.count - 1 + j  // the position that predicts target token j
+                labels[b * batch.T + t] = Int32(token)
+                mask[b * batch.T + t] = w
+            }
+        }
+        let rows = seqs.indices.map { $0 * batch.T + position[$0] }
+        let klRows = klSeq.compactMap { $0 }.map { rows[$0] }
+        let klOwner = klSeq.enumerated().compactMap { $0.element == nil ? nil : $0.offset }
+
+        // The unedited values h and KL references (the model as edited so far, no δ).
+        lin.outputOffsets = nil
+        defer { lin.outputOffsets = nil }
+        var logits = model.forward(batch)
+        let h = Tensor(shape: [n, C])
+        let out = model.lastBlockOutput(layer: valueBlock)!
+        for (b, e) in owner.enumerated() where b == owner.firstIndex(of: e) {
+            (h.data + e * C).update(from: out.data + rows[b] * C, count: C)
+        }
+        let klRef = Tensor(shape: [klRows.count, V])
+        for (i, r) in klRows.enumerated() { (klRef.data + i * V).update(from: logits.data + r * V, count: V) }
+        let hNorm = (0..<n).map { e in sqrtf((0..<C).reduce(0) { $0 + h.data[e * C + $1] * h.data[e * C + $1] }) }
+
+        // Adam on δ [n, C], per edit (an edit stops once its loss is small; the others go on).
+        let delta = Tensor(shape: [n, C]), m1 = Tensor(shape: [n, C]), m2 = Tensor(shape: [n, C])
+        var steps = [Int](repeating: 0, count: n), active = [Bool](repeating: true, count: n)
+        let b1: Float = 0.9, b2: Float = 0.999, eps: Float = 1e-8
+        let offsets = Tensor(shape: [rows.count, C])
+        let losses = Tensor(shape: [N])
+        let klLogits = Tensor(shape: [klRows.count, V]), dKL = Tensor(shape: [klRows.count, V]), klRow = Tensor(shape: [klRows.count])
+        for step in 0..<config.valueSteps {
+            for (b, e) in owner.enumerated() { (offsets.data + b * C).update(from: delta.data + e * C, count: C) }
+            lin.outputOffsets = (rows, offsets)
+            logits = model.forward(batch)
+            let dlogits = Tensor(shape: [N, V])
+            Kernels.crossEntropy(losses: losses.data, dlogits: dlogits.data, logits: logits.data, labels: labels, mask: mask, N: N, V: V)
+            for (i, r) in klRows.enumerated() { (klLogits.data + i * V).update(from: logits.data + r * V, count: V) }
+            dKL.zero()
+            if !klRows.isEmpty {
+                Kernels.klDivergence(rows: klRow.data, dlogits: dKL.data, logits: klLogits.data, refLogits: klRef.data, mask: nil,
+                                     N: klRows.count, V: V, gradScale: config.klFactor)
+                for (i, r) in klRows.enumerated() { BLAS.axpy(dlogits.data + r * V, dKL.data + i * V, count: V, alpha: 1) }
+            }
+            // Per-edit loss: NLL (mean over prefixes of the per-token mean), KL, norm penalty.
+            var loss = [Float](repeating: 0, count: n)
+            for (b, e) in owner.enumerated() { for t in 0..<batch.T { loss[e] += losses.data[b * batch.T + t] } }
+            for (i, e) in klOwner.enumerated() { loss[e] += config.klFactor * klRow.data[i] }
+            for e in 0..<n {
+                let dn = sqrtf((0..<C).reduce(0) { $0 + delta.data[e * C + $1] * delta.data[e * C + $1] })
+                loss[e] += config.valueWeightDecay * dn / max(hNorm[e] * hNorm[e], 1e-12)
+                if loss[e] < config.valueStopLoss { active[e] = false }
+            }
+            if ProcessInfo.processInfo.environment["DAFNET_DEBUG_MEMIT"] != nil { FileHandle.standardError.write(Data("step \(step) loss \(loss.prefix(3)) hnorm \(hNorm.prefix(3))\n".utf8)) }
+            if step == config.valueSteps - 1 || !active.contains(true) { break }
+            let caps = model.backward(dlogits: dlogits, parameterGradients: false, capture: [module])
+            let dout = caps[module]!.delta
+            let grad = Tensor(shape: [n, C])
+            for (b, e) in owner.enumerated() { BLAS.axpy(grad.data + e * C, dout.data + rows[b] * C, count: C, alpha: 1) }
+            for e in 0..<n where active[e] {
+                let d = delta.data + e * C, g = grad.data + e * C
+                let dn = sqrtf((0..<C).reduce(0) { $0 + d[$1] * d[$1] })
+                if dn > 0 { BLAS.axpy(g, d, count: C, alpha: config.valueWeightDecay / (dn * max(hNorm[e] * hNorm[e], 1e-12))) }
+                steps[e] += 1
+                let c1 = 1 - powf(b1, Float(steps[e])), c2 = 1 - powf(b2, Float(steps[e]))
+                let mm = m1.data + e * C, vv = m2.data + e * C
+                for j in 0..<C {
+                    mm[j] = b1 * mm[j] + (1 - b1) * g[j]
+                    vv[j] = b2 * vv[j] + (1 - b2) * g[j] * g[j]
+                    d[j] -= config.valueLR * (mm[j] / c1) / (sqrtf(vv[j] / c2) + eps)
+                }
+                let maxNorm = config.clampNormFactor * hNorm[e]
+                let after = sqrtf((0..<C).reduce(0) { $0 + d[$1] * d[$1] })
+                if after > maxNorm { for j in 0..<C { d[j] *= maxNorm / after } }
+            }
+        }
+        lin.outputOffsets = nil
+        h.add(delta, alpha: 1)
+        return h
+    }
+}

@@ -1,0 +1,147 @@
+import Foundation
+import LanguageModel
+import Storage
+import TensorCore
+import Tokenizers
+
+/// The editing methods, by the name `editor.json` gives in its `method` field.
+public enum EditorMethod: String, Codable, Sendable, CaseIterable {
+    /// DAFNet: a meta-trained auxiliary network with inter-edit fusion (`DAFNetEditor`).
+    case dafnet
+    /// MEND-like ablation of DAFNet: the same per-token network, no sequence fusion (`DAFNetEditor`).
+    case mend
+    /// The fine-tuning baseline (`FineTuneEditor`).
+    case ft
+    /// MEMIT: closed-form least-squares updates of MLP output projections, no training (`MEMITEditor`).
+    case memit
+    /// AlphaEdit: MEMIT's update projected onto the null space of preserved keys, earlier edits' keys kept (`MEMITEditor`).
+    case alphaedit
+}
+
+/// What an editor keeps between calls. The store keeps it as named tensors without knowing the method;
+/// every method names the edits it installs `delta_weight.<module>` ([in, out]) and `delta_bias.<module>`
+/// ([out]), so export and `generate --store` install any method's state. The rest is the method's own.
+public protocol EditorState: AnyObject {
+    var editCount: Int { get }
+    /// Named tensors for the checkpoint store.
+    func tensors() -> [String: Tensor]
+    /// The installed edits of a module.
+    func delta(_ module: String) -> (weight: Tensor?, bias: Tensor?)
+}
+
+extension EditorState {
+    /// Bytes held.
+    public var byteCount: Int { tensors().values.reduce(0) { $0 + $1.count * 4 } }
+}
+
+/// An editor that applies edits in order to a model, folding them into an `EditorState`. The daemon, the
+/// CLI and the benchmarks use editors only through this protocol and `EditorRegistry`.
+public protocol SequentialEditor: AnyObject {
+    var method: EditorMethod { get }
+    var model: TransformerLM { get }
+    var tokenizer: Tokenizer { get }
+    /// HF names of the linear modules whose edits the state holds.
+    var moduleNames: [String] { get }
+    /// The state before any edit.
+    func newState() -> EditorState
+    /// A state from the tensors `EditorState.tensors()` wrote (for example a stored version).
+    func restoreState(_ tensors: [String: Tensor]) throws -> EditorState
+    /// Applies `requests` in order, folds them into `state`, and installs the result on the model.
+    @discardableResult func apply(_ requests: [EditRequest], to state: EditorState) throws -> EditTimings
+}
+
+extension SequentialEditor {
+    public var methodName: String { method.rawValue }
+
+    /// prompt + target (the target with a leading space), scored on the target tokens.
+    public func scored(_ prompt: String, _ target: String) -> ScoredPrompt {
+        ScoredPrompt(prompt: prompt, target: target, tokenizer: tokenizer)
+    }
+
+    /// Installs a state's ΔW/Δb as the model's module edits.
+    public func install(_ state: EditorState) {
+        for m in moduleNames {
+            let (w, b) = state.delta(m)
+            model.linears[m]!.deltaWeight = w
+            model.linears[m]!.deltaBias = b
+        }
+    }
+
+    /// `state` as this editor's own state type, or a typed error naming the method.
+    func own<S: EditorState>(_ state: EditorState, as type: S.Type) throws -> S {
+        guard let s = state as? S else {
+            throw EditingError.foreignState(method: method, reason: "the edit state was made by another method (\(Swift.type(of: state)))")
+        }
+        return s
+    }
+}
+
+/// One seam from an editor folder to its implementation: `editor.json`'s `method` picks the loader.
+/// A new method is one file with a type conforming to `SequentialEditor` and one line in `loaders`.
+public enum EditorRegistry {
+    public typealias Loader = (_ folder: URL, _ model: TransformerLM, _ tokenizer: Tokenizer) throws -> SequentialEditor
+
+    static let loaders: [EditorMethod: Loader] = [
+        .dafnet: { try DAFNetEditor.load(from: $0, model: $1, tokenizer: $2) },
+        .mend: { try DAFNetEditor.load(from: $0, model: $1, tokenizer: $2) },
+        .ft: { try FineTuneEditor.load(from: $0, model: $1, tokenizer: $2) },
+        .memit: { try MEMITEditor.load(from: $0, model: $1, tokenizer: $2) },
+        .alphaedit: { try MEMITEditor.load(from: $0, model: $1, tokenizer: $2) },
+    ]
+
+    /// The fields every `editor.json` has, whatever its method.
+    public struct Header: Decodable, Sendable {
+        public var method: EditorMethod
+        public var modules: [String]
+        /// The model the editor was made for (a folder name), when it records one.
+        public var baseModel: String?
+
+        enum CodingKeys: String, CodingKey { case method, modules, baseModel = "base_model" }
+    }
+
+    public static let configFile = "editor.json"
+    public static let weightsFile = "editor.safetensors"
+
+    /// Reads an editor folder's header (method, modules, model).
+    public static func header(of folder: URL) throws -> Header {
+        let url = folder.appendingPathComponent(configFile)
+        guard let data = FileManager.default.contents(atPath: url.path) else {
+            throw EditingError.invalidInput("\(url.path): file not found (an editor folder holds editor.json)")
+        }
+        do { return try JSONDecoder().decode(Header.self, from: data) } catch let DecodingError.dataCorrupted(ctx) {
+            throw EditingError.invalidConfig(file: url.path, field: ctx.codingPath.map(\.stringValue).joined(separator: ".").ifEmpty("(document)"),
+                                             reason: ctx.debugDescription + " (methods: \(EditorMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
+        } catch let DecodingError.keyNotFound(key, _) {
+            throw EditingError.invalidConfig(file: url.path, field: key.stringValue, reason: "missing")
+        } catch {
+            throw EditingError.invalidConfig(file: url.path, field: "(document)", reason: "\(error)")
+        }
+    }
+
+    /// Loads the editor in `folder` for `model`, after checking that its modules are the model's.
+    public static func load(from folder: URL, model: TransformerLM, tokenizer: Tokenizer) throws -> SequentialEditor {
+        let h = try header(of: folder)
+        try checkFits(modules: h.modules, editor: folder.path, madeFor: h.baseModel, model: model)
+        guard let loader = loaders[h.method] else {
+            throw EditingError.invalidConfig(file: folder.appendingPathComponent(configFile).path, field: "method",
+                                             reason: "\"\(h.method.rawValue)\" has no implementation")
+        }
+        return try loader(folder, model, tokenizer)
+    }
+
+    /// Every module of an editor must be a linear module of the model.
+    public static func checkFits(modules: [String], editor: String, madeFor: String?, model: TransformerLM) throws {
+        for m in modules where model.linears[m] == nil {
+            throw EditingError.editorDoesNotFit(editor: editor, madeFor: madeFor, module: m, modelLinears: model.linearModuleNames)
+        }
+    }
+}
+
+extension TransformerLM {
+    /// The HF names of the model's linear modules, in block order.
+    public var linearModuleNames: [String] { (0..<spec.layers).flatMap { spec.linearModules(layer: $0) } }
+}
+
+extension String {
+    func ifEmpty(_ other: String) -> String { isEmpty ? other : self }
+}
