@@ -42,6 +42,7 @@ extension EditorConfig {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         self.init()
         method = try c.value(.method, method); modules = try c.value(.modules, modules); editBias = try c.value(.editBias, editBias)
+        baseModel = try c.value(.baseModel, baseModel)
         auxModel = try c.value(.auxModel, auxModel); initEditLR = try c.value(.initEditLR, initEditLR); training = try c.value(.training, training)
         accumulation = try c.value(.accumulation, accumulation); lsLambda = try c.value(.lsLambda, lsLambda)
         signalRows = try c.value(.signalRows, signalRows)
@@ -64,5 +65,31 @@ extension MetaTrainingConfig {
         guard curriculumStart >= 1 && curriculumStart <= maxSeq else {
             throw DecodingError.dataCorruptedError(forKey: .curriculumStart, in: c, debugDescription: "curriculum_start must be in 1…max_seq (\(maxSeq))")
         }
+    }
+}
+
+extension MEMITConfig {
+    public init(from decoder: Decoder) throws {
+        try rejectUnknownKeys(decoder, CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init()
+        method = try c.decode(EditorMethod.self, forKey: .method); modules = try c.value(.modules, modules)
+        baseModel = try c.value(.baseModel, baseModel); baseModelSHA256 = try c.value(.baseModelSHA256, baseModelSHA256)
+        prefixes = try c.value(.prefixes, prefixes); valueSteps = try c.value(.valueSteps, valueSteps); valueLR = try c.value(.valueLR, valueLR)
+        valueWeightDecay = try c.value(.valueWeightDecay, valueWeightDecay); clampNormFactor = try c.value(.clampNormFactor, clampNormFactor)
+        klFactor = try c.value(.klFactor, klFactor); valueStopLoss = try c.value(.valueStopLoss, valueStopLoss)
+        covarianceWeight = try c.value(.covarianceWeight, covarianceWeight); l2 = try c.value(.l2, l2)
+        nullspaceThreshold = try c.value(.nullspaceThreshold, nullspaceThreshold)
+        statisticsTokens = try c.value(.statisticsTokens, statisticsTokens); statisticsText = try c.value(.statisticsText, statisticsText)
+    }
+}
+
+extension FineTuneConfig {
+    public init(from decoder: Decoder) throws {
+        try rejectUnknownKeys(decoder, CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init()
+        method = try c.value(.method, method); modules = try c.value(.modules, modules); steps = try c.value(.steps, steps)
+        learningRate = try c.value(.learningRate, learningRate); targetLoss = try c.value(.targetLoss, targetLoss)
     }
 }

@@ -33,6 +33,8 @@ public struct EditorConfig: Codable, Sendable {
     public var method = EditorMethod.dafnet
     /// HF names of the edited linear modules.
     public var modules: [String] = []
+    /// The model folder the editor was trained for (its name; named in the error when it does not fit another).
+    public var baseModel: String?
     public var editBias = true
     public var auxModel = AuxNetConfig()
     /// Initial per-module edit learning rate (learned during meta-training).
@@ -48,7 +50,7 @@ public struct EditorConfig: Codable, Sendable {
     public init() {}
 
     enum CodingKeys: String, CodingKey, CaseIterable {
-        case method, modules, editBias = "edit_bias", auxModel = "aux_model", initEditLR = "init_edit_lr"
+        case method, modules, baseModel = "base_model", editBias = "edit_bias", auxModel = "aux_model", initEditLR = "init_edit_lr"
         case accumulation, lsLambda = "ls_lambda", signalRows = "signal_rows", training
     }
 
@@ -467,21 +469,12 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         for (_, p) in logLambdas { try w.add(p.name, p.value) }
         try LeastSquares.writeKeyStatistics(keyStatistics, to: &w)
         try w.write(to: folder.appendingPathComponent(Self.weightsFile))
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-        try enc.encode(config).write(to: folder.appendingPathComponent(Self.configFile), options: .atomic)
+        try EditorRegistry.writeConfig(config, to: folder)
     }
 
     /// Loads an editor folder for `model`.
     public static func load(from folder: URL, model: TransformerLM, tokenizer: Tokenizer) throws -> DAFNetEditor {
-        let cfgURL = folder.appendingPathComponent(configFile)
-        guard let data = FileManager.default.contents(atPath: cfgURL.path) else {
-            throw EditingError.invalidInput("\(cfgURL.path): file not found")
-        }
-        let config: EditorConfig
-        do { config = try JSONDecoder().decode(EditorConfig.self, from: data) } catch {
-            throw EditingError.invalidConfig(file: cfgURL.path, field: "(document)", reason: "\(error)")
-        }
+        let config = try EditorRegistry.readConfig(EditorConfig.self, from: folder)
         let editor = try DAFNetEditor(config: config, model: model, tokenizer: tokenizer)
         let wURL = folder.appendingPathComponent(weightsFile)
         let f = try SafetensorsFile(contentsOf: wURL)

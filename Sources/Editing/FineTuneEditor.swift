@@ -15,7 +15,7 @@ public struct FineTuneConfig: Codable, Sendable {
 
     public init() {}
 
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case method, modules, steps, learningRate = "learning_rate", targetLoss = "target_loss"
     }
 }
@@ -41,21 +41,11 @@ public final class FineTuneEditor: SequentialEditor {
     }
 
     /// Writes `editor.json` (the settings; FT has no weights).
-    public func save(to folder: URL) throws {
-        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-        try enc.encode(config).write(to: folder.appendingPathComponent(EditorRegistry.configFile), options: .atomic)
-    }
+    public func save(to folder: URL) throws { try EditorRegistry.writeConfig(config, to: folder) }
 
     /// Loads an `editor.json` with `method: ft`.
     public static func load(from folder: URL, model: TransformerLM, tokenizer: Tokenizer) throws -> FineTuneEditor {
-        let url = folder.appendingPathComponent(EditorRegistry.configFile)
-        let config: FineTuneConfig
-        do { config = try JSONDecoder().decode(FineTuneConfig.self, from: Data(contentsOf: url)) } catch {
-            throw EditingError.invalidConfig(file: url.path, field: "(document)", reason: "\(error)")
-        }
-        return try FineTuneEditor(config: config, model: model, tokenizer: tokenizer)
+        try FineTuneEditor(config: EditorRegistry.readConfig(FineTuneConfig.self, from: folder), model: model, tokenizer: tokenizer)
     }
 
     @discardableResult

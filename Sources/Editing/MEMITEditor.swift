@@ -35,18 +35,18 @@ public struct MEMITConfig: Codable, Sendable {
     public var covarianceWeight: Float = 20000
     /// AlphaEdit: the weight of ‖ΔW‖² in the projected normal equations (the paper's L2 = 10).
     public var l2: Float = 10
-    /// AlphaEdit: the null space is spanned by the eigenvectors of the key second moment whose eigenvalues
-    /// are below this fraction of the largest. The paper thresholds at an absolute 2e-2 on GPT-2 XL and
-    /// Llama 3; a fraction carries over between models whose activations have other scales.
+    /// AlphaEdit: the null space is spanned by the eigenvectors of the key second moment C with the smallest
+    /// eigenvalues that together hold at most this share of the preserved keys' energy E‖k‖² = tr C, so an
+    /// update ΔW inside it moves preserved outputs by E‖ΔWᵀk‖² ≤ share · tr C · ‖ΔW‖². The paper thresholds
+    /// eigenvalues at an absolute 2e-2, which in GPT-2 XL's and Llama 3's wide MLPs leaves directions with
+    /// almost no energy; a small model's spectrum is flat (the sample model: the eigenvalues below 1 % of the
+    /// largest hold 4–19 % of the energy), so the share is what carries over between models.
     public var nullspaceThreshold: Float = 1e-2
     /// The statistics pass: tokens seen, and where the text came from.
     public var statisticsTokens = 0
     public var statisticsText: String?
 
     public init() {}
-
-    /// The names of the settings in `editor.json`.
-    public static var settingNames: [String] { CodingKeys.allCases.map(\.stringValue) }
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case method, modules, baseModel = "base_model", baseModelSHA256 = "base_model_sha256", prefixes
@@ -56,36 +56,15 @@ public struct MEMITConfig: Codable, Sendable {
         case statisticsTokens = "statistics_tokens", statisticsText = "statistics_text"
     }
 
-    public init(from decoder: Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        let d = MEMITConfig()
-        method = try c.decode(EditorMethod.self, forKey: .method)
-        modules = try c.decode([String].self, forKey: .modules)
-        baseModel = try c.decodeIfPresent(String.self, forKey: .baseModel)
-        baseModelSHA256 = try c.decodeIfPresent(String.self, forKey: .baseModelSHA256)
-        prefixes = try c.decodeIfPresent([String].self, forKey: .prefixes) ?? d.prefixes
-        valueSteps = try c.decodeIfPresent(Int.self, forKey: .valueSteps) ?? d.valueSteps
-        valueLR = try c.decodeIfPresent(Float.self, forKey: .valueLR) ?? d.valueLR
-        valueWeightDecay = try c.decodeIfPresent(Float.self, forKey: .valueWeightDecay) ?? d.valueWeightDecay
-        clampNormFactor = try c.decodeIfPresent(Float.self, forKey: .clampNormFactor) ?? d.clampNormFactor
-        klFactor = try c.decodeIfPresent(Float.self, forKey: .klFactor) ?? d.klFactor
-        valueStopLoss = try c.decodeIfPresent(Float.self, forKey: .valueStopLoss) ?? d.valueStopLoss
-        covarianceWeight = try c.decodeIfPresent(Float.self, forKey: .covarianceWeight) ?? d.covarianceWeight
-        l2 = try c.decodeIfPresent(Float.self, forKey: .l2) ?? d.l2
-        nullspaceThreshold = try c.decodeIfPresent(Float.self, forKey: .nullspaceThreshold) ?? d.nullspaceThreshold
-        statisticsTokens = try c.decodeIfPresent(Int.self, forKey: .statisticsTokens) ?? 0
-        statisticsText = try c.decodeIfPresent(String.self, forKey: .statisticsText)
-    }
-
-    /// The MLP output projections of the blocks MEMIT edits by default: for GPT-2 XL MEMIT edits blocks
-    /// 13–17 of 48 and AlphaEdit on Llama 3 blocks 4–8 of 32, the early-middle MLPs where causal tracing
-    /// finds subject recall; the same share of a model's depth, at least one block, never the last block
-    /// (it has no later layers to carry the shift). On a 4-block model: blocks 1 and 2.
+    /// The MLP output projections of the blocks edited by default: from 12 % to 25 % of the depth (rounded),
+    /// never the last block (no later layer would carry the value to the answer). The published settings
+    /// sit there: blocks 3–8 of GPT-J's 28 (MEMIT), 4–8 of Llama's 32 (MEMIT, AlphaEdit); on the 4-block
+    /// sample model that is blocks 0 and 1, which beat blocks 1–2 and 0–2 on meta-training edits (README).
     public static func defaultModules(for spec: TransformerSpec) -> [String] {
         let L = spec.layers
-        let first = min(max(0, Int((Double(L) * 0.27).rounded(.down))), max(0, L - 2))
-        let last = max(first, min(L - 2, Int((Double(L) * 0.37).rounded(.down)) + (L < 12 ? 1 : 0)))
-        return (first...max(first, last)).map { spec.names.layerPrefix($0) + "." + spec.names.mlpOut }
+        let first = min(Int((0.12 * Double(L)).rounded()), max(0, L - 2))
+        let last = min(max(first, Int((0.25 * Double(L)).rounded())), max(0, L - 2))
+        return (first...last).map { spec.names.layerPrefix($0) + "." + spec.names.mlpOut }
     }
 }
 
@@ -217,19 +196,24 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
         config.statisticsTokens = tokens
         var spaces: [String: Tensor] = [:]
         if method == .alphaedit {
-            for m in config.modules { spaces[m] = try nullSpace(of: stats[m]!, threshold: config.nullspaceThreshold) }
+            for m in config.modules { spaces[m] = try nullSpace(of: stats[m]!, share: config.nullspaceThreshold) }
         }
         return try MEMITEditor(config: config, model: model, tokenizer: tokenizer, keyStatistics: stats, nullSpaces: spaces)
     }
 
-    /// An orthonormal basis [n, k] of the eigenvectors of `stats` whose eigenvalues are below `threshold` of
-    /// the largest.
-    public static func nullSpace(of stats: Tensor, threshold: Float) throws -> Tensor {
+    /// An orthonormal basis [n, k] of the eigenvectors of `stats` with the smallest eigenvalues that together
+    /// hold at most `share` of its trace.
+    public static func nullSpace(of stats: Tensor, share: Float) throws -> Tensor {
         let n = stats.shape[0]
         let a = (0..<(n * n)).map { Double(stats.data[$0]) }
         let (values, vectors) = try LinearAlgebra.symmetricEigen(a, n: n)
-        let top = values.last ?? 0
-        let keep = values.indices.filter { values[$0] < Double(threshold) * top }
+        let trace = values.reduce(0) { $0 + max($1, 0) }
+        var held = 0.0, keep: [Int] = []
+        for (c, v) in values.enumerated() {  // ascending
+            held += max(v, 0)
+            if held > Double(share) * trace { break }
+            keep.append(c)
+        }
         let u = Tensor(shape: [n, keep.count])
         for i in 0..<n { for (j, c) in keep.enumerated() { u.data[i * keep.count + j] = Float(vectors[i * n + c]) } }
         return u
@@ -260,17 +244,12 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
         try LeastSquares.writeKeyStatistics(keyStatistics, to: &w)
         for m in nullSpaces.keys.sorted() { try w.add("null_space." + m, nullSpaces[m]!) }
         try w.write(to: folder.appendingPathComponent(EditorRegistry.weightsFile))
-        let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
-        try enc.encode(config).write(to: folder.appendingPathComponent(EditorRegistry.configFile), options: .atomic)
+        try EditorRegistry.writeConfig(config, to: folder)
     }
 
     public static func load(from folder: URL, model: TransformerLM, tokenizer: Tokenizer) throws -> MEMITEditor {
+        let config = try EditorRegistry.readConfig(MEMITConfig.self, from: folder)
         let cfgURL = folder.appendingPathComponent(EditorRegistry.configFile)
-        let config: MEMITConfig
-        do { config = try JSONDecoder().decode(MEMITConfig.self, from: Data(contentsOf: cfgURL)) } catch {
-            throw EditingError.invalidConfig(file: cfgURL.path, field: "(document)", reason: "\(error)")
-        }
         let wURL = folder.appendingPathComponent(EditorRegistry.weightsFile)
         let f = try SafetensorsFile(contentsOf: wURL)
         let stats = try LeastSquares.readKeyStatistics(f, modules: config.modules)

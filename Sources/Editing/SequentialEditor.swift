@@ -102,6 +102,25 @@ public enum EditorRegistry {
     public static let configFile = "editor.json"
     public static let weightsFile = "editor.safetensors"
 
+    /// Creates `folder` and writes `config` as its `editor.json` (sorted keys, pretty-printed).
+    public static func writeConfig<T: Encodable>(_ config: T, to folder: URL) throws {
+        try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try enc.encode(config).write(to: folder.appendingPathComponent(configFile), options: .atomic)
+    }
+
+    /// Reads a folder's `editor.json` as a method's configuration; a missing file or a bad setting names the file.
+    public static func readConfig<T: Decodable>(_ type: T.Type, from folder: URL) throws -> T {
+        let url = folder.appendingPathComponent(configFile)
+        guard let data = FileManager.default.contents(atPath: url.path) else {
+            throw EditingError.invalidInput("\(url.path): file not found (an editor folder holds editor.json)")
+        }
+        do { return try JSONDecoder().decode(T.self, from: data) } catch {
+            throw EditingError.invalidConfig(file: url.path, field: "(document)", reason: "\(error)")
+        }
+    }
+
     /// Reads an editor folder's header (method, modules, model).
     public static func header(of folder: URL) throws -> Header {
         let url = folder.appendingPathComponent(configFile)

@@ -57,17 +57,16 @@ struct EditorCreate: ParsableCommand {
         }
         var cfg = MEMITConfig()
         if let settings {
-            // Overrides on top of the defaults: decode the defaults, merge the file's keys, decode again.
+            // The file's keys over the defaults (editor.json names; an unknown key is an error).
             let base = try JSONSerialization.jsonObject(with: JSONEncoder().encode(cfg)) as! [String: Any]
-            let over = try runMapped {
-                guard let o = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: settings))) as? [String: Any] else {
+            cfg = try runMapped {
+                guard let over = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: settings))) as? [String: Any] else {
                     throw ValidationError("\(settings): a JSON object of editor.json keys")
                 }
-                return o
+                do { return try JSONDecoder().decode(MEMITConfig.self, from: JSONSerialization.data(withJSONObject: base.merging(over) { $1 })) } catch {
+                    throw EditingError.invalidConfig(file: settings, field: "(document)", reason: "\(error)")
+                }
             }
-            let known = Set(MEMITConfig.settingNames)
-            for k in over.keys where !known.contains(k) { throw ValidationError("\(settings): unknown setting \"\(k)\" (known: \(known.sorted().joined(separator: ", ")))") }
-            cfg = try runMapped { try JSONDecoder().decode(MEMITConfig.self, from: JSONSerialization.data(withJSONObject: base.merging(over) { $1 })) }
         }
         cfg.baseModel = model.url.standardizedFileURL.lastPathComponent
         cfg.baseModelSHA256 = hashes.model
@@ -99,7 +98,7 @@ struct EditorCreate: ParsableCommand {
         print("wrote \(out): \(m.rawValue) on \(editor.config.modules.joined(separator: ", "))")
         print("key statistics: \(editor.config.statisticsTokens) tokens of \(texts.count) texts (\(cfg.statisticsText ?? ""))")
         for (mod, u) in editor.nullSpaces.sorted(by: { $0.key < $1.key }) {
-            print("null space of \(mod): \(u.shape[1]) of \(u.shape[0]) dimensions (eigenvalues below \(editor.config.nullspaceThreshold) of the largest)")
+            print("null space of \(mod): \(u.shape[1]) of \(u.shape[0]) dimensions (the least-used directions, \(editor.config.nullspaceThreshold) of the preserved keys' energy)")
         }
         print("context prefixes: \(editor.config.prefixes.dropFirst().map { "\"\($0)\"" }.joined(separator: ", "))")
     }

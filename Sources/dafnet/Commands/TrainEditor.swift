@@ -39,6 +39,7 @@ struct TrainEditor: ParsableCommand {
             cfg.method = m
         }
         if cfg.modules.isEmpty { cfg.modules = EditorConfig.defaultModules(for: folder.model.spec) }
+        if cfg.baseModel == nil { cfg.baseModel = model.url.standardizedFileURL.lastPathComponent }
         let pool = try runMapped { try EditBatch.read(URL(fileURLWithPath: data)) }
         let editor = try runMapped { try DAFNetEditor(config: cfg, model: folder.model, tokenizer: folder.tokenizer!) }
         editor.initialise(seed: cfg.training.seed)
