@@ -31,16 +31,24 @@ public struct MEMITConfig: Codable, Sendable {
     /// Value search: an edit stops early once its loss is below this.
     public var valueStopLoss: Float = 0.05
     /// MEMIT: the weight λ of the preserved keys' second moment against the edits' own keys,
-    /// `ΔW = (λ·C + KᵀK)⁻¹ KᵀR`.
-    public var covarianceWeight: Float = 20000
-    /// AlphaEdit: the weight of ‖ΔW‖² in the projected normal equations (the paper's L2 = 10).
-    public var l2: Float = 10
-    /// AlphaEdit: the null space is spanned by the eigenvectors of the key second moment C with the smallest
-    /// eigenvalues that together hold at most this share of the preserved keys' energy E‖k‖² = tr C, so an
-    /// update ΔW inside it moves preserved outputs by E‖ΔWᵀk‖² ≤ share · tr C · ‖ΔW‖². The paper thresholds
-    /// eigenvalues at an absolute 2e-2, which in GPT-2 XL's and Llama 3's wide MLPs leaves directions with
-    /// almost no energy; a small model's spectrum is flat (the sample model: the eigenvalues below 1 % of the
-    /// largest hold 4–19 % of the energy), so the share is what carries over between models.
+    /// `ΔW = (λ·C + KᵀK)⁻¹ KᵀR`: how many preserved keys one edit's key is weighed against. MEMIT's 15,000–
+    /// 20,000 are for batches of thousands of edits; for edits a few at a time 10 was the best of 1, 10 and
+    /// 100 on the sample model's meta-training edits (README).
+    public var covarianceWeight: Float = 10
+    /// MEMIT: also hold the earlier edits' keys still, `ΔW = (λ·C + K_pᵀK_p + KᵀK)⁻¹ KᵀR` (AlphaEdit always
+    /// does). Off by default: published sequential MEMIT keeps no memory of earlier edits.
+    public var keepEditKeys = false
+    /// AlphaEdit: the weight of ‖ΔW‖² in the projected normal equations, as a fraction of a preserved key's
+    /// mean squared norm E‖k‖² = tr C, so it means the same for keys of any width and scale (the paper's
+    /// absolute L2 = 10 is for GPT-2 XL and Llama 3 keys). 2e-3 is 0.1 on the sample model's keys
+    /// (tr C ≈ 52), the best of 0.01, 0.1 and 1 there on meta-training edits (README).
+    public var l2: Float = 2e-3
+    /// AlphaEdit: the null space is spanned by the eigenvectors of the key second moment C whose eigenvalues
+    /// are below this fraction of the largest. The paper thresholds eigenvalues at an absolute 2e-2 (GPT-2 XL,
+    /// Llama 3); a fraction of the largest carries over between models whose activations have other scales.
+    /// In wide MLPs the null space holds almost none of the preserved keys' energy; in the sample model's
+    /// flat spectrum it holds 4–19 % (`editor create` prints it), and a smaller null space (1 % or 5 % of the
+    /// energy) forced larger updates and did worse on meta-training edits (README).
     public var nullspaceThreshold: Float = 1e-2
     /// The statistics pass: tokens seen, and where the text came from.
     public var statisticsTokens = 0
@@ -52,7 +60,7 @@ public struct MEMITConfig: Codable, Sendable {
         case method, modules, baseModel = "base_model", baseModelSHA256 = "base_model_sha256", prefixes
         case valueSteps = "value_steps", valueLR = "value_lr", valueWeightDecay = "value_weight_decay"
         case clampNormFactor = "clamp_norm_factor", klFactor = "kl_factor", valueStopLoss = "value_stop_loss"
-        case covarianceWeight = "covariance_weight", l2, nullspaceThreshold = "nullspace_threshold"
+        case covarianceWeight = "covariance_weight", keepEditKeys = "keep_edit_keys", l2, nullspaceThreshold = "nullspace_threshold"
         case statisticsTokens = "statistics_tokens", statisticsText = "statistics_text"
     }
 
@@ -78,7 +86,7 @@ public final class MEMITState: EditorState, @unchecked Sendable {
 
     init(moduleNames: [String]) { self.moduleNames = Set(moduleNames) }
 
-    convenience init(moduleNames: [String], tensors: [String: Tensor], method: EditorMethod) throws {
+    convenience init(moduleNames: [String], tensors: [String: Tensor], method: EditorMethod, keepsKeys: Bool) throws {
         self.init(moduleNames: moduleNames)
         for (key, t) in tensors {
             if key == "edit_count" { editCount = Int(t[0]); continue }
@@ -88,7 +96,7 @@ public final class MEMITState: EditorState, @unchecked Sendable {
             }
             switch parts[0] {
             case "delta_weight": deltaWeights[parts[1]] = t.copy()
-            case "edit_keys" where method == .alphaedit: editKeys[parts[1]] = t.copy()
+            case "edit_keys" where keepsKeys: editKeys[parts[1]] = t.copy()
             default: throw EditingError.foreignState(method: method, reason: "unexpected tensor \"\(key)\" in the edit state")
             }
         }
@@ -124,6 +132,8 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
     public let keyStatistics: [String: Tensor]
     /// AlphaEdit, per module: an orthonormal basis U [in, k] of the preserved keys' null space.
     public let nullSpaces: [String: Tensor]
+    /// Per module: tr C = E‖k‖², the scale `l2` is relative to.
+    let keyTraces: [String: Double]
     /// The block of each edited module, and the block whose output holds the target values.
     let blocks: [Int]
     var valueBlock: Int { blocks.last! }
@@ -132,6 +142,8 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
 
     public var method: EditorMethod { config.method }
     public var moduleNames: [String] { config.modules }
+    /// Whether the state keeps the earlier edits' keys (AlphaEdit; MEMIT with `keep_edit_keys`).
+    var keepsEditKeys: Bool { config.method == .alphaedit || config.keepEditKeys }
 
     public init(config: MEMITConfig, model: TransformerLM, tokenizer: Tokenizer, keyStatistics: [String: Tensor],
                 nullSpaces: [String: Tensor] = [:], file: String = EditorRegistry.configFile) throws {
@@ -174,6 +186,7 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
         }
         self.config = config; self.model = model; self.tokenizer = tokenizer
         self.keyStatistics = keyStatistics; self.nullSpaces = nullSpaces; self.blocks = blocks
+        keyTraces = keyStatistics.mapValues { c in (0..<c.shape[0]).reduce(0.0) { $0 + Double(c.data[$1 * c.shape[0] + $1]) } }
     }
 
     // MARK: Creation
@@ -196,27 +209,24 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
         config.statisticsTokens = tokens
         var spaces: [String: Tensor] = [:]
         if method == .alphaedit {
-            for m in config.modules { spaces[m] = try nullSpace(of: stats[m]!, share: config.nullspaceThreshold) }
+            for m in config.modules { spaces[m] = try nullSpace(of: stats[m]!, threshold: config.nullspaceThreshold).basis }
         }
         return try MEMITEditor(config: config, model: model, tokenizer: tokenizer, keyStatistics: stats, nullSpaces: spaces)
     }
 
-    /// An orthonormal basis [n, k] of the eigenvectors of `stats` with the smallest eigenvalues that together
-    /// hold at most `share` of its trace.
-    public static func nullSpace(of stats: Tensor, share: Float) throws -> Tensor {
+    /// An orthonormal basis [n, k] of the eigenvectors of `stats` whose eigenvalues are below `threshold` of
+    /// the largest, and the share of the trace they hold.
+    public static func nullSpace(of stats: Tensor, threshold: Float) throws -> (basis: Tensor, energy: Double) {
         let n = stats.shape[0]
         let a = (0..<(n * n)).map { Double(stats.data[$0]) }
         let (values, vectors) = try LinearAlgebra.symmetricEigen(a, n: n)
+        let top = values.last ?? 0
+        let keep = values.indices.filter { values[$0] < Double(threshold) * top }
         let trace = values.reduce(0) { $0 + max($1, 0) }
-        var held = 0.0, keep: [Int] = []
-        for (c, v) in values.enumerated() {  // ascending
-            held += max(v, 0)
-            if held > Double(share) * trace { break }
-            keep.append(c)
-        }
+        let energy = trace > 0 ? keep.reduce(0) { $0 + max(values[$1], 0) } / trace : 0
         let u = Tensor(shape: [n, keep.count])
         for i in 0..<n { for (j, c) in keep.enumerated() { u.data[i * keep.count + j] = Float(vectors[i * n + c]) } }
-        return u
+        return (u, energy)
     }
 
     /// MEMIT's context prefixes: "" and, for each of five opening words, the model's greedy continuation
@@ -263,7 +273,7 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
     public func newState() -> EditorState { MEMITState(moduleNames: config.modules) }
 
     public func restoreState(_ tensors: [String: Tensor]) throws -> EditorState {
-        let s = try MEMITState(moduleNames: config.modules, tensors: tensors, method: config.method)
+        let s = try MEMITState(moduleNames: config.modules, tensors: tensors, method: config.method, keepsKeys: keepsEditKeys)
         for m in config.modules {
             let lin = model.linears[m]!
             if let w = s.deltaWeights[m], w.shape != [lin.inFeatures, lin.outFeatures] {
@@ -330,18 +340,11 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
             R.add(current, alpha: -1)
             R.scale(1 / Float(config.modules.count - i))
             let update = try solve(m, keys: K, residual: R, state: state)
-            if ProcessInfo.processInfo.environment["DAFNET_DEBUG_MEMIT"] != nil {
-                let got = Tensor(shape: R.shape)
-                BLAS.gemm(got.data, K.data, update.data, M: K.shape[0], N: R.shape[1], K: K.shape[1])
-                got.add(R, alpha: -1)
-                func nrm(_ t: Tensor) -> Float { sqrtf((0..<t.count).reduce(0) { $0 + t.data[$1] * t.data[$1] }) }
-                FileHandle.standardError.write(Data("\(m): |K| \(nrm(K)) |R| \(nrm(R)) |KΔ−R| \(nrm(got)) |Δ| \(nrm(update))\n".utf8))
-            }
             if let w = state.deltaWeights[m] { w.add(update, alpha: 1) } else { state.deltaWeights[m] = update }
             model.linears[m]!.deltaWeight = state.deltaWeights[m]
             times.apply += Date().timeIntervalSince(t0)
         }
-        if config.method == .alphaedit {
+        if keepsEditKeys {
             // The keys these edits left, on the model as edited, join the ones later edits must keep.
             t0 = Date()
             let (keys, _) = keysAndValues(lookups: lookups, modules: config.modules)
@@ -366,7 +369,8 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
             let M = Tensor(shape: [k, k])
             BLAS.gemm(M.data, U.data, AU.data, M: k, N: k, K: n, transA: true)  // Uᵀ A U
             var a = (0..<(k * k)).map { Double(M.data[$0]) }
-            for j in 0..<k { a[j * k + j] += Double(config.l2) }
+            let alpha = Double(config.l2) * keyTraces[m]!
+            for j in 0..<k { a[j * k + j] += alpha }
             let rhs = Tensor(shape: [k, out])
             BLAS.gemm(rhs.data, U.data, KR.data, M: k, N: out, K: n, transA: true)  // Uᵀ Kᵀ R
             let y: Tensor
@@ -377,7 +381,7 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
             BLAS.gemm(upd.data, U.data, y.data, M: n, N: out, K: k)
             return upd
         default:
-            let gram = LeastSquares.gram(K)
+            let gram = LeastSquares.gram(K, into: keepsEditKeys ? state.editKeys[m]?.copy() : nil)
             do { return try LeastSquares.factor(stats: keyStatistics[m]!, lambda: config.covarianceWeight, gram: gram).solve(KR) } catch {
                 throw EditingError.invalidInput("module \(m): MEMIT system: \(error)")
             }
@@ -509,7 +513,6 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
                 loss[e] += config.valueWeightDecay * dn / max(hNorm[e] * hNorm[e], 1e-12)
                 if loss[e] < config.valueStopLoss { active[e] = false }
             }
-            if ProcessInfo.processInfo.environment["DAFNET_DEBUG_MEMIT"] != nil { FileHandle.standardError.write(Data("step \(step) loss \(loss.prefix(3)) hnorm \(hNorm.prefix(3))\n".utf8)) }
             if step == config.valueSteps - 1 || !active.contains(true) { break }
             let caps = model.backward(dlogits: dlogits, parameterGradients: false, capture: [module])
             let dout = caps[module]!.delta

@@ -106,7 +106,7 @@ public enum EditorRegistry {
     public static func writeConfig<T: Encodable>(_ config: T, to folder: URL) throws {
         try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
         let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         try enc.encode(config).write(to: folder.appendingPathComponent(configFile), options: .atomic)
     }
 

@@ -47,7 +47,7 @@ enum Fixture {
     static func writeAlphaEditEditor(to folder: URL) throws {
         let f = try ModelFolder.load(modelFolder, requireTokenizer: true)
         var c = MEMITConfig()
-        c.clampNormFactor = 4; c.valueSteps = 8; c.l2 = 1e-2; c.nullspaceThreshold = 0.05
+        c.clampNormFactor = 4; c.valueSteps = 8; c.l2 = 1e-3; c.nullspaceThreshold = 0.05
         let texts = (0..<80).map { k -> String in let r = request(k); return r.prompt + " " + objects[k % objects.count] + "." } + heldout
         try MEMITEditor.create(method: .alphaedit, model: f.model, tokenizer: f.tokenizer!, modules: ["transformer.h.1.mlp.c_proj"],
                                texts: texts, settings: c).save(to: folder)

@@ -68,7 +68,7 @@ struct EditorCreate: ParsableCommand {
                 }
             }
         }
-        cfg.baseModel = model.url.standardizedFileURL.lastPathComponent
+        cfg.baseModel = model.model == nil ? "samples/model" : model.url.standardizedFileURL.lastPathComponent
         cfg.baseModelSHA256 = hashes.model
         let texts: [String]
         if let text {
@@ -98,7 +98,9 @@ struct EditorCreate: ParsableCommand {
         print("wrote \(out): \(m.rawValue) on \(editor.config.modules.joined(separator: ", "))")
         print("key statistics: \(editor.config.statisticsTokens) tokens of \(texts.count) texts (\(cfg.statisticsText ?? ""))")
         for (mod, u) in editor.nullSpaces.sorted(by: { $0.key < $1.key }) {
-            print("null space of \(mod): \(u.shape[1]) of \(u.shape[0]) dimensions (the least-used directions, \(editor.config.nullspaceThreshold) of the preserved keys' energy)")
+            let energy = try runMapped { try MEMITEditor.nullSpace(of: editor.keyStatistics[mod]!, threshold: editor.config.nullspaceThreshold).energy }
+            print(String(format: "null space of %@: %d of %d dimensions (eigenvalues below %g of the largest; %.1f %% of the preserved keys' energy)",
+                         mod, u.shape[1], u.shape[0], editor.config.nullspaceThreshold, energy * 100))
         }
         print("context prefixes: \(editor.config.prefixes.dropFirst().map { "\"\($0)\"" }.joined(separator: ", "))")
     }
