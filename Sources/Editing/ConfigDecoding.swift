@@ -79,7 +79,7 @@ extension MEMITConfig {
         valueWeightDecay = try c.value(.valueWeightDecay, valueWeightDecay); clampNormFactor = try c.value(.clampNormFactor, clampNormFactor)
         klFactor = try c.value(.klFactor, klFactor); valueStopLoss = try c.value(.valueStopLoss, valueStopLoss)
         covarianceWeight = try c.value(.covarianceWeight, covarianceWeight); l2 = try c.value(.l2, l2)
-        keepEditKeys = try c.value(.keepEditKeys, keepEditKeys)
+        keepEditKeys = try c.value(.keepEditKeys, keepEditKeys); jointSolve = try c.value(.jointSolve, jointSolve)
         nullspaceThreshold = try c.value(.nullspaceThreshold, nullspaceThreshold)
         statisticsTokens = try c.value(.statisticsTokens, statisticsTokens); statisticsText = try c.value(.statisticsText, statisticsText)
     }

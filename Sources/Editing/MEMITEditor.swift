@@ -38,6 +38,11 @@ public struct MEMITConfig: Codable, Sendable {
     /// MEMIT: also hold the earlier edits' keys still, `ΔW = (λ·C + K_pᵀK_p + KᵀK)⁻¹ KᵀR` (AlphaEdit always
     /// does). Off by default: published sequential MEMIT keeps no memory of earlier edits.
     public var keepEditKeys = false
+    /// MEMIT: instead of adding each call's update to ΔW, solve for ΔW over every edit so far, `ΔW = (λ·C +
+    /// Σ kkᵀ)⁻¹ Σ k·r₀ᵀ`, each edit's key k and the change r₀ it asks of the unedited module kept in the state
+    /// (`edit_keys`, `edit_values`): the least-squares accumulation of the DAFNet editor, on MEMIT's keys and
+    /// values. Not the published method (off by default); measured as an ablation in the README.
+    public var jointSolve = false
     /// AlphaEdit: the weight of ‖ΔW‖² in the projected normal equations, as a fraction of a preserved key's
     /// mean squared norm E‖k‖² = tr C, so it means the same for keys of any width and scale (the paper's
     /// absolute L2 = 10 is for GPT-2 XL and Llama 3 keys). 2e-3 is 0.1 on the sample model's keys
@@ -60,7 +65,7 @@ public struct MEMITConfig: Codable, Sendable {
         case method, modules, baseModel = "base_model", baseModelSHA256 = "base_model_sha256", prefixes
         case valueSteps = "value_steps", valueLR = "value_lr", valueWeightDecay = "value_weight_decay"
         case clampNormFactor = "clamp_norm_factor", klFactor = "kl_factor", valueStopLoss = "value_stop_loss"
-        case covarianceWeight = "covariance_weight", keepEditKeys = "keep_edit_keys", l2, nullspaceThreshold = "nullspace_threshold"
+        case covarianceWeight = "covariance_weight", keepEditKeys = "keep_edit_keys", jointSolve = "joint_solve", l2, nullspaceThreshold = "nullspace_threshold"
         case statisticsTokens = "statistics_tokens", statisticsText = "statistics_text"
     }
 
@@ -82,6 +87,8 @@ public final class MEMITState: EditorState, @unchecked Sendable {
     public private(set) var editCount = 0
     public var deltaWeights: [String: Tensor] = [:]
     public var editKeys: [String: Tensor] = [:]
+    /// MEMIT with `joint_solve`: Σ k·r₀ᵀ [in, out] over every edit so far.
+    public var editValues: [String: Tensor] = [:]
     let moduleNames: Set<String>
 
     init(moduleNames: [String]) { self.moduleNames = Set(moduleNames) }
@@ -97,6 +104,7 @@ public final class MEMITState: EditorState, @unchecked Sendable {
             switch parts[0] {
             case "delta_weight": deltaWeights[parts[1]] = t.copy()
             case "edit_keys" where keepsKeys: editKeys[parts[1]] = t.copy()
+            case "edit_values" where keepsKeys: editValues[parts[1]] = t.copy()
             default: throw EditingError.foreignState(method: method, reason: "unexpected tensor \"\(key)\" in the edit state")
             }
         }
@@ -108,6 +116,7 @@ public final class MEMITState: EditorState, @unchecked Sendable {
         var out: [String: Tensor] = ["edit_count": Tensor(shape: [1], values: [Float(editCount)])]
         for (m, w) in deltaWeights { out["delta_weight." + m] = w }
         for (m, k) in editKeys { out["edit_keys." + m] = k }
+        for (m, v) in editValues { out["edit_values." + m] = v }
         return out
     }
 
@@ -142,8 +151,8 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
 
     public var method: EditorMethod { config.method }
     public var moduleNames: [String] { config.modules }
-    /// Whether the state keeps the earlier edits' keys (AlphaEdit; MEMIT with `keep_edit_keys`).
-    var keepsEditKeys: Bool { config.method == .alphaedit || config.keepEditKeys }
+    /// Whether the state keeps the earlier edits' keys (AlphaEdit; MEMIT with `keep_edit_keys` or `joint_solve`).
+    var keepsEditKeys: Bool { config.method == .alphaedit || config.keepEditKeys || config.jointSolve }
 
     public init(config: MEMITConfig, model: TransformerLM, tokenizer: Tokenizer, keyStatistics: [String: Tensor],
                 nullSpaces: [String: Tensor] = [:], file: String = EditorRegistry.configFile) throws {
@@ -339,12 +348,25 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
             let R = targets.copy()
             R.add(current, alpha: -1)
             R.scale(1 / Float(config.modules.count - i))
-            let update = try solve(m, keys: K, residual: R, state: state)
-            if let w = state.deltaWeights[m] { w.add(update, alpha: 1) } else { state.deltaWeights[m] = update }
+            if config.method == .memit && config.jointSolve {
+                // The change each key asks of the unedited module: this call's residual plus what ΔW gives it now.
+                if let w = state.deltaWeights[m] {
+                    BLAS.gemm(R.data, K.data, w.data, M: K.shape[0], N: R.shape[1], K: K.shape[1], beta: 1)
+                }
+                state.editKeys[m] = LeastSquares.gram(K, into: state.editKeys[m])
+                state.editValues[m] = LeastSquares.cross(K, R, into: state.editValues[m])
+                do {
+                    state.deltaWeights[m] = try LeastSquares.factor(stats: keyStatistics[m]!, lambda: config.covarianceWeight,
+                                                                    gram: state.editKeys[m]!).solve(state.editValues[m]!)
+                } catch { throw EditingError.invalidInput("module \(m): MEMIT system: \(error)") }
+            } else {
+                let update = try solve(m, keys: K, residual: R, state: state)
+                if let w = state.deltaWeights[m] { w.add(update, alpha: 1) } else { state.deltaWeights[m] = update }
+            }
             model.linears[m]!.deltaWeight = state.deltaWeights[m]
             times.apply += Date().timeIntervalSince(t0)
         }
-        if keepsEditKeys {
+        if keepsEditKeys && !config.jointSolve {
             // The keys these edits left, on the model as edited, join the ones later edits must keep.
             t0 = Date()
             let (keys, _) = keysAndValues(lookups: lookups, modules: config.modules)
