@@ -17,17 +17,7 @@ final class LeastSquaresTests: XCTestCase {
                     locality: [.init(prompt: "The Eiffel Tower is in", groundTruth: "Paris")]),
     ]
 
-    /// Enough preserved text (about 1,500 tokens) for a full-rank second moment of the tiny model's
-    /// 256-wide MLP inputs, so the systems are well conditioned.
-    var preserved: [String] {
-        let subjects = ["The capital of France", "John Lennon", "The Eiffel Tower", "A quick brown fox", "Water", "The river Nile",
-                        "Marie Curie", "The old library", "Mount Everest", "The orchestra"]
-        let predicates = ["is known for its long history", "performs on the guitar every evening", "is located in Paris",
-                          "jumps over the lazy dog", "boils at one hundred degrees", "flows north through Egypt",
-                          "won two Nobel prizes", "opens at nine in the morning", "is the highest mountain on Earth",
-                          "plays music by Mozart and Bach"]
-        return subjects.flatMap { s in predicates.map { "\(s) \($0)." } }
-    }
+    var preserved: [String] { TestTexts.preserved }
 
     func makeEditor(lambda: Float = 2, seed: UInt64 = 3) throws -> DAFNetEditor {
         let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
