@@ -456,9 +456,6 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
 
     // MARK: Persistence
 
-    public static let configFile = EditorRegistry.configFile
-    public static let weightsFile = EditorRegistry.weightsFile
-
     /// Writes `editor.json` and `editor.safetensors` (network parameters and batch-norm buffers under
     /// "<in>x<out>/<official name>", and `edit_lr.<module>`).
     public func save(to folder: URL) throws {
@@ -468,7 +465,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         for (_, p) in editLRs { try w.add(p.name, p.value) }
         for (_, p) in logLambdas { try w.add(p.name, p.value) }
         try LeastSquares.writeKeyStatistics(keyStatistics, to: &w)
-        try w.write(to: folder.appendingPathComponent(Self.weightsFile))
+        try w.write(to: folder.appendingPathComponent(EditorRegistry.weightsFile))
         try EditorRegistry.writeConfig(config, to: folder)
     }
 
@@ -476,7 +473,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     public static func load(from folder: URL, model: TransformerLM, tokenizer: Tokenizer) throws -> DAFNetEditor {
         let config = try EditorRegistry.readConfig(EditorConfig.self, from: folder)
         let editor = try DAFNetEditor(config: config, model: model, tokenizer: tokenizer)
-        let wURL = folder.appendingPathComponent(weightsFile)
+        let wURL = folder.appendingPathComponent(EditorRegistry.weightsFile)
         let f = try SafetensorsFile(contentsOf: wURL)
         for (key, net) in editor.networks { try net.load(f, prefix: key + "/", file: wURL.path) }
         for (_, p) in editor.editLRs { p.value.assign(try f.tensor(p.name)) }

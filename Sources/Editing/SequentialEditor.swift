@@ -110,32 +110,26 @@ public enum EditorRegistry {
         try enc.encode(config).write(to: folder.appendingPathComponent(configFile), options: .atomic)
     }
 
-    /// Reads a folder's `editor.json` as a method's configuration; a missing file or a bad setting names the file.
+    /// Reads a folder's `editor.json` as a method's configuration (or its `Header`); a missing file, a missing
+    /// key or a bad setting names the file and the field (for `method`, the methods there are).
     public static func readConfig<T: Decodable>(_ type: T.Type, from folder: URL) throws -> T {
         let url = folder.appendingPathComponent(configFile)
         guard let data = FileManager.default.contents(atPath: url.path) else {
             throw EditingError.invalidInput("\(url.path): file not found (an editor folder holds editor.json)")
         }
-        do { return try JSONDecoder().decode(T.self, from: data) } catch {
-            throw EditingError.invalidConfig(file: url.path, field: "(document)", reason: "\(error)")
-        }
-    }
-
-    /// Reads an editor folder's header (method, modules, model).
-    public static func header(of folder: URL) throws -> Header {
-        let url = folder.appendingPathComponent(configFile)
-        guard let data = FileManager.default.contents(atPath: url.path) else {
-            throw EditingError.invalidInput("\(url.path): file not found (an editor folder holds editor.json)")
-        }
-        do { return try JSONDecoder().decode(Header.self, from: data) } catch let DecodingError.dataCorrupted(ctx) {
-            throw EditingError.invalidConfig(file: url.path, field: ctx.codingPath.map(\.stringValue).joined(separator: ".").ifEmpty("(document)"),
-                                             reason: ctx.debugDescription + " (methods: \(EditorMethod.allCases.map(\.rawValue).joined(separator: ", ")))")
+        do { return try JSONDecoder().decode(T.self, from: data) } catch let DecodingError.dataCorrupted(ctx) {
+            let field = ctx.codingPath.map(\.stringValue).joined(separator: ".")
+            let methods = field == "method" ? " (methods: \(EditorMethod.allCases.map(\.rawValue).joined(separator: ", ")))" : ""
+            throw EditingError.invalidConfig(file: url.path, field: field.ifEmpty("(document)"), reason: ctx.debugDescription + methods)
         } catch let DecodingError.keyNotFound(key, _) {
             throw EditingError.invalidConfig(file: url.path, field: key.stringValue, reason: "missing")
         } catch {
             throw EditingError.invalidConfig(file: url.path, field: "(document)", reason: "\(error)")
         }
     }
+
+    /// Reads an editor folder's header (method, modules, model).
+    public static func header(of folder: URL) throws -> Header { try readConfig(Header.self, from: folder) }
 
     /// Loads the editor in `folder` for `model`, after checking that its modules are the model's.
     public static func load(from folder: URL, model: TransformerLM, tokenizer: Tokenizer) throws -> SequentialEditor {
