@@ -218,24 +218,33 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
         config.statisticsTokens = tokens
         var spaces: [String: Tensor] = [:]
         if method == .alphaedit {
-            for m in config.modules { spaces[m] = try nullSpace(of: stats[m]!, threshold: config.nullspaceThreshold).basis }
+            for m in config.modules { spaces[m] = try nullSpace(of: stats[m]!, threshold: config.nullspaceThreshold) }
         }
         return try MEMITEditor(config: config, model: model, tokenizer: tokenizer, keyStatistics: stats, nullSpaces: spaces)
     }
 
     /// An orthonormal basis [n, k] of the eigenvectors of `stats` whose eigenvalues are below `threshold` of
-    /// the largest, and the share of the trace they hold.
-    public static func nullSpace(of stats: Tensor, threshold: Float) throws -> (basis: Tensor, energy: Double) {
+    /// the largest.
+    public static func nullSpace(of stats: Tensor, threshold: Float) throws -> Tensor {
         let n = stats.shape[0]
         let a = (0..<(n * n)).map { Double(stats.data[$0]) }
         let (values, vectors) = try LinearAlgebra.symmetricEigen(a, n: n)
         let top = values.last ?? 0
         let keep = values.indices.filter { values[$0] < Double(threshold) * top }
-        let trace = values.reduce(0) { $0 + max($1, 0) }
-        let energy = trace > 0 ? keep.reduce(0) { $0 + max(values[$1], 0) } / trace : 0
         let u = Tensor(shape: [n, keep.count])
         for i in 0..<n { for (j, c) in keep.enumerated() { u.data[i * keep.count + j] = Float(vectors[i * n + c]) } }
-        return (u, energy)
+        return u
+    }
+
+    /// AlphaEdit: the share of the preserved keys' energy E‖k‖² = tr C in a module's null space, tr(UᵀCU) / tr C.
+    public func nullSpaceEnergy(_ m: String) -> Double {
+        guard let U = nullSpaces[m], let C = keyStatistics[m], let trace = keyTraces[m], trace > 0 else { return 0 }
+        let n = U.shape[0], k = U.shape[1]
+        let CU = Tensor(shape: [n, k])
+        BLAS.gemm(CU.data, C.data, U.data, M: n, N: k, K: n)
+        var s = 0.0
+        for i in 0..<(n * k) { s += Double(U.data[i]) * Double(CU.data[i]) }
+        return s / trace
     }
 
     /// MEMIT's context prefixes: "" and, for each of five opening words, the model's greedy continuation
@@ -291,6 +300,9 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
             if let k = s.editKeys[m], k.shape != [lin.inFeatures, lin.inFeatures] {
                 throw EditingError.shapeMismatch(name: "edit_keys." + m, expected: [lin.inFeatures, lin.inFeatures], found: k.shape, file: "edit state")
             }
+            if let v = s.editValues[m], v.shape != [lin.inFeatures, lin.outFeatures] {
+                throw EditingError.shapeMismatch(name: "edit_values." + m, expected: [lin.inFeatures, lin.outFeatures], found: v.shape, file: "edit state")
+            }
         }
         return s
     }
@@ -319,17 +331,15 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
         let state = try own(anyState, as: MEMITState.self)
         var times = EditTimings()
         guard !requests.isEmpty else { return times }
-        for (i, r) in requests.enumerated() {
-            let e = ScoredPrompt(prompt: r.prompt, target: r.targetNew, tokenizer: tokenizer)
-            let longest = config.prefixes.map { tokenizer.encode($0).count }.max() ?? 0
-            guard !e.targetIds.isEmpty, e.promptIds.count + e.targetIds.count + longest <= model.spec.maxPositions else {
+        var t0 = Date()
+        let lookups = requests.map { r in config.prefixes.map { lookup(r, prefix: $0) } }
+        for (i, lks) in lookups.enumerated() {
+            guard lks.allSatisfy({ !$0.item.targetIds.isEmpty && $0.item.promptIds.count + $0.item.targetIds.count <= model.spec.maxPositions }) else {
                 throw EditingError.invalidInput("edit \(i): prompt + target (+ a context prefix) must have 1…\(model.spec.maxPositions) tokens")
             }
         }
         install(state)
         defer { install(state) }
-        var t0 = Date()
-        let lookups = requests.map { r in config.prefixes.map { lookup(r, prefix: $0) } }
         let kl: [Lookup?] = requests.map { r in
             guard let s = r.subject, !s.isEmpty else { return nil }
             let ids = tokenizer.encode(s + " is a")
@@ -355,10 +365,7 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
                 }
                 state.editKeys[m] = LeastSquares.gram(K, into: state.editKeys[m])
                 state.editValues[m] = LeastSquares.cross(K, R, into: state.editValues[m])
-                do {
-                    state.deltaWeights[m] = try LeastSquares.factor(stats: keyStatistics[m]!, lambda: config.covarianceWeight,
-                                                                    gram: state.editKeys[m]!).solve(state.editValues[m]!)
-                } catch { throw EditingError.invalidInput("module \(m): MEMIT system: \(error)") }
+                state.deltaWeights[m] = try memitFactor(m, gram: state.editKeys[m]!).solve(state.editValues[m]!)
             } else {
                 let update = try solve(m, keys: K, residual: R, state: state)
                 if let w = state.deltaWeights[m] { w.add(update, alpha: 1) } else { state.deltaWeights[m] = update }
@@ -403,10 +410,14 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
             BLAS.gemm(upd.data, U.data, y.data, M: n, N: out, K: k)
             return upd
         default:
-            let gram = LeastSquares.gram(K, into: keepsEditKeys ? state.editKeys[m]?.copy() : nil)
-            do { return try LeastSquares.factor(stats: keyStatistics[m]!, lambda: config.covarianceWeight, gram: gram).solve(KR) } catch {
-                throw EditingError.invalidInput("module \(m): MEMIT system: \(error)")
-            }
+            return try memitFactor(m, gram: LeastSquares.gram(K, into: keepsEditKeys ? state.editKeys[m]?.copy() : nil)).solve(KR)
+        }
+    }
+
+    /// The factor of MEMIT's system `λ·C + gram` for a module.
+    func memitFactor(_ m: String, gram: Tensor) throws -> LinearAlgebra.Cholesky {
+        do { return try LeastSquares.factor(stats: keyStatistics[m]!, lambda: config.covarianceWeight, gram: gram) } catch {
+            throw EditingError.invalidInput("module \(m): MEMIT system: \(error)")
         }
     }
 

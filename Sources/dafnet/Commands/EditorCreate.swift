@@ -98,7 +98,7 @@ struct EditorCreate: ParsableCommand {
         print("wrote \(out): \(m.rawValue) on \(editor.config.modules.joined(separator: ", "))")
         print("key statistics: \(editor.config.statisticsTokens) tokens of \(texts.count) texts (\(cfg.statisticsText ?? ""))")
         for (mod, u) in editor.nullSpaces.sorted(by: { $0.key < $1.key }) {
-            let energy = try runMapped { try MEMITEditor.nullSpace(of: editor.keyStatistics[mod]!, threshold: editor.config.nullspaceThreshold).energy }
+            let energy = editor.nullSpaceEnergy(mod)
             print(String(format: "null space of %@: %d of %d dimensions (eigenvalues below %g of the largest; %.1f %% of the preserved keys' energy)",
                          mod, u.shape[1], u.shape[0], editor.config.nullspaceThreshold, energy * 100))
         }
