@@ -515,7 +515,8 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
         }
         let klRef = Tensor(shape: [klRows.count, V])
         for (i, r) in klRows.enumerated() { (klRef.data + i * V).update(from: logits.data + r * V, count: V) }
-        let hNorm = (0..<n).map { e in sqrtf((0..<C).reduce(0) { $0 + h.data[e * C + $1] * h.data[e * C + $1] }) }
+        func rowNorm(_ p: UnsafePointer<Float>) -> Float { Float(Kernels.sumOfSquares(p, count: C).squareRoot()) }
+        let hNorm = (0..<n).map { rowNorm(h.data + $0 * C) }
 
         // Adam on δ [n, C], per edit (an edit stops once its loss is small; the others go on).
         let delta = Tensor(shape: [n, C]), m1 = Tensor(shape: [n, C]), m2 = Tensor(shape: [n, C])
@@ -542,7 +543,7 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
             for (b, e) in owner.enumerated() { for t in 0..<batch.T { loss[e] += losses.data[b * batch.T + t] } }
             for (i, e) in klOwner.enumerated() { loss[e] += config.klFactor * klRow.data[i] }
             for e in 0..<n {
-                let dn = sqrtf((0..<C).reduce(0) { $0 + delta.data[e * C + $1] * delta.data[e * C + $1] })
+                let dn = rowNorm(delta.data + e * C)
                 loss[e] += config.valueWeightDecay * dn / max(hNorm[e] * hNorm[e], 1e-12)
                 if loss[e] < config.valueStopLoss { active[e] = false }
             }
@@ -553,7 +554,7 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
             for (b, e) in owner.enumerated() { BLAS.axpy(grad.data + e * C, dout.data + rows[b] * C, count: C, alpha: 1) }
             for e in 0..<n where active[e] {
                 let d = delta.data + e * C, g = grad.data + e * C
-                let dn = sqrtf((0..<C).reduce(0) { $0 + d[$1] * d[$1] })
+                let dn = rowNorm(d)
                 if dn > 0 { BLAS.axpy(g, d, count: C, alpha: config.valueWeightDecay / (dn * max(hNorm[e] * hNorm[e], 1e-12))) }
                 steps[e] += 1
                 let c1 = 1 - powf(b1, Float(steps[e])), c2 = 1 - powf(b2, Float(steps[e]))
@@ -564,11 +565,10 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
                     d[j] -= config.valueLR * (mm[j] / c1) / (sqrtf(vv[j] / c2) + eps)
                 }
                 let maxNorm = config.clampNormFactor * hNorm[e]
-                let after = sqrtf((0..<C).reduce(0) { $0 + d[$1] * d[$1] })
+                let after = rowNorm(d)
                 if after > maxNorm { for j in 0..<C { d[j] *= maxNorm / after } }
             }
         }
-        lin.outputOffsets = nil
         h.add(delta, alpha: 1)
         return h
     }
