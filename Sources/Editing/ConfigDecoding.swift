@@ -73,7 +73,7 @@ extension MEMITConfig {
         try rejectUnknownKeys(decoder, CodingKeys.self)
         let c = try decoder.container(keyedBy: CodingKeys.self)
         self.init()
-        method = try c.decode(EditorMethod.self, forKey: .method); modules = try c.value(.modules, modules)
+        method = try c.value(.method, method); modules = try c.value(.modules, modules)
         baseModel = try c.value(.baseModel, baseModel); baseModelSHA256 = try c.value(.baseModelSHA256, baseModelSHA256)
         prefixes = try c.value(.prefixes, prefixes); valueSteps = try c.value(.valueSteps, valueSteps); valueLR = try c.value(.valueLR, valueLR)
         valueWeightDecay = try c.value(.valueWeightDecay, valueWeightDecay); clampNormFactor = try c.value(.clampNormFactor, clampNormFactor)

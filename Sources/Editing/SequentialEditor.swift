@@ -113,9 +113,13 @@ public enum EditorRegistry {
     /// Reads a folder's `editor.json` as a method's configuration (or its `Header`); a missing file, a missing
     /// key or a bad setting names the file and the field (for `method`, the methods there are).
     public static func readConfig<T: Decodable>(_ type: T.Type, from folder: URL) throws -> T {
-        let url = folder.appendingPathComponent(configFile)
+        try readConfig(type, file: folder.appendingPathComponent(configFile))
+    }
+
+    /// The same for a settings file of any name.
+    public static func readConfig<T: Decodable>(_ type: T.Type, file url: URL) throws -> T {
         guard let data = FileManager.default.contents(atPath: url.path) else {
-            throw EditingError.invalidInput("\(url.path): file not found (an editor folder holds editor.json)")
+            throw EditingError.invalidInput("\(url.path): file not found")
         }
         do { return try JSONDecoder().decode(T.self, from: data) } catch let DecodingError.dataCorrupted(ctx) {
             let field = ctx.codingPath.map(\.stringValue).joined(separator: ".")

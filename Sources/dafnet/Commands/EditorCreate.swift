@@ -57,23 +57,14 @@ struct EditorCreate: ParsableCommand {
         }
         var cfg = MEMITConfig()
         if let settings {
-            // The file's keys over the defaults (editor.json names; an unknown key is an error).
-            let base = try JSONSerialization.jsonObject(with: JSONEncoder().encode(cfg)) as! [String: Any]
-            cfg = try runMapped {
-                guard let over = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: settings))) as? [String: Any] else {
-                    throw ValidationError("\(settings): a JSON object of editor.json keys")
-                }
-                do { return try JSONDecoder().decode(MEMITConfig.self, from: JSONSerialization.data(withJSONObject: base.merging(over) { $1 })) } catch {
-                    throw EditingError.invalidConfig(file: settings, field: "(document)", reason: "\(error)")
-                }
-            }
+            // editor.json keys; a missing one keeps its default, an unknown one is an error.
+            cfg = try runMapped { try EditorRegistry.readConfig(MEMITConfig.self, file: URL(fileURLWithPath: settings)) }
         }
         cfg.baseModel = model.model == nil ? "samples/model" : model.url.standardizedFileURL.lastPathComponent
         cfg.baseModelSHA256 = hashes.model
         let texts: [String]
         if let text {
-            texts = try runMapped { try String(contentsOfFile: text, encoding: .utf8) }
-                .split(separator: "\n").map(String.init).filter { !$0.isEmpty }.prefix(maxTexts).map { $0 }
+            texts = Array(try textLines(text).prefix(maxTexts))
             cfg.statisticsText = URL(fileURLWithPath: text).lastPathComponent
         } else {
             let train = Embedded.samples().appendingPathComponent("dafset/train.jsonl")

@@ -16,6 +16,11 @@ struct EditorOption: ParsableArguments {
     var url: URL { editor.map { URL(fileURLWithPath: $0) } ?? Embedded.editor }
 }
 
+/// The non-empty lines of a text file (one text per line), or an error naming the file.
+func textLines(_ path: String) throws -> [String] {
+    try runMapped { try String(contentsOfFile: path, encoding: .utf8) }.split(separator: "\n").map(String.init).filter { !$0.isEmpty }
+}
+
 /// Held-out text lines, tokenized.
 func heldoutText(_ path: String?, tokenizer: (String) -> [Int], limit: Int? = nil) -> [[Int]] {
     let url = path.map { URL(fileURLWithPath: $0) } ?? Embedded.heldoutText

@@ -54,8 +54,7 @@ struct TrainEditor: ParsableCommand {
         } else if cfg.accumulation == .leastSquares {
             var texts = LeastSquares.preservedTexts(pool)
             if let statsText {
-                texts = try runMapped { try String(contentsOfFile: statsText, encoding: .utf8) }
-                    .split(separator: "\n").map(String.init).filter { !$0.isEmpty }
+                texts = try textLines(statsText)
             }
             let (stats, tokens) = LeastSquares.keyStatistics(model: folder.model, tokenizer: folder.tokenizer!, modules: cfg.modules,
                                                               texts: texts) { done, total in
