@@ -24,6 +24,12 @@ public enum SignalRows: String, Codable, Sendable, CaseIterable {
     /// Only the positions that predict target tokens (the prompt's last token onwards): a few rows per edit
     /// instead of the whole prompt, so a long sequence asks fewer things of each module.
     case answer
+    /// The subject's tokens in the prompt (where ROME and MEMIT place an edit: the relation's words, which
+    /// an edit shares with its neighbours, give no rows). The prompt's last token when the edit names no
+    /// subject or its prompt does not contain it.
+    case subject
+    /// The subject's last token only (MEMIT's key), with the same fallback.
+    case subjectLast = "subject_last"
 }
 
 /// The editor's committed configuration (`editor.json`): the edited modules, the auxiliary network's
@@ -239,6 +245,13 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
             throw EditingError.invalidConfig(file: "editor.json", field: "method", reason: "\"\(config.method.rawValue)\" is not dafnet or mend")
         }
         guard !config.modules.isEmpty else { throw EditingError.invalidConfig(file: "editor.json", field: "modules", reason: "empty") }
+        if [.subject, .subjectLast].contains(config.signalRows) {
+            let last = model.spec.names.layerPrefix(model.spec.layers - 1) + "."
+            if let m = config.modules.first(where: { $0.hasPrefix(last) }) {
+                throw EditingError.invalidConfig(file: "editor.json", field: "modules",
+                                                 reason: "\"\(m)\" is in the last block: under signal_rows \(config.signalRows.rawValue) no later layer carries the subject's tokens to the answer")
+            }
+        }
         self.config = config; self.model = model; self.tokenizer = tokenizer
         var shapes: [String: [String]] = [:]
         var order: [String] = []
@@ -277,12 +290,14 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         keyStatistics = stats
     }
 
-    /// Copies another editor's network weights and batch-norm statistics (same modules and sizes), and its
-    /// edit learning rates and learned λ when it accumulates by the same rule (the rates mean something
-    /// else under another).
+    /// Copies another editor's network weights and batch-norm statistics, and its edit learning rates and
+    /// learned λ when it accumulates by the same rule (the rates mean something else under another). The
+    /// networks match by module shape and count (the i-th module of a shape takes the other's i-th), so an
+    /// editor of other blocks of the same shapes starts from a trained one.
     public func warmStart(from other: DAFNetEditor) throws {
-        guard other.config.modules == config.modules, other.config.auxModel == config.auxModel else {
-            throw EditingError.invalidInput("warm start: the editor's modules or network sizes differ")
+        let shapeOrder = { (e: DAFNetEditor) in e.config.modules.map { e.routing[$0]!.key } }
+        guard shapeOrder(other) == shapeOrder(self), other.config.auxModel == config.auxModel else {
+            throw EditingError.invalidInput("warm start: the editors' module shapes or network sizes differ")
         }
         for (key, net) in networks {
             let src = other.networks[key]!
@@ -290,8 +305,10 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
             net.norm = src.norm
         }
         if other.config.accumulation == config.accumulation {
-            for (m, p) in editLRs { p.value.assign(other.editLRs[m]!.value) }
-            for (m, p) in logLambdas { if let q = other.logLambdas[m] { p.value.assign(q.value) } }
+            for (m, o) in zip(config.modules, other.config.modules) {
+                editLRs[m]!.value.assign(other.editLRs[o]!.value)
+                if let p = logLambdas[m], let q = other.logLambdas[o] { p.value.assign(q.value) }
+            }
         }
     }
 
@@ -329,9 +346,23 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
 
     // MARK: Gradient signals
 
+    /// The positions of an edit's sequence (prompt + answer without its last token) that give signal rows.
+    func signalPositions(_ r: EditRequest, _ item: ScoredPrompt) -> Range<Int> {
+        let last = item.promptIds.count - 1
+        switch config.signalRows {
+        case .all: return 0..<(last + item.targetIds.count)
+        case .answer: return last..<(last + item.targetIds.count)
+        case .subject, .subjectLast:
+            guard let s = subjectTokens(r, promptTokens: item.promptIds.count) else { return last..<(last + 1) }
+            return config.signalRows == .subject ? s : (s.upperBound - 1)..<s.upperBound
+        }
+    }
+
     /// Signals of the *unedited* model on the edits' loss −Σ mask·log p(target): per module, the rows
-    /// `[u | δ]` of the positions where both are non-zero, one segment per edit.
-    public func signals(_ edits: [ScoredPrompt]) -> [String: ModuleSignals] {
+    /// `[u | δ]` of the edit's signal positions (`signal_rows`) where both are non-zero, one segment per edit.
+    public func signals(_ requests: [EditRequest]) -> [String: ModuleSignals] {
+        let edits = requests.map { scored($0.prompt, $0.targetNew) }
+        let positions = zip(requests, edits).map { signalPositions($0, $1) }
         let (batch, labels, mask) = Self.lossBatch(edits)
         return model.withoutEdits {
             let logits = model.forward(batch)
@@ -347,8 +378,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
                 var lengths: [Int] = []
                 for b in 0..<batch.B {
                     var n = 0
-                    let first = config.signalRows == .answer ? edits[b].promptIds.count - 1 : 0
-                    for t in first..<batch.T {
+                    for t in positions[b] {
                         let r = b * batch.T + t
                         let u = s.u.data + r * inF, dl = s.delta.data + r * outF
                         var uNZ = false, dNZ = false
@@ -356,7 +386,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
                         for i in 0..<outF where dl[i] != 0 { dNZ = true; break }
                         if uNZ && dNZ { rows.append(r); n += 1 }
                     }
-                    lengths.append(max(n, 0))
+                    lengths.append(n)
                 }
                 let x = Tensor(shape: [rows.count, inF + outF])
                 for (i, r) in rows.enumerated() {
@@ -389,7 +419,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         for (i, e) in edits.enumerated() where e.targetIds.isEmpty || e.promptIds.count + e.targetIds.count > model.spec.maxPositions {
             throw EditingError.invalidInput("edit \(i): prompt + target must have 1…\(model.spec.maxPositions) tokens")
         }
-        let sig = signals(edits)
+        let sig = signals(requests)
         times.signal = Date().timeIntervalSince(t0)
         t0 = Date()
         var outputs: [(String, AuxOutput)] = []

@@ -318,12 +318,8 @@ public final class MEMITEditor: SequentialEditor, @unchecked Sendable {
 
     func lookup(_ r: EditRequest, prefix: String) -> Lookup {
         let item = ScoredPrompt(prompt: prefix + r.prompt, target: r.targetNew, tokenizer: tokenizer)
-        var position = item.promptIds.count - 1
-        if let s = r.subject, !s.isEmpty, let range = r.prompt.range(of: s) {
-            let upTo = tokenizer.encode(prefix + String(r.prompt[..<range.upperBound])).count
-            position = min(max(upTo - 1, 0), item.promptIds.count - 1)
-        }
-        return Lookup(item: item, position: position)
+        let subject = subjectTokens(r, prefix: prefix, promptTokens: item.promptIds.count)
+        return Lookup(item: item, position: (subject?.upperBound ?? item.promptIds.count) - 1)
     }
 
     @discardableResult

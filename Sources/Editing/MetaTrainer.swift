@@ -181,7 +181,7 @@ public final class MetaTrainer {
     /// uninterrupted one bit for bit).
     func signals(poolIndices: [Int], requests: [EditRequest]) -> [String: ModuleSignals] {
         for (i, r) in zip(poolIndices, requests) where signalCache[i] == nil {
-            signalCache[i] = editor.signals([editor.scored(r.prompt, r.targetNew)])
+            signalCache[i] = editor.signals([r])
         }
         var out: [String: ModuleSignals] = [:]
         for m in editor.config.modules {
@@ -211,7 +211,7 @@ public final class MetaTrainer {
         func lap(_ i: Int) { stageSeconds[i] = Date().timeIntervalSince(clock); clock = Date() }
         model.clearEdits()
         let sig = poolIndices.map { signals(poolIndices: $0, requests: requests) }
-            ?? editor.signals(requests.map { editor.scored($0.prompt, $0.targetNew) })
+            ?? editor.signals(requests)
         var locRef: Tensor?
         if !locs.isEmpty {
             locRef = model.forward(DAFNetEditor.lossBatch(locs).batch).copy()

@@ -58,6 +58,19 @@ extension SequentialEditor {
         ScoredPrompt(prompt: prompt, target: target, tokenizer: tokenizer)
     }
 
+    /// The tokens of `prefix + r.prompt` (of `promptTokens` tokens) that spell the edit's subject, at its
+    /// first occurrence; nil when the edit names no subject or the prompt does not contain it.
+    public func subjectTokens(_ r: EditRequest, prefix: String = "", promptTokens: Int) -> Range<Int>? {
+        guard let s = r.subject, !s.isEmpty, let range = r.prompt.range(of: s) else { return nil }
+        // Up to the subject without the space before it (byte-level BPE and SentencePiece put it in the subject's first token).
+        var before = prefix + String(r.prompt[..<range.lowerBound])
+        while before.last?.isWhitespace == true { before.removeLast() }
+        let start = before.isEmpty ? 0 : tokenizer.encode(before).count
+        let end = min(tokenizer.encode(prefix + String(r.prompt[..<range.upperBound])).count, promptTokens)
+        guard end > 0 else { return nil }
+        return min(start, end - 1)..<end
+    }
+
     /// Installs a state's ΔW/Δb as the model's module edits.
     public func install(_ state: EditorState) {
         for m in moduleNames {

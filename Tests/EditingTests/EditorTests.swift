@@ -6,14 +6,16 @@ import TensorCore
 final class EditorTests: XCTestCase {
     static let folder = Bundle.module.resourceURL!.appendingPathComponent("Fixtures/gpt2-tiny")
 
-    func makeEditor(method: EditorMethod = .dafnet, seed: UInt64 = 3) throws -> DAFNetEditor {
+    func makeEditor(method: EditorMethod = .dafnet, seed: UInt64 = 3, signalRows: SignalRows = .all,
+                    modules: [String] = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"]) throws -> DAFNetEditor {
         let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
         var cfg = EditorConfig()
         cfg.method = method
-        cfg.modules = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"]
+        cfg.modules = modules
         cfg.auxModel.layerN = 2; cfg.auxModel.innerAttDim = 8; cfg.auxModel.ffnDim = 12; cfg.auxModel.outerAttDim = 6
         cfg.auxModel.outerScoreAttDim = 4
         cfg.initEditLR = 0.05
+        cfg.signalRows = signalRows
         let e = try DAFNetEditor(config: cfg, model: f.model, tokenizer: f.tokenizer!)
         e.initialise(seed: seed)
         return e
@@ -42,12 +44,51 @@ final class EditorTests: XCTestCase {
     func testSignalsCoverEachEditsPositions() throws {
         let e = try makeEditor()
         let edits = requests.map { e.scored($0.prompt, $0.targetNew) }
-        let sig = e.signals(edits)
+        let sig = e.signals(requests)
         XCTAssertEqual(sig["transformer.h.1.mlp.c_fc"]!.lengths, edits.map { $0.promptIds.count + $0.targetIds.count - 1 })
         for m in ["transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"] {
             XCTAssertEqual(sig[m]!.lengths, edits.map { $0.targetIds.count }, m)
         }
         for m in e.config.modules { XCTAssertEqual(sig[m]!.x.shape[0], sig[m]!.lengths.reduce(0, +)) }
+    }
+
+    /// `signal_rows: subject` takes the rows of the subject's tokens (found by tokenizing the prompt up to
+    /// the subject's start and end), `subject_last` its last token; an edit without a subject in its
+    /// prompt falls back to the prompt's last token.
+    func testSubjectSignalRowsAreTheSubjectsTokens() throws {
+        let early = ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc", "transformer.h.1.mlp.c_proj"]
+        // The last block cannot be edited at the subject: nothing after it carries the subject to the answer.
+        XCTAssertThrowsError(try makeEditor(signalRows: .subject))
+        let e = try makeEditor(signalRows: .subject, modules: early)
+        let withSubject = [
+            EditRequest(prompt: "The mother tongue of Danielle Darrieux is", targetNew: "English", subject: "Danielle Darrieux"),
+            EditRequest(prompt: "Toko Yasuda plays the", targetNew: "piano", subject: "Toko Yasuda"),
+            EditRequest(prompt: "Autonomous University of Madrid is in", targetNew: "Sweden", subject: "Lund University"),
+            EditRequest(prompt: "Autonomous University of Madrid is in", targetNew: "Sweden"),
+        ]
+        let tok = e.tokenizer
+        let darrieux = tok.encode("The mother tongue of").count..<tok.encode("The mother tongue of Danielle Darrieux").count
+        let yasuda = 0..<tok.encode("Toko Yasuda").count
+        XCTAssertGreaterThan(darrieux.count, 1); XCTAssertGreaterThan(yasuda.count, 1)
+        let items = withSubject.map { e.scored($0.prompt, $0.targetNew) }
+        let lastPrompt = items[2].promptIds.count - 1
+        XCTAssertEqual(zip(withSubject, items).map { e.signalPositions($0, $1) },
+                       [darrieux, yasuda, lastPrompt..<(lastPrompt + 1), lastPrompt..<(lastPrompt + 1)])
+        let sig = e.signals(withSubject)
+        XCTAssertEqual(sig["transformer.h.1.mlp.c_fc"]!.lengths, [darrieux.count, yasuda.count, 1, 1])
+        // The rows are the rows of the whole-sequence signal at those positions.
+        let all = try makeEditor(modules: early).signals([withSubject[0]])["transformer.h.1.mlp.c_fc"]!.x
+        let w = all.shape[1], first = sig["transformer.h.1.mlp.c_fc"]!.x
+        // (up to float32 summation order: the two calls pad their batches differently)
+        for i in 0..<w { XCTAssertEqual(first.data[i], all.data[darrieux.lowerBound * w + i], accuracy: 1e-4) }
+        let last = try makeEditor(signalRows: .subjectLast, modules: early)
+        XCTAssertEqual(last.signals(withSubject)["transformer.h.1.mlp.c_proj"]!.lengths, [1, 1, 1, 1])
+        XCTAssertEqual(last.signalPositions(withSubject[0], items[0]), (darrieux.upperBound - 1)..<darrieux.upperBound)
+        // Edits apply and change the model under the subject rows too.
+        let probe = e.scored(withSubject[0].prompt, "English")
+        let before = e.model.predict([probe])[0].nll
+        try e.apply([withSubject[0]], to: e.newState())
+        XCTAssertNotEqual(e.model.predict([probe])[0].nll, before)
     }
 
     /// Applying edits one call at a time continues the sequence exactly as one call with all of them.

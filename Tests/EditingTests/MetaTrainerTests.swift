@@ -70,7 +70,7 @@ final class MetaTrainerTests: XCTestCase {
         let indices = [3, 0, 5, 3]
         let requests = indices.map { t.pool[$0] }
         let cached = t.signals(poolIndices: indices, requests: requests)
-        let fresh = t.editor.signals(requests.map { t.editor.scored($0.prompt, $0.targetNew) })
+        let fresh = t.editor.signals(requests)
         for m in t.editor.config.modules {
             XCTAssertEqual(cached[m]!.lengths, fresh[m]!.lengths, m)
             XCTAssertLessThan(cached[m]!.x.maxAbsDifference(fresh[m]!.x), 1e-5 * max(fresh[m]!.x.maxAbs(), 1e-6), m)
