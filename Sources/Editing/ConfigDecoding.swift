@@ -46,6 +46,10 @@ extension EditorConfig {
         auxModel = try c.value(.auxModel, auxModel); initEditLR = try c.value(.initEditLR, initEditLR); training = try c.value(.training, training)
         accumulation = try c.value(.accumulation, accumulation); lsLambda = try c.value(.lsLambda, lsLambda)
         signalRows = try c.value(.signalRows, signalRows)
+        contrastSubjects = try c.value(.contrastSubjects, contrastSubjects); contrastWeight = try c.value(.contrastWeight, contrastWeight)
+        guard contrastSubjects >= 0, contrastWeight >= 0 else {
+            throw DecodingError.dataCorruptedError(forKey: .contrastSubjects, in: c, debugDescription: "contrast_subjects and contrast_weight must not be negative")
+        }
     }
 }
 

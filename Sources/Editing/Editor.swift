@@ -51,13 +51,19 @@ public struct EditorConfig: Codable, Sendable {
     public var lsLambda: Float = 1
     /// Which positions give signal rows (`all`: the paper's).
     public var signalRows = SignalRows.all
+    /// `least_squares`: how many other subjects each edit's prompt is also asked with, their keys held still
+    /// in the solve (0: none). See `DAFNetEditor.contrastRows`.
+    public var contrastSubjects = 0
+    /// The weight of a contrast prompt's rows against the edit's own (both enter `Σ uuᵀ`).
+    public var contrastWeight: Float = 1
     public var training = MetaTrainingConfig()
 
     public init() {}
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case method, modules, baseModel = "base_model", editBias = "edit_bias", auxModel = "aux_model", initEditLR = "init_edit_lr"
-        case accumulation, lsLambda = "ls_lambda", signalRows = "signal_rows", training
+        case accumulation, lsLambda = "ls_lambda", signalRows = "signal_rows", contrastSubjects = "contrast_subjects"
+        case contrastWeight = "contrast_weight", training
     }
 
     /// The default for a GPT-2 model: the MLP `c_fc` and `c_proj` of the last three blocks.
@@ -235,6 +241,8 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     /// `setKeyStatistics` or loaded with the editor), and the learned log λ [1].
     public private(set) var keyStatistics: [String: Tensor] = [:]
     public let logLambdas: [String: Parameter]
+    /// The subjects contrast prompts draw from (`contrast_subjects`; the folder's `subjects.txt`).
+    public var subjects: [String] = []
 
     public var fusion: Bool { config.method == .dafnet }
     public var method: EditorMethod { config.method }
@@ -420,6 +428,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
             throw EditingError.invalidInput("edit \(i): prompt + target must have 1…\(model.spec.maxPositions) tokens")
         }
         let sig = signals(requests)
+        let contrast = config.accumulation == .leastSquares ? contrastRows(requests) : [:]
         times.signal = Date().timeIntervalSince(t0)
         t0 = Date()
         var outputs: [(String, AuxOutput)] = []
@@ -451,6 +460,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
             case .leastSquares:
                 let u = sig[m]!.x.columnSlice(0..<out.x1.shape[1])
                 st.gram = LeastSquares.gram(u, into: st.gram)
+                if let c = contrast[m] { st.gram = LeastSquares.gram(c, into: st.gram) }
                 st.cross = LeastSquares.cross(u, out.values.value, alpha: lr, into: st.cross)
                 st.deltaWeight = try solveLeastSquares(m, gram: st.gram!).solve(st.cross!)
             }
@@ -496,6 +506,9 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         for (_, p) in logLambdas { try w.add(p.name, p.value) }
         try LeastSquares.writeKeyStatistics(keyStatistics, to: &w)
         try w.write(to: folder.appendingPathComponent(EditorRegistry.weightsFile))
+        if !subjects.isEmpty {
+            try Data((subjects.joined(separator: "\n") + "\n").utf8).write(to: folder.appendingPathComponent(Self.subjectsFile), options: .atomic)
+        }
         try EditorRegistry.writeConfig(config, to: folder)
     }
 
@@ -510,6 +523,13 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         for (_, p) in editor.logLambdas { p.value.assign(try f.tensor(p.name)) }
         if config.accumulation == .leastSquares {
             try editor.setKeyStatistics(LeastSquares.readKeyStatistics(f, modules: config.modules))
+        }
+        if config.contrastSubjects > 0 {
+            let url = folder.appendingPathComponent(subjectsFile)
+            guard let text = try? String(contentsOf: url, encoding: .utf8) else {
+                throw EditingError.invalidConfig(file: EditorRegistry.configFile, field: "contrast_subjects", reason: "needs \(url.path), the subjects to draw from (one per line)")
+            }
+            editor.subjects = text.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
         }
         return editor
     }

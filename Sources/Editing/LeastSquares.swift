@@ -85,28 +85,39 @@ public enum LeastSquares {
         }
         var tokens = 0
         let seqs = texts.map { Array(tokenizer.encode($0).prefix(model.spec.maxPositions)) }.filter { !$0.isEmpty }
+        forEachInputRows(model: model, sequences: seqs, modules: modules, batchSize: batchSize) { rows, done in
+            for m in modules { _ = gram(rows[m]!, into: sums[m]!) }
+            tokens += rows[modules[0]]!.shape[0]
+            progress(done, seqs.count)
+        }
+        for m in modules { sums[m]!.scale(1 / Float(max(tokens, 1))) }
+        return (sums, tokens)
+    }
+
+    /// The input rows of `modules` at every real token of `sequences` on the unedited model, a batch of
+    /// sequences at a time: `body` gets per module the rows [tokens of the batch, in] and the sequences done.
+    static func forEachInputRows(model: TransformerLM, sequences seqs: [[Int]], modules: [String], batchSize: Int,
+                                 _ body: ([String: Tensor], Int) -> Void) {
+        guard !modules.isEmpty else { return }
         model.withoutEdits {
             var start = 0
             while start < seqs.count {
                 let chunk = Array(seqs[start..<min(start + batchSize, seqs.count)])
                 let batch = TokenBatch(rightPadded: chunk)
                 model.forward(batch)
-                // Rows of real tokens only.
                 var rows: [Int] = []
                 for (b, s) in chunk.enumerated() { for t in 0..<s.count { rows.append(b * batch.T + t) } }
+                var out: [String: Tensor] = [:]
                 for m in modules {
                     let inp = model.lastInput(of: m)!
                     let n = inp.shape[1]
                     let u = Tensor(shape: [rows.count, n])
                     for (i, r) in rows.enumerated() { (u.data + i * n).update(from: inp.data + r * n, count: n) }
-                    _ = gram(u, into: sums[m]!)
+                    out[m] = u
                 }
-                tokens += rows.count
                 start += chunk.count
-                progress(start, seqs.count)
+                body(out, start)
             }
         }
-        for m in modules { sums[m]!.scale(1 / Float(max(tokens, 1))) }
-        return (sums, tokens)
     }
 }

@@ -19,7 +19,7 @@ final class LeastSquaresTests: XCTestCase {
 
     var preserved: [String] { TestTexts.preserved }
 
-    func makeEditor(lambda: Float = 2, seed: UInt64 = 3) throws -> DAFNetEditor {
+    func makeEditor(lambda: Float = 2, seed: UInt64 = 3, contrast: Int = 0, contrastWeight: Float = 1) throws -> DAFNetEditor {
         let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
         var cfg = EditorConfig()
         cfg.modules = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"]
@@ -29,12 +29,57 @@ final class LeastSquaresTests: XCTestCase {
         cfg.editBias = false
         cfg.accumulation = .leastSquares
         cfg.lsLambda = lambda
+        cfg.contrastSubjects = contrast; cfg.contrastWeight = contrastWeight
         let e = try DAFNetEditor(config: cfg, model: f.model, tokenizer: f.tokenizer!)
         e.initialise(seed: seed)
         let (stats, tokens) = LeastSquares.keyStatistics(model: f.model, tokenizer: f.tokenizer!, modules: cfg.modules, texts: preserved)
         XCTAssertGreaterThan(tokens, 20)
         try e.setKeyStatistics(stats)
         return e
+    }
+
+    /// Contrast prompts: the edit's prompt with `contrast_subjects` other subjects (never its own), the same
+    /// ones on every call; their rows at every position, scaled by √weight, join Σ uuᵀ and stay in the state;
+    /// the subject list travels with the editor folder, and an editor that needs one and has none is refused.
+    func testContrastRowsJoinTheGram() throws {
+        let e = try makeEditor(contrast: 2, contrastWeight: 4)
+        e.subjects = ["Danielle Darrieux", "Toko Yasuda", "Lund University", "Marie Curie"]
+        let r = EditRequest(prompt: "The mother tongue of Danielle Darrieux is", targetNew: "English", subject: "Danielle Darrieux")
+        let prompts = e.contrastPrompts(r)
+        XCTAssertEqual(prompts.count, 2)
+        XCTAssertEqual(Set(prompts).count, 2)
+        XCTAssertEqual(prompts, e.contrastPrompts(r))
+        for p in prompts {
+            XCTAssertTrue(p.hasPrefix("The mother tongue of ") && p.hasSuffix(" is") && !p.contains("Darrieux"), p)
+        }
+        XCTAssertEqual(e.contrastPrompts(EditRequest(prompt: r.prompt, targetNew: "English")), [], "no subject, no contrast")
+        let rows = e.contrastRows([r])
+        let tokens = prompts.map { e.tokenizer.encode($0).count }.reduce(0, +)
+        for m in e.config.modules { XCTAssertEqual(rows[m]!.shape, [tokens, e.model.linears[m]!.inFeatures], m) }
+        // The first row is the module's input at the first token of the first contrast prompt, times √4.
+        let m = "transformer.h.1.mlp.c_fc"
+        var direct: Tensor!
+        LeastSquares.forEachInputRows(model: e.model, sequences: [e.tokenizer.encode(prompts[0])], modules: [m], batchSize: 1) { u, _ in direct = u[m]! }
+        for i in 0..<direct.shape[1] { XCTAssertEqual(rows[m]!.data[i], 2 * direct.data[i], accuracy: 1e-5) }
+
+        let with = EditState(moduleNames: e.config.modules)
+        try e.apply([r], to: with)
+        let plain = try makeEditor()
+        let without = EditState(moduleNames: plain.config.modules)
+        try plain.apply([r], to: without)
+        let expected = LeastSquares.gram(rows[m]!, into: without.modules[m]!.gram!.copy())
+        XCTAssertLessThan(with.modules[m]!.gram!.maxAbsDifference(expected), 1e-4 * expected.maxAbs())
+        XCTAssertEqual(with.modules[m]!.cross!.maxAbsDifference(without.modules[m]!.cross!), 0, "contrast rows ask for no value")
+
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("contrast-\(getpid())")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        try e.save(to: dir)
+        let back = try DAFNetEditor.load(from: dir, model: e.model, tokenizer: e.tokenizer)
+        XCTAssertEqual(back.subjects, e.subjects)
+        try FileManager.default.removeItem(at: dir.appendingPathComponent(DAFNetEditor.subjectsFile))
+        XCTAssertThrowsError(try DAFNetEditor.load(from: dir, model: e.model, tokenizer: e.tokenizer)) { error in
+            XCTAssertTrue("\(error)".contains("contrast_subjects"), "\(error)")
+        }
     }
 
     /// max |(λ·C + gram)·ΔW − cross|: how far ΔW is from solving the module's normal equations.
