@@ -47,6 +47,8 @@ public final class MetaTrainer {
     public private(set) var stageSeconds: [Double] = [0, 0, 0, 0]
     /// Gradient signals of pool edits, by pool index (the unedited model's: they never change).
     private var signalCache: [Int: [String: ModuleSignals]] = [:]
+    /// Contrast rows of pool edits (`contrast_subjects`), by pool index; likewise fixed.
+    private var contrastCache: [Int: [String: Tensor]] = [:]
 
     public init(editor: DAFNetEditor, pool: [EditRequest], runDir: URL) throws {
         guard pool.contains(where: { !$0.rephrases.isEmpty }) else { throw EditingError.invalidInput("meta-training needs edits with rephrasings") }
@@ -196,6 +198,24 @@ public final class MetaTrainer {
         return out
     }
 
+    /// The cached contrast rows of pool edits, concatenated per module (each edit's computed alone, like
+    /// its signals); empty without contrast prompts.
+    func contrastRows(poolIndices: [Int], requests: [EditRequest]) -> [String: Tensor] {
+        guard editor.config.contrastSubjects > 0 else { return [:] }
+        for (i, r) in zip(poolIndices, requests) where contrastCache[i] == nil { contrastCache[i] = editor.contrastRows([r]) }
+        var out: [String: Tensor] = [:]
+        for m in editor.config.modules {
+            let parts = poolIndices.compactMap { contrastCache[$0]![m] }
+            guard let first = parts.first else { continue }
+            let w = first.shape[1]
+            let x = Tensor(shape: [parts.reduce(0) { $0 + $1.shape[0] }, w])
+            var at = 0
+            for p in parts { (x.data + at * w).update(from: p.data, count: p.count); at += p.shape[0] }
+            out[m] = x
+        }
+        return out
+    }
+
     /// One episode: edits the model with `requests` in one call of the networks, and returns the weighted
     /// reliability, generality and locality losses on the edits `lossOn` (all when nil); their gradients
     /// are *added* into the networks' parameters, the edit learning rates and λ. The model is left unedited.
@@ -212,6 +232,8 @@ public final class MetaTrainer {
         model.clearEdits()
         let sig = poolIndices.map { signals(poolIndices: $0, requests: requests) }
             ?? editor.signals(requests)
+        let contrast = editor.config.accumulation != .leastSquares ? [:]
+            : poolIndices.map { contrastRows(poolIndices: $0, requests: requests) } ?? editor.contrastRows(requests)
         var locRef: Tensor?
         if !locs.isEmpty {
             locRef = model.forward(DAFNetEditor.lossBatch(locs).batch).copy()
@@ -237,7 +259,9 @@ public final class MetaTrainer {
                 lin.deltaBias = editor.config.editBias ? b.value * lr : nil
             case .leastSquares:
                 let u = s.x.columnSlice(0..<net.xDim)
-                let f = try editor.solveLeastSquares(m, gram: LeastSquares.gram(u))
+                let gram = LeastSquares.gram(u)
+                if let c = contrast[m] { _ = LeastSquares.gram(c, into: gram) }
+                let f = try editor.solveLeastSquares(m, gram: gram)
                 factors[m] = f; keys[m] = u
                 lin.deltaWeight = f.solve(LeastSquares.cross(u, out.values.value, alpha: lr))
                 lin.deltaBias = nil

@@ -193,6 +193,30 @@ final class LeastSquaresTests: XCTestCase {
 
     /// The meta-gradient through the solve — into the network, the edit rate and log λ — against finite
     /// differences of the episode loss.
+    /// With contrast rows in the solve (constants of the episode) the meta-gradient still matches finite
+    /// differences, and the cached rows are the editor's own.
+    func testMetaGradientWithContrastMatchesFiniteDifferences() throws {
+        let e = try makeEditor(seed: 5)
+        var cfg = e.config
+        cfg.training.reliaLambda = 1; cfg.training.genLambda = 1; cfg.training.locLambda = 1
+        cfg.contrastSubjects = 2; cfg.contrastWeight = 0.5
+        let editor = try DAFNetEditor(config: cfg, model: e.model, tokenizer: e.tokenizer)
+        try editor.warmStart(from: e)
+        try editor.setKeyStatistics(e.keyStatistics)
+        editor.subjects = ["Danielle Darrieux", "Toko Yasuda", "Autonomous University of Madrid", "Marie Curie"]
+        let subjects = ["Danielle Darrieux", "Toko Yasuda", "Autonomous University of Madrid"]
+        let withSubjects = zip(requests, subjects).map { r, s -> EditRequest in var r = r; r.subject = s; return r }
+        let trainer = try MetaTrainer(editor: editor, pool: withSubjects, runDir: FileManager.default.temporaryDirectory)
+        let cached = trainer.contrastRows(poolIndices: [2, 0], requests: [withSubjects[2], withSubjects[0]])
+        let fresh = editor.contrastRows([withSubjects[2], withSubjects[0]])
+        for m in cfg.modules { XCTAssertLessThan(cached[m]!.maxAbsDifference(fresh[m]!), 1e-5 * fresh[m]!.maxAbs(), m) }
+        let net = editor.networks["64x256"]!
+        try checkMetaGradient(trainer, withSubjects, parameters: [
+            net.parameter("dafnet_model.layers.1.feedforward.fc2.weight")!,
+            editor.editLRs["transformer.h.2.mlp.c_proj"]!,
+            editor.logLambdas["transformer.h.2.mlp.c_fc"]!])
+    }
+
     func testMetaGradientMatchesFiniteDifferences() throws {
         let e = try makeEditor(seed: 5)
         var cfg = e.config

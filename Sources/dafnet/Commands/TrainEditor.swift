@@ -43,6 +43,14 @@ struct TrainEditor: ParsableCommand {
         let pool = try runMapped { try EditBatch.read(URL(fileURLWithPath: data)) }
         let editor = try runMapped { try DAFNetEditor(config: cfg, model: folder.model, tokenizer: folder.tokenizer!) }
         editor.initialise(seed: cfg.training.seed)
+        if cfg.contrastSubjects > 0 {
+            // Contrast prompts draw from the meta-training edits' subjects (written with the editor as subjects.txt).
+            var seen = Set<String>()
+            editor.subjects = pool.compactMap(\.subject).filter { !$0.isEmpty && seen.insert($0).inserted }
+            guard editor.subjects.count > cfg.contrastSubjects else {
+                throw ValidationError("contrast_subjects \(cfg.contrastSubjects) needs more subjects than \(data) names (\(editor.subjects.count))")
+            }
+        }
         if let initFrom {
             let from = try runMapped { try DAFNetEditor.load(from: URL(fileURLWithPath: initFrom), model: folder.model, tokenizer: folder.tokenizer!) }
             try runMapped { try editor.warmStart(from: from) }
