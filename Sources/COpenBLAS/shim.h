@@ -5,10 +5,8 @@
 int openblas_get_num_threads(void);
 void openblas_set_num_threads(int num_threads);
 // The LAPACK routines OpenBLAS carries (Fortran calling convention, column-major): Cholesky
-// factorisation and solve of a symmetric positive definite system in double precision.
+// factorisation of a symmetric positive definite matrix in double precision.
 void dpotrf_(const char *uplo, const int *n, double *a, const int *lda, int *info);
-void dpotrs_(const char *uplo, const int *n, const int *nrhs, const double *a, const int *lda,
-             double *b, const int *ldb, int *info);
 // Eigenvalues and eigenvectors of a symmetric matrix (divide and conquer), double precision.
 void dsyevd_(const char *jobz, const char *uplo, const int *n, double *a, const int *lda, double *w,
              double *work, const int *lwork, int *iwork, const int *liwork, int *info);

@@ -1,7 +1,7 @@
 import COpenBLAS
 import Foundation
 
-/// Dense symmetric positive definite solves (LAPACK `dpotrf`/`dpotrs` through OpenBLAS), in double
+/// Dense symmetric positive definite solves (LAPACK `dpotrf`, BLAS `dtrsm` through OpenBLAS), in double
 /// precision: the systems are Gram matrices of activations whose float32 conditioning is poor.
 public enum LinearAlgebra {
     public enum Failure: Error, CustomStringConvertible, Equatable {
@@ -40,17 +40,20 @@ public enum LinearAlgebra {
         public func solve(_ b: Tensor) -> Tensor {
             let m = b.count / max(n, 1)
             precondition(b.count == n * m, "Cholesky.solve: \(b.shape) for n = \(n)")
-            // Row-major [n, m] is column-major [m, n]; LAPACK wants column-major [n, m]: transpose.
+            guard n > 0 && m > 0 else { return Tensor(shape: b.shape) }
+            // Row-major B [n, m] is column-major Bᵀ [m, n]; A is symmetric, so Xᵀ = Bᵀ·A⁻¹ = Bᵀ·L⁻ᵀ·L⁻¹: two
+            // triangular solves from the right on Bᵀ as it lies, no transposed copies.
             var x = [Double](repeating: 0, count: n * m)
-            for i in 0..<n { for j in 0..<m { x[j * n + i] = Double(b.data[i * m + j]) } }
-            var info: Int32 = 0
-            var uplo = CChar(UInt8(ascii: "L")), nn = Int32(n), nrhs = Int32(m), lda = Int32(max(n, 1)), ldb = Int32(max(n, 1))
+            for i in 0..<(n * m) { x[i] = Double(b.data[i]) }
+            let nn = Int32(n), mm = Int32(m)
             factor.withUnsafeBufferPointer { f in
-                x.withUnsafeMutableBufferPointer { dpotrs_(&uplo, &nn, &nrhs, f.baseAddress, &lda, $0.baseAddress, &ldb, &info) }
+                x.withUnsafeMutableBufferPointer { xb in
+                    cblas_dtrsm(CblasColMajor, CblasRight, CblasLower, CblasTrans, CblasNonUnit, mm, nn, 1, f.baseAddress, nn, xb.baseAddress, mm)
+                    cblas_dtrsm(CblasColMajor, CblasRight, CblasLower, CblasNoTrans, CblasNonUnit, mm, nn, 1, f.baseAddress, nn, xb.baseAddress, mm)
+                }
             }
-            precondition(info == 0, "dpotrs: argument \(-info) is invalid")
             let out = Tensor(shape: b.shape)
-            for i in 0..<n { for j in 0..<m { out.data[i * m + j] = Float(x[j * n + i]) } }
+            for i in 0..<(n * m) { out.data[i] = Float(x[i]) }
             return out
         }
     }
