@@ -37,6 +37,18 @@ public final class MetaTrainer {
     public let pool: [EditRequest]
     public let runDir: URL
     public var progress: (MetaStepLog, Int) -> Void = { _, _ in }
+    /// Asked after every step (for example: a SIGTERM arrived); true checkpoints the run and stops it.
+    public var shouldStop: () -> Bool = { false }
+
+    /// How a call of `run` ended.
+    public enum RunEnd: Equatable, Sendable {
+        /// All steps done; the editor folder written.
+        case finished
+        /// At `stopAfter` (checkpointed).
+        case stoppedAfter(step: Int)
+        /// `shouldStop` said so (checkpointed).
+        case interrupted(step: Int)
+    }
     var cfg: MetaTrainingConfig { editor.config.training }
     let auxOpt: AdamW
     let lrOpt: AdamW
@@ -353,7 +365,8 @@ public final class MetaTrainer {
     }
 
     /// Runs until `cfg.steps` (or `stopAfter`), checkpointing and logging; writes the editor folder at the end.
-    public func run(out: URL, stopAfter: Int? = nil) throws {
+    @discardableResult
+    public func run(out: URL, stopAfter: Int? = nil) throws -> RunEnd {
         try FileManager.default.createDirectory(at: runDir, withIntermediateDirectories: true)
         if Self.hasCheckpoint(runDir: runDir) {
             try loadCheckpoint()
@@ -379,11 +392,17 @@ public final class MetaTrainer {
                 progress(s, cfg.steps)
                 window.removeAll()
             }
-            if step % cfg.checkpointEvery == 0 || step == cfg.steps || step == stopAfter { try saveCheckpoint() }
-            if step == stopAfter { log("stopped at step \(step)"); return }
+            let interrupted = step < cfg.steps && shouldStop()
+            if step % cfg.checkpointEvery == 0 || step == cfg.steps || step == stopAfter || interrupted { try saveCheckpoint() }
+            if step == stopAfter { log("stopped at step \(step)"); return .stoppedAfter(step: step) }
+            if interrupted {
+                log("stopped by a signal at step \(step); checkpoint written, run again to resume")
+                return .interrupted(step: step)
+            }
         }
         try editor.save(to: out)
         log("wrote the editor folder \(out.lastPathComponent)")
+        return .finished
     }
 
     func saveCheckpoint() throws {

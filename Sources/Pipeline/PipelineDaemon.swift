@@ -36,6 +36,22 @@ public final class StopSignal: @unchecked Sendable {
         var b: UInt8 = 1
         _ = write(writeFD, &b, 1)
     }
+
+    /// Routes SIGTERM and SIGINT to `request()`, calling `notice` with the signal's name and whether a stop
+    /// was already requested. Keep the returned sources alive for as long as the routing should hold.
+    public func requestOnTerminationSignals(_ notice: @escaping @Sendable (_ name: String, _ again: Bool) -> Void) -> [DispatchSourceSignal] {
+        [SIGTERM, SIGINT].map { sig in
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            let name = sig == SIGTERM ? "SIGTERM" : "SIGINT"
+            source.setEventHandler { [self] in
+                notice(name, isRequested)
+                request()
+            }
+            source.resume()
+            return source
+        }
+    }
 }
 
 /// `dafnet watch`: holds the store's daemon lock, finishes what a stopped daemon left in `processing/`,
@@ -66,21 +82,9 @@ public final class PipelineDaemon {
 
     /// Routes SIGTERM and SIGINT to `requestStop()`.
     public func installSignalHandlers() {
-        for sig in [SIGTERM, SIGINT] {
-            signal(sig, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            let name = sig == SIGTERM ? "SIGTERM" : "SIGINT"
-            source.setEventHandler { [weak self] in
-                guard let self else { return }
-                if self.stop.isRequested {
-                    self.logger.notice("\(name) again: already stopping")
-                } else {
-                    self.logger.notice("\(name): stopping after the current step")
-                }
-                self.stop.request()
-            }
-            source.resume()
-            signalSources.append(source)
+        let logger = self.logger
+        signalSources += stop.requestOnTerminationSignals { name, again in
+            logger.notice(again ? "\(name) again: already stopping" : "\(name): stopping after the current step")
         }
     }
 

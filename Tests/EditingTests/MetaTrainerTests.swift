@@ -78,6 +78,25 @@ final class MetaTrainerTests: XCTestCase {
     }
 
     /// A run stopped and resumed continues the curriculum and the parameters of the uninterrupted run.
+    /// A stop request (what SIGTERM sets) ends the run after the current step with a checkpoint of that
+    /// step, between two scheduled ones; the next run resumes there.
+    func testStopRequestCheckpointsTheCurrentStep() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("meta-stop-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let settings: (inout MetaTrainingConfig) -> Void = { $0.maxSeq = 3; $0.steps = 10; $0.checkpointEvery = 100; $0.logEvery = 100 }
+        let t = try makeTrainer(settings, runDir: dir)
+        var asked = 0
+        t.shouldStop = { asked += 1; return asked == 3 }
+        XCTAssertEqual(try t.run(out: dir.appendingPathComponent("editor")), .interrupted(step: 3))
+        XCTAssertTrue(MetaTrainer.hasCheckpoint(runDir: dir))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("editor").path))
+        let log = try String(contentsOf: t.logURL, encoding: .utf8)
+        XCTAssertTrue(log.contains("stopped by a signal at step 3"), log)
+        let again = try makeTrainer(settings, runDir: dir)
+        XCTAssertEqual(try again.run(out: dir.appendingPathComponent("editor"), stopAfter: 4), .stoppedAfter(step: 4))
+        XCTAssertTrue(try String(contentsOf: t.logURL, encoding: .utf8).contains("resumed at step 3"))
+    }
+
     func testResumeContinuesTheCurriculum() throws {
         let dirA = FileManager.default.temporaryDirectory.appendingPathComponent("meta-a-\(UUID().uuidString)")
         let dirB = FileManager.default.temporaryDirectory.appendingPathComponent("meta-b-\(UUID().uuidString)")

@@ -96,8 +96,10 @@ struct BenchEdits: ParsableCommand {
         try write(results)
     }
 
-    func write(_ results: [SequentialBenchmark.Result]) throws {
-        let dir = URL(fileURLWithPath: out)
+    func write(_ results: [SequentialBenchmark.Result]) throws { try Self.write(results, to: URL(fileURLWithPath: out), json: json) }
+
+    /// results.json, results.md and results.svg in `dir`; the table (or the JSON) on stdout.
+    static func write(_ results: [SequentialBenchmark.Result], to dir: URL, json: Bool) throws {
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         let enc = JSONEncoder()
         enc.outputFormatting = [.prettyPrinted, .sortedKeys]

@@ -15,15 +15,16 @@ struct DAFSetBuild: ParsableCommand {
         commandName: "build",
         abstract: "Write train.jsonl (recent, popular, long-tail, robust meta-training edits) and eval.jsonl (held-out edits).")
 
-    @Option(help: "The world folder (facts.jsonl).")
-    var world = "samples/world"
+    @Option(help: "The world folder (facts.jsonl). Default: the embedded samples/world.")
+    var world: String?
     @Option(help: "Output folder.")
-    var out = "samples/dafset"
+    var out = "dafset"
     @Option(help: "Model for long-tail by likelihood (default: samples/model when present).")
     var model: String?
 
     func run() throws {
-        let facts = try runMapped { try FactFile.read(URL(fileURLWithPath: world).appendingPathComponent("facts.jsonl")) }
+        let worldURL = world.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("world")
+        let facts = try runMapped { try FactFile.read(worldURL.appendingPathComponent("facts.jsonl")) }
         let modelURL = model.map { URL(fileURLWithPath: $0) } ?? Embedded.model
         let folder = FileManager.default.fileExists(atPath: modelURL.appendingPathComponent("config.json").path)
             ? try runMapped { try ModelFolder.load(modelURL, requireTokenizer: true) } : nil
@@ -43,16 +44,17 @@ struct DAFSetRetarget: ParsableCommand {
         commandName: "retarget",
         abstract: "Write the same edits with another target: an object the same relation phrasing has elsewhere (neither the edit's target nor its ground truth).")
 
-    @Option(help: "Edits to retarget (JSON Lines).")
-    var data = "samples/dafset/eval.jsonl"
-    @Option(help: "Edits whose objects may serve as targets (JSON Lines).")
-    var pool = "samples/dafset/train.jsonl"
+    @Option(help: "Edits to retarget (JSON Lines). Default: the embedded samples/dafset/eval.jsonl.")
+    var data: String?
+    @Option(help: "Edits whose objects may serve as targets (JSON Lines). Default: the embedded samples/dafset/train.jsonl.")
+    var pool: String?
     @Option(help: "Output file.")
-    var out = "samples/dafset/eval-retargeted.jsonl"
+    var out = "eval-retargeted.jsonl"
 
     func run() throws {
-        let edits = try runMapped { try EditBatch.read(URL(fileURLWithPath: data)) }
-        let others = try runMapped { try EditBatch.read(URL(fileURLWithPath: pool)) }
+        let dafset = Embedded.samples().appendingPathComponent("dafset")
+        let edits = try runMapped { try EditBatch.read(data.map { URL(fileURLWithPath: $0) } ?? dafset.appendingPathComponent("eval.jsonl")) }
+        let others = try runMapped { try EditBatch.read(pool.map { URL(fileURLWithPath: $0) } ?? dafset.appendingPathComponent("train.jsonl")) }
         let result = DAFSet.retarget(edits, pool: others)
         try runMapped { try EditBatch.encode(result).write(to: URL(fileURLWithPath: out), options: .atomic) }
         print("\(result.count) of \(edits.count) edits retargeted")

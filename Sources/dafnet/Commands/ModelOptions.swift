@@ -7,17 +7,19 @@ import Storage
 
 /// The embedded default: resources shipped in `samples/` beside the executable's package.
 enum Embedded {
-    /// Looks for `samples/` in the current directory, then next to the executable's package root.
+    /// The embedded samples: `$DAFNET_SAMPLES` when set, else the `samples/` folder of the package the
+    /// executable was built in (found by walking up from it), else `samples/` in the current folder. Every
+    /// input default (model, editors, edits, configurations, text) resolves here; a `samples/` folder in the
+    /// current folder does not take over. Outputs default to the current folder, never into `samples/`.
     static func samples() -> URL {
-        let cwd = URL(fileURLWithPath: FileManager.default.currentDirectoryPath).appendingPathComponent("samples")
-        if FileManager.default.fileExists(atPath: cwd.path) { return cwd }
+        if let env = ProcessInfo.processInfo.environment["DAFNET_SAMPLES"], !env.isEmpty { return URL(fileURLWithPath: env) }
         var dir = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath().deletingLastPathComponent()
         for _ in 0..<5 {
             let candidate = dir.appendingPathComponent("samples")
-            if FileManager.default.fileExists(atPath: candidate.path) { return candidate }
+            if FileManager.default.fileExists(atPath: candidate.appendingPathComponent("model").path) { return candidate }
             dir = dir.deletingLastPathComponent()
         }
-        return cwd
+        return URL(fileURLWithPath: FileManager.default.currentDirectoryPath).appendingPathComponent("samples")
     }
 
     static var model: URL { samples().appendingPathComponent("model") }

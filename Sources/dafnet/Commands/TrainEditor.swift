@@ -1,7 +1,9 @@
 import ArgumentParser
 import Editing
+import Evaluation
 import Foundation
 import LanguageModel
+import Pipeline
 
 struct TrainEditor: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -9,14 +11,22 @@ struct TrainEditor: ParsableCommand {
         abstract: "Meta-train the editor (resumable; progress on stderr, log and checkpoints in the run folder).")
 
     @OptionGroup var model: ModelOption
-    @Option(help: "Editor configuration (editor.json layout).")
-    var config = "samples/editor.config.json"
-    @Option(help: "Meta-training edits (JSON Lines, CounterFact layout).")
-    var data = "samples/dafset/train.jsonl"
-    @Option(help: "Run folder.")
+    @Option(help: "Editor configuration (editor.json layout). Default: the embedded samples/editor.config.json.")
+    var config: String?
+    @Option(help: "Meta-training edits (JSON Lines, CounterFact layout). Default: the embedded samples/dafset/train.jsonl.")
+    var data: String?
+    @Option(help: "Run folder (checkpoints and train.log), relative to the current folder.")
     var runDir = "runs/editor"
-    @Option(help: "Output editor folder.")
-    var out = "samples/editor"
+    @Option(help: "Output editor folder. Default: RUN-DIR/editor.")
+    var out: String?
+    @Option(help: "Held-out edits the finished editor is evaluated on (the sequential protocol of bench edits). Default: the embedded samples/dafset/eval.jsonl.")
+    var evalData: String?
+    @Option(help: "Numbers of sequential edits of the end evaluation, comma-separated.")
+    var evalCounts = "1,10,100"
+    @Option(help: "Edits per count of the end evaluation (disjoint chunks).")
+    var evalBudget = 50
+    @Flag(help: "Skip the end evaluation.")
+    var noEval = false
     @Option(help: "Override the method in the configuration: dafnet or mend.")
     var method: String?
     @Option(help: "Stop (checkpointed) after this step; rerun to resume.")
@@ -31,7 +41,10 @@ struct TrainEditor: ParsableCommand {
     func run() throws {
         reuseLargeAllocations()
         let folder = try model.load(requireTokenizer: true)
-        var cfg = try runMapped { try JSONDecoder().decode(EditorConfig.self, from: Data(contentsOf: URL(fileURLWithPath: config))) }
+        let configURL = config.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("editor.config.json")
+        let dataURL = data.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("dafset/train.jsonl")
+        let outURL = URL(fileURLWithPath: out ?? (runDir as NSString).appendingPathComponent("editor"))
+        var cfg = try runMapped { try JSONDecoder().decode(EditorConfig.self, from: Data(contentsOf: configURL)) }
         if let method {
             guard let m = EditorMethod(rawValue: method), [.dafnet, .mend].contains(m) else {
                 throw ValidationError("--method dafnet or mend (memit and alphaedit need no training: dafnet editor create)")
@@ -40,7 +53,7 @@ struct TrainEditor: ParsableCommand {
         }
         if cfg.modules.isEmpty { cfg.modules = EditorConfig.defaultModules(for: folder.model.spec) }
         if cfg.baseModel == nil { cfg.baseModel = model.url.standardizedFileURL.lastPathComponent }
-        let pool = try runMapped { try EditBatch.read(URL(fileURLWithPath: data)) }
+        let pool = try runMapped { try EditBatch.read(dataURL) }
         let editor = try runMapped { try DAFNetEditor(config: cfg, model: folder.model, tokenizer: folder.tokenizer!) }
         editor.initialise(seed: cfg.training.seed)
         if cfg.contrastSubjects > 0 {
@@ -48,7 +61,7 @@ struct TrainEditor: ParsableCommand {
             var seen = Set<String>()
             editor.subjects = pool.compactMap(\.subject).filter { !$0.isEmpty && seen.insert($0).inserted }
             guard editor.subjects.count > cfg.contrastSubjects else {
-                throw ValidationError("contrast_subjects \(cfg.contrastSubjects) needs more subjects than \(data) names (\(editor.subjects.count))")
+                throw ValidationError("contrast_subjects \(cfg.contrastSubjects) needs more subjects than \(dataURL.path) names (\(editor.subjects.count))")
             }
         }
         if let initFrom {
@@ -84,12 +97,42 @@ struct TrainEditor: ParsableCommand {
                                                        s.step, total, s.reliability, s.generality, s.locality, s.seconds, eta / 60).utf8))
         }
         if writeEditor {
-            try runMapped { try trainer.writeEditorFromCheckpoint(out: URL(fileURLWithPath: out)) }
-            printError("wrote \(out) from the checkpoint at step \(trainer.step)")
+            try runMapped { try trainer.writeEditorFromCheckpoint(out: outURL) }
+            printError("wrote \(outURL.path) from the checkpoint at step \(trainer.step)")
             return
         }
+        let stop = StopSignal()
+        let sources = stop.requestOnTerminationSignals { name, _ in printError("\n\(name): stopping after the current step (checkpointed)") }
+        trainer.shouldStop = { stop.isRequested }
         printError("log: \(trainer.logURL.path)")
-        try runMapped { try trainer.run(out: URL(fileURLWithPath: out), stopAfter: stopAfter) }
-        printError(trainer.step >= cfg.training.steps ? "\nwrote \(out)" : "\nstopped at step \(trainer.step); run again to resume")
+        let end = try runMapped { try trainer.run(out: outURL, stopAfter: stopAfter) }
+        withExtendedLifetime(sources) {}
+        switch end {
+        case .finished:
+            printError("\nwrote \(outURL.path)")
+            if !noEval { try evaluate(outURL, folder: folder) }
+        case let .stoppedAfter(step), let .interrupted(step):
+            printError("\nstopped at step \(step) (checkpoint in \(runDir)); run the same command again to resume")
+        }
+    }
+
+    /// The sequential protocol of `bench edits` on held-out edits, for the editor just written; the table is
+    /// printed and kept in RUN-DIR/eval.
+    func evaluate(_ editorURL: URL, folder: ModelFolder) throws {
+        let counts = evalCounts.split(separator: ",").compactMap { Int($0) }.filter { $0 > 0 }
+        let url = evalData.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("dafset/eval.jsonl")
+        guard !counts.isEmpty, FileManager.default.fileExists(atPath: url.path) else {
+            printError("no end evaluation (\(counts.isEmpty ? "no --eval-counts" : "no \(url.path)"))")
+            return
+        }
+        let tok = folder.tokenizer!
+        let editor = try runMapped { try EditorRegistry.load(from: editorURL, model: folder.model, tokenizer: tok) }
+        let pool = try runMapped { try EditBatch.read(url) }
+        printError("evaluating on \(url.path): counts \(counts), \(evalBudget) edits per count")
+        let results = try runMapped {
+            try SequentialBenchmark.run(editor: editor, pool: pool, counts: counts, budget: evalBudget,
+                                        heldoutText: heldoutText(nil, tokenizer: { tok.encode($0) }, limit: 200)) { _ in }
+        }
+        try BenchEdits.write(results, to: URL(fileURLWithPath: runDir).appendingPathComponent("eval"), json: false)
     }
 }

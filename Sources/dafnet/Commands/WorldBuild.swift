@@ -15,7 +15,7 @@ struct WorldBuild: ParsableCommand {
     @Option(help: "Folder with CounterFact train.jsonl and eval.jsonl.")
     var counterfact = "../shared/data/counterfact"
     @Option(help: "Output folder.")
-    var out = "samples/world"
+    var out = "world"
     @Option(help: "World options (JSON); default: the built-in sizes.")
     var options: String?
 
