@@ -18,6 +18,8 @@ public struct EditEvaluation: Codable, Sendable {
         generality = try c.decodeIfPresent(Double.self, forKey: .generality); locality = try c.decodeIfPresent(Double.self, forKey: .locality)
         perplexityBefore = try c.decodeIfPresent(Double.self, forKey: .perplexityBefore)
         perplexityAfter = try c.decodeIfPresent(Double.self, forKey: .perplexityAfter)
+        fluencyBefore = try c.decodeIfPresent(Double.self, forKey: .fluencyBefore)
+        fluencyAfter = try c.decodeIfPresent(Double.self, forKey: .fluencyAfter)
     }
 
     public struct PerEdit: Codable, Sendable {
@@ -29,10 +31,16 @@ public struct EditEvaluation: Codable, Sendable {
         /// Greedy answers to the edit prompt before and after (a few tokens).
         public var answerBefore: String?
         public var answerAfter: String?
+        /// Fluency (`EditMetrics.ngramEntropy`) of a longer greedy continuation of the edit prompt, unedited
+        /// and edited, and that edited continuation (for the sampled edits only).
+        public var fluencyBefore: Double?
+        public var fluencyAfter: Double?
+        public var continuationAfter: String?
 
         enum CodingKeys: String, CodingKey {
             case prompt, targetNew = "target_new", reliability, generality, locality
             case answerBefore = "answer_before", answerAfter = "answer_after"
+            case fluencyBefore = "fluency_before", fluencyAfter = "fluency_after", continuationAfter = "continuation_after"
         }
     }
 
@@ -42,6 +50,10 @@ public struct EditEvaluation: Codable, Sendable {
     public var locality: Double?
     public var perplexityBefore: Double?
     public var perplexityAfter: Double?
+    /// Mean fluency of the sampled edits' continuations, unedited and edited: a drop means the edited
+    /// model repeats itself (ROME's and EasyEdit's generation-entropy check).
+    public var fluencyBefore: Double?
+    public var fluencyAfter: Double?
     public var perplexityRatio: Double? {
         guard let a = perplexityAfter, let b = perplexityBefore, b > 0 else { return nil }
         return a / b
@@ -50,6 +62,7 @@ public struct EditEvaluation: Codable, Sendable {
     enum CodingKeys: String, CodingKey {
         case edits, reliability, generality, locality
         case perplexityBefore = "perplexity_before", perplexityAfter = "perplexity_after", perplexityRatio = "perplexity_ratio"
+        case fluencyBefore = "fluency_before", fluencyAfter = "fluency_after"
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -58,6 +71,7 @@ public struct EditEvaluation: Codable, Sendable {
         try c.encodeIfPresent(generality, forKey: .generality); try c.encodeIfPresent(locality, forKey: .locality)
         try c.encodeIfPresent(perplexityBefore, forKey: .perplexityBefore); try c.encodeIfPresent(perplexityAfter, forKey: .perplexityAfter)
         try c.encodeIfPresent(perplexityRatio, forKey: .perplexityRatio)
+        try c.encodeIfPresent(fluencyBefore, forKey: .fluencyBefore); try c.encodeIfPresent(fluencyAfter, forKey: .fluencyAfter)
     }
 }
 
@@ -81,6 +95,35 @@ public enum EditMetrics {
 
     static func mean(_ xs: [Double]) -> Double? { xs.isEmpty ? nil : xs.reduce(0, +) / Double(xs.count) }
 
+    /// ROME's fluency measure, as EasyEdit reports it: the weighted n-gram entropy of a text in bits,
+    /// mean(2/3·H₂, 4/3·H₃), where Hₙ is the entropy of the text's n-gram frequencies over word tokens (runs
+    /// of letters and digits, and each other non-space character alone, close to nltk's `word_tokenize`).
+    /// Repetitive text scores low; an empty n-gram list contributes 0.
+    public static func ngramEntropy(_ text: String) -> Double {
+        var words: [String] = []
+        var current = ""
+        for ch in text {
+            if ch.isLetter || ch.isNumber || ch == "_" { current.append(ch); continue }
+            if !current.isEmpty { words.append(current); current = "" }
+            if !ch.isWhitespace { words.append(String(ch)) }
+        }
+        if !current.isEmpty { words.append(current) }
+        func entropy(_ n: Int) -> Double {
+            guard words.count >= n else { return 0 }
+            var counts: [[String]: Int] = [:]
+            for i in 0...(words.count - n) { counts[Array(words[i..<(i + n)]), default: 0] += 1 }
+            let total = Double(words.count - n + 1)
+            return counts.values.reduce(0.0) { h, c in let p = Double(c) / total; return h - p * Foundation.log2(p) }
+        }
+        return (2.0 / 3.0 * entropy(2) + 4.0 / 3.0 * entropy(3)) / 2
+    }
+
+    /// Which of `count` edits get the fluency check: all up to `sample`, else `sample` evenly spaced ones.
+    public static func fluencyIndices(count: Int, sample: Int) -> [Int] {
+        guard sample > 0 else { return [] }
+        return count <= sample ? Array(0..<count) : (0..<sample).map { $0 * count / sample }
+    }
+
     /// The unedited model's locality predictions for `requests` (computed before editing; pass to `evaluate`).
     public static func localityReference(editor: SequentialEditor, _ requests: [EditRequest]) -> [[TargetPrediction]] {
         let model = editor.model
@@ -96,7 +139,8 @@ public enum EditMetrics {
 
     /// Scores the model as it is now (edited) on `requests`. `answers` adds greedy answers before/after.
     public static func evaluate(editor: SequentialEditor, _ requests: [EditRequest], localityReference: [[TargetPrediction]],
-                                heldoutText: [[Int]]? = nil, answers: Bool = false, answerTokens: Int = 4) throws -> EditEvaluation {
+                                heldoutText: [[Int]]? = nil, answers: Bool = false, answerTokens: Int = 4,
+                                fluencyTokens: Int = 0, fluencySample: Int = 8) throws -> EditEvaluation {
         let model = editor.model
         let rel = model.predict(requests.map { editor.scored($0.prompt, $0.targetNew) })
         let genItems = requests.map { r in r.rephrases.map { editor.scored($0, r.targetNew) } }
@@ -118,8 +162,20 @@ public enum EditMetrics {
             }
             edits.append(e)
         }
+        if fluencyTokens > 0 {
+            for i in fluencyIndices(count: requests.count, sample: fluencySample) {
+                let prompt = requests[i].prompt
+                let after = try greedyAnswer(model, editor.tokenizer, prompt: prompt, maxTokens: fluencyTokens)
+                let before = try model.withoutEdits { try greedyAnswer(model, editor.tokenizer, prompt: prompt, maxTokens: fluencyTokens) }
+                edits[i].continuationAfter = after
+                edits[i].fluencyAfter = ngramEntropy(prompt + after)
+                edits[i].fluencyBefore = ngramEntropy(prompt + before)
+            }
+        }
         var result = EditEvaluation(edits: edits, reliability: mean(edits.map(\.reliability)) ?? 0,
                                     generality: mean(edits.compactMap(\.generality)), locality: mean(edits.compactMap(\.locality)))
+        result.fluencyBefore = mean(edits.compactMap(\.fluencyBefore))
+        result.fluencyAfter = mean(edits.compactMap(\.fluencyAfter))
         if let text = heldoutText {
             result.perplexityAfter = model.perplexity(text)
             result.perplexityBefore = model.withoutEdits { model.perplexity(text) }

@@ -21,6 +21,10 @@ public struct PipelineSettings: Sendable {
     public var retentionSample = 32
     /// Tokens of the greedy answers before and after.
     public var answerTokens = 4
+    /// Tokens of the continuations whose fluency (n-gram entropy) is measured before and after (0: none),
+    /// and how many of a batch's edits get the check.
+    public var fluencyTokens = 32
+    public var fluencySample = 8
     /// Largest batch accepted, in edits and in bytes.
     public var maxEditsPerBatch = 10_000
     public var maxBatchBytes = 64 << 20
@@ -362,7 +366,8 @@ public final class BatchProcessor {
             let ev: EditEvaluation
             do {
                 ev = try EditMetrics.evaluate(editor: editor, requests, localityReference: localityRef, heldoutText: nil,
-                                              answers: settings.answerTokens > 0, answerTokens: max(1, settings.answerTokens))
+                                              answers: settings.answerTokens > 0, answerTokens: max(1, settings.answerTokens),
+                                              fluencyTokens: settings.fluencyTokens, fluencySample: settings.fluencySample)
             } catch {
                 return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "", reason: "evaluation failed: \(error)"),
                                   stage: "evaluate", head: head, times: times)
@@ -395,6 +400,10 @@ public final class BatchProcessor {
                                      totalEdits: state.editCount, reliability: ev.reliability, generality: ev.generality,
                                      locality: ev.locality, perEdit: ev.edits, retention: retention, watchList: watched, canary: canary,
                                      perplexity: perplexity, guardResult: verdict, timings: times)
+            if let before = ev.fluencyBefore, let after = ev.fluencyAfter {
+                report.fluency = FluencyResult(before: before, after: after, sampled: ev.edits.filter { $0.fluencyAfter != nil }.count,
+                                               tokens: settings.fluencyTokens)
+            }
             if !verdict.passed {
                 return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "",
                                                                        reason: "collapse guard: " + verdict.violations.joined(separator: "; ")),

@@ -81,6 +81,15 @@ public struct CanaryResult: Codable, Sendable, Equatable {
 }
 
 /// Held-out perplexity: the unedited model, HEAD before the batch, and after it.
+/// Fluency (n-gram entropy, `EditMetrics.ngramEntropy`) of longer greedy continuations of a sample of the
+/// batch's edit prompts, on the unedited model and after the batch.
+public struct FluencyResult: Codable, Sendable, Equatable {
+    public var before: Double
+    public var after: Double
+    public var sampled: Int
+    public var tokens: Int
+}
+
 public struct PerplexityResult: Codable, Sendable, Equatable {
     public var unedited: Double
     public var before: Double
@@ -152,12 +161,14 @@ public struct BatchReport: Codable, Sendable {
     public var canary: CanaryResult
     /// Nil when there is no held-out text.
     public var perplexity: PerplexityResult?
+    /// Nil when fluency is not measured (`fluency_tokens` 0).
+    public var fluency: FluencyResult?
     public var guardResult: GuardResult
     public var timings: StageTimes
 
     enum CodingKeys: String, CodingKey {
         case format, batch, sha256, status, version, parent, time, edits, reliability, generality, locality, retention, canary
-        case perplexity, timings
+        case perplexity, fluency, timings
         case stateSHA256 = "state_sha256", baseModelSHA256 = "base_model_sha256", editorSHA256 = "editor_sha256"
         case totalEdits = "total_edits", perEdit = "per_edit", guardResult = "guard", watchList = "watch_list"
     }
@@ -169,7 +180,7 @@ public struct BatchReport: Codable, Sendable {
         HistoryLine(time: time, batch: batch, sha256: sha256, status: status, version: version, parent: parent, edits: edits,
                     totalEdits: totalEdits, reliability: reliability, generality: generality, locality: locality,
                     retention: retention?.after, canaryLocality: canary.locality, perplexityUnedited: perplexity?.unedited,
-                    perplexityBefore: perplexity?.before, perplexityAfter: perplexity?.after, seconds: timings.total,
+                    perplexityBefore: perplexity?.before, perplexityAfter: perplexity?.after, fluency: fluency?.after, seconds: timings.total,
                     evaluation: version.map { BatchReport.fileName(batch: batch, version: $0) },
                     watch: watchList)
     }
@@ -199,6 +210,8 @@ public struct HistoryLine: Codable, Sendable, Equatable {
     public var perplexityUnedited: Double?
     public var perplexityBefore: Double?
     public var perplexityAfter: Double?
+    /// The batch's fluency after it (nil when not measured).
+    public var fluency: Double?
     public var seconds: Double
     /// The evaluation file's name in `evaluations/`.
     public var evaluation: String?
@@ -207,7 +220,7 @@ public struct HistoryLine: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case time, batch, sha256, status, version, parent, edits, reliability, generality, locality, retention, seconds, evaluation, watch
-        case totalEdits = "total_edits", canaryLocality = "canary_locality", perplexityUnedited = "perplexity_unedited"
+        case fluency, totalEdits = "total_edits", canaryLocality = "canary_locality", perplexityUnedited = "perplexity_unedited"
         case perplexityBefore = "perplexity_before", perplexityAfter = "perplexity_after"
     }
 }

@@ -90,7 +90,7 @@ public enum HistoryReport {
         body += watchTable(committed)
         body += "<h2>Batches</h2>\n<table>\n<tr><th>time</th><th>batch</th><th>status</th><th>version</th><th>parent</th><th>edits</th>"
         body += "<th>total edits</th><th>reliability</th><th>generality</th><th>locality</th><th>retention</th><th>canary</th>"
-        body += "<th>perplexity before → after</th><th>seconds</th></tr>\n"
+        body += "<th>perplexity before → after</th><th>fluency</th><th>seconds</th></tr>\n"
         for l in lines {
             let isHead = l.status == "committed" && l.version != nil && l.version == context.head
             let cls = l.status == "committed" ? (isHead ? " class=\"head\"" : "") : " class=\"\(escape(l.status))\""
@@ -99,7 +99,8 @@ public enum HistoryReport {
             body += "<td>\(l.version.map(String.init) ?? "–")</td><td>\(l.parent.map(String.init) ?? "–")</td>"
             body += "<td>\(l.edits)</td><td>\(l.totalEdits)</td><td>\(num(l.reliability))</td><td>\(num(l.generality))</td>"
             body += "<td>\(num(l.locality))</td><td>\(num(l.retention))</td><td>\(num(l.canaryLocality))</td>"
-            body += "<td>\(num(l.perplexityBefore, "%.2f")) → \(num(l.perplexityAfter, "%.2f"))</td><td>\(num(l.seconds, "%.2f"))</td></tr>\n"
+            body += "<td>\(num(l.perplexityBefore, "%.2f")) → \(num(l.perplexityAfter, "%.2f"))</td><td>\(num(l.fluency, "%.2f"))</td>"
+            body += "<td>\(num(l.seconds, "%.2f"))</td></tr>\n"
         }
         body += "</table>\n"
         if !context.failed.isEmpty {

@@ -626,6 +626,24 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(EditMetrics.answerTokens([5, 6, 7, 50256, 8], promptCount: 2, eos: nil), [7, 50256, 8])
     }
 
+    /// ROME's n-gram entropy: mean(2/3·H₂, 4/3·H₃) over word tokens, punctuation split off.
+    func testNGramEntropy() {
+        // a b a b a b: bigrams ab ×3, ba ×2 → H₂ = H(0.6, 0.4); trigrams aba ×2, bab ×2 → H₃ = 1.
+        let h2: Double = -(0.6 * log2(0.6) + 0.4 * log2(0.4))
+        let expected: Double = (2.0 / 3 * h2 + 4.0 / 3) / 2
+        XCTAssertEqual(EditMetrics.ngramEntropy("a b a b a b"), expected, accuracy: 1e-12)
+        // Five distinct words: H₂ = log2 4, H₃ = log2 3.
+        let h3: Double = log2(3)
+        XCTAssertEqual(EditMetrics.ngramEntropy("one two three four five"), (2.0 / 3 * 2 + 4.0 / 3 * h3) / 2, accuracy: 1e-12)
+        // "Polish.The" is three tokens: two bigrams, one trigram.
+        XCTAssertEqual(EditMetrics.ngramEntropy("Polish.The"), 1.0 / 3, accuracy: 1e-12)
+        XCTAssertEqual(EditMetrics.ngramEntropy("word"), 0)
+        XCTAssertLessThan(EditMetrics.ngramEntropy("the the the the the the the the"), EditMetrics.ngramEntropy("the cat sat on the mat by the door"))
+        XCTAssertEqual(EditMetrics.fluencyIndices(count: 3, sample: 8), [0, 1, 2])
+        XCTAssertEqual(EditMetrics.fluencyIndices(count: 10, sample: 4), [0, 2, 5, 7])
+        XCTAssertEqual(EditMetrics.fluencyIndices(count: 10, sample: 0), [])
+    }
+
     /// The evaluation file, the version's files, history.jsonl and the HTML report.
     func testEvaluationFilesHistoryAndReport() throws {
         let h = try Harness()
@@ -643,6 +661,11 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(r.perEdit.count, 2)
         XCTAssertNotNil(r.perEdit[0].answerBefore); XCTAssertNotNil(r.perEdit[0].answerAfter)
         XCTAssertNotNil(r.perEdit[0].generality); XCTAssertNotNil(r.perEdit[0].locality)
+        let fluency = try XCTUnwrap(r.fluency)
+        XCTAssertEqual(fluency.sampled, 2); XCTAssertEqual(fluency.tokens, PipelineSettings().fluencyTokens)
+        let continuation = try XCTUnwrap(r.perEdit[1].continuationAfter)
+        XCTAssertEqual(r.perEdit[1].fluencyAfter!, EditMetrics.ngramEntropy(r.perEdit[1].prompt + continuation), accuracy: 1e-12)
+        XCTAssertEqual(fluency.after, (r.perEdit[0].fluencyAfter! + r.perEdit[1].fluencyAfter!) / 2, accuracy: 1e-12)
         XCTAssertEqual(r.retention?.earlierEdits, 3)
         XCTAssertEqual(r.retention?.sampled, 3)
         let kept = try XCTUnwrap(r.retention?.perEdit)

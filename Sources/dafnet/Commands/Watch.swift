@@ -60,6 +60,10 @@ struct Watch: ParsableCommand {
     var retentionSample = 32
     @Option(help: "Tokens of the greedy answers before and after, per edit (0: none).")
     var answerTokens = 4
+    @Option(help: "Tokens of the continuations whose fluency (n-gram entropy) is measured before and after (0: none).")
+    var fluencyTokens = PipelineSettings().fluencyTokens
+    @Option(help: "Edits per batch whose fluency is measured (evenly spaced).")
+    var fluencySample = PipelineSettings().fluencySample
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel = "info"
     @Option(help: "Log format on standard error: text or json.")
@@ -74,7 +78,7 @@ struct Watch: ParsableCommand {
             throw ValidationError("--min-age and --unfinished-timeout must be ≥ 0 and --rescan-interval > 0")
         }
         guard maxPerplexityRatio > 0 else { throw ValidationError("--max-perplexity-ratio must be positive") }
-        guard retentionSample >= 0, answerTokens >= 0, canaryCount >= 0, textLines >= 0 else {
+        guard retentionSample >= 0, answerTokens >= 0, fluencyTokens >= 0, fluencySample >= 0, canaryCount >= 0, textLines >= 0 else {
             throw ValidationError("counts must be 0 or more")
         }
     }
@@ -133,6 +137,7 @@ struct Watch: ParsableCommand {
         settings.collapseGuard.minReliability = minReliability
         settings.retentionSample = retentionSample
         settings.answerTokens = answerTokens
+        settings.fluencyTokens = fluencyTokens; settings.fluencySample = fluencySample
         let processor = try runMapped {
             try BatchProcessor(inbox: try Inbox(URL(fileURLWithPath: inbox)), store: store, editor: editor,
                                resources: resources, settings: settings, logger: logger)
