@@ -172,9 +172,9 @@ public final class BatchProcessor {
         let decoder = JSONDecoder()
         for line in try store.lines(of: .journal) {
             guard let e = try? decoder.decode(JournalEntry.self, from: line) else { continue }
-            if e.status == BatchOutcome.Status.committed.rawValue, let v = e.version { batchOf[v] = e.sha256 }
+            if e.status == .committed, let v = e.version { batchOf[v] = e.sha256 }
         }
-        for r in try store.history() where r.op == "commit" {
+        for r in try store.history() where r.op == .commit {
             if let v = r.version { removedLineage[v] = (r.from, batchOf[v]) }
         }
         for line in try store.lines(of: .batches) {
@@ -184,7 +184,7 @@ public final class BatchProcessor {
 
     /// A committed batch has one line per version; a guarded one one per HEAD it was refused on.
     static func historyKey(_ h: HistoryLine) -> String {
-        "\(h.sha256)@\(h.version.map(String.init) ?? "-")@\(h.status)@\(h.parent.map(String.init) ?? "-")"
+        "\(h.sha256)@\(h.version.map(String.init) ?? "-")@\(h.status.rawValue)@\(h.parent.map(String.init) ?? "-")"
     }
 
     // MARK: Driving
@@ -394,7 +394,7 @@ public final class BatchProcessor {
             }
             let verdict = settings.collapseGuard.check(reliability: ev.reliability, perplexity: perplexity, canary: canary, retention: retention)
             times.evaluate += Date().timeIntervalSince(t)
-            var report = BatchReport(batch: name, sha256: sha, status: verdict.passed ? "committed" : "guarded", version: nil,
+            var report = BatchReport(batch: name, sha256: sha, status: verdict.passed ? .committed : .guarded, version: nil,
                                      parent: head, stateSHA256: nil, baseModelSHA256: resources.baseModelSHA256,
                                      editorSHA256: resources.editorSHA256, time: Clock.timestamp(), edits: requests.count,
                                      totalEdits: state.editCount, reliability: ev.reliability, generality: ev.generality,
@@ -551,7 +551,7 @@ public final class BatchProcessor {
         default:
             break
         }
-        try journal(JournalEntry(time: Clock.timestamp(), batch: name, sha256: sha, status: status == .recovered ? "committed" : status.rawValue,
+        try journal(JournalEntry(time: Clock.timestamp(), batch: name, sha256: sha, status: status == .recovered ? .committed : status,
                                  version: version, note: note))
         let moved = try inbox.markDone(name)
         var finalTimes = times
@@ -600,7 +600,7 @@ public final class BatchProcessor {
         }
         let moved = try inbox.markFailed(name, error: try PipelineJSON.pretty(err))
         let status: BatchOutcome.Status = stage == "guard" ? .guarded : .rejected
-        try journal(JournalEntry(time: Clock.timestamp(), batch: name, sha256: sha, status: status.rawValue, version: h,
+        try journal(JournalEntry(time: Clock.timestamp(), batch: name, sha256: sha, status: status, version: h,
                                  note: error.description))
         var times = times
         times.finish = Date().timeIntervalSince(t)

@@ -139,7 +139,7 @@ public struct BatchReport: Codable, Sendable {
     public var batch: String
     public var sha256: String
     /// `committed` or `guarded`.
-    public var status: String
+    public var status: BatchOutcome.Status
     /// The version this batch made (nil when guarded) and the one it was applied on (nil: the empty state).
     public var version: Int?
     public var parent: Int?
@@ -197,7 +197,7 @@ public struct HistoryLine: Codable, Sendable, Equatable {
     public var time: String
     public var batch: String
     public var sha256: String
-    public var status: String
+    public var status: BatchOutcome.Status
     public var version: Int?
     public var parent: Int?
     public var edits: Int
@@ -248,8 +248,7 @@ public struct JournalEntry: Codable, Sendable, Equatable {
     public var time: String
     public var batch: String
     public var sha256: String
-    /// A `BatchOutcome.Status` raw value.
-    public var status: String
+    public var status: BatchOutcome.Status
     public var version: Int?
     public var note: String?
 }

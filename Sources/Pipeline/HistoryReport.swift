@@ -37,8 +37,8 @@ public enum HistoryReport {
         /// and guarded batches.
         public static func of(_ store: CheckpointStore) throws -> Context {
             let failed = try store.lines(of: .journal).compactMap { try? JSONDecoder().decode(JournalEntry.self, from: $0) }
-                .filter { [BatchOutcome.Status.rejected.rawValue, BatchOutcome.Status.guarded.rawValue].contains($0.status) }
-            return Context(head: try? store.head(), moves: try store.history().filter { ["rollback", "repair", "import"].contains($0.op) },
+                .filter { [.rejected, .guarded].contains($0.status) }
+            return Context(head: try? store.head(), moves: try store.history().filter { [.rollback, .repair, .import].contains($0.op) },
                            failed: failed)
         }
     }
@@ -54,11 +54,11 @@ public enum HistoryReport {
     }
 
     public static func html(_ lines: [HistoryLine], context: Context = Context(), title: String = "dafnet: batches and versions") -> String {
-        let committed = lines.filter { $0.status == "committed" }
+        let committed = lines.filter { $0.status == .committed }
         let labels = committed.map { "v\($0.version ?? 0)" }
         var body = ""
         body += "<h1>\(escape(title))</h1>\n"
-        let guarded = lines.filter { $0.status == "guarded" }.count
+        let guarded = lines.filter { $0.status == .guarded }.count
         let edits = committed.reduce(0) { $0 + $1.edits }
         body += "<p class=\"meta\">\(committed.count) committed batch\(committed.count == 1 ? "" : "es") (\(edits) edits)"
         if guarded > 0 { body += ", \(guarded) refused by the collapse guard" }
@@ -92,10 +92,10 @@ public enum HistoryReport {
         body += "<th>total edits</th><th>reliability</th><th>generality</th><th>locality</th><th>retention</th><th>canary</th>"
         body += "<th>perplexity before → after</th><th>fluency</th><th>seconds</th></tr>\n"
         for l in lines {
-            let isHead = l.status == "committed" && l.version != nil && l.version == context.head
-            let cls = l.status == "committed" ? (isHead ? " class=\"head\"" : "") : " class=\"\(escape(l.status))\""
+            let isHead = l.status == .committed && l.version != nil && l.version == context.head
+            let cls = l.status == .committed ? (isHead ? " class=\"head\"" : "") : " class=\"\(escape(l.status.rawValue))\""
             let batch = l.evaluation.map { "<a href=\"\(escape($0))\">\(escape(l.batch))</a>" } ?? escape(l.batch)
-            body += "<tr\(cls)><td>\(escape(l.time))</td><td>\(batch)</td><td>\(escape(l.status))\(isHead ? " (HEAD)" : "")</td>"
+            body += "<tr\(cls)><td>\(escape(l.time))</td><td>\(batch)</td><td>\(escape(l.status.rawValue))\(isHead ? " (HEAD)" : "")</td>"
             body += "<td>\(l.version.map(String.init) ?? "–")</td><td>\(l.parent.map(String.init) ?? "–")</td>"
             body += "<td>\(l.edits)</td><td>\(l.totalEdits)</td><td>\(num(l.reliability))</td><td>\(num(l.generality))</td>"
             body += "<td>\(num(l.locality))</td><td>\(num(l.retention))</td><td>\(num(l.canaryLocality))</td>"
@@ -106,7 +106,7 @@ public enum HistoryReport {
         if !context.failed.isEmpty {
             body += "<h2>Failed batches</h2>\n<table class=\"failed\">\n<tr><th>time</th><th>batch</th><th>status</th><th>HEAD then</th><th>reason</th></tr>\n"
             for f in context.failed {
-                body += "<tr><td>\(escape(f.time))</td><td>\(escape(f.batch))</td><td>\(escape(f.status))</td>"
+                body += "<tr><td>\(escape(f.time))</td><td>\(escape(f.batch))</td><td>\(escape(f.status.rawValue))</td>"
                 body += "<td>\(f.version.map(String.init) ?? "–")</td><td class=\"reason\">\(escape(f.note ?? ""))</td></tr>\n"
             }
             body += "</table>\n"
@@ -114,7 +114,7 @@ public enum HistoryReport {
         if !context.moves.isEmpty {
             body += "<h2>Moves of HEAD besides commits</h2>\n<table class=\"moves\">\n<tr><th>time</th><th>operation</th><th>from</th><th>to</th></tr>\n"
             for m in context.moves {
-                body += "<tr><td>\(escape(m.time))</td><td>\(escape(m.op))</td><td>\(m.from.map(String.init) ?? "–")</td>"
+                body += "<tr><td>\(escape(m.time))</td><td>\(escape(m.op.rawValue))</td><td>\(m.from.map(String.init) ?? "–")</td>"
                 body += "<td>\(m.version.map(String.init) ?? "base")</td></tr>\n"
             }
             body += "</table>\n"

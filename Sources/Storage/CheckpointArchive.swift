@@ -412,7 +412,7 @@ public enum CheckpointArchive {
                 try store.fileSystem.syncDirectory(atPath: store.rootPath)
                 headAfter = restored
             }
-            try store.appendHistory(HistoryRecord(op: "import", version: headAfter, from: headBefore, source: archiveName,
+            try store.appendHistory(HistoryRecord(op: .`import`, version: headAfter, from: headBefore, source: archiveName,
                                                   versions: index.versions.map { map[$0]! }))
             return ArchiveRestoreReport(versionMap: map, restoredVersion: restored, headMoved: keepNumbers, checksumVerified: false,
                                         blobsAdded: added, modelDirectory: modelDir)

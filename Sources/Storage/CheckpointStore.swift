@@ -327,7 +327,7 @@ public final class CheckpointStore: @unchecked Sendable {
     /// `parent_manifest_sha256` (HEAD's is read with HEAD).
     func manifestRecords() throws -> [Int: [(by: String, sha256: String)]] {
         var out: [Int: [(by: String, sha256: String)]] = [:]
-        for r in try history() where r.op == "commit" {
+        for r in try history() where r.op == .commit {
             if let v = r.version, let h = r.manifestSHA256 { out[v, default: []].append(("its commit record in history.jsonl", h)) }
         }
         for v in try versions() {
@@ -368,7 +368,7 @@ public final class CheckpointStore: @unchecked Sendable {
             } else {
                 target = all.reversed().first(where: loads)
             }
-            let record = HistoryRecord(op: "repair", version: target, from: nil)
+            let record = HistoryRecord(op: .repair, version: target, from: nil)
             try moveHead(to: target ?? 0, record: record)
             return record
         }
@@ -653,7 +653,7 @@ public final class CheckpointStore: @unchecked Sendable {
             try writeHead(number, temps: &temps)
             headMoved = true
             try fileSystem.syncDirectory(atPath: rootPath)
-            try appendHistory(HistoryRecord(op: "commit", version: number, from: parent, source: request.batch?.name,
+            try appendHistory(HistoryRecord(op: .commit, version: number, from: parent, source: request.batch?.name,
                                             manifestSHA256: Hex.sha256(data)))
             return manifest
         } catch {
@@ -675,7 +675,7 @@ public final class CheckpointStore: @unchecked Sendable {
             let current = try head()
             _ = try load(.number(target))
             try checkManifestRecords(target)
-            let record = HistoryRecord(op: "rollback", version: target, from: current)
+            let record = HistoryRecord(op: .rollback, version: target, from: current)
             if current == target { return record }
             try moveHead(to: target, record: record)
             return record
@@ -688,7 +688,7 @@ public final class CheckpointStore: @unchecked Sendable {
     public func rollbackToBase() throws -> HistoryRecord {
         try withLock {
             let current = try head()
-            let record = HistoryRecord(op: "rollback", version: nil, from: current)
+            let record = HistoryRecord(op: .rollback, version: nil, from: current)
             if current == nil { return record }
             try moveHead(to: 0, record: record)
             return record
@@ -800,7 +800,7 @@ public final class CheckpointStore: @unchecked Sendable {
         }
         // HEAD moved but its history record was never appended.
         if let h = try? head(), try history().last?.version != h {
-            try storeIO { try appendHistory(HistoryRecord(op: "recover", version: h, from: nil)) }
+            try storeIO { try appendHistory(HistoryRecord(op: .recover, version: h, from: nil)) }
             report.recordedHead = true
         }
         return report

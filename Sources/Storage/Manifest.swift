@@ -280,10 +280,14 @@ public enum VersionRef: Sendable, Equatable, CustomStringConvertible {
 
 /// One line of `history.jsonl`: every move of HEAD (commit, rollback, import, recovery) and every
 /// gc, appended in order and never rewritten.
+/// What a `history.jsonl` record did to the store.
+public enum HistoryOperation: String, Codable, Sendable, CaseIterable {
+    case commit, rollback, `import`, gc, recover, repair
+}
+
 public struct HistoryRecord: Codable, Sendable, Equatable {
     public var time: String
-    /// `commit`, `rollback`, `import`, `gc`, `recover` or `repair`.
-    public var op: String
+    public var op: HistoryOperation
     /// HEAD after the operation.
     public var version: Int?
     /// HEAD before the operation.
@@ -301,7 +305,7 @@ public struct HistoryRecord: Codable, Sendable, Equatable {
         case manifestSHA256 = "manifest_sha256"
     }
 
-    public init(op: String, version: Int?, from: Int?, source: String? = nil, versions: [Int]? = nil, manifestSHA256: String? = nil) {
+    public init(op: HistoryOperation, version: Int?, from: Int?, source: String? = nil, versions: [Int]? = nil, manifestSHA256: String? = nil) {
         self.time = Timestamp.now()
         self.op = op
         self.version = version

@@ -228,7 +228,7 @@ extension CheckpointStore {
                 }
                 if !report.removedBlobs.isEmpty { try fileSystem.syncDirectory(atPath: objectsPath) }
                 if !report.removedVersions.isEmpty || !report.removedBlobs.isEmpty {
-                    try appendHistory(HistoryRecord(op: "gc", version: h, from: h, versions: report.removedVersions))
+                    try appendHistory(HistoryRecord(op: .gc, version: h, from: h, versions: report.removedVersions))
                 }
             }
             return report

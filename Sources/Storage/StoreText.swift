@@ -102,7 +102,7 @@ public enum StoreText {
     public static func history(_ records: [HistoryRecord]) -> String {
         guard !records.isEmpty else { return "no history" }
         return records.map { r in
-            var line = "\(r.time)  \(pad(r.op, 8))  \(r.from.map(String.init) ?? "-") → \(r.version.map(String.init) ?? "-")"
+            var line = "\(r.time)  \(pad(r.op.rawValue, 8))  \(r.from.map(String.init) ?? "-") → \(r.version.map(String.init) ?? "-")"
             if let s = r.source { line += "  \(s)" }
             if let v = r.versions, !v.isEmpty { line += "  [\(v.map(String.init).joined(separator: ", "))]" }
             return line

@@ -218,7 +218,7 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(try h.headState(), state)
         XCTAssertEqual(h.names("done"), ["001-first.jsonl", "001-first~2.jsonl", "002-again.jsonl"])
         let journal = try h.store.lines(of: .journal).map { try JSONDecoder().decode(JournalEntry.self, from: $0) }
-        XCTAssertEqual(journal.map(\.status), ["committed", "duplicate", "duplicate"])
+        XCTAssertEqual(journal.map(\.status), [.committed, .duplicate, .duplicate])
         XCTAssertEqual(Set(journal.map(\.sha256)).count, 1)
         // A new processor (a restart) knows the batch from the journal and the store.
         let restarted = try BatchProcessor(inbox: h.inbox, store: h.store, editor: h.editor, resources: h.processor.resources,
@@ -520,7 +520,7 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(e.head, 1)
         XCTAssertTrue(e.reason.contains("perplexity"), e.reason)
         let ev = try XCTUnwrap(e.evaluation)
-        XCTAssertEqual(ev.status, "guarded")
+        XCTAssertEqual(ev.status, .guarded)
         XCTAssertFalse(ev.guardResult.passed)
         XCTAssertEqual(ev.perEdit.count, 2)
         XCTAssertNotNil(ev.retention, "retention on the earlier batch's edits")

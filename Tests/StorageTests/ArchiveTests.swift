@@ -63,7 +63,7 @@ final class ArchiveTests: XCTestCase {
         let restoredModel = try XCTUnwrap(report.modelDirectory)
         XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: restoredModel + "/model.safetensors")), Data(repeating: 3, count: 5000))
         XCTAssertTrue(restoredModel.hasSuffix("models/gpt2-tiny"))
-        XCTAssertEqual(try target.history().last?.op, "import")
+        XCTAssertEqual(try target.history().last?.op, .import)
         let verify = try target.verify()
         XCTAssertTrue(verify.isClean, "\(verify.problems)")
         XCTAssertEqual(verify.warnings, [])

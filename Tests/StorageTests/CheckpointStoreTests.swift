@@ -116,7 +116,7 @@ final class CheckpointStoreTests: XCTestCase {
         XCTAssertEqual(m5.parent, 1)
         XCTAssertEqual(try store.resolve(.headMinus(1)), 1)
         // Every move is in the history.
-        let ops = try store.history().map { "\($0.op) \($0.from.map(String.init) ?? "-")→\($0.version.map(String.init) ?? "-")" }
+        let ops = try store.history().map { "\($0.op.rawValue) \($0.from.map(String.init) ?? "-")→\($0.version.map(String.init) ?? "-")" }
         XCTAssertEqual(ops, ["commit -→1", "commit 1→2", "commit 2→3", "commit 3→4", "rollback 4→2", "rollback 2→4",
                              "rollback 4→1", "commit 1→5"])
         XCTAssertEqual(try CheckpointStore(at: root).head(), 5)
@@ -288,7 +288,7 @@ final class CheckpointStoreTests: XCTestCase {
         _ = try store.gc(keep: 0)
         XCTAssertEqual(try store.versions(), [6])
         XCTAssertEqual(try store.commit(CommitRequest(tensors: state(10))).version, 7)
-        XCTAssertEqual(try store.history().filter { $0.op == "gc" }.count, 3)
+        XCTAssertEqual(try store.history().filter { $0.op == .gc }.count, 3)
         XCTAssertThrowsError(try store.gc(keep: -1))
     }
 
@@ -340,7 +340,7 @@ final class CheckpointStoreTests: XCTestCase {
         try Data("1\n".utf8).write(to: root.appendingPathComponent("HEAD"))
         let reopened = try CheckpointStore(at: root)
         XCTAssertEqual(reopened.recovery?.recordedHead, true)
-        XCTAssertEqual(try reopened.history().last?.op, "recover")
+        XCTAssertEqual(try reopened.history().last?.op, .recover)
         XCTAssertEqual(try reopened.history().last?.version, 1)
     }
 
