@@ -193,7 +193,7 @@ public final class BatchProcessor {
     @discardableResult
     public func recoverClaimed() throws -> [BatchOutcome] {
         // Temporary files of error files a crash interrupted (the store cleans its own when opened).
-        for name in try Files.list(inbox.failed.path) where name.hasPrefix(".tmp-") { unlink(inbox.failed.path + "/" + name) }
+        for name in try FileUtil.list(inbox.failed.path) where name.hasPrefix(".tmp-") { unlink(inbox.failed.path + "/" + name) }
         var out: [BatchOutcome] = []
         for name in try inbox.claimed() {
             if shouldStop() { break }
@@ -216,7 +216,7 @@ public final class BatchProcessor {
         noteIgnored(scan.ignored)
         guard let first = scan.candidates.first else { return .empty }
         guard first.age >= settings.minimumFileAge else { return .wait(max(0.01, settings.minimumFileAge - first.age)) }
-        if first.age < settings.unfinishedTimeout && !Files.endsWithNewline(inbox.root.path + "/" + first.name) {
+        if first.age < settings.unfinishedTimeout && !FileUtil.endsWithNewline(inbox.root.path + "/" + first.name) {
             if unfinishedNoted.insert(first.name).inserted {
                 logger.notice("waiting for a batch that does not end with a newline yet (still being written?)",
                               metadata: ["batch": "\(first.name)", "timeout_seconds": "\(settings.unfinishedTimeout)"])
@@ -268,9 +268,9 @@ public final class BatchProcessor {
         var times = StageTimes()
         var t = Date()
         let path = inbox.claimedPath(name)
-        guard let info = Files.regularFile(path) else {
+        guard let info = FileUtil.regularFileInfo(path) else {
             // Swapped for a symbolic link or a special file between the scan and the claim: never followed.
-            if Files.kind(path) != .missing {
+            if FileUtil.entryKind(path) != .missing {
                 return try reject(name, sha: "", error: BatchError(file: name, line: 0, field: "", reason: "not a regular file (a symbolic link is never followed)"),
                                   stage: "validation", times: times)
             }
@@ -293,7 +293,7 @@ public final class BatchProcessor {
                               stage: "validation", times: times)
         }
         let data: Data
-        do { data = try Files.read(path, limit: settings.maxBatchBytes) } catch { return try unreadable(error) }
+        do { data = try FileUtil.read(path, limit: settings.maxBatchBytes) } catch { return try unreadable(error) }
         let numbered: [(line: Int, request: EditRequest)]
         do {
             numbered = try EditBatch.parseNumbered(data, file: name, requireFinalNewline: true)
@@ -396,7 +396,7 @@ public final class BatchProcessor {
             times.evaluate += Date().timeIntervalSince(t)
             var report = BatchReport(batch: name, sha256: sha, status: verdict.passed ? .committed : .guarded, version: nil,
                                      parent: head, stateSHA256: nil, baseModelSHA256: resources.baseModelSHA256,
-                                     editorSHA256: resources.editorSHA256, time: Clock.timestamp(), edits: requests.count,
+                                     editorSHA256: resources.editorSHA256, time: Timestamp.now(), edits: requests.count,
                                      totalEdits: state.editCount, reliability: ev.reliability, generality: ev.generality,
                                      locality: ev.locality, perEdit: ev.edits, retention: retention, watchList: watched, canary: canary,
                                      perplexity: perplexity, guardResult: verdict, timings: times)
@@ -551,7 +551,7 @@ public final class BatchProcessor {
         default:
             break
         }
-        try journal(JournalEntry(time: Clock.timestamp(), batch: name, sha256: sha, status: status == .recovered ? .committed : status,
+        try journal(JournalEntry(time: Timestamp.now(), batch: name, sha256: sha, status: status == .recovered ? .committed : status,
                                  version: version, note: note))
         let moved = try inbox.markDone(name)
         var finalTimes = times
@@ -589,7 +589,7 @@ public final class BatchProcessor {
         let t = Date()
         let h: Int? = try head ?? store.head()
         let err = BatchErrorFile(batch: name, sha256: sha, stage: stage, line: error.line, field: error.field, reason: error.reason,
-                                 time: Clock.timestamp(), head: h, evaluation: report)
+                                 time: Timestamp.now(), head: h, evaluation: report)
         if let report {
             // Before the move, so a crash in between gives the line once (the retry finds it).
             let line = report.historyLine
@@ -600,7 +600,7 @@ public final class BatchProcessor {
         }
         let moved = try inbox.markFailed(name, error: try PipelineJSON.pretty(err))
         let status: BatchOutcome.Status = stage == "guard" ? .guarded : .rejected
-        try journal(JournalEntry(time: Clock.timestamp(), batch: name, sha256: sha, status: status, version: h,
+        try journal(JournalEntry(time: Timestamp.now(), batch: name, sha256: sha, status: status, version: h,
                                  note: error.description))
         var times = times
         times.finish = Date().timeIntervalSince(t)

@@ -273,12 +273,3 @@ public struct BatchErrorFile: Codable, Sendable {
 
     public func encoded() throws -> Data { try PipelineJSON.pretty(self) }
 }
-
-enum Clock {
-    static func timestamp(_ date: Date = Date()) -> String {
-        let f = ISO8601DateFormatter()
-        f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-        f.timeZone = TimeZone(identifier: "UTC")
-        return f.string(from: date)
-    }
-}

@@ -1,4 +1,5 @@
 import Foundation
+import Storage
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -26,10 +27,10 @@ public final class DaemonLock {
 
     init(folder: URL, kind: String) throws {
         let dir = folder.standardizedFileURL.path
-        try Files.makeDirectories(dir)
+        try FileUtil.makeDirectories(dir)
         path = dir + "/" + Self.fileName
         fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw Files.fail("open", path) }
+        guard fd >= 0 else { throw FileIOError("open", path) }
         while flock(fd, LOCK_EX | LOCK_NB) != 0 {
             let e = errno
             if e == EINTR { continue }

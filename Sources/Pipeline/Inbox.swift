@@ -1,4 +1,5 @@
 import Foundation
+import Storage
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -29,7 +30,7 @@ public struct Inbox: Sendable {
     /// Opens (creating if needed) the inbox and its subfolders.
     public init(_ root: URL) throws {
         self.root = root.standardizedFileURL
-        for dir in [self.root, processing, done, failed] { try Files.makeDirectories(dir.path) }
+        for dir in [self.root, processing, done, failed] { try FileUtil.makeDirectories(dir.path) }
     }
 
     /// A batch file waiting in the inbox.
@@ -69,12 +70,12 @@ public struct Inbox: Sendable {
         var candidates: [Candidate] = []
         var ignored: [Ignored] = []
         let t = now.timeIntervalSince1970
-        let (names, notUTF8) = try Files.listChecked(root.path)
+        let (names, notUTF8) = try FileUtil.listChecked(root.path)
         ignored += notUTF8.map { Ignored(name: $0, reason: "the name is not valid UTF-8") }
         let own = Set(["processing", "done", "failed"])
         for name in names where !name.hasPrefix(".") && !name.hasSuffix(".tmp") {
             let path = root.path + "/" + name
-            if let info = Files.regularFile(path) {
+            if let info = FileUtil.regularFileInfo(path) {
                 if Self.isBatchName(name) {
                     candidates.append(Candidate(name: name, age: t - info.mtime, size: info.size))
                 } else {
@@ -82,7 +83,7 @@ public struct Inbox: Sendable {
                 }
                 continue
             }
-            switch Files.kind(path) {
+            switch FileUtil.entryKind(path) {
             case .symbolicLink: ignored.append(Ignored(name: name, reason: "a symbolic link (never followed)"))
             case .directory where !own.contains(name): ignored.append(Ignored(name: name, reason: "a folder"))
             case .other: ignored.append(Ignored(name: name, reason: "not a regular file (a FIFO, socket or device)"))
@@ -95,7 +96,7 @@ public struct Inbox: Sendable {
 
     /// Batches left in `processing/` (claimed by a daemon that stopped before finishing them), in order.
     public func claimed() throws -> [String] {
-        try Files.list(processing.path).filter { !$0.hasPrefix(".") && ![.missing, .directory].contains(Files.kind(processing.path + "/" + $0)) }
+        try FileUtil.list(processing.path).filter { !$0.hasPrefix(".") && ![.missing, .directory].contains(FileUtil.entryKind(processing.path + "/" + $0)) }
             .sorted(by: Self.precedes)
     }
 
@@ -105,10 +106,10 @@ public struct Inbox: Sendable {
         let target = uniqueName(name, in: processing.path)
         if rename(root.path + "/" + name, processing.path + "/" + target) != 0 {
             if errno == ENOENT { return nil }
-            throw Files.fail("rename", root.path + "/" + name)
+            throw FileIOError("rename", root.path + "/" + name)
         }
-        try Files.syncDirectory(processing.path)
-        try Files.syncDirectory(root.path)
+        try FileUtil.syncDirectory(processing.path)
+        try FileUtil.syncDirectory(root.path)
         return target
     }
 
@@ -123,18 +124,18 @@ public struct Inbox: Sendable {
     @discardableResult
     public func markFailed(_ claimedName: String, error: Data) throws -> String {
         let target = uniqueName(claimedName, in: failed.path, alsoFree: Self.errorSuffix)
-        try Files.writeAtomically(error, to: failed.path + "/" + target + Self.errorSuffix)
-        try Files.rename(processing.path + "/" + claimedName, failed.path + "/" + target)
-        try Files.syncDirectory(failed.path)
-        try Files.syncDirectory(processing.path)
+        try FileUtil.writeAtomically(error, to: failed.path + "/" + target + Self.errorSuffix)
+        try FileUtil.rename(processing.path + "/" + claimedName, failed.path + "/" + target)
+        try FileUtil.syncDirectory(failed.path)
+        try FileUtil.syncDirectory(processing.path)
         return target
     }
 
     func move(_ claimedName: String, to dir: URL) throws -> String {
         let target = uniqueName(claimedName, in: dir.path)
-        try Files.rename(processing.path + "/" + claimedName, dir.path + "/" + target)
-        try Files.syncDirectory(dir.path)
-        try Files.syncDirectory(processing.path)
+        try FileUtil.rename(processing.path + "/" + claimedName, dir.path + "/" + target)
+        try FileUtil.syncDirectory(dir.path)
+        try FileUtil.syncDirectory(processing.path)
         return target
     }
 
@@ -144,7 +145,7 @@ public struct Inbox: Sendable {
     /// `alsoFree`, whose name + suffix is free too).
     func uniqueName(_ name: String, in dir: String, alsoFree suffix: String? = nil) -> String {
         func free(_ n: String) -> Bool {
-            !Files.exists(dir + "/" + n) && !(suffix.map { Files.exists(dir + "/" + n + $0) } ?? false)
+            !FileUtil.exists(dir + "/" + n) && !(suffix.map { FileUtil.exists(dir + "/" + n + $0) } ?? false)
         }
         if free(name) { return name }
         let ext = name.hasSuffix(Self.batchExtension) ? Self.batchExtension : ""

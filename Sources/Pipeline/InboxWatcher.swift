@@ -1,4 +1,5 @@
 import Foundation
+import Storage
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -29,7 +30,7 @@ public final class InboxWatcher {
         self.directory = directory.standardizedFileURL.path
         #if canImport(Glibc)
         fd = inotify_init1(Int32(IN_NONBLOCK | IN_CLOEXEC))
-        guard fd >= 0 else { throw Files.fail("inotify_init1", directory.path) }
+        guard fd >= 0 else { throw FileIOError("inotify_init1", directory.path) }
         wd = inotify_add_watch(fd, self.directory, UInt32(IN_CLOSE_WRITE | IN_MOVED_TO))
         guard wd >= 0 else {
             let e = errno

@@ -1,4 +1,5 @@
 import Foundation
+import Storage
 import Logging
 
 /// A swift-log handler that writes one line per event to standard error: either
@@ -30,7 +31,7 @@ public struct StructuredLogHandler: LogHandler {
     func write(level: Logger.Level, message: Logger.Message, metadata explicit: Logger.Metadata?) {
         var all = metadata
         if let explicit { all.merge(explicit) { $1 } }
-        let time = Clock.timestamp()
+        let time = Timestamp.now()
         switch format {
         case .text:
             var s = "\(time) \(level) \(label): \(message)"

@@ -95,24 +95,87 @@ public struct POSIXFileSystem: StoreFileSystem {
     }
 }
 
-/// Small helpers over the file system that are not part of the injectable protocol (reads,
-/// listings, folder creation).
-enum FileUtil {
-    /// Names in a directory (no `.`/`..`); an absent directory gives an empty list.
-    static func list(_ path: String) throws -> [String] {
-        guard let dir = opendir(path) else {
-            if errno == ENOENT { return [] }
-            throw FileIOError("list", path)
-        }
+/// What a path is, without following a symbolic link.
+public enum FileKind: Equatable, Sendable {
+    case regular, directory, symbolicLink, other, missing
+}
+
+/// The one file layer for everything outside the injectable store protocol (the pipeline's inbox and
+/// locks, exports, archives, reads): listings, stat, durable renames and atomic writes.
+public enum FileUtil {
+    /// Names in a directory (no `.`/`..`), sorted; an absent directory gives an empty list. Names that are
+    /// not valid UTF-8 are left out (`listChecked` reports them).
+    public static func list(_ path: String) throws -> [String] {
+        do { return try listChecked(path).names.sorted() } catch let e as FileIOError where e.code == ENOENT { return [] }
+    }
+
+    /// Names in a directory (no `.`/`..`), unsorted, and, shown with replacement characters, the names
+    /// that are not valid UTF-8 (no String can name them exactly). An absent directory is an error.
+    public static func listChecked(_ path: String) throws -> (names: [String], notUTF8: [String]) {
+        guard let dir = opendir(path) else { throw FileIOError("list", path) }
         defer { closedir(dir) }
-        var names: [String] = []
+        var out: [String] = [], bad: [String] = []
         while let entry = readdir(dir) {
-            let name = withUnsafePointer(to: entry.pointee.d_name) {
-                $0.withMemoryRebound(to: CChar.self, capacity: Int(NAME_MAX) + 1) { String(cString: $0) }
+            withUnsafePointer(to: entry.pointee.d_name) {
+                $0.withMemoryRebound(to: CChar.self, capacity: Int(NAME_MAX) + 1) { p in
+                    if let name = String(validatingCString: p) {
+                        if name != "." && name != ".." { out.append(name) }
+                    } else {
+                        bad.append(String(cString: p))
+                    }
+                }
             }
-            if name != "." && name != ".." { names.append(name) }
         }
-        return names.sorted()
+        return (out, bad)
+    }
+
+    /// What `path` is (`lstat`: a link is reported as one).
+    public static func entryKind(_ path: String) -> FileKind {
+        switch kind(path) {
+        case nil: return .missing
+        case S_IFREG?: return .regular
+        case S_IFDIR?: return .directory
+        case S_IFLNK?: return .symbolicLink
+        default: return .other
+        }
+    }
+
+    /// A regular file's modification time (seconds since 1970) and size; nil for anything else.
+    public static func regularFileInfo(_ path: String) -> (mtime: Double, size: Int)? {
+        var st = stat()
+        guard lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFREG else { return nil }
+        #if canImport(Glibc)
+        let t = Double(st.st_mtim.tv_sec) + Double(st.st_mtim.tv_nsec) / 1e9
+        #else
+        let t = Double(st.st_mtimespec.tv_sec) + Double(st.st_mtimespec.tv_nsec) / 1e9
+        #endif
+        return (t, Int(st.st_size))
+    }
+
+    /// Whether a file is non-empty and its last byte is a newline (true when it cannot be read: reading it
+    /// reports that).
+    public static func endsWithNewline(_ path: String) -> Bool {
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK)
+        guard fd >= 0 else { return true }
+        defer { close(fd) }
+        var st = stat()
+        guard fstat(fd, &st) == 0, st.st_size > 0 else { return false }
+        var byte: UInt8 = 0
+        guard pread(fd, &byte, 1, st.st_size - 1) == 1 else { return true }
+        return byte == UInt8(ascii: "\n")
+    }
+
+    /// Atomic rename (replacing `to`).
+    public static func rename(_ from: String, _ to: String) throws { try POSIXFileSystem().rename(atPath: from, toPath: to) }
+
+    /// fsync of a directory (renames and removals in it made durable).
+    public static func syncDirectory(_ path: String) throws { try POSIXFileSystem().syncDirectory(atPath: path) }
+
+    /// Writes `data` as `path` atomically (`AtomicFile`: temporary file, fsync, rename, fsync of the folder).
+    public static func writeAtomically(_ data: Data, to path: String) throws {
+        try AtomicFile.write(to: path) { fd in
+            try data.withUnsafeBytes { try POSIXFileSystem.writeAll(fd: fd, $0, path: path) }
+        }
     }
 
     /// `lstat` type of a path: nil when absent.
@@ -122,7 +185,7 @@ enum FileUtil {
         return st.st_mode & S_IFMT
     }
 
-    static func exists(_ path: String) -> Bool { kind(path) != nil }
+    public static func exists(_ path: String) -> Bool { kind(path) != nil }
     static func isDirectory(_ path: String) -> Bool { kind(path) == S_IFDIR }
     static func isRegularFile(_ path: String) -> Bool { kind(path) == S_IFREG }
 
@@ -138,7 +201,7 @@ enum FileUtil {
     }
 
     /// Creates a directory and its missing parents.
-    static func makeDirectories(_ path: String) throws {
+    public static func makeDirectories(_ path: String) throws {
         if isDirectory(path) { return }
         let parent = (path as NSString).deletingLastPathComponent
         if !parent.isEmpty && parent != path { try makeDirectories(parent) }
@@ -180,7 +243,8 @@ enum FileUtil {
         return out.sorted()
     }
 
-    static func read(_ path: String, limit: Int = Int.max) throws -> Data {
+    /// A regular file's bytes (an error beyond `limit` bytes or for anything but a regular file).
+    public static func read(_ path: String, limit: Int = Int.max) throws -> Data {
         let bytes = try FileBytes.read(path, limit: limit)
         return Data(bytes.buffer)
     }

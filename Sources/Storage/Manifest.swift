@@ -397,11 +397,12 @@ public enum FileHash {
     }
 }
 
-enum Timestamp {
-    static func now() -> String {
+/// The one timestamp spelling of every file the tool writes: ISO 8601, UTC, with fractional seconds.
+public enum Timestamp {
+    public static func now(_ date: Date = Date()) -> String {
         let f = ISO8601DateFormatter()
         f.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
         f.timeZone = TimeZone(identifier: "UTC")
-        return f.string(from: Date())
+        return f.string(from: date)
     }
 }
