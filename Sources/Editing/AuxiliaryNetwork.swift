@@ -235,6 +235,22 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
     /// [nq, nk], projected by `p.lo`.
     private func outerAttention(tape: Tape, _ p: String, q: Variable, k: Variable, v vv: Variable, mask: Tensor,
                                 heads: Int, headDim: Int) -> Variable {
+        if !tape.recording {
+            // Inference: each head straight from the strided projections, no column copies of the past's
+            // keys and values (N past rows per head, layer and module at every edit).
+            let nq = q.value.shape[0], nk = k.value.shape[0], width = heads * headDim
+            let context = Tensor(shape: [nq, width])
+            let scores = Tensor(shape: [nq, nk])
+            for hd in 0..<heads {
+                BLAS.gemm(scores.data, q.value.data + hd * headDim, k.value.data + hd * headDim, M: nq, N: nk, K: headDim, transB: true,
+                          alpha: 1 / Float(headDim).squareRoot(), lda: width, ldb: width)
+                scores.add(mask)
+                Kernels.softmaxForward(scores.data, scores.data, N: nq, C: nk)
+                BLAS.gemm(context.data + hd * headDim, scores.data, vv.value.data + hd * headDim, M: nq, N: headDim, K: nk,
+                          lda: nk, ldb: width, ldc: width)
+            }
+            return linear(tape, tape.leaf(context), p + ".lo")
+        }
         let maskVar = tape.leaf(mask)
         var outs: [Variable] = []
         for hd in 0..<heads {

@@ -91,6 +91,26 @@ final class EditorTests: XCTestCase {
         XCTAssertNotEqual(e.model.predict([probe])[0].nll, before)
     }
 
+    /// The inference path (a tape that records nothing: strided attention heads, memo of the past) gives
+    /// the values of the recorded path that training differentiates, with and without a past.
+    func testInferenceForwardMatchesTheRecordedOne() throws {
+        let e = try makeEditor()
+        let m = "transformer.h.2.mlp.c_fc"
+        let (key, mode) = e.routing[m]!
+        let net = e.networks[key]!
+        let first = e.signals(Array(requests.prefix(2)))[m]!, next = e.signals([requests[2]])[m]!
+        let start = net.forward(tape: Tape(), x: first.x, lengths: first.lengths, mode: mode, pastReps: nil, trainingNorm: false)
+        for past in [nil, start.newReps] {
+            let s = past == nil ? first : next
+            let recorded = net.forward(tape: Tape(), x: s.x, lengths: s.lengths, mode: mode, pastReps: past, trainingNorm: false)
+            let inferred = net.forward(tape: Tape(recording: false), x: s.x, lengths: s.lengths, mode: mode, pastReps: past, trainingNorm: false,
+                                       memo: PastProjections(layers: net.config.layerN))
+            XCTAssertLessThan(recorded.values.value.maxAbsDifference(inferred.values.value), 1e-5 * max(recorded.values.value.maxAbs(), 1))
+            XCTAssertLessThan(recorded.x1.value.maxAbsDifference(inferred.x1.value), 1e-5 * max(recorded.x1.value.maxAbs(), 1))
+            XCTAssertEqual(recorded.pastUpdateScale, inferred.pastUpdateScale, accuracy: 1e-6)
+        }
+    }
+
     /// Applying edits one call at a time continues the sequence exactly as one call with all of them.
     func testSequentialEqualsOneCall() throws {
         let e = try makeEditor()
