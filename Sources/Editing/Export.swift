@@ -31,11 +31,39 @@ public enum EditedModelExport {
         }
     }
 
+    /// Where an exported folder came from, written beside its `config.json` as `provenanceFile`.
+    public struct Provenance: Codable, Sendable, Equatable {
+        public var format = "dafnet-export/1"
+        /// The checkpoint store's folder and the version exported.
+        public var store: String
+        public var version: Int
+        public var stateSHA256: String
+        public var baseModelSHA256: String?
+        public var time: String
+        public var dtype: String
+
+        public init(store: String, version: Int, stateSHA256: String, baseModelSHA256: String?, dtype: SafetensorsDType) {
+            self.store = store; self.version = version; self.stateSHA256 = stateSHA256; self.baseModelSHA256 = baseModelSHA256
+            self.time = Timestamp.now(); self.dtype = dtype.rawValue
+        }
+
+        enum CodingKeys: String, CodingKey {
+            case format, store, version, time, dtype, stateSHA256 = "state_sha256", baseModelSHA256 = "base_model_sha256"
+        }
+    }
+
+    public static let provenanceFile = "dafnet-export.json"
+
     public static func export(model folder: ModelFolder, state tensors: [String: Tensor], to out: URL,
-                              dtype: SafetensorsDType = .F32) throws {
+                              dtype: SafetensorsDType = .F32, provenance: Provenance? = nil) throws {
         try install(tensors, on: folder.model)
         defer { folder.model.clearEdits() }
         try ModelFolder.write(model: folder.model, configData: folder.configData, to: out, tokenizerFrom: folder.url,
                               dtype: dtype, mergeEdits: true)
+        if let provenance {
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            try FileUtil.writeAtomically(try enc.encode(provenance), to: out.appendingPathComponent(provenanceFile).path)
+        }
     }
 }

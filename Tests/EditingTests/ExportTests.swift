@@ -19,7 +19,11 @@ final class ExportTests: XCTestCase {
         try EditedModelExport.install(state.tensors(), on: folder.model)
         let edited = folder.model.forward(TokenBatch(ids)).copy()
         let out = root.appendingPathComponent("exported")
-        try EditedModelExport.export(model: folder, state: state.tensors(), to: out)
+        let provenance = EditedModelExport.Provenance(store: "/stores/demo", version: 7, stateSHA256: "ab12", baseModelSHA256: "cd34", dtype: .F32)
+        try EditedModelExport.export(model: folder, state: state.tensors(), to: out, provenance: provenance)
+        let written = try JSONDecoder().decode(EditedModelExport.Provenance.self,
+                                               from: Data(contentsOf: out.appendingPathComponent(EditedModelExport.provenanceFile)))
+        XCTAssertEqual(written, provenance, "the folder says which store, version and state it came from")
         let back = try ModelFolder.load(out, requireTokenizer: true)
         XCTAssertLessThan(back.model.forward(TokenBatch(ids)).maxAbsDifference(edited), 1e-4)
         XCTAssertNil(folder.model.linears["transformer.h.2.mlp.c_fc"]!.deltaWeight, "export leaves the model unedited")

@@ -34,7 +34,10 @@ struct Export: ParsableCommand {
                 try loaded.manifest.requireBaseModel(PipelineResources.hashes(modelFolder: model.url, editorFolder: nil).model)
             }
             let tensors = loaded.tensors
-            try EditedModelExport.export(model: folder, state: tensors, to: URL(fileURLWithPath: out), dtype: dt)
+            let m = loaded.manifest
+            let provenance = EditedModelExport.Provenance(store: location.url.standardizedFileURL.path, version: m.version,
+                                                          stateSHA256: m.stateSHA256, baseModelSHA256: m.baseModelSHA256, dtype: dt)
+            try EditedModelExport.export(model: folder, state: tensors, to: URL(fileURLWithPath: out), dtype: dt, provenance: provenance)
         }
         print("wrote \(out) (version \(resolved))")
     }
