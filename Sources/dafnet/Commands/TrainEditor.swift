@@ -51,7 +51,10 @@ struct TrainEditor: ParsableCommand {
             }
             cfg.method = m
         }
-        if cfg.modules.isEmpty { cfg.modules = EditorConfig.defaultModules(for: folder.model.spec) }
+        let chosen = cfg.modules.isEmpty
+        if chosen { cfg.modules = EditorConfig.defaultModules(for: folder.model.spec) }
+        printError("edited modules (\(chosen ? "the \(folder.model.spec.modelType) default: the MLP of the last three blocks" : "from \(configURL.lastPathComponent)")): "
+                   + cfg.modules.joined(separator: ", "))
         if cfg.baseModel == nil { cfg.baseModel = model.url.standardizedFileURL.lastPathComponent }
         let pool = try runMapped { try EditBatch.read(dataURL) }
         let editor = try runMapped { try DAFNetEditor(config: cfg, model: folder.model, tokenizer: folder.tokenizer!) }
