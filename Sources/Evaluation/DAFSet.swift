@@ -50,6 +50,49 @@ public enum DAFSet {
         return Sets(train: train, eval: eval)
     }
 
+    /// DAFSet from any CounterFact- or ZsRE-layout edits and any model: the model's own negative
+    /// log-likelihood of each edit's true object (`ground_truth`, when given) marks the least likely quarter
+    /// long-tail (`property` `long_tail`, else `popular`), every fourth edit (by a seeded draw) gets the robust
+    /// rephrasings (added context, "It is true that", a negated framing) and `property` `robust`, and the
+    /// edits are split into meta-training and evaluation by subject (`eval_share` of the subjects, drawn by a
+    /// hash of the subject, so no subject is in both). Edits keep every field they came with.
+    public static func build(edits: [EditRequest], model: TransformerLM?, tokenizer: Tokenizer?, evalShare: Double = 0.15,
+                             seed: UInt64 = 11) throws -> Sets {
+        var nll: [Int: Double] = [:]
+        if let model, let tokenizer {
+            let idx = edits.indices.filter { edits[$0].groundTruth.map { !$0.isEmpty } ?? false }
+            for start in stride(from: 0, to: idx.count, by: 256) {
+                let part = Array(idx[start..<min(start + 256, idx.count)])
+                let preds = model.predict(part.map { ScoredPrompt(prompt: edits[$0].prompt, target: edits[$0].groundTruth!, tokenizer: tokenizer) })
+                for (i, p) in zip(part, preds) { nll[i] = p.nll / Double(max(p.target.count, 1)) }
+            }
+        }
+        let threshold: Double? = nll.isEmpty ? nil : nll.values.sorted()[Int(Double(nll.count) * 0.75)]
+        var rng = RNG(seed: seed)
+        let facts = edits.compactMap { r in r.groundTruth.map { r.prompt + " " + $0 + "." } }
+        let context = facts.isEmpty ? ["The sky is blue."] : facts
+        var train: [[String: Any]] = [], eval: [[String: Any]] = []
+        for (i, e) in edits.enumerated() {
+            var r = try JSONSerialization.jsonObject(with: JSONEncoder().encode(e)) as! [String: Any]
+            var property = "popular"
+            if let v = nll[i] {
+                r["model_nll"] = (v * 1000).rounded() / 1000
+                r["long_tail_by_likelihood"] = v >= threshold!
+                if v >= threshold! { property = "long_tail" }
+            }
+            if rng.index(4) == 0, let gt = e.groundTruth {
+                property = "robust"
+                r["rephrase_prompt"] = e.rephrases + [context[rng.index(context.count)] + " " + e.prompt, "It is true that " + e.prompt,
+                                                      "It is not true that " + e.prompt + " " + gt + ". In fact, " + e.prompt]
+            }
+            r["property"] = property
+            var hash: UInt64 = 0xcbf2_9ce4_8422_2325 ^ seed
+            for b in (e.subject ?? e.prompt).utf8 { hash = (hash ^ UInt64(b)) &* 0x100_0000_01b3 }
+            if Double(hash % 10_000) / 10_000 < evalShare { eval.append(r) } else { train.append(r) }
+        }
+        return Sets(train: train, eval: eval)
+    }
+
     public static func write(_ records: [[String: Any]], to url: URL) throws {
         var out = Data()
         for r in records {
