@@ -131,6 +131,8 @@ public final class BatchProcessor {
 
     /// Version → its parent and batch SHA-256 (manifests never change, so read each once).
     private var lineageCache: [Int: (parent: Int?, batch: String?)] = [:]
+    /// Records a version this processor committed in the lineage cache.
+    func noteLineage(_ version: Int, parent: Int?, batch: String) { lineageCache[version] = (parent, batch) }
     /// The same for versions whose manifest `gc` removed: the parent from the store's commit records,
     /// the batch from the journal.
     private var removedLineage: [Int: (parent: Int?, batch: String?)] = [:]
@@ -263,197 +265,60 @@ public final class BatchProcessor {
 
     // MARK: One batch
 
-    /// Processes a batch already in `processing/`.
+    /// Processes a batch already in `processing/`: its stages (`BatchStage`) in order, each timed; a stop
+    /// request between stages abandons it before the commit; a HEAD that moved meanwhile starts it again
+    /// from the new HEAD (at most `maxAttempts` times).
     public func process(claimed name: String, atStartup: Bool) throws -> BatchOutcome {
-        var times = StageTimes()
-        var t = Date()
-        let path = inbox.claimedPath(name)
-        guard let info = FileUtil.regularFileInfo(path) else {
-            // Swapped for a symbolic link or a special file between the scan and the claim: never followed.
-            if FileUtil.entryKind(path) != .missing {
-                return try reject(name, sha: "", error: BatchError(file: name, line: 0, field: "", reason: "not a regular file (a symbolic link is never followed)"),
-                                  stage: "validation", times: times)
+        var read = StageTimes()
+        let sha: String, requests: [EditRequest]
+        switch try readBatch(name, atStartup: atStartup, times: &read) {
+        case .finished(let outcome): return outcome
+        case let .edits(s, r): (sha, requests) = (s, r)
+        }
+        for attempt in 1... {
+            var times = read
+            var t = Date()
+            func lap() -> Double { defer { t = Date() }; return Date().timeIntervalSince(t) }
+            func stopped() -> BatchOutcome? { shouldStop() ? abandon(name, sha: sha, edits: requests.count, times: times) : nil }
+            func refused(_ stage: BatchStage, _ reason: String, report: BatchReport? = nil, head: Int?) throws -> BatchOutcome {
+                try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "", reason: reason), stage: stage, head: head,
+                           report: report, times: times)
             }
-            throw PipelineError.io(operation: "open", path: path, errno: ENOENT)
-        }
-        // A batch that cannot be read (permissions, an I/O error) fails like a malformed one: retrying it
-        // at every start would block the inbox for good.
-        func unreadable(_ error: Error) throws -> BatchOutcome {
-            try reject(name, sha: "", error: BatchError(file: name, line: 0, field: "", reason: "cannot read the file: \(error)"),
-                       stage: "validation", times: times)
-        }
-        let sha: String
-        do { sha = try FileHash.sha256(ofFileAt: URL(fileURLWithPath: path)) } catch { return try unreadable(error) }
-        if let v = try lineageVersion(holding: sha) {
-            return try finishCommitted(name, sha: sha, version: v, status: atStartup ? .recovered : .duplicate, times: times)
-        }
-        guard info.size <= settings.maxBatchBytes else {
-            return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "",
-                                                                   reason: "the file is larger than \(settings.maxBatchBytes) bytes"),
-                              stage: "validation", times: times)
-        }
-        let data: Data
-        do { data = try FileUtil.read(path, limit: settings.maxBatchBytes) } catch { return try unreadable(error) }
-        let numbered: [(line: Int, request: EditRequest)]
-        do {
-            numbered = try EditBatch.parseNumbered(data, file: name, requireFinalNewline: true)
-            try validateForModel(numbered, file: name)
-        } catch let e as BatchError {
-            times.parse = Date().timeIntervalSince(t)
-            return try reject(name, sha: sha, error: e, stage: "validation", times: times)
-        }
-        let requests = numbered.map(\.request)
-        times.parse = Date().timeIntervalSince(t)
-        if shouldStop() { return abandon(name, sha: sha, edits: requests.count, times: times) }
-
-        var attempt = 0
-        while true {
-            attempt += 1
-            var times = times
-            // Load HEAD fresh: a rollback since the last batch is honoured.
-            t = Date()
-            let head = try store.head()
-            let state: EditorState
-            var log = EditLog(chunkSize: settings.editLogChunk)
-            var headManifest: Manifest?
-            if let head {
-                let loaded = try store.load(.number(head))
-                if !settings.allowOtherBaseModel { try loaded.manifest.requireBaseModel(resources.baseModelSHA256) }
-                headManifest = loaded.manifest
-                state = try editor.restoreState(loaded.tensors)
-                log = try EditLog.load(from: store, version: head, chunkSize: settings.editLogChunk)
-                if let m = resources.editorSHA256, let s = loaded.manifest.editorSHA256, m != s {
-                    logger.warning("HEAD was made by another editor", metadata: ["head": "\(head)", "head_editor": "\(s)", "editor": "\(m)"])
-                }
-            } else {
-                state = editor.newState()
-            }
-            editor.install(state)
-            times.load = Date().timeIntervalSince(t)
-
-            // Before: retention of earlier edits and perplexity on HEAD.
-            t = Date()
-            let model = editor.model
-            let earlier = try log.sample(settings.retentionSample)
-            // The sampled earlier edits (retention) and the watch list, scored in one pass before and after.
-            let facts = earlier + resources.watchList
-            let factItems = facts.map { editor.scored($0.prompt, $0.targetNew) }
-            let factsBefore = model.predict(factItems)
-            let retentionBefore = Self.meanAccuracy(factsBefore.prefix(earlier.count))
-            var perplexityBefore: Double?
-            if uneditedPerplexity != nil {
-                if head == nil { perplexityBefore = uneditedPerplexity }
-                else if let info = headManifest?.info, info["heldout"]?.stringValue == heldoutFingerprint,
-                        let p = Self.double(info["perplexity_after"]) { perplexityBefore = p }
-                else { perplexityBefore = model.perplexity(heldout) }
-            }
-            let localityRef = EditMetrics.localityReference(editor: editor, requests)
-            times.evaluate = Date().timeIntervalSince(t)
-            if shouldStop() { return abandon(name, sha: sha, edits: requests.count, times: times) }
-
-            // Apply.
-            let editTimes: EditTimings
+            if let o = stopped() { return o }
+            let head = try loadHead()
+            times.load = lap()
+            let before = try measureBefore(head, requests)
+            times.evaluate = lap()
+            if let o = stopped() { return o }
             do {
-                editTimes = try editor.apply(requests, to: state)
+                let e = try editor.apply(requests, to: head.state)
+                times.signal = e.signal; times.auxiliary = e.auxiliary; times.apply = e.apply
             } catch {
-                return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "", reason: "the editor refused the batch: \(error)"),
-                                  stage: "apply", head: head, times: times)
+                return try refused(.apply, "the editor refused the batch: \(error)", head: head.number)
             }
-            times.signal = editTimes.signal; times.auxiliary = editTimes.auxiliary; times.apply = editTimes.apply
-
-            // Evaluate.
             t = Date()
-            let ev: EditEvaluation
-            do {
-                ev = try EditMetrics.evaluate(editor: editor, requests, localityReference: localityRef, heldoutText: nil,
-                                              answers: settings.answerTokens > 0, answerTokens: max(1, settings.answerTokens),
-                                              fluencyTokens: settings.fluencyTokens, fluencySample: settings.fluencySample)
-            } catch {
-                return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "", reason: "evaluation failed: \(error)"),
-                                  stage: "evaluate", head: head, times: times)
+            var report: BatchReport
+            do { report = try evaluate(name, sha: sha, requests, head: head, before: before) } catch {
+                return try refused(.evaluate, "evaluation failed: \(error)", head: head.number)
             }
-            let factsAfter = model.predict(factItems)
-            let n = earlier.count
-            let watched = resources.watchList.isEmpty ? nil
-                : FactScore.scores(resources.watchList, before: factsBefore[n...], after: factsAfter[n...])
-            let retention = earlier.isEmpty ? nil : RetentionResult(
-                sampled: n, earlierEdits: log.count, before: retentionBefore ?? 0,
-                after: Self.meanAccuracy(factsAfter.prefix(n)) ?? 0,
-                perEdit: FactScore.scores(earlier, before: factsBefore[..<n], after: factsAfter[..<n]))
-            var canary = CanaryResult(probes: canaryItems.count, locality: nil, skipped: nil)
-            if canaryItems.isEmpty {
-                canary.skipped = resources.canaryNote ?? "no canary facts"
-            } else {
-                let after = model.predict(canaryItems)
-                canary.locality = zip(after, canaryReference).map { $0.agreement(with: $1) }.reduce(0, +) / Double(canaryItems.count)
+            times.evaluate += lap()
+            report.timings = times
+            if !report.guardResult.passed {
+                return try refused(.guard, "collapse guard: " + report.guardResult.violations.joined(separator: "; "), report: report,
+                                   head: head.number)
             }
-            var perplexity: PerplexityResult?
-            if let u = uneditedPerplexity, let b = perplexityBefore {
-                perplexity = PerplexityResult(unedited: u, before: b, after: model.perplexity(heldout),
-                                              texts: resources.heldoutText.count)
-            }
-            let verdict = settings.collapseGuard.check(reliability: ev.reliability, perplexity: perplexity, canary: canary, retention: retention)
-            times.evaluate += Date().timeIntervalSince(t)
-            var report = BatchReport(batch: name, sha256: sha, status: verdict.passed ? .committed : .guarded, version: nil,
-                                     parent: head, stateSHA256: nil, baseModelSHA256: resources.baseModelSHA256,
-                                     editorSHA256: resources.editorSHA256, time: Timestamp.now(), edits: requests.count,
-                                     totalEdits: state.editCount, reliability: ev.reliability, generality: ev.generality,
-                                     locality: ev.locality, perEdit: ev.edits, retention: retention, watchList: watched, canary: canary,
-                                     perplexity: perplexity, guardResult: verdict, timings: times)
-            if let before = ev.fluencyBefore, let after = ev.fluencyAfter {
-                report.fluency = FluencyResult(before: before, after: after, sampled: ev.edits.filter { $0.fluencyAfter != nil }.count,
-                                               tokens: settings.fluencyTokens)
-            }
-            if !verdict.passed {
-                return try reject(name, sha: sha, error: BatchError(file: name, line: 0, field: "",
-                                                                       reason: "collapse guard: " + verdict.violations.joined(separator: "; ")),
-                                  stage: "guard", head: head, report: report, times: times)
-            }
-            if shouldStop() { return abandon(name, sha: sha, edits: requests.count, times: times) }
-
-            // Commit, unless HEAD moved meanwhile (a rollback): then start again from the new HEAD.
-            t = Date()
-            if try store.head() != head {
-                guard attempt < settings.maxAttempts else { throw PipelineError.headUnstable(batch: name, attempts: attempt) }
-                logger.notice("HEAD moved while the batch was prepared; starting it again from the new HEAD",
-                              metadata: ["batch": "\(name)", "was": "\(head.map(String.init) ?? "none")"])
-                continue
-            }
-            try log.append(requests)
-            var files = log.files
-            files[Self.evaluationFileInVersion] = try report.encoded()
-            func num(_ x: Double?) -> JSONValue { x.map { $0.isFinite ? .double($0) : .string("\($0)") } ?? .null }
-            let info: JSONValue = .object([
-                "batch_edits": .int(Int64(requests.count)), "reliability": num(ev.reliability),
-                "generality": num(ev.generality), "locality": num(ev.locality),
-                "perplexity_after": num(perplexity?.after), "heldout": .string(heldoutFingerprint),
-                "canary_locality": num(canary.locality), "retention": num(retention?.after),
-            ])
-            let manifest: Manifest
-            do {
-                manifest = try store.commit(CommitRequest(tensors: state.tensors(), files: files, baseModelSHA256: resources.baseModelSHA256,
-                                                          editorSHA256: resources.editorSHA256, batch: BatchReference(name: name, sha256: sha),
-                                                          info: info))
-            } catch StoreError.currentWithError(let v, let underlying) {
-                logger.warning("committed, but a final step of the commit failed", metadata: ["version": "\(v)", "error": "\(underlying)"])
-                manifest = try store.manifest(v)
-            }
-            times.commit = Date().timeIntervalSince(t)
-            lineageCache[manifest.version] = (manifest.parent, sha)
-            if manifest.parent != head {
-                // A rollback slipped in between the check and the commit: the new version would claim the
-                // wrong parent. Put HEAD back where the rollback left it and apply the batch there.
-                logger.warning("HEAD moved during the commit; undoing it and applying the batch again on the new HEAD",
-                               metadata: ["batch": "\(name)", "version": "\(manifest.version)"])
-                if let p = manifest.parent { try store.rollback(to: .number(p)) }
+            if let o = stopped() { return o }
+            guard let manifest = try commit(name, sha: sha, requests, head: head, report: report) else {
                 guard attempt < settings.maxAttempts else { throw PipelineError.headUnstable(batch: name, attempts: attempt) }
                 continue
             }
+            times.commit = lap()
             report.version = manifest.version
             report.stateSHA256 = manifest.stateSHA256
             report.timings = times
             return try finishCommitted(name, sha: sha, version: manifest.version, status: .committed, times: times, report: report)
         }
+        fatalError("unreachable: the attempts loop returns or throws")
     }
 
     /// Checks the edits against the model: the target has tokens, prompt + target fit the context.
@@ -584,7 +449,7 @@ public final class BatchProcessor {
     }
 
     /// Moves a batch to failed/ with its error file; HEAD is untouched.
-    func reject(_ name: String, sha: String, error: BatchError, stage: String, head: Int?? = nil, report: BatchReport? = nil,
+    func reject(_ name: String, sha: String, error: BatchError, stage: BatchStage, head: Int?? = nil, report: BatchReport? = nil,
                 times: StageTimes) throws -> BatchOutcome {
         let t = Date()
         let h: Int? = try head ?? store.head()
@@ -599,7 +464,7 @@ public final class BatchProcessor {
             }
         }
         let moved = try inbox.markFailed(name, error: try PipelineJSON.pretty(err))
-        let status: BatchOutcome.Status = stage == "guard" ? .guarded : .rejected
+        let status: BatchOutcome.Status = stage == .guard ? .guarded : .rejected
         try journal(JournalEntry(time: Timestamp.now(), batch: name, sha256: sha, status: status, version: h,
                                  note: error.description))
         var times = times
@@ -613,7 +478,7 @@ public final class BatchProcessor {
                            metadata: ["batch": "\(name)", "head": "\(h.map(String.init) ?? "none")", "reason": "\(error.reason)"])
         } else {
             logger.error("batch rejected; nothing applied",
-                         metadata: ["batch": "\(name)", "stage": "\(stage)", "line": "\(error.line)", "field": "\(error.field)",
+                         metadata: ["batch": "\(name)", "stage": "\(stage.rawValue)", "line": "\(error.line)", "field": "\(error.field)",
                                     "reason": "\(error.reason)"])
         }
         onOutcome?(outcome)

@@ -96,23 +96,30 @@ public struct PerplexityResult: Codable, Sendable, Equatable {
     public var after: Double
     public var ratioToUnedited: Double { unedited > 0 ? after / unedited : .infinity }
     public var texts: Int
+    /// A fingerprint of the held-out texts' tokens: the next batch takes `after` as its `before` only when
+    /// it measures on the same texts.
+    public var textsFingerprint: String?
 
-    enum CodingKeys: String, CodingKey { case unedited, before, after, ratioToUnedited = "ratio_to_unedited", texts }
+    enum CodingKeys: String, CodingKey {
+        case unedited, before, after, ratioToUnedited = "ratio_to_unedited", texts, textsFingerprint = "texts_fingerprint"
+    }
 
-    public init(unedited: Double, before: Double, after: Double, texts: Int) {
-        self.unedited = unedited; self.before = before; self.after = after; self.texts = texts
+    public init(unedited: Double, before: Double, after: Double, texts: Int, textsFingerprint: String? = nil) {
+        self.unedited = unedited; self.before = before; self.after = after; self.texts = texts; self.textsFingerprint = textsFingerprint
     }
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
         unedited = try c.decode(Double.self, forKey: .unedited); before = try c.decode(Double.self, forKey: .before)
         after = try c.decode(Double.self, forKey: .after); texts = try c.decode(Int.self, forKey: .texts)
+        textsFingerprint = try c.decodeIfPresent(String.self, forKey: .textsFingerprint)
     }
 
     public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
         try c.encode(unedited, forKey: .unedited); try c.encode(before, forKey: .before); try c.encode(after, forKey: .after)
         try c.encode(ratioToUnedited, forKey: .ratioToUnedited); try c.encode(texts, forKey: .texts)
+        try c.encodeIfPresent(textsFingerprint, forKey: .textsFingerprint)
     }
 }
 
@@ -255,14 +262,32 @@ public struct JournalEntry: Codable, Sendable, Equatable {
 
 /// `failed/NAME.error.json`: why a batch was rejected. Validation errors name the line (1-based; 0 for
 /// the whole file), the field and the reason; a guarded batch carries its evaluation.
+/// The stages a batch goes through, in order (the README's "a batch, start to end"); an error file names
+/// the one that refused it (`validation`, `apply`, `evaluate` or `guard`).
+public enum BatchStage: String, Codable, Sendable, CaseIterable {
+    /// Claimed into `processing/`, read, hashed, parsed and checked against the model.
+    case validation
+    /// HEAD's state and edit log loaded and installed; the "before" measurements taken on it.
+    case load
+    /// The editor applies the batch to HEAD's state.
+    case apply
+    /// The edited model measured: the batch's metrics, retention, the watch list, canaries, perplexity, fluency.
+    case evaluate
+    /// The collapse guard's verdict on the evaluation.
+    case `guard`
+    /// The new version committed (started again from the new HEAD if HEAD moved meanwhile).
+    case commit
+    /// Evaluation file, batch-log and journal lines, the move to `done/`.
+    case finish
+}
+
 public struct BatchErrorFile: Codable, Sendable {
     public static let currentFormat = "dafnet-batch-error/1"
 
     public var format = BatchErrorFile.currentFormat
     public var batch: String
     public var sha256: String
-    /// `validation`, `apply`, `evaluate` or `guard`.
-    public var stage: String
+    public var stage: BatchStage
     public var line: Int
     public var field: String
     public var reason: String
