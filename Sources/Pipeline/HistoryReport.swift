@@ -94,7 +94,9 @@ public enum HistoryReport {
         for l in lines {
             let isHead = l.status == .committed && l.version != nil && l.version == context.head
             let cls = l.status == .committed ? (isHead ? " class=\"head\"" : "") : " class=\"\(escape(l.status.rawValue))\""
-            let batch = l.evaluation.map { "<a href=\"\(escape($0))\">\(escape(l.batch))</a>" } ?? escape(l.batch)
+            let batch = l.evaluation.map {
+                "<a href=\"\(escape(pageName(forEvaluation: $0)))\">\(escape(l.batch))</a> <a class=\"json\" href=\"\(escape($0))\">json</a>"
+            } ?? escape(l.batch)
             body += "<tr\(cls)><td>\(escape(l.time))</td><td>\(batch)</td><td>\(escape(l.status.rawValue))\(isHead ? " (HEAD)" : "")</td>"
             body += "<td>\(l.version.map(String.init) ?? "–")</td><td>\(l.parent.map(String.init) ?? "–")</td>"
             body += "<td>\(l.edits)</td><td>\(l.totalEdits)</td><td>\(num(l.reliability))</td><td>\(num(l.generality))</td>"
@@ -119,20 +121,87 @@ public enum HistoryReport {
             }
             body += "</table>\n"
         }
-        return """
+        return page(title: title, body: body)
+    }
+
+    /// A self-contained page: inline CSS, no scripts.
+    static func page(title: String, body: String) -> String {
+        """
         <!DOCTYPE html>
         <html lang="en"><head><meta charset="utf-8"><title>\(escape(title))</title>
         <style>
         body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em;color:#222;max-width:1400px}
         h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}.meta{color:#555}
         table{border-collapse:collapse;font-size:.8em}td:first-child{white-space:nowrap}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
-        td:nth-child(2),th:nth-child(2),td:nth-child(1),td:nth-child(3){text-align:left}
+        td:nth-child(2),th:nth-child(2),td:nth-child(1),td:nth-child(3){text-align:left}td.text{text-align:left}a.json{font-size:.85em;color:#777}
         tr.guarded{background:#fde8e8}td.lost{background:#fde8e8}tr.head{font-weight:600;background:#eef6ff}td.reason{text-align:left}td.holds{color:#2a7}svg{background:#fff;border:1px solid #ddd}
         svg text{font-size:11px;fill:#333}
         </style></head><body>
         \(body)</body></html>
 
         """
+    }
+
+    /// The page of a batch beside its evaluation file: `NAME.vNNNN.html` for `NAME.vNNNN.json`.
+    public static func pageName(forEvaluation file: String) -> String {
+        (file.hasSuffix(".json") ? String(file.dropLast(5)) : file) + ".html"
+    }
+
+    /// Writes the page of every committed batch whose evaluation file is in the store's `evaluations/`
+    /// (skipping pages already there unless `overwrite`), through the store. Returns the pages written.
+    @discardableResult
+    public static func writeBatchPages(_ store: CheckpointStore, lines: [HistoryLine], overwrite: Bool = false) throws -> [String] {
+        var written: [String] = []
+        for l in lines where l.status == .committed {
+            guard let file = l.evaluation else { continue }
+            let page = pageName(forEvaluation: file)
+            let folder = store.evaluationsFolder
+            if !overwrite && FileUtil.exists(folder.appendingPathComponent(page).path) { continue }
+            guard let data = try? Data(contentsOf: folder.appendingPathComponent(file)),
+                  let report = try? PipelineJSON.decoder.decode(BatchReport.self, from: data) else { continue }
+            try store.writeEvaluationsFile(Data(batchPage(report, evaluationFile: file).utf8), named: page)
+            written.append(page)
+        }
+        return written
+    }
+
+    /// One batch: its means, each edit with its scores and its greedy answers before (unedited model) and
+    /// after, the fluency check's continuations, the retention sample and the watch list, linked to the
+    /// evaluation file it is made from.
+    public static func batchPage(_ r: BatchReport, evaluationFile: String) -> String {
+        var b = "<h1>\(escape(r.batch))</h1>\n<p class=\"meta\">version \(r.version.map(String.init) ?? "–") on \(r.parent.map(String.init) ?? "the unedited model") · "
+        b += "\(escape(r.time)) · \(r.edits) edits, \(r.totalEdits) in the state · <a href=\"report.html\">all batches</a> · "
+        b += "<a href=\"\(escape(evaluationFile))\">\(escape(evaluationFile))</a></p>\n"
+        b += "<table class=\"means\"><tr><th>reliability</th><th>generality</th><th>locality</th><th>retention</th><th>canary locality</th>"
+        b += "<th>perplexity before → after</th><th>fluency before → after</th><th>guard</th></tr>\n"
+        b += "<tr><td>\(num(r.reliability))</td><td>\(num(r.generality))</td><td>\(num(r.locality))</td><td>\(num(r.retention?.after))</td>"
+        b += "<td>\(num(r.canary.locality))</td><td>\(num(r.perplexity?.before, "%.2f")) → \(num(r.perplexity?.after, "%.2f"))</td>"
+        b += "<td>\(num(r.fluency?.before, "%.2f")) → \(num(r.fluency?.after, "%.2f"))</td><td>\(r.guardResult.passed ? "passed" : "refused")</td></tr></table>\n"
+        b += "<h2>Edits</h2>\n<table class=\"edits\">\n<tr><th>#</th><th>prompt</th><th>target</th><th>reliability</th><th>generality</th>"
+        b += "<th>locality</th><th>answer before</th><th>answer after</th><th>fluency before → after</th><th>continuation after</th></tr>\n"
+        for (i, e) in r.perEdit.enumerated() {
+            let cls = e.reliability >= 1 ? "" : " class=\"lost\""
+            b += "<tr><td>\(i + 1)</td><td class=\"text\">\(escape(e.prompt))</td><td class=\"text\">\(escape(e.targetNew))</td>"
+            b += "<td\(cls)>\(num(e.reliability, "%.2f"))</td><td>\(num(e.generality, "%.2f"))</td><td>\(num(e.locality, "%.2f"))</td>"
+            b += "<td class=\"text\">\(escape(e.answerBefore ?? "–"))</td><td class=\"text\">\(escape(e.answerAfter ?? "–"))</td>"
+            let fluency = e.fluencyAfter == nil ? "–" : "\(num(e.fluencyBefore, "%.2f")) → \(num(e.fluencyAfter, "%.2f"))"
+            b += "<td>\(fluency)</td><td class=\"text\">\(escape(e.continuationAfter ?? ""))</td></tr>\n"
+        }
+        b += "</table>\n"
+        if let ret = r.retention, let kept = ret.perEdit, !kept.isEmpty {
+            b += "<h2>Earlier edits (retention sample: \(ret.sampled) of \(ret.earlierEdits))</h2>\n" + factTable(kept)
+        }
+        if let watched = r.watchList, !watched.isEmpty { b += "<h2>Watch list</h2>\n" + factTable(watched) }
+        return page(title: r.batch, body: b)
+    }
+
+    static func factTable(_ facts: [FactScore]) -> String {
+        var out = "<table class=\"facts\"><tr><th>prompt</th><th>target</th><th>before</th><th>after</th></tr>\n"
+        for f in facts {
+            out += "<tr><td class=\"text\">\(escape(f.prompt))</td><td class=\"text\">\(escape(f.targetNew))</td><td>\(num(f.before, "%.2f"))</td>"
+            out += "<td\(f.holds ? " class=\"holds\"" : " class=\"lost\"")>\(num(f.after, "%.2f"))</td></tr>\n"
+        }
+        return out + "</table>\n"
     }
 
     /// The watch list's facts over versions: one row per fact, one column per committed batch, the

@@ -589,7 +589,7 @@ final class BatchProcessorTests: XCTestCase {
         let html = HistoryReport.html(try HistoryReport.load(h.store), context: try HistoryReport.Context.of(h.store))
         XCTAssertTrue(html.contains("HEAD: version 1"))
         XCTAssertEqual(html.components(separatedBy: "(HEAD)").count - 1, 1)
-        XCTAssertTrue(html.contains("<tr class=\"head\"><td>") && html.contains("<a href=\"001.v0001.json\">001.jsonl</a>"))
+        XCTAssertTrue(html.contains("<tr class=\"head\"><td>") && html.contains("<a href=\"001.v0001.html\">001.jsonl</a> <a class=\"json\" href=\"001.v0001.json\">json</a>"))
         XCTAssertTrue(html.contains("Failed batches") && html.contains("003-bad.jsonl") && html.contains("required but missing"))
         XCTAssertTrue(html.contains("Moves of HEAD besides commits") && html.contains("<td>rollback</td><td>2</td><td>1</td>"))
 
@@ -702,6 +702,18 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(html.components(separatedBy: "<svg").count - 1, 2, "metrics and perplexity charts")
         XCTAssertTrue(html.contains("0002-second.jsonl"))
         XCTAssertFalse(html.contains("<script"))
+        // A page per committed batch, linked from the table, with each edit's answers before and after.
+        XCTAssertTrue(html.contains("href=\"0002-second.v0002.html\""), "the table links the batch's page")
+        let pages = try HistoryReport.writeBatchPages(h.store, lines: lines)
+        XCTAssertEqual(pages, ["0001-first.v0001.html", "0002-second.v0002.html"])
+        let page = try String(contentsOf: h.processor.evaluationsFolder.appendingPathComponent(pages[1]), encoding: .utf8)
+        XCTAssertTrue(page.hasPrefix("<!DOCTYPE html>")); XCTAssertFalse(page.contains("<script"))
+        XCTAssertEqual(page.components(separatedBy: "<tr><td>").count - 1, 1 + 2, "the means and one row per edit")
+        XCTAssertEqual(page.components(separatedBy: "<tr><td class=\"text\">").count - 1, r.retention?.perEdit?.count ?? 0, "a row per retained edit")
+        XCTAssertTrue(page.contains(HistoryReport.escape(r.perEdit[0].prompt)))
+        XCTAssertTrue(page.contains(HistoryReport.escape(r.perEdit[0].answerAfter!)))
+        XCTAssertTrue(page.contains("href=\"0002-second.v0002.json\""))
+        XCTAssertEqual(try HistoryReport.writeBatchPages(h.store, lines: lines), [], "pages already there are kept")
     }
 
     /// A file must have been left alone for the minimum age, and the order is strict: a young first file

@@ -6,7 +6,7 @@ import Storage
 /// `dafnet report`: the store's batch history as one self-contained HTML page with charts.
 struct Report: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Render STORE/evaluations/batches.jsonl as an HTML page (metrics and perplexity across versions, every batch).")
+        abstract: "Render STORE/evaluations/batches.jsonl as an HTML page (metrics and perplexity across versions, every batch), with a page per committed batch (each edit's scores and answers before and after).")
 
     @OptionGroup var location: StoreLocationOptions
     @Option(help: "Where to write the page (default: STORE/evaluations/report.html).")
@@ -26,7 +26,9 @@ struct Report: ParsableCommand {
             } else {
                 url = try store.writeEvaluationsFile(page, named: "report.html")
             }
-            print("\(url.path): \(lines.count) batch\(lines.count == 1 ? "" : "es")")
+            // A page per committed batch beside its evaluation file (the links of the batches table).
+            let pages = try HistoryReport.writeBatchPages(store, lines: lines, overwrite: true)
+            print("\(url.path): \(lines.count) batch\(lines.count == 1 ? "" : "es"), \(pages.count) batch page\(pages.count == 1 ? "" : "s")")
         }
     }
 }
