@@ -87,6 +87,18 @@ public enum EditMetrics {
         tokenizer.decode(try greedyAnswerTokens(model, tokenizer, promptIds: tokenizer.encode(prompt), maxTokens: maxTokens))
     }
 
+    /// `tokens` greedy tokens after `prompt`, generated through end-of-text (which is left out of the
+    /// text), as ROME and EasyEdit generate for fluency: a model that stopped at the first end-of-text
+    /// would give a one-word text whose n-gram entropy says nothing.
+    public static func greedyContinuation(_ model: TransformerLM, _ tokenizer: Tokenizer, prompt: String, tokens: Int) throws -> String {
+        let ids = tokenizer.encode(prompt)
+        let eos = tokenizer.eosTokenID
+        let generated = try model.generateGreedy(prompt: ids, maxNewTokens: tokens, stop: nil)
+        let new = Array(generated.dropFirst(ids.count))
+        guard let eos else { return tokenizer.decode(new) }
+        return new.split(separator: eos).map { tokenizer.decode(Array($0)).trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
+    }
+
     /// The same as token ids, from the prompt's ids.
     public static func greedyAnswerTokens(_ model: TransformerLM, _ tokenizer: Tokenizer, promptIds: [Int], maxTokens: Int) throws -> [Int] {
         let eos = tokenizer.eosTokenID
@@ -165,8 +177,8 @@ public enum EditMetrics {
         if fluencyTokens > 0 {
             for i in fluencyIndices(count: requests.count, sample: fluencySample) {
                 let prompt = requests[i].prompt
-                let after = try greedyAnswer(model, editor.tokenizer, prompt: prompt, maxTokens: fluencyTokens)
-                let before = try model.withoutEdits { try greedyAnswer(model, editor.tokenizer, prompt: prompt, maxTokens: fluencyTokens) }
+                let after = try greedyContinuation(model, editor.tokenizer, prompt: prompt, tokens: fluencyTokens)
+                let before = try model.withoutEdits { try greedyContinuation(model, editor.tokenizer, prompt: prompt, tokens: fluencyTokens) }
                 edits[i].continuationAfter = after
                 edits[i].fluencyAfter = ngramEntropy(prompt + after)
                 edits[i].fluencyBefore = ngramEntropy(prompt + before)

@@ -133,7 +133,7 @@ public enum HistoryReport {
         body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em;color:#222;max-width:1400px}
         h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.6em}.meta{color:#555}
         table{border-collapse:collapse;font-size:.8em}td:first-child{white-space:nowrap}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}
-        td:nth-child(2),th:nth-child(2),td:nth-child(1),td:nth-child(3){text-align:left}td.text{text-align:left}a.json{font-size:.85em;color:#777}
+        td:nth-child(2),th:nth-child(2),td:nth-child(1),td:nth-child(3){text-align:left}td.text,th.text{text-align:left}a.json{font-size:.85em;color:#777}
         tr.guarded{background:#fde8e8}td.lost{background:#fde8e8}tr.head{font-weight:600;background:#eef6ff}td.reason{text-align:left}td.holds{color:#2a7}svg{background:#fff;border:1px solid #ddd}
         svg text{font-size:11px;fill:#333}
         </style></head><body>
@@ -177,8 +177,9 @@ public enum HistoryReport {
         b += "<tr><td>\(num(r.reliability))</td><td>\(num(r.generality))</td><td>\(num(r.locality))</td><td>\(num(r.retention?.after))</td>"
         b += "<td>\(num(r.canary.locality))</td><td>\(num(r.perplexity?.before, "%.2f")) → \(num(r.perplexity?.after, "%.2f"))</td>"
         b += "<td>\(num(r.fluency?.before, "%.2f")) → \(num(r.fluency?.after, "%.2f"))</td><td>\(r.guardResult.passed ? "passed" : "refused")</td></tr></table>\n"
-        b += "<h2>Edits</h2>\n<table class=\"edits\">\n<tr><th>#</th><th>prompt</th><th>target</th><th>reliability</th><th>generality</th>"
-        b += "<th>locality</th><th>answer before</th><th>answer after</th><th>fluency before → after</th><th>continuation after</th></tr>\n"
+        b += "<h2>Edits</h2>\n<table class=\"edits\">\n<tr><th>#</th><th class=\"text\">prompt</th><th class=\"text\">target</th><th>reliability</th>"
+        b += "<th>generality</th><th>locality</th><th class=\"text\">answer before</th><th class=\"text\">answer after</th>"
+        b += "<th>fluency before → after</th><th class=\"text\">continuation after</th></tr>\n"
         for (i, e) in r.perEdit.enumerated() {
             let cls = e.reliability >= 1 ? "" : " class=\"lost\""
             b += "<tr><td>\(i + 1)</td><td class=\"text\">\(escape(e.prompt))</td><td class=\"text\">\(escape(e.targetNew))</td>"
@@ -196,7 +197,7 @@ public enum HistoryReport {
     }
 
     static func factTable(_ facts: [FactScore]) -> String {
-        var out = "<table class=\"facts\"><tr><th>prompt</th><th>target</th><th>before</th><th>after</th></tr>\n"
+        var out = "<table class=\"facts\"><tr><th class=\"text\">prompt</th><th class=\"text\">target</th><th>before</th><th>after</th></tr>\n"
         for f in facts {
             out += "<tr><td class=\"text\">\(escape(f.prompt))</td><td class=\"text\">\(escape(f.targetNew))</td><td>\(num(f.before, "%.2f"))</td>"
             out += "<td\(f.holds ? " class=\"holds\"" : " class=\"lost\"")>\(num(f.after, "%.2f"))</td></tr>\n"
