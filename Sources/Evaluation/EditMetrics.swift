@@ -87,15 +87,13 @@ public enum EditMetrics {
         tokenizer.decode(try greedyAnswerTokens(model, tokenizer, promptIds: tokenizer.encode(prompt), maxTokens: maxTokens))
     }
 
-    /// `tokens` greedy tokens after `prompt`, generated through end-of-text (which is left out of the
-    /// text), as ROME and EasyEdit generate for fluency: a model that stopped at the first end-of-text
-    /// would give a one-word text whose n-gram entropy says nothing.
+    /// `tokens` greedy tokens after `prompt`, generated through end-of-text (left out of the text, the
+    /// pieces joined by a space), as ROME and EasyEdit generate for fluency: a model that stopped at the
+    /// first end-of-text would give a one-word text whose n-gram entropy says nothing.
     public static func greedyContinuation(_ model: TransformerLM, _ tokenizer: Tokenizer, prompt: String, tokens: Int) throws -> String {
         let ids = tokenizer.encode(prompt)
-        let eos = tokenizer.eosTokenID
-        let generated = try model.generateGreedy(prompt: ids, maxNewTokens: tokens, stop: nil)
-        let new = Array(generated.dropFirst(ids.count))
-        guard let eos else { return tokenizer.decode(new) }
+        let new = Array(try model.generateGreedy(prompt: ids, maxNewTokens: tokens, stop: nil).dropFirst(ids.count))
+        guard let eos = tokenizer.eosTokenID else { return tokenizer.decode(new) }
         return new.split(separator: eos).map { tokenizer.decode(Array($0)).trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
     }
 
@@ -154,11 +152,15 @@ public enum EditMetrics {
                                 heldoutText: [[Int]]? = nil, answers: Bool = false, answerTokens: Int = 4,
                                 fluencyTokens: Int = 0, fluencySample: Int = 8) throws -> EditEvaluation {
         let model = editor.model
-        let rel = model.predict(requests.map { editor.scored($0.prompt, $0.targetNew) })
+        // Every scoring prompt of the batch through the model together (padded batches of 32).
+        let relItems = requests.map { editor.scored($0.prompt, $0.targetNew) }
         let genItems = requests.map { r in r.rephrases.map { editor.scored($0, r.targetNew) } }
-        let genFlat = model.predict(genItems.flatMap { $0 })
         let locItems = requests.map { $0.locality.map { editor.scored($0.prompt, $0.groundTruth) } }
-        let locFlat = model.predict(locItems.flatMap { $0 })
+        let genCount = genItems.reduce(0) { $0 + $1.count }
+        let all = model.predict(relItems + genItems.flatMap { $0 } + locItems.flatMap { $0 })
+        let rel = Array(all.prefix(relItems.count))
+        let genFlat = Array(all[relItems.count..<(relItems.count + genCount)])
+        let locFlat = Array(all[(relItems.count + genCount)...])
         var edits: [EditEvaluation.PerEdit] = []
         var g = 0, l = 0
         for (i, r) in requests.enumerated() {
@@ -168,20 +170,24 @@ public enum EditMetrics {
             l += locItems[i].count
             var e = EditEvaluation.PerEdit(prompt: r.prompt, targetNew: r.targetNew, reliability: rel[i].accuracy,
                                            generality: mean(gens), locality: mean(locs))
-            if answers {
-                e.answerAfter = try greedyAnswer(model, editor.tokenizer, prompt: r.prompt, maxTokens: answerTokens)
-                e.answerBefore = try model.withoutEdits { try greedyAnswer(model, editor.tokenizer, prompt: r.prompt, maxTokens: answerTokens) }
-            }
             edits.append(e)
         }
+        if answers {
+            let tok = editor.tokenizer
+            for (i, r) in requests.enumerated() {
+                edits[i].answerAfter = try greedyAnswer(model, tok, prompt: r.prompt, maxTokens: answerTokens)
+                edits[i].answerBefore = try model.withoutEdits { try greedyAnswer(model, tok, prompt: r.prompt, maxTokens: answerTokens) }
+            }
+        }
         if fluencyTokens > 0 {
-            for i in fluencyIndices(count: requests.count, sample: fluencySample) {
-                let prompt = requests[i].prompt
-                let after = try greedyContinuation(model, editor.tokenizer, prompt: prompt, tokens: fluencyTokens)
-                let before = try model.withoutEdits { try greedyContinuation(model, editor.tokenizer, prompt: prompt, tokens: fluencyTokens) }
-                edits[i].continuationAfter = after
-                edits[i].fluencyAfter = ngramEntropy(prompt + after)
-                edits[i].fluencyBefore = ngramEntropy(prompt + before)
+            let picked = fluencyIndices(count: requests.count, sample: fluencySample)
+            let prompts = picked.map { requests[$0].prompt }
+            let after = try prompts.map { try greedyContinuation(model, editor.tokenizer, prompt: $0, tokens: fluencyTokens) }
+            let before = try model.withoutEdits { try prompts.map { try greedyContinuation(model, editor.tokenizer, prompt: $0, tokens: fluencyTokens) } }
+            for (k, i) in picked.enumerated() {
+                edits[i].continuationAfter = after[k]
+                edits[i].fluencyAfter = ngramEntropy(prompts[k] + after[k])
+                edits[i].fluencyBefore = ngramEntropy(prompts[k] + before[k])
             }
         }
         var result = EditEvaluation(edits: edits, reliability: mean(edits.map(\.reliability)) ?? 0,
