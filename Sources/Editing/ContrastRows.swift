@@ -20,9 +20,7 @@ extension DAFNetEditor {
         guard k > 0, let s = r.subject, !s.isEmpty, let range = r.prompt.range(of: s) else { return [] }
         let others = subjects.filter { $0 != s }
         guard !others.isEmpty else { return [] }
-        var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-        for b in r.prompt.utf8 { hash = (hash ^ UInt64(b)) &* 0x100_0000_01b3 }
-        var rng = RNG(seed: hash)
+        var rng = RNG(seed: FNV1a.hash(r.prompt))
         var picked: [Int] = []
         while picked.count < min(k, others.count) {
             let i = rng.index(others.count)
@@ -42,7 +40,7 @@ extension DAFNetEditor {
         }
         let scale = config.contrastWeight.squareRoot()
         return parts.mapValues { ts in
-            let out = ts.dropFirst().reduce(ts[0]) { $0.appendingRows($1) }
+            let out = Tensor.concatenatingRows(ts)
             if scale != 1 { out.scale(scale) }
             return out
         }

@@ -200,12 +200,7 @@ public final class MetaTrainer {
         var out: [String: ModuleSignals] = [:]
         for m in editor.config.modules {
             let parts = poolIndices.map { signalCache[$0]![m]! }
-            let w = parts[0].x.shape[1]
-            let L = parts.reduce(0) { $0 + $1.lengths[0] }
-            let x = Tensor(shape: [L, w])
-            var at = 0
-            for p in parts { (x.data + at * w).update(from: p.x.data, count: p.x.count); at += p.lengths[0] }
-            out[m] = ModuleSignals(x: x, lengths: parts.map { $0.lengths[0] })
+            out[m] = ModuleSignals(x: Tensor.concatenatingRows(parts.map(\.x)), lengths: parts.map { $0.lengths[0] })
         }
         return out
     }
@@ -218,12 +213,7 @@ public final class MetaTrainer {
         var out: [String: Tensor] = [:]
         for m in editor.config.modules {
             let parts = poolIndices.compactMap { contrastCache[$0]![m] }
-            guard let first = parts.first else { continue }
-            let w = first.shape[1]
-            let x = Tensor(shape: [parts.reduce(0) { $0 + $1.shape[0] }, w])
-            var at = 0
-            for p in parts { (x.data + at * w).update(from: p.data, count: p.count); at += p.shape[0] }
-            out[m] = x
+            if !parts.isEmpty { out[m] = Tensor.concatenatingRows(parts) }
         }
         return out
     }

@@ -86,8 +86,7 @@ public enum DAFSet {
                                                       "It is not true that " + e.prompt + " " + gt + ". In fact, " + e.prompt]
             }
             r["property"] = property
-            var hash: UInt64 = 0xcbf2_9ce4_8422_2325 ^ seed
-            for b in (e.subject ?? e.prompt).utf8 { hash = (hash ^ UInt64(b)) &* 0x100_0000_01b3 }
+            let hash = FNV1a.hash(e.subject ?? e.prompt, basis: FNV1a().value ^ seed)
             if Double(hash % 10_000) / 10_000 < evalShare { eval.append(r) } else { train.append(r) }
         }
         return Sets(train: train, eval: eval)

@@ -4,6 +4,7 @@ import Foundation
 import LanguageModel
 import Logging
 import Storage
+import TensorCore
 
 /// Settings of the pipeline (the CLI's `watch` options).
 public struct PipelineSettings: Sendable {
@@ -505,26 +506,14 @@ public final class BatchProcessor {
         p.isEmpty ? nil : p.map(\.accuracy).reduce(0, +) / Double(p.count)
     }
 
-    static func double(_ v: JSONValue?) -> Double? {
-        switch v {
-        case .double(let d)?: return d
-        case .int(let i)?: return Double(i)
-        default: return nil
-        }
-    }
-
     static func f(_ x: Double) -> String { String(format: "%.3f", x) }
 
     /// FNV-1a over the token ids (cache key for the perplexity of a version).
     static func fingerprint(_ texts: [[Int]]) -> String {
-        var h: UInt64 = 0xcbf2_9ce4_8422_2325
-        func mix(_ x: Int) {
-            var v = UInt64(bitPattern: Int64(x))
-            for _ in 0..<8 { h = (h ^ (v & 0xff)) &* 0x100_0000_01b3; v >>= 8 }
-        }
-        mix(texts.count)
-        for t in texts { mix(t.count); for id in t { mix(id) } }
-        return String(format: "fnv1a64:%016llx", h)
+        var h = FNV1a()
+        h.mix(texts.count)
+        for t in texts { h.mix(t.count); for id in t { h.mix(id) } }
+        return String(format: "fnv1a64:%016llx", h.value)
     }
 }
 

@@ -88,3 +88,28 @@ extension Tensor {
         return t
     }
 }
+
+/// 64-bit FNV-1a: a hash that is the same in every process and on every machine (Swift's `Hasher` is
+/// seeded per process), for picks and cache keys that must repeat.
+public struct FNV1a: Sendable {
+    public private(set) var value: UInt64
+
+    public init(basis: UInt64 = 0xcbf2_9ce4_8422_2325) { value = basis }
+
+    public mutating func mix<S: Sequence>(_ bytes: S) where S.Element == UInt8 {
+        for b in bytes { value = (value ^ UInt64(b)) &* 0x100_0000_01b3 }
+    }
+
+    /// An integer's eight bytes, least significant first.
+    public mutating func mix(_ x: Int) {
+        var v = UInt64(bitPattern: Int64(x))
+        for _ in 0..<8 { value = (value ^ (v & 0xff)) &* 0x100_0000_01b3; v >>= 8 }
+    }
+
+    /// The hash of a string's UTF-8 bytes.
+    public static func hash(_ s: String, basis: UInt64 = 0xcbf2_9ce4_8422_2325) -> UInt64 {
+        var h = FNV1a(basis: basis)
+        h.mix(s.utf8)
+        return h.value
+    }
+}

@@ -353,9 +353,7 @@ extension Tape {
     public func concatRows(_ xs: [Variable]) -> Variable {
         let C = xs[0].value.shape.last!
         let rows = xs.map { $0.value.count / C }
-        let out = Tensor(shape: [rows.reduce(0, +), C])
-        var at = 0
-        for (x, r) in zip(xs, rows) { (out.data + at * C).update(from: x.value.data, count: r * C); at += r }
+        let out = Tensor.concatenatingRows(xs.map(\.value))
         return record(out, inputs: xs) { o in
             var at = 0
             for (x, r) in zip(xs, rows) {

@@ -87,6 +87,16 @@ public struct Tensor: @unchecked Sendable, CustomStringConvertible {
         return out
     }
 
+    /// The rows of `parts` stacked in order ([N1, C] ++ [N2, C] → [N1 + N2, C]), one new tensor.
+    public static func concatenatingRows(_ parts: [Tensor]) -> Tensor {
+        precondition(!parts.isEmpty, "concatenatingRows: no tensors")
+        let C = parts[0].shape.last!
+        let out = Tensor(shape: [parts.reduce(0) { $0 + $1.count } / max(C, 1), C])
+        var at = 0
+        for p in parts { (out.data + at).update(from: p.data, count: p.count); at += p.count }
+        return out
+    }
+
     /// `self`'s rows followed by `rows`'s ([N, C] + [M, C] → [N + M, C]). Amortised O(M): when `self` is the
     /// latest view of a growable buffer with room, the new rows are written after it and a longer view is
     /// returned (`self` and older views are unchanged); otherwise a buffer with twice the room is made.

@@ -5,6 +5,24 @@ import XCTest
 final class TapeTests: XCTestCase {
     let gc = GradCheck()
 
+    /// FNV-1a 64 against the reference vectors of its authors ("" is the offset basis).
+    func testFNV1aReferenceVectors() {
+        XCTAssertEqual(FNV1a.hash(""), 0xcbf2_9ce4_8422_2325)
+        XCTAssertEqual(FNV1a.hash("a"), 0xaf63_dc4c_8601_ec8c)
+        XCTAssertEqual(FNV1a.hash("foobar"), 0x8594_4171_f739_67e8)
+        var h = FNV1a()
+        h.mix(Array("foobar".utf8))
+        XCTAssertEqual(h.value, FNV1a.hash("foobar"))
+    }
+
+    /// Rows stacked in order, widths kept.
+    func testConcatenatingRows() {
+        let a = Tensor(shape: [1, 2], values: [1, 2]), b = Tensor(shape: [2, 2], values: [3, 4, 5, 6])
+        let c = Tensor.concatenatingRows([a, b])
+        XCTAssertEqual(c.shape, [3, 2])
+        XCTAssertEqual(c.array, [1, 2, 3, 4, 5, 6])
+    }
+
     func testMatmulAllTransposes() {
         var rng = RNG(seed: 20)
         for ta in [false, true] {
