@@ -369,7 +369,11 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     /// Signals of the *unedited* model on the edits' loss −Σ mask·log p(target): per module, the rows
     /// `[u | δ]` of the edit's signal positions (`signal_rows`) where both are non-zero, one segment per edit.
     public func signals(_ requests: [EditRequest]) -> [String: ModuleSignals] {
-        let edits = requests.map { scored($0.prompt, $0.targetNew) }
+        signals(requests, scored: requests.map { scored($0.prompt, $0.targetNew) })
+    }
+
+    /// The same, with the edits already tokenized (`scored`, in order).
+    func signals(_ requests: [EditRequest], scored edits: [ScoredPrompt]) -> [String: ModuleSignals] {
         let positions = zip(requests, edits).map { signalPositions($0, $1) }
         let (batch, labels, mask) = Self.lossBatch(edits)
         return model.withoutEdits {
@@ -427,7 +431,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         for (i, e) in edits.enumerated() where e.targetIds.isEmpty || e.promptIds.count + e.targetIds.count > model.spec.maxPositions {
             throw EditingError.invalidInput("edit \(i): prompt + target must have 1…\(model.spec.maxPositions) tokens")
         }
-        let sig = signals(requests)
+        let sig = signals(requests, scored: edits)
         let contrast = config.accumulation == .leastSquares ? contrastRows(requests) : [:]
         times.signal = Date().timeIntervalSince(t0)
         t0 = Date()
