@@ -49,7 +49,7 @@ struct BenchPipeline: ParsableCommand {
         let tok = folder.tokenizer!
         let editor: SequentialEditor
         if let randomEditor {
-            var cfg = try runMapped { try JSONDecoder().decode(EditorConfig.self, from: Data(contentsOf: URL(fileURLWithPath: randomEditor))) }
+            var cfg = try runMapped { try EditorRegistry.readConfig(EditorConfig.self, file: URL(fileURLWithPath: randomEditor)) }
             if cfg.modules.isEmpty { cfg.modules = EditorConfig.defaultModules(for: folder.model.spec) }
             let random = try runMapped { try DAFNetEditor(config: cfg, model: folder.model, tokenizer: tok) }
             random.initialise(seed: cfg.training.seed)

@@ -44,7 +44,7 @@ struct TrainEditor: ParsableCommand {
         let configURL = config.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("editor.config.json")
         let dataURL = data.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("dafset/train.jsonl")
         let outURL = URL(fileURLWithPath: out ?? (runDir as NSString).appendingPathComponent("editor"))
-        var cfg = try runMapped { try JSONDecoder().decode(EditorConfig.self, from: Data(contentsOf: configURL)) }
+        var cfg = try runMapped { try EditorRegistry.readConfig(EditorConfig.self, file: configURL) }
         if let method {
             guard let m = EditorMethod(rawValue: method), [.dafnet, .mend].contains(m) else {
                 throw ValidationError("--method dafnet or mend (memit and alphaedit need no training: dafnet editor create)")
