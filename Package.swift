@@ -3,7 +3,8 @@ import PackageDescription
 
 // Dependencies run one way:
 //   TensorCore ← LanguageModel ← Editing ← Evaluation ← Pipeline ← dafnet
-//   Storage needs only TensorCore; Tokenizers needs nothing.
+//   Storage needs only TensorCore; Tokenizers needs nothing; Distributed (MPI) serves the trainers
+//   in LanguageModel and Editing.
 // Only the `dafnet` executable imports ArgumentParser.
 let optimize: [SwiftSetting] = [.unsafeFlags(["-Ounchecked", "-wmo"], .when(configuration: .release))]
 
@@ -11,7 +12,7 @@ let package = Package(
     name: "dafnet",
     platforms: [.macOS(.v14)],
     products: [
-        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Editing", "Evaluation", "Pipeline"]),
+        .library(name: "DAFNetKit", targets: ["TensorCore", "Tokenizers", "Storage", "Distributed", "LanguageModel", "World", "Editing", "Evaluation", "Pipeline"]),
         .executable(name: "dafnet", targets: ["dafnet"]),
     ],
     dependencies: [
@@ -25,21 +26,24 @@ let package = Package(
                        providers: [.apt(["libopenblas-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CArchive", pkgConfig: "libarchive", providers: [.apt(["libarchive-dev"])]),
+        // Open MPI (Debian: libopenmpi-dev, openmpi-bin), for the trainers' data parallelism only.
+        .systemLibrary(name: "CMPI", pkgConfig: "ompi-c", providers: [.apt(["libopenmpi-dev"])]),
 
         .target(name: "TensorCore", dependencies: ["COpenBLAS"], swiftSettings: optimize),
         .target(name: "Tokenizers", swiftSettings: optimize),
+        .target(name: "Distributed", dependencies: ["CMPI", "TensorCore"], swiftSettings: optimize),
         .target(name: "Storage",
                 dependencies: ["TensorCore", "CZstd", "CArchive", .product(name: "Crypto", package: "swift-crypto")],
                 swiftSettings: optimize),
         .target(name: "World", dependencies: ["TensorCore"], swiftSettings: optimize),
-        .target(name: "LanguageModel", dependencies: ["TensorCore", "Tokenizers", "Storage"],
+        .target(name: "LanguageModel", dependencies: ["TensorCore", "Tokenizers", "Storage", "Distributed"],
                 swiftSettings: optimize),
-        .target(name: "Editing", dependencies: ["LanguageModel", "Storage", "World"], swiftSettings: optimize),
+        .target(name: "Editing", dependencies: ["LanguageModel", "Storage", "World", "Distributed"], swiftSettings: optimize),
         .target(name: "Evaluation", dependencies: ["LanguageModel", "World", "Editing"], swiftSettings: optimize),
         .target(name: "Pipeline", dependencies: ["Editing", "Evaluation", "Storage", "LanguageModel", .product(name: "Logging", package: "swift-log")], swiftSettings: optimize),
         .executableTarget(
             name: "dafnet",
-            dependencies: ["TensorCore", "Tokenizers", "Storage", "LanguageModel", "World", "Editing", "Evaluation", "Pipeline",
+            dependencies: ["TensorCore", "Tokenizers", "Storage", "Distributed", "LanguageModel", "World", "Editing", "Evaluation", "Pipeline",
                            .product(name: "ArgumentParser", package: "swift-argument-parser"),
                            .product(name: "Logging", package: "swift-log")],
             swiftSettings: optimize),
@@ -49,6 +53,7 @@ let package = Package(
         .testTarget(name: "TensorCoreTests", dependencies: ["TensorCore"]),
         .testTarget(name: "TokenizersTests", dependencies: ["Tokenizers"], resources: [.copy("Fixtures")]),
         .testTarget(name: "StorageTests", dependencies: ["Storage"]),
+        .testTarget(name: "DistributedTests", dependencies: ["Distributed", "TensorCore", "Storage"]),
         .testTarget(name: "WorldTests", dependencies: ["World"]),
         .testTarget(name: "EditingTests", dependencies: ["Editing"], resources: [.copy("Fixtures")]),
         .testTarget(name: "LanguageModelTests", dependencies: ["LanguageModel"], resources: [.copy("Fixtures")]),

@@ -40,28 +40,39 @@ public struct ExactBatchNorm: Sendable {
     /// Normalises rows x [N, dim]; with `training`, first folds the batch into the statistics. A first
     /// batch of one row only sets the mean and passes through unchanged, as the reference does.
     public mutating func forward(_ x: Tensor, training: Bool) -> Tensor {
+        if training && fold(x) { return x.copy() }
+        return normalise(x)
+    }
+
+    /// Folds rows x [N, dim] into the statistics exactly; true when they were a first batch of one row,
+    /// which only sets the mean.
+    @discardableResult
+    public mutating func fold(_ x: Tensor) -> Bool {
         let d = mean.count, N = x.count / d
-        if training {
-            if count != 0 || N != 1 {
-                let oldK = Double(count), newK = Double(count + N)
-                for j in 0..<d {
-                    var s = 0.0
-                    for n in 0..<N { s += Double(x[n * d + j]) }
-                    let oldMean = Double(mean[j])
-                    let newMean = oldK / newK * oldMean + s / newK
-                    var sq = 0.0
-                    for n in 0..<N { let e = newMean - Double(x[n * d + j]); sq += e * e }
-                    let v = (oldK - 1) / (newK - 1) * Double(variance[j]) + oldK / (newK - 1) * (newMean - oldMean) * (newMean - oldMean)
-                        + sq / (newK - 1)
-                    mean[j] = Float(newMean); variance[j] = Float(v); std[j] = Float(v.squareRoot())
-                }
-                count += N
-            } else {
-                count = 1
-                for j in 0..<d { mean[j] = x[j] }
-                return x.copy()
-            }
+        guard count != 0 || N != 1 else {
+            count = 1
+            for j in 0..<d { mean[j] = x[j] }
+            return true
         }
+        let oldK = Double(count), newK = Double(count + N)
+        for j in 0..<d {
+            var s = 0.0
+            for n in 0..<N { s += Double(x[n * d + j]) }
+            let oldMean = Double(mean[j])
+            let newMean = oldK / newK * oldMean + s / newK
+            var sq = 0.0
+            for n in 0..<N { let e = newMean - Double(x[n * d + j]); sq += e * e }
+            let v = (oldK - 1) / (newK - 1) * Double(variance[j]) + oldK / (newK - 1) * (newMean - oldMean) * (newMean - oldMean)
+                + sq / (newK - 1)
+            mean[j] = Float(newMean); variance[j] = Float(v); std[j] = Float(v.squareRoot())
+        }
+        count += N
+        return false
+    }
+
+    /// Rows x [N, dim] normalised by the current statistics.
+    public func normalise(_ x: Tensor) -> Tensor {
+        let d = mean.count, N = x.count / d
         let out = Tensor(shape: x.shape)
         for n in 0..<N { for j in 0..<d { out[n * d + j] = (x[n * d + j] - mean[j]) / (std[j] + eps) } }
         return out

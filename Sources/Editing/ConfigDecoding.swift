@@ -66,6 +66,10 @@ extension MetaTrainingConfig {
         curriculum = try c.value(.curriculum, curriculum); plateauPatience = try c.value(.plateauPatience, plateauPatience)
         plateauDecay = try c.value(.plateauDecay, plateauDecay); lossSample = try c.value(.lossSample, lossSample)
         lsLambdaLR = try c.value(.lsLambdaLR, lsLambdaLR); curriculumStart = try c.value(.curriculumStart, curriculumStart)
+        episodesPerStep = try c.value(.episodesPerStep, episodesPerStep)
+        guard episodesPerStep >= 1 else {
+            throw DecodingError.dataCorruptedError(forKey: .episodesPerStep, in: c, debugDescription: "episodes_per_step must be at least 1")
+        }
         guard curriculumStart >= 1 && curriculumStart <= maxSeq else {
             throw DecodingError.dataCorruptedError(forKey: .curriculumStart, in: c, debugDescription: "curriculum_start must be in 1…max_seq (\(maxSeq))")
         }

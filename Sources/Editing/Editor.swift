@@ -109,6 +109,9 @@ public struct MetaTrainingConfig: Codable, Sendable {
     /// Losses are taken on at most this many of an episode's edits (with their rephrasings and locality
     /// prompts), drawn at random; 0 takes them all. The official recipe samples 48–64.
     public var lossSample = 0
+    /// Episodes a step (the global batch; their gradients averaged). Under MPI they are dealt out to the
+    /// ranks, so it must be at least the number of processes.
+    public var episodesPerStep = 1
     /// Adam's learning rate for the learned log λ of `least_squares`.
     public var lsLambdaLR: Float = 1e-2
     public var gradClip: Float = 100
@@ -121,6 +124,7 @@ public struct MetaTrainingConfig: Codable, Sendable {
         case steps, seed, auxLR = "aux_lr", editLRLR = "edit_lr_lr", reliaLambda = "relia_lambda", genLambda = "gen_lambda"
         case locLambda = "loc_lambda", curriculum, maxSeq = "max_seq", curriculumStart = "curriculum_start", growEvery = "grow_every", growBy = "grow_by"
         case plateauPatience = "plateau_patience", plateauDecay = "plateau_decay", lossSample = "loss_sample"
+        case episodesPerStep = "episodes_per_step"
         case lsLambdaLR = "ls_lambda_lr", gradClip = "grad_clip", checkpointEvery = "checkpoint_every", logEvery = "log_every"
     }
 }

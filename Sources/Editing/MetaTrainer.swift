@@ -1,3 +1,4 @@
+import Distributed
 import Foundation
 import LanguageModel
 import Storage
@@ -32,10 +33,17 @@ public struct CurriculumState: Sendable, Equatable {
 /// learning rates and (`least_squares`) λ (Adam, clipped). The edits' gradient signals come from the
 /// unedited model and never change, so each is computed once and cached.
 /// Resumable from the checkpoint in `runDir` (sharded, see `checkpointStem`); writes a log.
+///
+/// A step may take several episodes (`episodes_per_step`, the global batch; their gradients averaged).
+/// Under MPI they are dealt out to the ranks, the gradients summed in one allreduce; every rank draws
+/// the same episodes and folds all of their rows into the batch norms, so the ranks stay in step, and
+/// rank 0 alone writes the log, checkpoints and the editor, and hands its state to the others at the
+/// start and at every checkpoint.
 public final class MetaTrainer {
     public let editor: DAFNetEditor
     public let pool: [EditRequest]
     public let runDir: URL
+    public let communicator: Communicator
     public var progress: (MetaStepLog, Int) -> Void = { _, _ in }
     /// Asked after every step (for example: a SIGTERM arrived); true checkpoints the run and stops it.
     public var shouldStop: () -> Bool = { false }
@@ -62,12 +70,15 @@ public final class MetaTrainer {
     /// Contrast rows of pool edits (`contrast_subjects`), by pool index; likewise fixed.
     private var contrastCache: [Int: [String: Tensor]] = [:]
 
-    public init(editor: DAFNetEditor, pool: [EditRequest], runDir: URL) throws {
+    public init(editor: DAFNetEditor, pool: [EditRequest], runDir: URL, communicator: Communicator = .single) throws {
         guard pool.contains(where: { !$0.rephrases.isEmpty }) else { throw EditingError.invalidInput("meta-training needs edits with rephrasings") }
+        guard editor.config.training.episodesPerStep >= communicator.size else {
+            throw EditingError.invalidInput("episodes_per_step \(editor.config.training.episodesPerStep) is smaller than the \(communicator.size) processes of the job: each needs at least one episode a step")
+        }
         if editor.config.accumulation == .leastSquares && editor.keyStatistics.isEmpty {
             throw EditingError.invalidInput("least_squares meta-training needs the key statistics of the edited modules")
         }
-        self.editor = editor; self.pool = pool; self.runDir = runDir
+        self.editor = editor; self.pool = pool; self.runDir = runDir; self.communicator = communicator
         curriculum.longest = editor.config.training.curriculumStart
         let netParams = editor.networks.keys.sorted().flatMap { editor.networks[$0]!.parameters }
         auxOpt = AdamW(params: netParams, learningRate: editor.config.training.auxLR)
@@ -111,7 +122,8 @@ public final class MetaTrainer {
     }
     public var logURL: URL { runDir.appendingPathComponent("train.log") }
 
-    func log(_ line: String) { RunLog(url: logURL).write(line) }
+    /// Appends to the run's log (rank 0's business).
+    func log(_ line: String) { if communicator.isRoot { RunLog(url: logURL).write(line) } }
 
     /// The `linear` curriculum's longest sequence at a step.
     public func linearLongest(at step: Int) -> Int { min(cfg.maxSeq, 1 + (step / max(cfg.growEvery, 1)) * cfg.growBy) }
@@ -167,11 +179,12 @@ public final class MetaTrainer {
         return Double(lambda * loss / maskSum)
     }
 
-    /// A step's episode: its length n (uniform in 1…longest) and the pool indices of its edits, each
+    /// One of a step's episodes: its length n (uniform in 1…longest) and the pool indices of its edits, each
     /// with one rephrasing, and the indices (into the episode) whose losses are taken.
-    /// Each step's draw depends only on the seed, the step and the curriculum, so a resumed run replays exactly.
-    func sample(step: Int) -> (requests: [EditRequest], indices: [Int], lossOn: [Int]) {
-        var rng = RNG(seed: cfg.seed &+ UInt64(step) &* 104_729)
+    /// Each draw depends only on the seed, the step, the episode's place in the step and the curriculum, so
+    /// a resumed run replays exactly and every rank draws the same.
+    func sample(step: Int, episode: Int = 0) -> Episode {
+        var rng = RNG(seed: cfg.seed &+ UInt64(step) &* 104_729 &+ UInt64(episode) &* 15_485_863)
         let n = 1 + rng.index(cfg.curriculum == .linear ? linearLongest(at: step) : curriculum.longest)
         var requests: [EditRequest] = []
         var indices: [Int] = []
@@ -187,7 +200,23 @@ public final class MetaTrainer {
             rng.shuffle(&lossOn)
             lossOn = Array(lossOn.prefix(cfg.lossSample)).sorted()
         }
-        return (requests, indices, lossOn)
+        return Episode(requests: requests, indices: indices, lossOn: lossOn)
+    }
+
+    /// A drawn episode (see `sample`).
+    struct Episode {
+        var requests: [EditRequest]
+        var indices: [Int]
+        var lossOn: [Int]
+    }
+
+    /// Folds an episode's signal rows into the networks' batch norms, module by module in configuration
+    /// order (as a training-mode call of the networks would).
+    func foldNormStatistics(_ e: Episode) {
+        let sig = signals(poolIndices: e.indices, requests: e.requests)
+        for m in editor.config.modules {
+            editor.networks[editor.routing[m]!.key]!.norm.fold(sig[m]!.x)
+        }
     }
 
     /// The cached signals of pool edits, concatenated per module. A missing one is computed alone, so its
@@ -329,19 +358,34 @@ public final class MetaTrainer {
 
     var optimisers: [AdamW] { [auxOpt, lrOpt] + (lambdaOpt.map { [$0] } ?? []) }
 
-    /// One episode and one optimiser step.
+    /// One optimiser step on the mean gradient of the step's episodes (this rank's share of them, the
+    /// gradients summed over the ranks). The batch norms first take every episode's rows, on every rank.
     public func trainStep() throws -> MetaStepLog {
         let t0 = Date()
-        let (requests, indices, lossOn) = sample(step: step)
+        let episodes = (0..<cfg.episodesPerStep).map { sample(step: step, episode: $0) }
         let n = longest
         for o in optimisers { o.zeroGrad() }
-        let (rel, gen, loc) = try episode(requests, trainingNorm: true, poolIndices: indices, lossOn: lossOn)
-        let norm = clipGradNorm(optimisers.flatMap(\.params), maxNorm: cfg.gradClip)
+        for e in episodes { foldNormStatistics(e) }
+        var losses = [0.0, 0.0, 0.0]
+        for i in communicator.share(of: episodes.count) {
+            let e = episodes[i]
+            let l = try episode(e.requests, trainingNorm: false, poolIndices: e.indices, lossOn: e.lossOn)
+            losses[0] += l.rel; losses[1] += l.gen; losses[2] += l.loc
+        }
+        let params = optimisers.flatMap(\.params)
+        try communicator.sumGradients(params, scale: 1 / Float(episodes.count))
+        losses = try communicator.allreduceSum(losses).map { $0 / Double(episodes.count) }
+        let norm = clipGradNorm(params, maxNorm: cfg.gradClip)
         if norm.isFinite { for o in optimisers { o.update() } }
         step += 1
-        advanceCurriculum(reliabilityLoss: rel / Double(max(cfg.reliaLambda, 1e-12)))
-        return MetaStepLog(step: step, edits: requests.count, longest: n, reliability: rel, generality: gen, locality: loc,
-                           gradNorm: norm, seconds: Date().timeIntervalSince(t0))
+        advanceCurriculum(reliabilityLoss: losses[0] / Double(max(cfg.reliaLambda, 1e-12)))
+        return MetaStepLog(step: step, edits: episodes.reduce(0) { $0 + $1.requests.count }, longest: n, reliability: losses[0],
+                           generality: losses[1], locality: losses[2], gradNorm: norm, seconds: Date().timeIntervalSince(t0))
+    }
+
+    /// Whether any rank was asked to stop (all ranks must stop at the same step).
+    func stopRequested() throws -> Bool {
+        try communicator.allreduceSum([shouldStop() ? 1 : 0])[0] > 0
     }
 
     /// Writes the editor folder from the run's last checkpoint without training (where a long run stands).
@@ -357,14 +401,19 @@ public final class MetaTrainer {
     /// Runs until `cfg.steps` (or `stopAfter`), checkpointing and logging; writes the editor folder at the end.
     @discardableResult
     public func run(out: URL, stopAfter: Int? = nil) throws -> RunEnd {
-        try FileManager.default.createDirectory(at: runDir, withIntermediateDirectories: true)
-        if Self.hasCheckpoint(runDir: runDir) {
-            try loadCheckpoint()
-            log("resumed at step \(step) (longest sequence \(longest)); losses \(cfg.reliaLambda)·rel + \(cfg.genLambda)·gen + \(cfg.locLambda)·loc, curriculum \(cfg.curriculum.rawValue) to \(cfg.maxSeq), patience \(cfg.plateauPatience), loss sample \(cfg.lossSample)")
+        if communicator.isRoot { try FileManager.default.createDirectory(at: runDir, withIntermediateDirectories: true) }
+        // Rank 0's checkpoint (or fresh state) is every rank's start: its folder need not be shared.
+        let resumed = communicator.isRoot && Self.hasCheckpoint(runDir: runDir)
+        if resumed { try loadCheckpoint() }
+        try synchronise()
+        let job = "\(communicator.size) process\(communicator.size == 1 ? "" : "es"), \(cfg.episodesPerStep) episode\(cfg.episodesPerStep == 1 ? "" : "s") a step"
+        if resumed {
+            log("resumed at step \(step) (longest sequence \(longest)); \(job); losses \(cfg.reliaLambda)·rel + \(cfg.genLambda)·gen + \(cfg.locLambda)·loc, curriculum \(cfg.curriculum.rawValue) to \(cfg.maxSeq), patience \(cfg.plateauPatience), loss sample \(cfg.lossSample)")
         } else {
-            log("start: method \(editor.config.method), \(editor.config.modules.count) modules, \(auxOpt.params.reduce(0) { $0 + $1.value.count }) network parameters, \(pool.count) training edits")
+            log("start: method \(editor.config.method), \(job), \(editor.config.modules.count) modules, \(auxOpt.params.reduce(0) { $0 + $1.value.count }) network parameters, \(pool.count) training edits")
         }
         var window: [MetaStepLog] = []
+        var windowStart = Date()
         while step < cfg.steps {
             let s = try trainStep()
             window.append(s)
@@ -372,30 +421,37 @@ public final class MetaTrainer {
                 let k = Double(window.count)
                 let lrs = editor.config.modules.map { String(format: "%.2e", editor.editLRs[$0]!.value[0]) }.joined(separator: ",")
                 let lambdas = editor.logLambdas.isEmpty ? "" : " λ [" + editor.config.modules.map { String(format: "%.3g", editor.lambda($0)) }.joined(separator: ",") + "]"
-                let line = String(format: "step %d/%d edits≤%d mean-edits %.1f rel %.4f gen %.4f loc %.4f grad-norm %.2f %.2f s/step lr [%@]%@",
+                let episodesPerSecond = k * Double(cfg.episodesPerStep) / max(Date().timeIntervalSince(windowStart), 1e-9)
+                let line = String(format: "step %d/%d edits≤%d mean-edits %.1f rel %.4f gen %.4f loc %.4f grad-norm %.2f %.2f s/step %.2f episodes/s lr [%@]%@",
                                   step, cfg.steps, window.last!.longest, window.map { Double($0.edits) }.reduce(0, +) / k,
                                   window.map(\.reliability).reduce(0, +) / k,
                                   window.map(\.generality).reduce(0, +) / k, window.map(\.locality).reduce(0, +) / k,
-                                  window.map { Double($0.gradNorm) }.reduce(0, +) / k, window.map(\.seconds).reduce(0, +) / k, lrs, lambdas)
+                                  window.map { Double($0.gradNorm) }.reduce(0, +) / k, window.map(\.seconds).reduce(0, +) / k,
+                                  episodesPerSecond, lrs, lambdas)
                 log(line + String(format: " | last step: signals %.2f s, networks %.2f s, losses %.2f s, backward %.2f s",
                                          stageSeconds[0], stageSeconds[1], stageSeconds[2], stageSeconds[3]))
                 progress(s, cfg.steps)
-                window.removeAll()
+                window.removeAll(); windowStart = Date()
             }
-            let interrupted = step < cfg.steps && shouldStop()
-            if step % cfg.checkpointEvery == 0 || step == cfg.steps || step == stopAfter || interrupted { try saveCheckpoint() }
+            let interrupted = try step < cfg.steps && stopRequested()
+            if step % cfg.checkpointEvery == 0 || step == cfg.steps || step == stopAfter || interrupted {
+                try saveCheckpoint()
+                try synchronise()
+            }
             if step == stopAfter { log("stopped at step \(step)"); return .stoppedAfter(step: step) }
             if interrupted {
                 log("stopped by a signal at step \(step); checkpoint written, run again to resume")
                 return .interrupted(step: step)
             }
         }
-        try editor.save(to: out)
+        if communicator.isRoot { try editor.save(to: out) }
         log("wrote the editor folder \(out.lastPathComponent)")
         return .finished
     }
 
-    func saveCheckpoint() throws {
+    /// The trainer's whole state as named tensors and metadata: the checkpoint's content, and what rank 0
+    /// hands to the other ranks.
+    func checkpointState() -> (tensors: [(String, Tensor)], metadata: [String: String]) {
         let c = curriculum
         let metadata = ["step": String(step), "aux_step": String(auxOpt.step), "lr_step": String(lrOpt.step),
                         "lambda_step": String(lambdaOpt?.step ?? 0), "curriculum_longest": String(c.longest),
@@ -403,7 +459,7 @@ public final class MetaTrainer {
                         "curriculum_since_best": String(c.sinceBest)]
         var tensors: [(String, Tensor)] = []
         for key in editor.networks.keys.sorted() {
-            for (n, t) in editor.networks[key]!.stateTensors() { tensors.append((key + "/" + n, t)) }
+            for (n, t) in editor.networks[key]!.stateTensors().sorted(by: { $0.key < $1.key }) { tensors.append((key + "/" + n, t)) }
         }
         for i in auxOpt.params.indices { tensors.append(("adam.m.\(i)", auxOpt.m[i])) }
         for i in auxOpt.params.indices { tensors.append(("adam.v.\(i)", auxOpt.v[i])) }
@@ -416,14 +472,39 @@ public final class MetaTrainer {
             }
         }
         tensors += LeastSquares.keyStatisticsTensors(editor.keyStatistics)
+        return (tensors, metadata)
+    }
+
+    /// Rank 0 (alone) writes the checkpoint.
+    func saveCheckpoint() throws {
+        guard communicator.isRoot else { return }
+        let (tensors, metadata) = checkpointState()
         try ShardedSafetensors.write(tensors, metadata: metadata, to: runDir, stem: Self.checkpointStem,
                                      tag: String(format: "s%06d", step), maxShardBytes: Self.maxShardBytes)
         // The single-file checkpoint of an earlier run is superseded.
         try? FileManager.default.removeItem(at: Self.legacyCheckpoint(runDir))
     }
 
+    /// Every rank takes rank 0's state (nothing in a job of one). Each checkpoint does it again, so ranks
+    /// whose sums differed in the last bits (MPI may add in another order on each of more than two ranks)
+    /// continue from exactly the checkpointed state.
+    func synchronise() throws {
+        guard communicator.size > 1 else { return }
+        let (tensors, metadata) = checkpointState()
+        try communicator.broadcast(tensors)
+        let bytes = try communicator.broadcast(Array(try JSONEncoder().encode(metadata)))
+        guard !communicator.isRoot else { return }
+        let rootMetadata = try JSONDecoder().decode([String: String].self, from: Data(bytes))
+        try restore(NamedTensors(tensors), metadata: rootMetadata, file: "rank 0's state")
+    }
+
     func loadCheckpoint() throws {
         guard let (f, metadata, file) = try Self.openCheckpoint(runDir) else { throw EditingError.invalidInput("\(runDir.path): no checkpoint") }
+        try restore(f, metadata: metadata, file: file)
+    }
+
+    /// Sets the state from `checkpointState`'s tensors and metadata (a checkpoint file's, or rank 0's).
+    func restore(_ f: TensorSource, metadata: [String: String], file: String) throws {
         for (key, net) in editor.networks { try net.load(f, prefix: key + "/", file: file) }
         for i in auxOpt.params.indices { auxOpt.m[i].assign(try f.tensor("adam.m.\(i)")); auxOpt.v[i].assign(try f.tensor("adam.v.\(i)")) }
         for (i, p) in lrOpt.params.enumerated() {
@@ -448,5 +529,16 @@ public final class MetaTrainer {
         step = s
         auxOpt.restore(step: a)
         lrOpt.restore(step: l)
+    }
+}
+
+/// Named tensors in memory as a `TensorSource` (rank 0's state as the other ranks receive it).
+struct NamedTensors: TensorSource {
+    let tensors: [String: Tensor]
+    init(_ list: [(String, Tensor)]) { tensors = Dictionary(list, uniquingKeysWith: { a, _ in a }) }
+    var tensorNames: [String] { tensors.keys.sorted() }
+    func tensor(_ name: String) throws -> Tensor {
+        guard let t = tensors[name] else { throw EditingError.invalidInput("state: no tensor \(name)") }
+        return t
     }
 }

@@ -1,3 +1,4 @@
+import Distributed
 import Foundation
 import Storage
 import TensorCore
@@ -77,24 +78,47 @@ public struct PackedCorpus: Sendable {
 
 /// A resumable pre-training run: tokenizer training, packing, AdamW with warm-up and cosine decay,
 /// checkpoints every few steps, a log file, and an HF folder at the end.
+/// Under MPI each step's batch is dealt out to the ranks by sequence and the gradients are summed in
+/// one allreduce (the loss is normalised by the whole batch's tokens, so the step is the same); rank 0
+/// alone trains the tokenizer, writes the log, checkpoints and the model, and hands the others its
+/// tokenizer and state at the start and its state at every checkpoint.
 public final class Pretrainer {
     public let config: PretrainConfig
     public let runDir: URL
+    public let communicator: Communicator
     public var progress: (String) -> Void = { _ in }
 
-    public init(config: PretrainConfig, runDir: URL) {
+    public init(config: PretrainConfig, runDir: URL, communicator: Communicator = .single) {
         self.config = config
         self.runDir = runDir
+        self.communicator = communicator
     }
 
     var checkpointURL: URL { runDir.appendingPathComponent("checkpoint.safetensors") }
     var tokenizerDir: URL { runDir.appendingPathComponent("tokenizer") }
     public var logURL: URL { runDir.appendingPathComponent("train.log") }
 
-    func log(_ line: String) { RunLog(url: logURL).write(line) }
+    func log(_ line: String) { if communicator.isRoot { RunLog(url: logURL).write(line) } }
 
-    /// Trains the tokenizer on the distinct sentences (once; reused on resume).
+    /// Trains the tokenizer on the distinct sentences (once; reused on resume); under MPI rank 0 does and
+    /// the others load its files (they need not share the run folder).
     public func tokenizer(sentences: [String]) throws -> Tokenizer {
+        guard communicator.size > 1 else { return try trainedTokenizer(sentences: sentences) }
+        let names = ["tokenizer.json", "tokenizer_config.json"]
+        if communicator.isRoot { _ = try trainedTokenizer(sentences: sentences) }
+        let local = FileManager.default.temporaryDirectory.appendingPathComponent("dafnet-rank\(communicator.rank)-\(getpid())-tokenizer")
+        if !communicator.isRoot { try FileManager.default.createDirectory(at: local, withIntermediateDirectories: true) }
+        defer { if !communicator.isRoot { try? FileManager.default.removeItem(at: local) } }
+        for name in names {
+            let url = tokenizerDir.appendingPathComponent(name)
+            let mine = communicator.isRoot ? ((try? Data(contentsOf: url)).map { [UInt8]($0) } ?? []) : []
+            let bytes = try communicator.broadcast(mine)
+            if !communicator.isRoot && !bytes.isEmpty { try Data(bytes).write(to: local.appendingPathComponent(name)) }
+        }
+        return try Tokenizer.load(folder: communicator.isRoot ? tokenizerDir : local)
+    }
+
+    func trainedTokenizer(sentences: [String]) throws -> Tokenizer {
         if FileManager.default.fileExists(atPath: tokenizerDir.appendingPathComponent("tokenizer.json").path) {
             return try Tokenizer.load(folder: tokenizerDir)
         }
@@ -110,7 +134,10 @@ public final class Pretrainer {
     /// Runs (or resumes) training and writes the model folder to `out`. `stopAfter` ends the run early
     /// at that step, checkpointed and without writing the folder (as an interruption would).
     public func run(sentences: [String], out: URL, stopAfter: Int? = nil) throws {
-        try FileManager.default.createDirectory(at: runDir, withIntermediateDirectories: true)
+        if communicator.isRoot { try FileManager.default.createDirectory(at: runDir, withIntermediateDirectories: true) }
+        guard config.batchSize >= communicator.size else {
+            throw LMError.invalidInput("batch_size \(config.batchSize) is smaller than the \(communicator.size) processes of the job: each needs at least one sequence a step")
+        }
         let tok = try tokenizer(sentences: sentences)
         guard let eos = tok.eosTokenID ?? tok.id(for: "<|endoftext|>") else {
             throw LMError.invalidInput("the tokenizer has no end-of-text token")
@@ -134,12 +161,18 @@ public final class Pretrainer {
         let opt = AdamW(params: model.parameters, learningRate: config.maxLR, beta1: 0.9, beta2: 0.95, weightDecay: config.weightDecay)
         let schedule = CosineSchedule(maxLR: config.maxLR, minLR: config.minLR, warmupSteps: config.warmupSteps, totalSteps: totalSteps)
         var step = 0
-        if FileManager.default.fileExists(atPath: checkpointURL.path) {
-            step = try loadCheckpoint(model: model, opt: opt)
-            log("resumed at step \(step)")
+        let resumed = communicator.isRoot && FileManager.default.fileExists(atPath: checkpointURL.path)
+        if resumed { step = try loadCheckpoint(model: model, opt: opt) }
+        step = try synchronise(model: model, opt: opt, step: step)
+        let job = "\(communicator.size) process\(communicator.size == 1 ? "" : "es")"
+        if resumed {
+            log("resumed at step \(step); \(job)")
         } else {
-            log("start: \(model.parameterCount) parameters, \(corpus.count) sequences of \(T) (\(corpus.realTokens) real tokens), \(totalSteps) steps")
+            log("start: \(job), \(model.parameterCount) parameters, \(corpus.count) sequences of \(T) (\(corpus.realTokens) real tokens), \(totalSteps) steps")
         }
+        // This rank's sequences of each step's batch (dealt out in turn).
+        let mine = communicator.share(of: B)
+        let Bl = mine.count
         // The order of sequences for each pass: a seeded permutation.
         func order(pass: Int) -> [Int] {
             var rng = RNG(seed: config.seed &+ UInt64(pass) &* 7919)
@@ -149,10 +182,10 @@ public final class Pretrainer {
         }
         var currentPass = -1
         var perm: [Int] = []
-        let dlogits = Tensor(shape: [B * T, tok.vocabSize])
-        var batchIds = [Int32](repeating: 0, count: B * T)
-        var labels = [Int32](repeating: 0, count: B * T)
-        var mask = [Float](repeating: 0, count: B * T)
+        let dlogits = Tensor(shape: [Bl * T, tok.vocabSize])
+        var batchIds = [Int32](repeating: 0, count: Bl * T)
+        var labels = [Int32](repeating: 0, count: Bl * T)
+        var mask = [Float](repeating: 0, count: Bl * T)
         var lossSum = 0.0, tokenSum = 0.0
         var windowStart = Date()
         let started = Date()
@@ -161,26 +194,32 @@ public final class Pretrainer {
             let pass = step / stepsPerPass
             if pass != currentPass { perm = order(pass: pass); currentPass = pass }
             let base = (step % stepsPerPass) * B
-            for b in 0..<B {
-                let s = perm[base + b]
+            for (b, i) in mine.enumerated() {
+                let s = perm[base + i]
                 for t in 0..<T {
                     batchIds[b * T + t] = corpus.tokens[s * (T + 1) + t]
                     labels[b * T + t] = corpus.tokens[s * (T + 1) + t + 1]
                     mask[b * T + t] = corpus.mask[s * T + t]
                 }
             }
-            let maskSum = max(mask.reduce(0, +), 1)
+            // The whole batch's real tokens (every rank holds the corpus), so each rank's share of the
+            // gradient is normalised as the whole batch's is.
+            var batchTokens: Float = 0
+            for i in 0..<B { let s = perm[base + i]; for t in 0..<T { batchTokens += corpus.mask[s * T + t] } }
+            let maskSum = max(batchTokens, 1)
             opt.learningRate = schedule.learningRate(step: step)
             model.zeroGradients()
-            let logits = model.forward(TokenBatch(ids: batchIds, B: B, T: T))
+            let logits = model.forward(TokenBatch(ids: batchIds, B: Bl, T: T))
             dlogits.zero()
-            let (loss, _) = Kernels.crossEntropy(losses: nil, dlogits: dlogits.data, logits: logits.data, labels: labels, mask: mask,
-                                                 N: B * T, V: tok.vocabSize, gradScale: 1 / maskSum)
+            let (localLoss, _) = Kernels.crossEntropy(losses: nil, dlogits: dlogits.data, logits: logits.data, labels: labels, mask: mask,
+                                                      N: Bl * T, V: tok.vocabSize, gradScale: 1 / maskSum)
             model.backward(dlogits: dlogits)
+            try communicator.sumGradients(model.parameters)
+            let loss = try communicator.allreduceSum([Double(localLoss)])[0]
             let norm = clipGradNorm(model.parameters, maxNorm: config.gradClip)
             opt.update()
             step += 1
-            lossSum += Double(loss); tokenSum += Double(maskSum)
+            lossSum += loss; tokenSum += Double(maskSum)
             if step % config.logEvery == 0 || step == totalSteps {
                 let elapsed = Date().timeIntervalSince(windowStart)
                 let tps = Double(config.logEvery * B * T) / max(elapsed, 1e-9)
@@ -193,15 +232,34 @@ public final class Pretrainer {
             }
             if step % config.checkpointEvery == 0 || step == totalSteps || step == stopAfter {
                 try saveCheckpoint(model: model, opt: opt, step: step)
+                _ = try synchronise(model: model, opt: opt, step: step)
             }
             if step == stopAfter { log("stopped at step \(step)"); return }
         }
+        guard communicator.isRoot else { return }
         let configData = try JSONSerialization.data(withJSONObject: gpt.jsonObject(), options: [.prettyPrinted, .sortedKeys])
         try ModelFolder.write(model: model, configData: configData, to: out, tokenizerFrom: tokenizerDir)
         log("wrote \(out.path)")
     }
 
+    /// Every rank takes rank 0's parameters, Adam moments and step (nothing in a job of one); returns the step.
+    func synchronise(model: TransformerLM, opt: AdamW, step: Int) throws -> Int {
+        guard communicator.size > 1 else { return step }
+        var tensors: [(String, Tensor)] = []
+        for (i, p) in model.parameters.enumerated() {
+            tensors += [(p.name, p.value), ("adam.m." + p.name, opt.m[i]), ("adam.v." + p.name, opt.v[i])]
+        }
+        try communicator.broadcast(tensors)
+        var steps = [Double(step), Double(opt.step)]
+        if !communicator.isRoot { steps = [0, 0] }
+        steps = try communicator.allreduceSum(steps)
+        opt.restore(step: Int(steps[1]))
+        return Int(steps[0])
+    }
+
+    /// Rank 0 (alone) writes the checkpoint.
     func saveCheckpoint(model: TransformerLM, opt: AdamW, step: Int) throws {
+        guard communicator.isRoot else { return }
         var w = SafetensorsWriter(metadata: ["step": String(step), "adam_step": String(opt.step)])
         for (i, p) in model.parameters.enumerated() {
             try w.add(p.name, p.value)

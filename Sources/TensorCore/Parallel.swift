@@ -3,8 +3,9 @@ import Foundation
 
 /// Splits work across the machine's cores when there is enough of it.
 public enum Parallel {
-    /// Number of worker chunks to use (the core count).
-    public static let cores: Int = max(1, ProcessInfo.processInfo.activeProcessorCount)
+    /// Number of worker chunks to use: the core count, or fewer when set at start (the ranks of an MPI
+    /// job on one machine share its cores). Set it before any parallel work, never during.
+    nonisolated(unsafe) public static var cores: Int = max(1, ProcessInfo.processInfo.activeProcessorCount)
 
     /// Below this many scalar operations a loop stays on the calling thread: the dispatch costs more.
     public static let minimumWork = 1 << 15

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Distributed
 import Foundation
 import LanguageModel
 import World
@@ -9,15 +10,24 @@ struct Pretrain: ParsableCommand {
 
     @Option(help: "Run configuration (JSON), e.g. samples/pretrain.json.")
     var config: String
+    @Option(help: "Stop (checkpointed, no model folder) after this step; rerun to resume.")
+    var stopAfter: Int?
 
     func run() throws {
+        let comm = try startJob()
+        try inJob(comm) { try train(comm) }
+    }
+
+    /// Every rank of an MPI job runs this; rank 0 alone prints and writes.
+    func train(_ comm: Communicator) throws {
+        let say: (String) -> Void = { if comm.isRoot { printError($0) } }
         let cfg = try runMapped { try JSONDecoder().decode(PretrainConfig.self, from: Data(contentsOf: URL(fileURLWithPath: config))) }
         let facts = try runMapped { try FactFile.read(URL(fileURLWithPath: cfg.world)) }
         let sentences = CorpusBuilder.sentences(facts: facts, seed: cfg.seed)
-        let trainer = Pretrainer(config: cfg, runDir: URL(fileURLWithPath: cfg.runDir))
-        trainer.progress = { line in FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8)) }
-        printError("corpus: \(sentences.count) sentences from \(facts.count) facts; log: \(trainer.logURL.path)")
-        try runMapped { try trainer.run(sentences: sentences, out: URL(fileURLWithPath: cfg.out)) }
-        printError("\nwrote \(cfg.out)")
+        let trainer = Pretrainer(config: cfg, runDir: URL(fileURLWithPath: cfg.runDir), communicator: comm)
+        trainer.progress = { line in if comm.isRoot { FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8)) } }
+        say("corpus: \(sentences.count) sentences from \(facts.count) facts; log: \(trainer.logURL.path)")
+        try runMapped { try trainer.run(sentences: sentences, out: URL(fileURLWithPath: cfg.out), stopAfter: stopAfter) }
+        say(stopAfter.map { "\nstopped at step \($0) (checkpoint in \(cfg.runDir)); run the same command again to resume" } ?? "\nwrote \(cfg.out)")
     }
 }

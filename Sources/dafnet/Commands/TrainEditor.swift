@@ -1,4 +1,5 @@
 import ArgumentParser
+import Distributed
 import Editing
 import Evaluation
 import Foundation
@@ -40,6 +41,13 @@ struct TrainEditor: ParsableCommand {
 
     func run() throws {
         reuseLargeAllocations()
+        let comm = try startJob()
+        try inJob(comm) { try train(comm) }
+    }
+
+    /// Every rank of an MPI job runs this; rank 0 alone prints, writes and evaluates.
+    func train(_ comm: Communicator) throws {
+        let say: (String) -> Void = { if comm.isRoot { printError($0) } }
         let folder = try model.load(requireTokenizer: true)
         let configURL = config.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("editor.config.json")
         let dataURL = data.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("dafset/train.jsonl")
@@ -53,7 +61,7 @@ struct TrainEditor: ParsableCommand {
         }
         let chosen = cfg.modules.isEmpty
         if chosen { cfg.modules = EditorConfig.defaultModules(for: folder.model.spec) }
-        printError("edited modules (\(chosen ? "the \(folder.model.spec.modelType) default: the MLP of the last three blocks" : "from \(configURL.lastPathComponent)")): "
+        say("edited modules (\(chosen ? "the \(folder.model.spec.modelType) default: the MLP of the last three blocks" : "from \(configURL.lastPathComponent)")): "
                    + cfg.modules.joined(separator: ", "))
         if cfg.baseModel == nil { cfg.baseModel = model.url.standardizedFileURL.lastPathComponent }
         let pool = try runMapped { try EditBatch.read(dataURL) }
@@ -70,7 +78,7 @@ struct TrainEditor: ParsableCommand {
         if let initFrom {
             let from = try runMapped { try DAFNetEditor.load(from: URL(fileURLWithPath: initFrom), model: folder.model, tokenizer: folder.tokenizer!) }
             try runMapped { try editor.warmStart(from: from) }
-            printError("networks from \(initFrom)")
+            say("networks from \(initFrom)")
         }
         if cfg.accumulation == .leastSquares,
            let stats = try runMapped({ try MetaTrainer.checkpointKeyStatistics(runDir: URL(fileURLWithPath: runDir), modules: cfg.modules) }) {
@@ -82,34 +90,39 @@ struct TrainEditor: ParsableCommand {
             }
             let (stats, tokens) = LeastSquares.keyStatistics(model: folder.model, tokenizer: folder.tokenizer!, modules: cfg.modules,
                                                               texts: texts) { done, total in
-                FileHandle.standardError.write(Data("\r\u{1B}[Kkey statistics: \(done)/\(total) texts".utf8))
+                if comm.isRoot { FileHandle.standardError.write(Data("\r\u{1B}[Kkey statistics: \(done)/\(total) texts".utf8)) }
             }
             try runMapped { try editor.setKeyStatistics(stats) }
-            printError("\nkey statistics: \(tokens) tokens of \(texts.count) texts")
+            say("\nkey statistics: \(tokens) tokens of \(texts.count) texts")
         }
-        let trainer = try runMapped { try MetaTrainer(editor: editor, pool: pool, runDir: URL(fileURLWithPath: runDir)) }
+        let trainer = try runMapped { try MetaTrainer(editor: editor, pool: pool, runDir: URL(fileURLWithPath: runDir), communicator: comm) }
         // The ETA from the last 50 steps' pace (steps get slower as the curriculum grows).
         var recent: [(Int, Date)] = []
+        let episodes = Double(cfg.training.episodesPerStep)
         trainer.progress = { s, total in
+            guard comm.isRoot else { return }
             recent.append((s.step, Date()))
             if recent.count > 6 { recent.removeFirst() }
             let (s0, t0) = recent.first!
             let pace = s.step > s0 ? Date().timeIntervalSince(t0) / Double(s.step - s0) : s.seconds
             let eta = pace * Double(total - s.step)
-            FileHandle.standardError.write(Data(String(format: "\r\u{1B}[Kstep %d/%d  rel %.3f gen %.3f loc %.3f  %.2f s/step  eta %.0f min",
-                                                       s.step, total, s.reliability, s.generality, s.locality, s.seconds, eta / 60).utf8))
+            FileHandle.standardError.write(Data(String(format: "\r\u{1B}[Kstep %d/%d  rel %.3f gen %.3f loc %.3f  %.2f s/step  %.2f episodes/s  eta %.0f min",
+                                                       s.step, total, s.reliability, s.generality, s.locality, pace, episodes / max(pace, 1e-9),
+                                                       eta / 60).utf8))
         }
         if writeEditor {
+            guard comm.size == 1 else { throw ValidationError("--write-editor runs without mpirun") }
             try runMapped { try trainer.writeEditorFromCheckpoint(out: outURL) }
             printError("wrote \(outURL.path) from the checkpoint at step \(trainer.step)")
             return
         }
         let stop = StopSignal()
-        let sources = stop.requestOnTerminationSignals { name, _ in printError("\n\(name): stopping after the current step (checkpointed)") }
+        let sources = stop.requestOnTerminationSignals { name, _ in say("\n\(name): stopping after the current step (checkpointed)") }
         trainer.shouldStop = { stop.isRequested }
-        printError("log: \(trainer.logURL.path)")
+        say("log: \(trainer.logURL.path)")
         let end = try runMapped { try trainer.run(out: outURL, stopAfter: stopAfter) }
         withExtendedLifetime(sources) {}
+        guard comm.isRoot else { return }
         switch end {
         case .finished:
             printError("\nwrote \(outURL.path)")
