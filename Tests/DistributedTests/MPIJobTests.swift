@@ -183,15 +183,16 @@ final class MPIJobTests: XCTestCase {
         XCTAssertNotEqual(job.terminationStatus, 0, log)
         XCTAssertLessThan(Date().timeIntervalSince(killedAt), 60, "the job ends soon after a rank dies")
         XCTAssertTrue(log.contains("signal 9") || log.localizedCaseInsensitiveContains("killed"), log)
-        // Resume: the same command continues from the last checkpoint (step 10 or later: the log line of step 15 precedes its checkpoint).
-        let (status, log2) = try runToEnd(mpirun, args + ["--stop-after", "22"], log: "resumed.log")
+        // Resume: the same command continues from rank 0's last checkpoint (step 10 or later: the log line of
+        // step 15 precedes its checkpoint), here for three more steps.
+        let index = try ShardedSafetensors(indexURL: tmp.appendingPathComponent("killed/checkpoint.safetensors.index.json"), mode: .read)
+        let checkpointed = try XCTUnwrap(index.metadata["step"]?.stringValue.flatMap { Int($0) })
+        XCTAssertGreaterThanOrEqual(checkpointed, 10)
+        let (status, log2) = try runToEnd(mpirun, args + ["--stop-after", String(checkpointed + 3)], log: "resumed.log")
         XCTAssertEqual(status, 0, log2)
         let train = try String(contentsOf: trainLog, encoding: .utf8)
-        let resumed = train.split(separator: "\n").first { $0.contains("resumed at step") }
-        let step = resumed.flatMap { $0.components(separatedBy: "resumed at step ").last?.split(separator: " ").first.flatMap { Int($0.trimmingCharacters(in: .punctuationCharacters)) } }
-        XCTAssertNotNil(step, train)
-        XCTAssertGreaterThanOrEqual(step ?? 0, 10, train)
-        XCTAssertTrue(train.contains("stopped at step 22"), train)
+        XCTAssertTrue(train.contains("resumed at step \(checkpointed) "), train)
+        XCTAssertTrue(train.contains("stopped at step \(checkpointed + 3)"), train)
     }
 
     /// The pid of the rank `rank` of a job whose command line contains `marker` (from /proc).
