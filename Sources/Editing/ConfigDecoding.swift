@@ -1,27 +1,8 @@
 import Foundation
+import Storage
 
-// Configuration files may leave out any key: a missing key keeps its default. Unknown keys are errors,
-// so a misspelt setting is not silently ignored.
-
-struct AnyKey: CodingKey {
-    var stringValue: String
-    var intValue: Int? { nil }
-    init?(stringValue: String) { self.stringValue = stringValue }
-    init?(intValue: Int) { nil }
-}
-
-func rejectUnknownKeys<K: CodingKey & CaseIterable>(_ decoder: Decoder, _: K.Type) throws {
-    let known = Set(K.allCases.map(\.stringValue))
-    let c = try decoder.container(keyedBy: AnyKey.self)
-    if let bad = c.allKeys.first(where: { !known.contains($0.stringValue) }) {
-        throw DecodingError.dataCorruptedError(forKey: bad, in: c, debugDescription: "unknown setting \"\(bad.stringValue)\"")
-    }
-}
-
-extension KeyedDecodingContainer {
-    func value<T: Decodable>(_ key: Key, _ fallback: T) throws -> T { try decodeIfPresent(T.self, forKey: key) ?? fallback }
-}
-
+// Configuration files may leave out any key: a missing key keeps its default. Unknown keys are errors
+// (`rejectUnknownKeys` and `value(_:_:)` in Storage/SettingsDecoding.swift).
 
 extension AuxNetConfig {
     public init(from decoder: Decoder) throws {

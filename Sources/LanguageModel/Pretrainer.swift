@@ -32,11 +32,26 @@ public struct PretrainConfig: Codable, Sendable {
 
     public init() {}
 
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case world, out, runDir = "run_dir", seed, vocabSize = "vocab_size", nEmbd = "n_embd", nLayer = "n_layer", nHead = "n_head"
         case nPositions = "n_positions", batchSize = "batch_size", seqLen = "seq_len", maxLR = "max_lr", minLR = "min_lr"
         case warmupSteps = "warmup_steps", weightDecay = "weight_decay", gradClip = "grad_clip", passes
         case checkpointEvery = "checkpoint_every", logEvery = "log_every"
+    }
+
+    /// A missing key keeps its default; an unknown one is an error.
+    public init(from decoder: Decoder) throws {
+        try rejectUnknownKeys(decoder, CodingKeys.self)
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init()
+        world = try c.value(.world, world); out = try c.value(.out, out); runDir = try c.value(.runDir, runDir)
+        seed = try c.value(.seed, seed); vocabSize = try c.value(.vocabSize, vocabSize); nEmbd = try c.value(.nEmbd, nEmbd)
+        nLayer = try c.value(.nLayer, nLayer); nHead = try c.value(.nHead, nHead); nPositions = try c.value(.nPositions, nPositions)
+        batchSize = try c.value(.batchSize, batchSize); seqLen = try c.value(.seqLen, seqLen); maxLR = try c.value(.maxLR, maxLR)
+        minLR = try c.value(.minLR, minLR); warmupSteps = try c.value(.warmupSteps, warmupSteps)
+        weightDecay = try c.value(.weightDecay, weightDecay); gradClip = try c.value(.gradClip, gradClip)
+        passes = try c.value(.passes, passes); checkpointEvery = try c.value(.checkpointEvery, checkpointEvery)
+        logEvery = try c.value(.logEvery, logEvery)
     }
 }
 

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Distributed
+import Editing
 import Foundation
 import LanguageModel
 import World
@@ -21,7 +22,7 @@ struct Pretrain: ParsableCommand {
     /// Every rank of an MPI job runs this; rank 0 alone prints and writes.
     func train(_ comm: Communicator) throws {
         let say: (String) -> Void = { if comm.isRoot { printError($0) } }
-        let cfg = try runMapped { try JSONDecoder().decode(PretrainConfig.self, from: Data(contentsOf: URL(fileURLWithPath: config))) }
+        let cfg = try runMapped { try EditorRegistry.readConfig(PretrainConfig.self, file: URL(fileURLWithPath: config)) }
         let facts = try runMapped { try FactFile.read(URL(fileURLWithPath: cfg.world)) }
         let sentences = CorpusBuilder.sentences(facts: facts, seed: cfg.seed)
         let trainer = Pretrainer(config: cfg, runDir: URL(fileURLWithPath: cfg.runDir), communicator: comm)
