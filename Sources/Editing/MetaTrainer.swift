@@ -212,8 +212,7 @@ public final class MetaTrainer {
 
     /// Folds an episode's signal rows into the networks' batch norms, module by module in configuration
     /// order (as a training-mode call of the networks would).
-    func foldNormStatistics(_ e: Episode) {
-        let sig = signals(poolIndices: e.indices, requests: e.requests)
+    func foldNormStatistics(_ sig: [String: ModuleSignals]) {
         for m in editor.config.modules {
             editor.networks[editor.routing[m]!.key]!.norm.fold(sig[m]!.x)
         }
@@ -250,7 +249,14 @@ public final class MetaTrainer {
     /// One episode: edits the model with `requests` in one call of the networks, and returns the weighted
     /// reliability, generality and locality losses on the edits `lossOn` (all when nil); their gradients
     /// are *added* into the networks' parameters, the edit learning rates and λ. The model is left unedited.
+    /// `signals`: the episode's signals when the caller already has them (`trainStep`, which folded them into
+    /// the batch norms), so they are not concatenated twice.
     public func episode(_ requests: [EditRequest], trainingNorm: Bool, poolIndices: [Int]? = nil, lossOn: [Int]? = nil)
+        throws -> (rel: Double, gen: Double, loc: Double) {
+        try episode(requests, trainingNorm: trainingNorm, poolIndices: poolIndices, lossOn: lossOn, signals: nil)
+    }
+
+    func episode(_ requests: [EditRequest], trainingNorm: Bool, poolIndices: [Int]?, lossOn: [Int]?, signals given: [String: ModuleSignals]?)
         throws -> (rel: Double, gen: Double, loc: Double) {
         let model = editor.model
         let chosen = (lossOn ?? Array(requests.indices)).map { requests[$0] }
@@ -261,7 +267,7 @@ public final class MetaTrainer {
         var clock = Date()
         func lap(_ i: Int) { stageSeconds[i] = Date().timeIntervalSince(clock); clock = Date() }
         model.clearEdits()
-        let sig = poolIndices.map { signals(poolIndices: $0, requests: requests) }
+        let sig = given ?? poolIndices.map { signals(poolIndices: $0, requests: requests) }
             ?? editor.signals(requests)
         let contrast = editor.config.accumulation != .leastSquares ? [:]
             : poolIndices.map { contrastRows(poolIndices: $0, requests: requests) } ?? editor.contrastRows(requests)
@@ -365,11 +371,16 @@ public final class MetaTrainer {
         let episodes = (0..<cfg.episodesPerStep).map { sample(step: step, episode: $0) }
         let n = longest
         for o in optimisers { o.zeroGrad() }
-        for e in episodes { foldNormStatistics(e) }
+        let share = Set(communicator.share(of: episodes.count))
+        var mine: [(Episode, [String: ModuleSignals])] = []
+        for (i, e) in episodes.enumerated() {
+            let sig = signals(poolIndices: e.indices, requests: e.requests)
+            foldNormStatistics(sig)
+            if share.contains(i) { mine.append((e, sig)) }
+        }
         var losses = [0.0, 0.0, 0.0]
-        for i in communicator.share(of: episodes.count) {
-            let e = episodes[i]
-            let l = try episode(e.requests, trainingNorm: false, poolIndices: e.indices, lossOn: e.lossOn)
+        for (e, sig) in mine {
+            let l = try episode(e.requests, trainingNorm: false, poolIndices: e.indices, lossOn: e.lossOn, signals: sig)
             losses[0] += l.rel; losses[1] += l.gen; losses[2] += l.loc
         }
         let params = optimisers.flatMap(\.params)
