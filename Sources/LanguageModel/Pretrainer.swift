@@ -265,9 +265,8 @@ public final class Pretrainer {
             tensors += [(p.name, p.value), ("adam.m." + p.name, opt.m[i]), ("adam.v." + p.name, opt.v[i])]
         }
         try communicator.broadcast(tensors)
-        var steps = [Double(step), Double(opt.step)]
-        if !communicator.isRoot { steps = [0, 0] }
-        steps = try communicator.allreduceSum(steps)
+        var steps = [Int64(step), Int64(opt.step)]
+        try steps.withUnsafeMutableBytes { try communicator.broadcast($0.baseAddress!, bytes: $0.count) }
         opt.restore(step: Int(steps[1]))
         return Int(steps[0])
     }
