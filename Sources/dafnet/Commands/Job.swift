@@ -32,3 +32,8 @@ func inJob<T>(_ comm: Communicator, _ body: () throws -> T) throws -> T {
         throw error
     }
 }
+
+extension Communicator {
+    /// Writes a line to standard error from rank 0 only (every rank of a job runs the same command).
+    func say(_ line: String) { if isRoot { printError(line) } }
+}

@@ -21,14 +21,13 @@ struct Pretrain: ParsableCommand {
 
     /// Every rank of an MPI job runs this; rank 0 alone prints and writes.
     func train(_ comm: Communicator) throws {
-        let say: (String) -> Void = { if comm.isRoot { printError($0) } }
         let cfg = try runMapped { try EditorRegistry.readConfig(PretrainConfig.self, file: URL(fileURLWithPath: config)) }
         let facts = try runMapped { try FactFile.read(URL(fileURLWithPath: cfg.world)) }
         let sentences = CorpusBuilder.sentences(facts: facts, seed: cfg.seed)
         let trainer = Pretrainer(config: cfg, runDir: URL(fileURLWithPath: cfg.runDir), communicator: comm)
         trainer.progress = { line in if comm.isRoot { FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8)) } }
-        say("corpus: \(sentences.count) sentences from \(facts.count) facts; log: \(trainer.logURL.path)")
+        comm.say("corpus: \(sentences.count) sentences from \(facts.count) facts; log: \(trainer.logURL.path)")
         try runMapped { try trainer.run(sentences: sentences, out: URL(fileURLWithPath: cfg.out), stopAfter: stopAfter) }
-        say(stopAfter.map { "\nstopped at step \($0) (checkpoint in \(cfg.runDir)); run the same command again to resume" } ?? "\nwrote \(cfg.out)")
+        comm.say(stopAfter.map { "\nstopped at step \($0) (checkpoint in \(cfg.runDir)); run the same command again to resume" } ?? "\nwrote \(cfg.out)")
     }
 }

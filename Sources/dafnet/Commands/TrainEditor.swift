@@ -47,7 +47,6 @@ struct TrainEditor: ParsableCommand {
 
     /// Every rank of an MPI job runs this; rank 0 alone prints, writes and evaluates.
     func train(_ comm: Communicator) throws {
-        let say: (String) -> Void = { if comm.isRoot { printError($0) } }
         let folder = try model.load(requireTokenizer: true)
         let configURL = config.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("editor.config.json")
         let dataURL = data.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("dafset/train.jsonl")
@@ -61,7 +60,7 @@ struct TrainEditor: ParsableCommand {
         }
         let chosen = cfg.modules.isEmpty
         if chosen { cfg.modules = EditorConfig.defaultModules(for: folder.model.spec) }
-        say("edited modules (\(chosen ? "the \(folder.model.spec.modelType) default: the MLP of the last three blocks" : "from \(configURL.lastPathComponent)")): "
+        comm.say("edited modules (\(chosen ? "the \(folder.model.spec.modelType) default: the MLP of the last three blocks" : "from \(configURL.lastPathComponent)")): "
                    + cfg.modules.joined(separator: ", "))
         if cfg.baseModel == nil { cfg.baseModel = model.url.standardizedFileURL.lastPathComponent }
         let pool = try runMapped { try EditBatch.read(dataURL) }
@@ -78,7 +77,7 @@ struct TrainEditor: ParsableCommand {
         if let initFrom {
             let from = try runMapped { try DAFNetEditor.load(from: URL(fileURLWithPath: initFrom), model: folder.model, tokenizer: folder.tokenizer!) }
             try runMapped { try editor.warmStart(from: from) }
-            say("networks from \(initFrom)")
+            comm.say("networks from \(initFrom)")
         }
         if cfg.accumulation == .leastSquares,
            let stats = try runMapped({ try MetaTrainer.checkpointKeyStatistics(runDir: URL(fileURLWithPath: runDir), modules: cfg.modules) }) {
@@ -93,7 +92,7 @@ struct TrainEditor: ParsableCommand {
                 if comm.isRoot { FileHandle.standardError.write(Data("\r\u{1B}[Kkey statistics: \(done)/\(total) texts".utf8)) }
             }
             try runMapped { try editor.setKeyStatistics(stats) }
-            say("\nkey statistics: \(tokens) tokens of \(texts.count) texts")
+            comm.say("\nkey statistics: \(tokens) tokens of \(texts.count) texts")
         }
         let trainer = try runMapped { try MetaTrainer(editor: editor, pool: pool, runDir: URL(fileURLWithPath: runDir), communicator: comm) }
         // The ETA from the last 50 steps' pace (steps get slower as the curriculum grows).
@@ -117,9 +116,9 @@ struct TrainEditor: ParsableCommand {
             return
         }
         let stop = StopSignal()
-        let sources = stop.requestOnTerminationSignals { name, _ in say("\n\(name): stopping after the current step (checkpointed)") }
+        let sources = stop.requestOnTerminationSignals { name, _ in comm.say("\n\(name): stopping after the current step (checkpointed)") }
         trainer.shouldStop = { stop.isRequested }
-        say("log: \(trainer.logURL.path)")
+        comm.say("log: \(trainer.logURL.path)")
         let end = try runMapped { try trainer.run(out: outURL, stopAfter: stopAfter) }
         withExtendedLifetime(sources) {}
         guard comm.isRoot else { return }
