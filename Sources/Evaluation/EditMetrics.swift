@@ -84,23 +84,32 @@ public enum EditMetrics {
 
     /// The model's greedy answer to `prompt` (at most `maxTokens`, stopping at end-of-text), as text.
     public static func greedyAnswer(_ model: TransformerLM, _ tokenizer: Tokenizer, prompt: String, maxTokens: Int) throws -> String {
-        tokenizer.decode(try greedyAnswerTokens(model, tokenizer, promptIds: tokenizer.encode(prompt), maxTokens: maxTokens))
+        try greedyAnswers(model, tokenizer, prompts: [prompt], maxTokens: maxTokens)[0]
     }
 
-    /// `tokens` greedy tokens after `prompt`, generated through end-of-text (left out of the text, the
+    /// The same for several prompts, decoded together (one batched, cached decode).
+    public static func greedyAnswers(_ model: TransformerLM, _ tokenizer: Tokenizer, prompts: [String], maxTokens: Int) throws -> [String] {
+        try greedyAnswerTokens(model, tokenizer, promptIds: prompts.map { tokenizer.encode($0) }, maxTokens: maxTokens).map { tokenizer.decode($0) }
+    }
+
+    /// `tokens` greedy tokens after each prompt, generated through end-of-text (left out of the text, the
     /// pieces joined by a space), as ROME and EasyEdit generate for fluency: a model that stopped at the
-    /// first end-of-text would give a one-word text whose n-gram entropy says nothing.
-    public static func greedyContinuation(_ model: TransformerLM, _ tokenizer: Tokenizer, prompt: String, tokens: Int) throws -> String {
-        let ids = tokenizer.encode(prompt)
-        let new = Array(try model.generateGreedy(prompt: ids, maxNewTokens: tokens, stop: nil).dropFirst(ids.count))
-        guard let eos = tokenizer.eosTokenID else { return tokenizer.decode(new) }
-        return new.split(separator: eos).map { tokenizer.decode(Array($0)).trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
+    /// first end-of-text would give a one-word text whose n-gram entropy says nothing. One batched decode.
+    public static func greedyContinuations(_ model: TransformerLM, _ tokenizer: Tokenizer, prompts: [String], tokens: Int) throws -> [String] {
+        let ids = prompts.map { tokenizer.encode($0) }
+        let generated = try model.generateGreedy(prompts: ids, maxNewTokens: tokens, stop: nil)
+        return zip(ids, generated).map { p, g in
+            let new = Array(g.dropFirst(p.count))
+            guard let eos = tokenizer.eosTokenID else { return tokenizer.decode(new) }
+            return new.split(separator: eos).map { tokenizer.decode(Array($0)).trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
+        }
     }
 
-    /// The same as token ids, from the prompt's ids.
-    public static func greedyAnswerTokens(_ model: TransformerLM, _ tokenizer: Tokenizer, promptIds: [Int], maxTokens: Int) throws -> [Int] {
+    /// Greedy answers as token ids, from the prompts' ids (one batched decode).
+    public static func greedyAnswerTokens(_ model: TransformerLM, _ tokenizer: Tokenizer, promptIds: [[Int]], maxTokens: Int) throws -> [[Int]] {
         let eos = tokenizer.eosTokenID
-        return answerTokens(try model.generateGreedy(prompt: promptIds, maxNewTokens: maxTokens, stop: eos), promptCount: promptIds.count, eos: eos)
+        let generated = try model.generateGreedy(prompts: promptIds, maxNewTokens: maxTokens, stop: eos)
+        return zip(promptIds, generated).map { answerTokens($1, promptCount: $0.count, eos: eos) }
     }
 
     static func mean(_ xs: [Double]) -> Double? { xs.isEmpty ? nil : xs.reduce(0, +) / Double(xs.count) }
@@ -174,16 +183,16 @@ public enum EditMetrics {
         }
         if answers {
             let tok = editor.tokenizer
-            for (i, r) in requests.enumerated() {
-                edits[i].answerAfter = try greedyAnswer(model, tok, prompt: r.prompt, maxTokens: answerTokens)
-                edits[i].answerBefore = try model.withoutEdits { try greedyAnswer(model, tok, prompt: r.prompt, maxTokens: answerTokens) }
-            }
+            let prompts = requests.map(\.prompt)
+            let after = try greedyAnswers(model, tok, prompts: prompts, maxTokens: answerTokens)
+            let before = try model.withoutEdits { try greedyAnswers(model, tok, prompts: prompts, maxTokens: answerTokens) }
+            for i in requests.indices { edits[i].answerAfter = after[i]; edits[i].answerBefore = before[i] }
         }
         if fluencyTokens > 0 {
             let picked = fluencyIndices(count: requests.count, sample: fluencySample)
             let prompts = picked.map { requests[$0].prompt }
-            let after = try prompts.map { try greedyContinuation(model, editor.tokenizer, prompt: $0, tokens: fluencyTokens) }
-            let before = try model.withoutEdits { try prompts.map { try greedyContinuation(model, editor.tokenizer, prompt: $0, tokens: fluencyTokens) } }
+            let after = try greedyContinuations(model, editor.tokenizer, prompts: prompts, tokens: fluencyTokens)
+            let before = try model.withoutEdits { try greedyContinuations(model, editor.tokenizer, prompts: prompts, tokens: fluencyTokens) }
             for (k, i) in picked.enumerated() {
                 edits[i].continuationAfter = after[k]
                 edits[i].fluencyAfter = ngramEntropy(prompts[k] + after[k])

@@ -262,21 +262,23 @@ public final class TransformerLM: @unchecked Sendable {
         let scratch: Tensor              // [N, C]
         var batch: TokenBatch?
 
-        init(spec s: TransformerSpec, B: Int, T: Int, qkvOuts: [Int], mlpInCount: Int) {
+        /// `cached`: for the cached path, which attends over its caches and takes the logits of last tokens
+        /// only: no [B, heads, T, T] probabilities and no [N, vocab] logits.
+        init(spec s: TransformerSpec, B: Int, T: Int, qkvOuts: [Int], mlpInCount: Int, cached: Bool = false) {
             self.B = B; self.T = T; N = B * T
             let N = B * T, C = s.hidden, L = s.layers
             func many(_ shape: [Int]) -> [Tensor] { (0..<L).map { _ in Tensor(shape: shape) } }
             residual = (0...L).map { _ in Tensor(shape: [N, C]) }
             ln1 = many([N, C]); ln1Mean = many([N]); ln1Rstd = many([N])
             qkv = (0..<L).map { _ in qkvOuts.map { Tensor(shape: [N, $0]) } }
-            probs = many([B, s.heads, T, T])
+            probs = cached ? [] : many([B, s.heads, T, T])
             att = many([N, s.qDim])
             res1 = many([N, C])
             ln2 = many([N, C]); ln2Mean = many([N]); ln2Rstd = many([N])
             mlpPre = (0..<L).map { _ in (0..<mlpInCount).map { _ in Tensor(shape: [N, s.intermediate]) } }
             mlpAct = many([N, s.intermediate])
             lnf = Tensor(shape: [N, C]); lnfMean = Tensor(shape: [N]); lnfRstd = Tensor(shape: [N])
-            logits = Tensor(shape: [N, s.vocabSize])
+            logits = Tensor(shape: [cached ? 0 : N, s.vocabSize])
             scratch = Tensor(shape: [N, C])
         }
     }
@@ -364,7 +366,7 @@ public final class TransformerLM: @unchecked Sendable {
             for n in 0..<N { BLAS.axpy(x + n * C, wpe.value.data + Int(batch.positions[n]) * C, count: C, alpha: 1) }
         }
         for (l, layer) in layers.enumerated() {
-            forwardLayer(l, layer, a, batch: batch, cache: nil)
+            forwardLayer(l, layer, a, batch: batch, segments: nil)
         }
         return finishForward(a.residual[spec.layers], lnf: a.lnf, mean: a.lnfMean, rstd: a.lnfRstd, logits: a.logits, N: N)
     }
@@ -375,7 +377,16 @@ public final class TransformerLM: @unchecked Sendable {
         return logits
     }
 
-    private func forwardLayer(_ l: Int, _ layer: Layer, _ a: Activations, batch: TokenBatch, cache: KVCache?) {
+    /// One sequence's rows in a packed forward over cached sequences: rows `row..<row+count` continue `cache`.
+    struct CachedSegment {
+        let cache: KVCache
+        let row: Int
+        let count: Int
+    }
+
+    /// One block over the rows of `a`: a padded batch (`segments` nil, attention within each sequence of
+    /// `batch`) or packed sequences each continuing its own key/value cache.
+    private func forwardLayer(_ l: Int, _ layer: Layer, _ a: Activations, batch: TokenBatch, segments: [CachedSegment]?) {
         let N = a.N, C = spec.hidden
         let x = a.residual[l]
         norm(a.ln1[l], mean: a.ln1Mean[l], rstd: a.ln1Rstd[l], x, layer.norm1, layer.norm1Bias, N: N)
@@ -387,15 +398,18 @@ public final class TransformerLM: @unchecked Sendable {
                 Kernels.rotary(k, positions: pos.baseAddress!, table: rotary, N: N, heads: spec.kvHeads, stride: kvs)
             }
         }
-        if let cache {
-            let past = cache.length
-            let kc = cache.keys[l].data + past * spec.kvDim, vc = cache.values[l].data + past * spec.kvDim
-            for t in 0..<N {
-                (kc + t * spec.kvDim).update(from: k + t * kvs, count: spec.kvDim)
-                (vc + t * spec.kvDim).update(from: v + t * kvs, count: spec.kvDim)
+        if let segments {
+            for seg in segments {
+                let cache = seg.cache, past = cache.length
+                let kc = cache.keys[l].data + past * spec.kvDim, vc = cache.values[l].data + past * spec.kvDim
+                for t in 0..<seg.count {
+                    (kc + t * spec.kvDim).update(from: k + (seg.row + t) * kvs, count: spec.kvDim)
+                    (vc + t * spec.kvDim).update(from: v + (seg.row + t) * kvs, count: spec.kvDim)
+                }
+                Kernels.attentionCached(a.att[l].data + seg.row * spec.qDim, q: q + seg.row * qs, qStride: qs,
+                                        kCache: cache.keys[l].data, vCache: cache.values[l].data,
+                                        past: past, Tq: seg.count, NH: spec.heads, NKV: spec.kvHeads, HS: spec.headDim)
             }
-            Kernels.attentionCached(a.att[l].data, q: q, qStride: qs, kCache: cache.keys[l].data, vCache: cache.values[l].data,
-                                    past: past, Tq: N, NH: spec.heads, NKV: spec.kvHeads, HS: spec.headDim)
         } else {
             let shape = AttentionShape(B: a.B, T: a.T, NH: spec.heads, NKV: spec.kvHeads, HS: spec.headDim,
                                        qStride: qs, kStride: kvs, vStride: kvs, outStride: spec.qDim)
@@ -517,44 +531,84 @@ public final class TransformerLM: @unchecked Sendable {
 
     /// Runs `tokens` (continuing the cached sequence) and returns the logits of the last one [vocab].
     public func forwardCached(_ tokens: [Int], cache: KVCache) throws -> Tensor {
-        guard !tokens.isEmpty else { throw LMError.invalidInput("no tokens to run") }
-        guard cache.length + tokens.count <= cache.capacity else {
-            throw LMError.invalidInput("sequence of \(cache.length + tokens.count) tokens exceeds the cache of \(cache.capacity)")
+        try forwardCached([tokens], caches: [cache]).reshaped([spec.vocabSize])
+    }
+
+    /// Runs several sequences at once, each continuing its own cache: their tokens packed into one set of
+    /// rows (no padding) for the projections, attention per sequence over its cache. Returns the logits of
+    /// each sequence's last token [sequences, vocab].
+    public func forwardCached(_ sequences: [[Int]], caches: [KVCache]) throws -> Tensor {
+        precondition(sequences.count == caches.count, "one cache per sequence")
+        let C = spec.hidden
+        var ids: [Int32] = [], positions: [Int32] = [], segments: [CachedSegment] = []
+        for (tokens, cache) in zip(sequences, caches) {
+            guard !tokens.isEmpty else { throw LMError.invalidInput("no tokens to run") }
+            guard cache.length + tokens.count <= cache.capacity else {
+                throw LMError.invalidInput("sequence of \(cache.length + tokens.count) tokens exceeds the cache of \(cache.capacity)")
+            }
+            for (i, t) in tokens.enumerated() where t < 0 || t >= spec.vocabSize {
+                throw LMError.invalidInput("token \(t) at \(i) outside the vocabulary of \(spec.vocabSize)")
+            }
+            segments.append(CachedSegment(cache: cache, row: ids.count, count: tokens.count))
+            ids += tokens.map(Int32.init)
+            positions += (0..<tokens.count).map { Int32(cache.length + $0) }
         }
-        let T = tokens.count, C = spec.hidden
-        let positions = (0..<T).map { Int32(cache.length + $0) }
-        let a = Activations(spec: spec, B: 1, T: T, qkvOuts: layers[0].qkv.map(\.outFeatures), mlpInCount: layers[0].mlpIn.count)
-        let batch = TokenBatch(ids: tokens.map(Int32.init), B: 1, T: T)
-        var ids = batch.ids
-        for (i, t) in tokens.enumerated() where t < 0 || t >= spec.vocabSize {
-            throw LMError.invalidInput("token \(t) at \(i) outside the vocabulary of \(spec.vocabSize)")
-        }
-        ids.withUnsafeMutableBufferPointer { p in
-            Kernels.embeddingForward(a.residual[0].data, ids: p.baseAddress!, table: tokenEmbedding.value.data, N: T, C: C)
+        let N = ids.count
+        let a = Activations(spec: spec, B: 1, T: N, qkvOuts: layers[0].qkv.map(\.outFeatures), mlpInCount: layers[0].mlpIn.count,
+                            cached: true)
+        ids.withUnsafeBufferPointer { p in
+            Kernels.embeddingForward(a.residual[0].data, ids: p.baseAddress!, table: tokenEmbedding.value.data, N: N, C: C)
         }
         if let wpe = positionEmbedding {
-            for n in 0..<T { BLAS.axpy(a.residual[0].data + n * C, wpe.value.data + Int(positions[n]) * C, count: C, alpha: 1) }
+            for n in 0..<N { BLAS.axpy(a.residual[0].data + n * C, wpe.value.data + Int(positions[n]) * C, count: C, alpha: 1) }
         }
-        let posBatch = TokenBatch(ids: batch.ids, B: 1, T: T, mask: nil, positions: positions)
-        for (l, layer) in layers.enumerated() { forwardLayer(l, layer, a, batch: posBatch, cache: cache) }
-        cache.advance(T)
-        let last = a.residual[spec.layers].rows((T - 1)..<T)
-        let lnf = Tensor(shape: [1, C]), mean = Tensor(shape: [1]), rstd = Tensor(shape: [1])
-        let logits = Tensor(shape: [1, spec.vocabSize])
-        return finishForward(last, lnf: lnf, mean: mean, rstd: rstd, logits: logits, N: 1).reshaped([spec.vocabSize])
+        let batch = TokenBatch(ids: ids, B: 1, T: N, mask: nil, positions: positions)
+        for (l, layer) in layers.enumerated() { forwardLayer(l, layer, a, batch: batch, segments: segments) }
+        for seg in segments { seg.cache.advance(seg.count) }
+        let S = segments.count
+        let last = Tensor(shape: [S, C])
+        for (i, seg) in segments.enumerated() { (last.data + i * C).update(from: a.residual[spec.layers].data + (seg.row + seg.count - 1) * C, count: C) }
+        let lnf = Tensor(shape: [S, C]), mean = Tensor(shape: [S]), rstd = Tensor(shape: [S])
+        return finishForward(last, lnf: lnf, mean: mean, rstd: rstd, logits: Tensor(shape: [S, spec.vocabSize]), N: S)
     }
 
     /// Greedy decoding with a key/value cache: the prompt followed by up to `maxNewTokens` argmax tokens,
     /// stopping early at `stop` (e.g. the end-of-sequence id).
     public func generateGreedy(prompt: [Int], maxNewTokens: Int, stop: Int? = nil) throws -> [Int] {
-        let cache = makeCache(capacity: min(prompt.count + maxNewTokens, spec.maxPositions))
-        var out = prompt
-        var logits = try forwardCached(prompt, cache: cache)
-        for _ in 0..<maxNewTokens {
-            let next = logits.argmaxRows()[0]
-            out.append(next)
-            if next == stop || cache.length >= cache.capacity { break }
-            logits = try forwardCached([next], cache: cache)
+        try generateGreedy(prompts: [prompt], maxNewTokens: maxNewTokens, stop: stop)[0]
+    }
+
+    /// Greedy decoding of several prompts together: the prompts run packed through one forward, then each
+    /// step runs one token of every sequence still going; a sequence stops at `stop`, after `maxNewTokens`
+    /// or at the model's context. Each result is what `generateGreedy(prompt:)` gives for its prompt alone.
+    /// Prompts go `chunk` at a time.
+    public func generateGreedy(prompts: [[Int]], maxNewTokens: Int, stop: Int? = nil, chunk: Int = 64) throws -> [[Int]] {
+        var out: [[Int]] = []
+        out.reserveCapacity(prompts.count)
+        var start = 0
+        while start < prompts.count {
+            let part = Array(prompts[start..<min(start + chunk, prompts.count)])
+            start += part.count
+            out += try generateGreedyChunk(part, maxNewTokens: maxNewTokens, stop: stop)
+        }
+        return out
+    }
+
+    private func generateGreedyChunk(_ prompts: [[Int]], maxNewTokens: Int, stop: Int?) throws -> [[Int]] {
+        let caches = prompts.map { makeCache(capacity: min($0.count + maxNewTokens, spec.maxPositions)) }
+        var out = prompts
+        var running = Array(prompts.indices)
+        var logits = try forwardCached(prompts, caches: caches)
+        for step in 0..<maxNewTokens {
+            let next = logits.argmaxRows()
+            var still: [Int] = []
+            for (row, i) in running.enumerated() {
+                out[i].append(next[row])
+                if next[row] != stop && caches[i].length < caches[i].capacity { still.append(i) }
+            }
+            running = still
+            if running.isEmpty || step == maxNewTokens - 1 { break }
+            logits = try forwardCached(running.map { [out[$0].last!] }, caches: running.map { caches[$0] })
         }
         return out
     }

@@ -93,6 +93,26 @@ final class TransformerTests: XCTestCase {
         }
     }
 
+    /// Prompts of different lengths decoded together (packed rows, a cache each) give what each gives
+    /// alone: the tokens, where a sequence stops at the stop token, and at the model's context.
+    func testBatchedGenerationEqualsOnePromptAtATime() throws {
+        for name in ["gpt2-tiny", "llama-tiny"] {
+            let model = try load(name).model
+            let maxT = model.spec.maxPositions
+            let prompts = [[11, 22, 33], [5], [40, 41, 42, 43, 44, 45, 46], Array(repeating: 7, count: maxT - 2), [9, 8]]
+            let alone = try prompts.map { try model.generateGreedy(prompt: $0, maxNewTokens: 6) }
+            XCTAssertEqual(try model.generateGreedy(prompts: prompts, maxNewTokens: 6), alone, name)
+            // The context ends the long prompt's decode: the last token is predicted from a full context.
+            XCTAssertEqual(alone[3].count, maxT + 1, name)
+            // Stopping at a token one of the sequences produces, chunked two at a time.
+            let stop = alone[0][4]
+            let aloneStop = try prompts.map { try model.generateGreedy(prompt: $0, maxNewTokens: 6, stop: stop) }
+            XCTAssertEqual(try model.generateGreedy(prompts: prompts, maxNewTokens: 6, stop: stop, chunk: 2), aloneStop, name)
+            XCTAssertEqual(aloneStop[0].last, stop, name)
+            XCTAssertLessThan(aloneStop[0].count, alone[0].count, name)
+        }
+    }
+
     /// A written folder loads back with identical logits, in float32 and (approximately) bfloat16.
     func testWriteAndReloadFolder() throws {
         for name in ["gpt2-tiny", "llama-tiny"] {

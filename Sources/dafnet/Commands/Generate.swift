@@ -29,7 +29,7 @@ struct Generate: ParsableCommand {
         func answer(_ text: String) throws -> [Int] {
             let promptIds = tok.encode(text)
             if promptIds.isEmpty { throw ValidationError("the prompt has no tokens") }
-            return try runMapped { try EditMetrics.greedyAnswerTokens(folder.model, tok, promptIds: promptIds, maxTokens: maxTokens) }
+            return try runMapped { try EditMetrics.greedyAnswerTokens(folder.model, tok, promptIds: [promptIds], maxTokens: maxTokens)[0] }
         }
         if let prompt {
             let out = try answer(prompt)
