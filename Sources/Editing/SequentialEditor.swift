@@ -53,6 +53,12 @@ public protocol SequentialEditor: AnyObject {
 extension SequentialEditor {
     public var methodName: String { method.rawValue }
 
+    /// The lowest block holding an edited module: the blocks below it never change.
+    public var firstEditedBlock: Int {
+        let edited = Set(moduleNames)
+        return (0..<model.spec.layers).first { !edited.isDisjoint(with: model.spec.linearModules(layer: $0)) } ?? model.spec.layers
+    }
+
     /// prompt + target (the target with a leading space), scored on the target tokens.
     public func scored(_ prompt: String, _ target: String) -> ScoredPrompt {
         ScoredPrompt(prompt: prompt, target: target, tokenizer: tokenizer)

@@ -377,16 +377,17 @@ public final class TransformerLM: @unchecked Sendable {
         return logits
     }
 
-    /// One sequence's rows in a packed forward over cached sequences: rows `row..<row+count` continue `cache`.
-    struct CachedSegment {
-        let cache: KVCache
+    /// One sequence's rows in a packed forward: rows `row..<row+count`, attending to each other causally
+    /// and, with a cache, after the cache's past (their keys and values appended to it).
+    struct Segment {
+        let cache: KVCache?
         let row: Int
         let count: Int
     }
 
     /// One block over the rows of `a`: a padded batch (`segments` nil, attention within each sequence of
-    /// `batch`) or packed sequences each continuing its own key/value cache.
-    private func forwardLayer(_ l: Int, _ layer: Layer, _ a: Activations, batch: TokenBatch, segments: [CachedSegment]?) {
+    /// `batch`) or packed sequences (`segments`), each continuing its own key/value cache if it has one.
+    private func forwardLayer(_ l: Int, _ layer: Layer, _ a: Activations, batch: TokenBatch, segments: [Segment]?) {
         let N = a.N, C = spec.hidden
         let x = a.residual[l]
         norm(a.ln1[l], mean: a.ln1Mean[l], rstd: a.ln1Rstd[l], x, layer.norm1, layer.norm1Bias, N: N)
@@ -400,14 +401,18 @@ public final class TransformerLM: @unchecked Sendable {
         }
         if let segments {
             for seg in segments {
-                let cache = seg.cache, past = cache.length
-                let kc = cache.keys[l].data + past * spec.kvDim, vc = cache.values[l].data + past * spec.kvDim
-                for t in 0..<seg.count {
-                    (kc + t * spec.kvDim).update(from: k + (seg.row + t) * kvs, count: spec.kvDim)
-                    (vc + t * spec.kvDim).update(from: v + (seg.row + t) * kvs, count: spec.kvDim)
+                var keys = UnsafePointer(k + seg.row * kvs), values = UnsafePointer(v + seg.row * kvs), stride = kvs, past = 0
+                if let cache = seg.cache {
+                    past = cache.length
+                    let kc = cache.keys[l].data + past * spec.kvDim, vc = cache.values[l].data + past * spec.kvDim
+                    for t in 0..<seg.count {
+                        (kc + t * spec.kvDim).update(from: k + (seg.row + t) * kvs, count: spec.kvDim)
+                        (vc + t * spec.kvDim).update(from: v + (seg.row + t) * kvs, count: spec.kvDim)
+                    }
+                    (keys, values, stride) = (UnsafePointer(cache.keys[l].data), UnsafePointer(cache.values[l].data), spec.kvDim)
                 }
                 Kernels.attentionCached(a.att[l].data + seg.row * spec.qDim, q: q + seg.row * qs, qStride: qs,
-                                        kCache: cache.keys[l].data, vCache: cache.values[l].data,
+                                        kCache: keys, vCache: values, kvStride: stride,
                                         past: past, Tq: seg.count, NH: spec.heads, NKV: spec.kvHeads, HS: spec.headDim)
             }
         } else {
@@ -539,37 +544,75 @@ public final class TransformerLM: @unchecked Sendable {
     /// each sequence's last token [sequences, vocab].
     public func forwardCached(_ sequences: [[Int]], caches: [KVCache]) throws -> Tensor {
         precondition(sequences.count == caches.count, "one cache per sequence")
-        let C = spec.hidden
-        var ids: [Int32] = [], positions: [Int32] = [], segments: [CachedSegment] = []
         for (tokens, cache) in zip(sequences, caches) {
-            guard !tokens.isEmpty else { throw LMError.invalidInput("no tokens to run") }
             guard cache.length + tokens.count <= cache.capacity else {
                 throw LMError.invalidInput("sequence of \(cache.length + tokens.count) tokens exceeds the cache of \(cache.capacity)")
             }
-            for (i, t) in tokens.enumerated() where t < 0 || t >= spec.vocabSize {
-                throw LMError.invalidInput("token \(t) at \(i) outside the vocabulary of \(spec.vocabSize)")
-            }
-            segments.append(CachedSegment(cache: cache, row: ids.count, count: tokens.count))
-            ids += tokens.map(Int32.init)
-            positions += (0..<tokens.count).map { Int32(cache.length + $0) }
         }
-        let N = ids.count
+        let rows = try PackedRows(sequences, caches: caches, spec: spec)
+        let a = run(rows, blocks: 0..<spec.layers)
+        for seg in rows.segments { seg.cache?.advance(seg.count) }
+        return logits(a, rows: rows.segments.map { $0.row + $0.count - 1 })
+    }
+
+    /// Sequences packed one after another into one set of rows (no padding), with their positions
+    /// (continuing each cache's past).
+    struct PackedRows {
+        let ids: [Int32]
+        let positions: [Int32]
+        let segments: [Segment]
+
+        init(_ sequences: [[Int]], caches: [KVCache]? = nil, spec: TransformerSpec) throws {
+            var ids: [Int32] = [], positions: [Int32] = [], segments: [Segment] = []
+            for (s, tokens) in sequences.enumerated() {
+                guard !tokens.isEmpty else { throw LMError.invalidInput("no tokens to run") }
+                for (i, t) in tokens.enumerated() where t < 0 || t >= spec.vocabSize {
+                    throw LMError.invalidInput("token \(t) at \(i) outside the vocabulary of \(spec.vocabSize)")
+                }
+                let cache = caches?[s], past = cache?.length ?? 0
+                guard past + tokens.count <= spec.maxPositions else {
+                    throw LMError.invalidInput("sequence of \(past + tokens.count) tokens; the model takes at most \(spec.maxPositions)")
+                }
+                segments.append(Segment(cache: cache, row: ids.count, count: tokens.count))
+                ids += tokens.map(Int32.init)
+                positions += (0..<tokens.count).map { Int32(past + $0) }
+            }
+            self.ids = ids; self.positions = positions; self.segments = segments
+        }
+
+        var count: Int { ids.count }
+    }
+
+    /// Packed rows through `blocks`; the stream entering the first of them is the embeddings (from block 0)
+    /// or `input` [rows, hidden]. The stream leaving the last is `residual[blocks.upperBound]`.
+    func run(_ rows: PackedRows, blocks: Range<Int>, input: Tensor? = nil) -> Activations {
+        let N = rows.count, C = spec.hidden
         let a = Activations(spec: spec, B: 1, T: N, qkvOuts: layers[0].qkv.map(\.outFeatures), mlpInCount: layers[0].mlpIn.count,
                             cached: true)
-        ids.withUnsafeBufferPointer { p in
-            Kernels.embeddingForward(a.residual[0].data, ids: p.baseAddress!, table: tokenEmbedding.value.data, N: N, C: C)
+        if let input {
+            precondition(input.shape == [N, C], "input stream \(input.shape) for \(N) rows")
+            a.residual[blocks.lowerBound].data.update(from: input.data, count: N * C)
+        } else {
+            precondition(blocks.lowerBound == 0, "the embeddings enter block 0")
+            rows.ids.withUnsafeBufferPointer { p in
+                Kernels.embeddingForward(a.residual[0].data, ids: p.baseAddress!, table: tokenEmbedding.value.data, N: N, C: C)
+            }
+            if let wpe = positionEmbedding {
+                for n in 0..<N { BLAS.axpy(a.residual[0].data + n * C, wpe.value.data + Int(rows.positions[n]) * C, count: C, alpha: 1) }
+            }
         }
-        if let wpe = positionEmbedding {
-            for n in 0..<N { BLAS.axpy(a.residual[0].data + n * C, wpe.value.data + Int(positions[n]) * C, count: C, alpha: 1) }
-        }
-        let batch = TokenBatch(ids: ids, B: 1, T: N, mask: nil, positions: positions)
-        for (l, layer) in layers.enumerated() { forwardLayer(l, layer, a, batch: batch, segments: segments) }
-        for seg in segments { seg.cache.advance(seg.count) }
-        let S = segments.count
-        let last = Tensor(shape: [S, C])
-        for (i, seg) in segments.enumerated() { (last.data + i * C).update(from: a.residual[spec.layers].data + (seg.row + seg.count - 1) * C, count: C) }
-        let lnf = Tensor(shape: [S, C]), mean = Tensor(shape: [S]), rstd = Tensor(shape: [S])
-        return finishForward(last, lnf: lnf, mean: mean, rstd: rstd, logits: Tensor(shape: [S, spec.vocabSize]), N: S)
+        let batch = TokenBatch(ids: rows.ids, B: 1, T: N, mask: nil, positions: rows.positions)
+        for l in blocks { forwardLayer(l, layers[l], a, batch: batch, segments: rows.segments) }
+        return a
+    }
+
+    /// The logits [rows.count, vocab] at some rows of a packed run through every block.
+    func logits(_ a: Activations, rows: [Int]) -> Tensor {
+        let C = spec.hidden, R = rows.count
+        let picked = Tensor(shape: [R, C])
+        for (i, r) in rows.enumerated() { (picked.data + i * C).update(from: a.residual[spec.layers].data + r * C, count: C) }
+        let lnf = Tensor(shape: [R, C]), mean = Tensor(shape: [R]), rstd = Tensor(shape: [R])
+        return finishForward(picked, lnf: lnf, mean: mean, rstd: rstd, logits: Tensor(shape: [R, spec.vocabSize]), N: R)
     }
 
     /// Greedy decoding with a key/value cache: the prompt followed by up to `maxNewTokens` argmax tokens,

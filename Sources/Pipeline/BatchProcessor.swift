@@ -140,10 +140,12 @@ public final class BatchProcessor {
     /// (sha256, version) pairs already in the batch log.
     var historyKeys: Set<String> = []
 
-    /// The held-out texts ordered by length, so the perplexity batches carry little padding.
+    /// The held-out texts ordered by length, and their stream below the first edited block (computed once).
     let heldout: [[Int]]
+    let heldoutFixed: FixedSequences
     let uneditedPerplexity: Double?
     let canaryItems: [ScoredPrompt]
+    let canaryFixed: FixedSequences
     let canaryReference: [TargetPrediction]
     let heldoutFingerprint: String
 
@@ -160,10 +162,15 @@ public final class BatchProcessor {
         let model = editor.model
         let texts = resources.heldoutText.enumerated().sorted { ($0.element.count, $0.offset) < ($1.element.count, $1.offset) }.map(\.element)
         heldout = texts
-        uneditedPerplexity = texts.isEmpty ? nil : model.withoutEdits { model.perplexity(texts) }
+        let block = editor.firstEditedBlock
+        let fixedTexts = try model.fixedSequences(TransformerLM.perplexityInputs(texts, spec: model.spec).inputs, reuseBelow: block)
+        heldoutFixed = fixedTexts
+        uneditedPerplexity = texts.isEmpty ? nil : model.withoutEdits { model.perplexity(texts, fixed: fixedTexts) }
         let items = resources.canaries.map { editor.scored($0.prompt, $0.groundTruth) }
         canaryItems = items
-        canaryReference = model.withoutEdits { model.predict(items) }
+        let fixedCanaries = try model.fixedSequences(model.predictionInputs(items), reuseBelow: block)
+        canaryFixed = fixedCanaries
+        canaryReference = model.withoutEdits { model.predict(items, fixed: fixedCanaries) }
         heldoutFingerprint = Self.fingerprint(resources.heldoutText)
         try loadJournal()
     }

@@ -101,7 +101,7 @@ extension BatchProcessor {
         if uneditedPerplexity != nil {
             if head.number == nil { perplexity = uneditedPerplexity }
             else if let p = headEvaluation(head)?.perplexity, p.textsFingerprint == heldoutFingerprint { perplexity = p.after }
-            else { perplexity = model.perplexity(heldout) }
+            else { perplexity = model.perplexity(heldout, fixed: heldoutFixed) }
         }
         return BeforeBatch(earlier: earlier, factItems: items, facts: model.predict(items), perplexity: perplexity,
                            localityReference: EditMetrics.localityReference(editor: editor, requests))
@@ -133,12 +133,12 @@ extension BatchProcessor {
         if canaryItems.isEmpty {
             canary.skipped = resources.canaryNote ?? "no canary facts"
         } else {
-            let after = model.predict(canaryItems)
+            let after = model.predict(canaryItems, fixed: canaryFixed)
             canary.locality = zip(after, canaryReference).map { $0.agreement(with: $1) }.reduce(0, +) / Double(canaryItems.count)
         }
         var perplexity: PerplexityResult?
         if let u = uneditedPerplexity, let b = before.perplexity {
-            perplexity = PerplexityResult(unedited: u, before: b, after: model.perplexity(heldout), texts: resources.heldoutText.count,
+            perplexity = PerplexityResult(unedited: u, before: b, after: model.perplexity(heldout, fixed: heldoutFixed), texts: resources.heldoutText.count,
                                           textsFingerprint: heldoutFingerprint)
         }
         let verdict = settings.collapseGuard.check(reliability: ev.reliability, perplexity: perplexity, canary: canary, retention: retention)

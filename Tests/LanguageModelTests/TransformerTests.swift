@@ -113,6 +113,62 @@ final class TransformerTests: XCTestCase {
         }
     }
 
+    /// Packed scoring (no padding, logits only at the scored positions) agrees with a padded forward; the
+    /// stream kept below a block gives the same bits while the edits sit at or above that block, and is
+    /// not used once an edit sits below it.
+    func testPackedScoringAndTheStreamKeptBelowTheEdits() throws {
+        for name in ["gpt2-tiny", "llama-tiny"] {
+            let model = try load(name).model
+            let items = [ScoredPrompt(promptIds: [11, 22, 33], targetIds: [44, 55]), ScoredPrompt(promptIds: [5], targetIds: [6]),
+                         ScoredPrompt(promptIds: [40, 41, 42, 43, 44, 45], targetIds: [7, 8, 9])]
+            let inputs = items.map { $0.promptIds + $0.targetIds.dropLast() }
+            let batch = TokenBatch(rightPadded: inputs)
+            let padded = model.forward(batch).copy()
+            let V = model.spec.vocabSize
+            let packed = model.predict(items)
+            for (b, item) in items.enumerated() {
+                var nll = 0.0
+                for (j, target) in item.targetIds.enumerated() {
+                    let row = Array(UnsafeBufferPointer(start: padded.data + (b * batch.T + inputs[b].count - item.targetIds.count + j) * V, count: V))
+                    XCTAssertEqual(packed[b].argmax[j], row.indices.max { row[$0] < row[$1] }, name)
+                    let mx = row.max()!
+                    nll += Double(mx) + log(row.map { Double(expf($0 - mx)) }.reduce(0, +)) - Double(row[target])
+                }
+                XCTAssertEqual(packed[b].nll, nll, accuracy: 1e-4 * max(1, nll), name)
+            }
+            // Perplexity is the predictions' NLL of every next token.
+            let texts = [[1, 2, 3, 4, 5], [9, 8, 7], [6]]
+            let asItems = texts.filter { $0.count > 1 }.map { ScoredPrompt(promptIds: [$0[0]], targetIds: Array($0.dropFirst())) }
+            let nlls = model.predict(asItems)
+            XCTAssertEqual(model.perplexity(texts), exp(nlls.map(\.nll).reduce(0, +) / 6), accuracy: 1e-3, name)
+
+            // An edit in block 1: the kept stream below it gives the same bits as running every block.
+            let fixedItems = try model.fixedSequences(model.predictionInputs(items), reuseBelow: 1)
+            let fixedTexts = try model.fixedSequences(TransformerLM.perplexityInputs(texts, spec: model.spec).inputs, reuseBelow: 1)
+            var rng = RNG(seed: 3)
+            func edit(_ layer: Int) {
+                let m = model.linears[model.spec.linearModules(layer: layer)[0]]!
+                let d = Tensor(shape: [m.inFeatures, m.outFeatures])
+                for i in 0..<d.count { d[i] = rng.normal() * 0.5 }
+                m.deltaWeight = d
+            }
+            edit(1)
+            XCTAssertEqual(model.firstEditedBlock, 1)
+            let edited = model.predict(items)
+            XCTAssertNotEqual(edited, model.withoutEdits { model.predict(items) }, "\(name): the edit changes the scores")
+            XCTAssertEqual(model.predict(items, fixed: fixedItems), edited, name)
+            XCTAssertEqual(model.perplexity(texts, fixed: fixedTexts), model.perplexity(texts), name)
+            // An edit in block 0 changes the stream below block 1: it is recomputed.
+            edit(0)
+            XCTAssertEqual(model.firstEditedBlock, 0)
+            let both = model.predict(items)
+            XCTAssertNotEqual(both, edited, name)
+            XCTAssertEqual(model.predict(items, fixed: fixedItems), both, name)
+            XCTAssertEqual(model.perplexity(texts, fixed: fixedTexts), model.perplexity(texts), name)
+            model.clearEdits()
+        }
+    }
+
     /// A written folder loads back with identical logits, in float32 and (approximately) bfloat16.
     func testWriteAndReloadFolder() throws {
         for name in ["gpt2-tiny", "llama-tiny"] {

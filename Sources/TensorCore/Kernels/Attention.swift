@@ -121,13 +121,13 @@ extension Kernels {
 extension Kernels {
     /// Inference attention against a key/value cache: Tq new queries at absolute positions
     /// `past..<past+Tq` attend keys 0...past+t. q: [Tq, NH·HS] (stride qStride); kCache, vCache:
-    /// [≥ past+Tq, NKV·HS] packed; out: [Tq, NH·HS] packed. One sequence (B = 1).
+    /// [≥ past+Tq, NKV·HS], `kvStride` apart (default packed); out: [Tq, NH·HS] packed. One sequence (B = 1).
     public static func attentionCached(
         _ out: UnsafeMutablePointer<Float>, q: UnsafePointer<Float>, qStride: Int,
-        kCache: UnsafePointer<Float>, vCache: UnsafePointer<Float>,
+        kCache: UnsafePointer<Float>, vCache: UnsafePointer<Float>, kvStride: Int? = nil,
         past: Int, Tq: Int, NH: Int, NKV: Int, HS: Int
     ) {
-        let Tk = past + Tq, group = NH / NKV, kvStride = NKV * HS
+        let Tk = past + Tq, group = NH / NKV, kvStride = kvStride ?? NKV * HS
         let scale = 1 / Float(HS).squareRoot()
         let S = UnsafeMutablePointer<Float>.allocate(capacity: Tq * Tk)
         defer { S.deallocate() }
