@@ -137,6 +137,8 @@ public final class BatchProcessor {
     /// The same for versions whose manifest `gc` removed: the parent from the store's commit records,
     /// the batch from the journal.
     private var removedLineage: [Int: (parent: Int?, batch: String?)] = [:]
+    /// The version this processor committed last, kept for the next batch while it is HEAD.
+    var committedHead: LoadedHead?
     /// (sha256, version) pairs already in the batch log.
     var historyKeys: Set<String> = []
 
@@ -316,10 +318,11 @@ public final class BatchProcessor {
                                    head: head.number)
             }
             if let o = stopped() { return o }
-            guard let manifest = try commit(name, sha: sha, requests, head: head, report: report) else {
+            guard let newHead = try commit(name, sha: sha, requests, head: head, report: report), let manifest = newHead.manifest else {
                 guard attempt < settings.maxAttempts else { throw PipelineError.headUnstable(batch: name, attempts: attempt) }
                 continue
             }
+            committedHead = newHead
             times.commit = lap()
             report.version = manifest.version
             report.stateSHA256 = manifest.stateSHA256

@@ -15,12 +15,13 @@ extension BatchProcessor {
     }
 
     /// HEAD as loaded: its number and manifest (nil: the empty state), its edit state (installed on the
-    /// model) and its edit log.
+    /// model) and its edit log; and its evaluation when this processor committed it.
     struct LoadedHead {
         let number: Int?
         let manifest: Manifest?
         let state: EditorState
         var log: EditLog
+        var evaluation: BatchReport? = nil
     }
 
     /// What is measured on HEAD before the batch: the sampled earlier edits and the watch list (one pass),
@@ -73,8 +74,17 @@ extension BatchProcessor {
         }
     }
 
-    /// Stage `load`: HEAD fresh from the store (a rollback since the last batch is honoured), installed.
+    /// Stage `load`: HEAD, installed: the version this processor committed last while it is still HEAD
+    /// (kept in memory; versions never change), else fresh from the store (a rollback since the last batch
+    /// is honoured).
     func loadHead() throws -> LoadedHead {
+        // `apply` changes the state in place: the kept HEAD serves one batch, which commits the next one.
+        let kept = committedHead
+        committedHead = nil
+        if let kept, let number = kept.number, try store.head() == number {
+            editor.install(kept.state)
+            return kept
+        }
         guard let head = try store.head() else {
             let state = editor.newState()
             editor.install(state)
@@ -100,7 +110,7 @@ extension BatchProcessor {
         var perplexity: Double?
         if uneditedPerplexity != nil {
             if head.number == nil { perplexity = uneditedPerplexity }
-            else if let p = headEvaluation(head)?.perplexity, p.textsFingerprint == heldoutFingerprint { perplexity = p.after }
+            else if let p = (head.evaluation ?? headEvaluation(head))?.perplexity, p.textsFingerprint == heldoutFingerprint { perplexity = p.after }
             else { perplexity = model.perplexity(heldout, fixed: heldoutFixed) }
         }
         return BeforeBatch(earlier: earlier, factItems: items, facts: model.predict(items), perplexity: perplexity,
@@ -155,10 +165,10 @@ extension BatchProcessor {
         return report
     }
 
-    /// Stage `commit`: the new version on `head` with the edit log and the evaluation; nil when HEAD is no
-    /// longer `head` (a rollback came first, or slipped in during the commit and was put back): the batch
-    /// starts again from the new HEAD.
-    func commit(_ name: String, sha: String, _ requests: [EditRequest], head: LoadedHead, report: BatchReport) throws -> Manifest? {
+    /// Stage `commit`: the new version on `head` with the edit log and the evaluation, returned as the new
+    /// HEAD; nil when HEAD is no longer `head` (a rollback came first, or slipped in during the commit and
+    /// was put back): the batch starts again from the new HEAD.
+    func commit(_ name: String, sha: String, _ requests: [EditRequest], head: LoadedHead, report: BatchReport) throws -> LoadedHead? {
         if try store.head() != head.number {
             logger.notice("HEAD moved while the batch was prepared; starting it again from the new HEAD",
                           metadata: ["batch": "\(name)", "was": "\(head.number.map(String.init) ?? "none")"])
@@ -193,6 +203,6 @@ extension BatchProcessor {
             if let p = manifest.parent { try store.rollback(to: .number(p)) }
             return nil
         }
-        return manifest
+        return LoadedHead(number: manifest.version, manifest: manifest, state: head.state, log: log, evaluation: report)
     }
 }
