@@ -92,24 +92,39 @@ public enum EditMetrics {
         try greedyAnswerTokens(model, tokenizer, promptIds: prompts.map { tokenizer.encode($0) }, maxTokens: maxTokens).map { tokenizer.decode($0) }
     }
 
-    /// `tokens` greedy tokens after each prompt, generated through end-of-text (left out of the text, the
-    /// pieces joined by a space), as ROME and EasyEdit generate for fluency: a model that stopped at the
-    /// first end-of-text would give a one-word text whose n-gram entropy says nothing. One batched decode.
-    public static func greedyContinuations(_ model: TransformerLM, _ tokenizer: Tokenizer, prompts: [String], tokens: Int) throws -> [String] {
-        let ids = prompts.map { tokenizer.encode($0) }
-        let generated = try model.generateGreedy(prompts: ids, maxNewTokens: tokens, stop: nil)
-        return zip(ids, generated).map { p, g in
-            let new = Array(g.dropFirst(p.count))
-            guard let eos = tokenizer.eosTokenID else { return tokenizer.decode(new) }
-            return new.split(separator: eos).map { tokenizer.decode(Array($0)).trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
-        }
-    }
-
     /// Greedy answers as token ids, from the prompts' ids (one batched decode).
     public static func greedyAnswerTokens(_ model: TransformerLM, _ tokenizer: Tokenizer, promptIds: [[Int]], maxTokens: Int) throws -> [[Int]] {
         let eos = tokenizer.eosTokenID
         let generated = try model.generateGreedy(prompts: promptIds, maxNewTokens: maxTokens, stop: eos)
         return zip(promptIds, generated).map { answerTokens($1, promptCount: $0.count, eos: eos) }
+    }
+
+    /// The edited and the unedited model's greedy answers to each prompt, in one decode
+    /// (`generateGreedyEditedAndUnedited`).
+    public static func greedyAnswersEditedAndUnedited(_ model: TransformerLM, _ tokenizer: Tokenizer, prompts: [String],
+                                                      maxTokens: Int) throws -> (edited: [String], unedited: [String]) {
+        let ids = prompts.map { tokenizer.encode($0) }, eos = tokenizer.eosTokenID
+        let g = try model.generateGreedyEditedAndUnedited(prompts: ids, maxNewTokens: maxTokens, stop: eos)
+        func text(_ out: [[Int]]) -> [String] { zip(ids, out).map { tokenizer.decode(answerTokens($1, promptCount: $0.count, eos: eos)) } }
+        return (text(g.edited), text(g.unedited))
+    }
+
+    /// `tokens` greedy tokens after each prompt by the edited and the unedited model (one decode),
+    /// generated through end-of-text (left out of the text, the pieces joined by a space), as ROME and
+    /// EasyEdit generate for fluency: a model that stopped at the first end-of-text would give a one-word
+    /// text whose n-gram entropy says nothing.
+    public static func greedyContinuationsEditedAndUnedited(_ model: TransformerLM, _ tokenizer: Tokenizer, prompts: [String],
+                                                            tokens: Int) throws -> (edited: [String], unedited: [String]) {
+        let ids = prompts.map { tokenizer.encode($0) }
+        let g = try model.generateGreedyEditedAndUnedited(prompts: ids, maxNewTokens: tokens, stop: nil)
+        func text(_ out: [[Int]]) -> [String] {
+            zip(ids, out).map { p, g in
+                let new = Array(g.dropFirst(p.count))
+                guard let eos = tokenizer.eosTokenID else { return tokenizer.decode(new) }
+                return new.split(separator: eos).map { tokenizer.decode(Array($0)).trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
+            }
+        }
+        return (text(g.edited), text(g.unedited))
     }
 
     static func mean(_ xs: [Double]) -> Double? { xs.isEmpty ? nil : xs.reduce(0, +) / Double(xs.count) }
@@ -143,39 +158,46 @@ public enum EditMetrics {
         return count <= sample ? Array(0..<count) : (0..<sample).map { $0 * count / sample }
     }
 
-    /// The unedited model's locality predictions for `requests` (computed before editing; pass to `evaluate`).
-    public static func localityReference(editor: SequentialEditor, _ requests: [EditRequest]) -> [[TargetPrediction]] {
+    /// The unedited model's locality predictions for a batch (taken before editing; pass to `evaluate`),
+    /// and the locality prompts' stream below the first edited block, which the edits leave as it is.
+    public struct LocalityReference {
+        public let predictions: [[TargetPrediction]]
+        let inputs: FixedSequences
+    }
+
+    public static func localityReference(editor: SequentialEditor, _ requests: [EditRequest]) throws -> LocalityReference {
         let model = editor.model
-        return model.withoutEdits {
-            let items = requests.map { $0.locality.map { editor.scored($0.prompt, $0.groundTruth) } }
-            let flat = model.predict(items.flatMap { $0 })
-            var out: [[TargetPrediction]] = []
-            var at = 0
-            for it in items { out.append(Array(flat[at..<(at + it.count)])); at += it.count }
-            return out
-        }
+        let items = requests.map { $0.locality.map { editor.scored($0.prompt, $0.groundTruth) } }
+        let flatItems = items.flatMap { $0 }
+        let inputs = try model.fixedSequences(model.predictionInputs(flatItems), reuseBelow: editor.firstEditedBlock)
+        let flat = model.withoutEdits { model.predict(flatItems, fixed: inputs) }
+        var out: [[TargetPrediction]] = []
+        var at = 0
+        for it in items { out.append(Array(flat[at..<(at + it.count)])); at += it.count }
+        return LocalityReference(predictions: out, inputs: inputs)
     }
 
     /// Scores the model as it is now (edited) on `requests`. `answers` adds greedy answers before/after.
-    public static func evaluate(editor: SequentialEditor, _ requests: [EditRequest], localityReference: [[TargetPrediction]],
+    public static func evaluate(editor: SequentialEditor, _ requests: [EditRequest], localityReference: LocalityReference,
                                 heldoutText: [[Int]]? = nil, answers: Bool = false, answerTokens: Int = 4,
                                 fluencyTokens: Int = 0, fluencySample: Int = 8) throws -> EditEvaluation {
         let model = editor.model
-        // Every scoring prompt of the batch through the model together (padded batches of 32).
+        // The reliability and generality prompts through the model together (packed); the locality prompts from
+        // the stream below the first edited block kept when their reference was taken.
         let relItems = requests.map { editor.scored($0.prompt, $0.targetNew) }
         let genItems = requests.map { r in r.rephrases.map { editor.scored($0, r.targetNew) } }
         let locItems = requests.map { $0.locality.map { editor.scored($0.prompt, $0.groundTruth) } }
         let genCount = genItems.reduce(0) { $0 + $1.count }
-        let all = model.predict(relItems + genItems.flatMap { $0 } + locItems.flatMap { $0 })
-        let rel = Array(all.prefix(relItems.count))
-        let genFlat = Array(all[relItems.count..<(relItems.count + genCount)])
-        let locFlat = Array(all[(relItems.count + genCount)...])
+        let scored = model.predict(relItems + genItems.flatMap { $0 })
+        let rel = Array(scored.prefix(relItems.count))
+        let genFlat = Array(scored[relItems.count..<(relItems.count + genCount)])
+        let locFlat = model.predict(locItems.flatMap { $0 }, fixed: localityReference.inputs)
         var edits: [EditEvaluation.PerEdit] = []
         var g = 0, l = 0
         for (i, r) in requests.enumerated() {
             let gens = genFlat[g..<(g + genItems[i].count)].map(\.accuracy)
             g += genItems[i].count
-            let locs = zip(locFlat[l..<(l + locItems[i].count)], localityReference[i]).map { $0.agreement(with: $1) }
+            let locs = zip(locFlat[l..<(l + locItems[i].count)], localityReference.predictions[i]).map { $0.agreement(with: $1) }
             l += locItems[i].count
             var e = EditEvaluation.PerEdit(prompt: r.prompt, targetNew: r.targetNew, reliability: rel[i].accuracy,
                                            generality: mean(gens), locality: mean(locs))
@@ -183,16 +205,13 @@ public enum EditMetrics {
         }
         if answers {
             let tok = editor.tokenizer
-            let prompts = requests.map(\.prompt)
-            let after = try greedyAnswers(model, tok, prompts: prompts, maxTokens: answerTokens)
-            let before = try model.withoutEdits { try greedyAnswers(model, tok, prompts: prompts, maxTokens: answerTokens) }
+            let (after, before) = try greedyAnswersEditedAndUnedited(model, tok, prompts: requests.map(\.prompt), maxTokens: answerTokens)
             for i in requests.indices { edits[i].answerAfter = after[i]; edits[i].answerBefore = before[i] }
         }
         if fluencyTokens > 0 {
             let picked = fluencyIndices(count: requests.count, sample: fluencySample)
             let prompts = picked.map { requests[$0].prompt }
-            let after = try greedyContinuations(model, editor.tokenizer, prompts: prompts, tokens: fluencyTokens)
-            let before = try model.withoutEdits { try greedyContinuations(model, editor.tokenizer, prompts: prompts, tokens: fluencyTokens) }
+            let (after, before) = try greedyContinuationsEditedAndUnedited(model, editor.tokenizer, prompts: prompts, tokens: fluencyTokens)
             for (k, i) in picked.enumerated() {
                 edits[i].continuationAfter = after[k]
                 edits[i].fluencyAfter = ngramEntropy(prompts[k] + after[k])

@@ -46,7 +46,7 @@ public enum SequentialBenchmark {
             for c in 0..<chunks {
                 let requests = Array(pool[(c * n)..<((c + 1) * n)])
                 model.clearEdits()
-                let ref = EditMetrics.localityReference(editor: editor, requests)
+                let ref = try EditMetrics.localityReference(editor: editor, requests)
                 let state = editor.newState()
                 for r in requests {
                     let t = try editor.apply([r], to: state)

@@ -31,14 +31,15 @@ public final class LinearModule: @unchecked Sendable {
         self.bias = bias
     }
 
-    /// out[N, out] = inp[N, in] · W (+ b) (+ ΔW, Δb).
-    func forward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, N: Int) {
+    /// out[N, out] = inp[N, in] · W (+ b) (+ ΔW, Δb on the first `editedRows` rows, default all).
+    func forward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, N: Int, editedRows: Int? = nil) {
         Kernels.linearForward(out, inp, weight.value.data, bias?.value.data, N: N, C: inFeatures, OC: outFeatures, layout: layout)
-        if editsEnabled, let d = deltaWeight {
-            BLAS.gemm(out, inp, d.data, M: N, N: outFeatures, K: inFeatures, beta: 1)
+        let E = min(editedRows ?? N, N)
+        if editsEnabled, E > 0, let d = deltaWeight {
+            BLAS.gemm(out, inp, d.data, M: E, N: outFeatures, K: inFeatures, beta: 1)
         }
         if editsEnabled, let db = deltaBias {
-            for n in 0..<N { BLAS.axpy(out + n * outFeatures, db.data, count: outFeatures, alpha: 1) }
+            for n in 0..<E { BLAS.axpy(out + n * outFeatures, db.data, count: outFeatures, alpha: 1) }
         }
         if let o = outputOffsets {
             for (i, r) in o.rows.enumerated() where r < N {
@@ -387,11 +388,13 @@ public final class TransformerLM: @unchecked Sendable {
 
     /// One block over the rows of `a`: a padded batch (`segments` nil, attention within each sequence of
     /// `batch`) or packed sequences (`segments`), each continuing its own key/value cache if it has one.
-    private func forwardLayer(_ l: Int, _ layer: Layer, _ a: Activations, batch: TokenBatch, segments: [Segment]?) {
+    /// `editedRows`: only the first rows see the edits (the rest run as the unedited model).
+    private func forwardLayer(_ l: Int, _ layer: Layer, _ a: Activations, batch: TokenBatch, segments: [Segment]?,
+                              editedRows: Int? = nil) {
         let N = a.N, C = spec.hidden
         let x = a.residual[l]
         norm(a.ln1[l], mean: a.ln1Mean[l], rstd: a.ln1Rstd[l], x, layer.norm1, layer.norm1Bias, N: N)
-        for (m, out) in zip(layer.qkv, a.qkv[l]) { m.forward(out.data, a.ln1[l].data, N: N) }
+        for (m, out) in zip(layer.qkv, a.qkv[l]) { m.forward(out.data, a.ln1[l].data, N: N, editedRows: editedRows) }
         let (q, k, v, qs, kvs) = qkvPointers(a.qkv[l])
         if let rotary {
             batch.positions.withUnsafeBufferPointer { pos in
@@ -420,16 +423,16 @@ public final class TransformerLM: @unchecked Sendable {
                                        qStride: qs, kStride: kvs, vStride: kvs, outStride: spec.qDim)
             Kernels.attentionForward(a.att[l].data, probs: a.probs[l].data, q: q, k: k, v: v, keyMask: batch.mask, shape)
         }
-        layer.attnOut.forward(a.scratch.data, a.att[l].data, N: N)
+        layer.attnOut.forward(a.scratch.data, a.att[l].data, N: N, editedRows: editedRows)
         Kernels.add(a.res1[l].data, x.data, a.scratch.data, count: N * C)
         norm(a.ln2[l], mean: a.ln2Mean[l], rstd: a.ln2Rstd[l], a.res1[l], layer.norm2, layer.norm2Bias, N: N)
-        for (m, out) in zip(layer.mlpIn, a.mlpPre[l]) { m.forward(out.data, a.ln2[l].data, N: N) }
+        for (m, out) in zip(layer.mlpIn, a.mlpPre[l]) { m.forward(out.data, a.ln2[l].data, N: N, editedRows: editedRows) }
         let count = N * spec.intermediate
         switch spec.mlp {
         case .gelu: Kernels.geluForward(a.mlpAct[l].data, a.mlpPre[l][0].data, count: count)
         case .swiglu: Kernels.swigluForward(a.mlpAct[l].data, gate: a.mlpPre[l][0].data, up: a.mlpPre[l][1].data, count: count)
         }
-        layer.mlpOut.forward(a.scratch.data, a.mlpAct[l].data, N: N)
+        layer.mlpOut.forward(a.scratch.data, a.mlpAct[l].data, N: N, editedRows: editedRows)
         Kernels.add(a.residual[l + 1].data, a.res1[l].data, a.scratch.data, count: N * C)
     }
 
@@ -542,7 +545,8 @@ public final class TransformerLM: @unchecked Sendable {
     /// Runs several sequences at once, each continuing its own cache: their tokens packed into one set of
     /// rows (no padding) for the projections, attention per sequence over its cache. Returns the logits of
     /// each sequence's last token [sequences, vocab].
-    public func forwardCached(_ sequences: [[Int]], caches: [KVCache]) throws -> Tensor {
+    /// `uneditedFrom`: the sequences from this index on run as the unedited model.
+    public func forwardCached(_ sequences: [[Int]], caches: [KVCache], uneditedFrom: Int? = nil) throws -> Tensor {
         precondition(sequences.count == caches.count, "one cache per sequence")
         for (tokens, cache) in zip(sequences, caches) {
             guard cache.length + tokens.count <= cache.capacity else {
@@ -550,7 +554,8 @@ public final class TransformerLM: @unchecked Sendable {
             }
         }
         let rows = try PackedRows(sequences, caches: caches, spec: spec)
-        let a = run(rows, blocks: 0..<spec.layers)
+        let edited = uneditedFrom.map { $0 < rows.segments.count ? rows.segments[$0].row : rows.count }
+        let a = run(rows, blocks: 0..<spec.layers, editedRows: edited)
         for seg in rows.segments { seg.cache?.advance(seg.count) }
         return logits(a, rows: rows.segments.map { $0.row + $0.count - 1 })
     }
@@ -585,7 +590,7 @@ public final class TransformerLM: @unchecked Sendable {
 
     /// Packed rows through `blocks`; the stream entering the first of them is the embeddings (from block 0)
     /// or `input` [rows, hidden]. The stream leaving the last is `residual[blocks.upperBound]`.
-    func run(_ rows: PackedRows, blocks: Range<Int>, input: Tensor? = nil) -> Activations {
+    func run(_ rows: PackedRows, blocks: Range<Int>, input: Tensor? = nil, editedRows: Int? = nil) -> Activations {
         let N = rows.count, C = spec.hidden
         let a = Activations(spec: spec, B: 1, T: N, qkvOuts: layers[0].qkv.map(\.outFeatures), mlpInCount: layers[0].mlpIn.count,
                             cached: true)
@@ -602,7 +607,7 @@ public final class TransformerLM: @unchecked Sendable {
             }
         }
         let batch = TokenBatch(ids: rows.ids, B: 1, T: N, mask: nil, positions: rows.positions)
-        for l in blocks { forwardLayer(l, layers[l], a, batch: batch, segments: rows.segments) }
+        for l in blocks { forwardLayer(l, layers[l], a, batch: batch, segments: rows.segments, editedRows: editedRows) }
         return a
     }
 
@@ -632,16 +637,35 @@ public final class TransformerLM: @unchecked Sendable {
         while start < prompts.count {
             let part = Array(prompts[start..<min(start + chunk, prompts.count)])
             start += part.count
-            out += try generateGreedyChunk(part, maxNewTokens: maxNewTokens, stop: stop)
+            out += try generateGreedyChunk(part, maxNewTokens: maxNewTokens, stop: stop, uneditedFrom: nil)
         }
         return out
     }
 
-    private func generateGreedyChunk(_ prompts: [[Int]], maxNewTokens: Int, stop: Int?) throws -> [[Int]] {
+    /// Greedy decoding of each prompt by the edited model and by the unedited one in the same steps (the
+    /// unedited copies' rows skip the edits), so a step reads the weights once for both. Each result is
+    /// what `generateGreedy` gives for its prompt, with the edits and within `withoutEdits`.
+    public func generateGreedyEditedAndUnedited(prompts: [[Int]], maxNewTokens: Int, stop: Int? = nil,
+                                                chunk: Int = 32) throws -> (edited: [[Int]], unedited: [[Int]]) {
+        var edited: [[Int]] = [], unedited: [[Int]] = []
+        var start = 0
+        while start < prompts.count {
+            let part = Array(prompts[start..<min(start + chunk, prompts.count)])
+            start += part.count
+            let both = try generateGreedyChunk(part + part, maxNewTokens: maxNewTokens, stop: stop, uneditedFrom: part.count)
+            edited += both.prefix(part.count)
+            unedited += both.suffix(part.count)
+        }
+        return (edited, unedited)
+    }
+
+    private func generateGreedyChunk(_ prompts: [[Int]], maxNewTokens: Int, stop: Int?, uneditedFrom: Int?) throws -> [[Int]] {
         let caches = prompts.map { makeCache(capacity: min($0.count + maxNewTokens, spec.maxPositions)) }
         var out = prompts
         var running = Array(prompts.indices)
-        var logits = try forwardCached(prompts, caches: caches)
+        // Among the running sequences (kept in order), those before this position run with the edits.
+        func split() -> Int? { uneditedFrom.map { u in running.firstIndex { $0 >= u } ?? running.count } }
+        var logits = try forwardCached(prompts, caches: caches, uneditedFrom: split())
         for step in 0..<maxNewTokens {
             let next = logits.argmaxRows()
             var still: [Int] = []
@@ -651,7 +675,7 @@ public final class TransformerLM: @unchecked Sendable {
             }
             running = still
             if running.isEmpty || step == maxNewTokens - 1 { break }
-            logits = try forwardCached(running.map { [out[$0].last!] }, caches: running.map { caches[$0] })
+            logits = try forwardCached(running.map { [out[$0].last!] }, caches: running.map { caches[$0] }, uneditedFrom: split())
         }
         return out
     }

@@ -31,7 +31,7 @@ extension BatchProcessor {
         let factItems: [ScoredPrompt]
         let facts: [TargetPrediction]
         let perplexity: Double?
-        let localityReference: [[TargetPrediction]]
+        let localityReference: EditMetrics.LocalityReference
     }
 
     /// Stage `validation`: hash, duplicate check, size, parse, checks against the model.
@@ -114,7 +114,7 @@ extension BatchProcessor {
             else { perplexity = model.perplexity(heldout, fixed: heldoutFixed) }
         }
         return BeforeBatch(earlier: earlier, factItems: items, facts: model.predict(items), perplexity: perplexity,
-                           localityReference: EditMetrics.localityReference(editor: editor, requests))
+                           localityReference: try EditMetrics.localityReference(editor: editor, requests))
     }
 
     /// HEAD's own evaluation file, as committed with it (nil when it has none or it does not decode).

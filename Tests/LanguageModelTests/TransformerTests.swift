@@ -113,6 +113,33 @@ final class TransformerTests: XCTestCase {
         }
     }
 
+    /// The edited and the unedited model decoded in the same steps give what each gives on its own.
+    func testEditedAndUneditedDecodedTogether() throws {
+        for name in ["gpt2-tiny", "llama-tiny"] {
+            let model = try load(name).model
+            var rng = RNG(seed: 5)
+            for l in 0..<model.spec.layers {
+                let m = model.linears[model.spec.linearModules(layer: l).last!]!
+                let d = Tensor(shape: [m.inFeatures, m.outFeatures])
+                for i in 0..<d.count { d[i] = rng.normal() * 0.3 }
+                m.deltaWeight = d
+            }
+            let prompts = [[11, 22, 33], [5], [40, 41, 42, 43, 44, 45, 46], [9, 8]]
+            let edited = try prompts.map { try model.generateGreedy(prompt: $0, maxNewTokens: 8) }
+            let unedited = try model.withoutEdits { try prompts.map { try model.generateGreedy(prompt: $0, maxNewTokens: 8) } }
+            XCTAssertNotEqual(edited, unedited, "\(name): the edits change the decode")
+            let both = try model.generateGreedyEditedAndUnedited(prompts: prompts, maxNewTokens: 8, chunk: 3)
+            XCTAssertEqual(both.edited, edited, name)
+            XCTAssertEqual(both.unedited, unedited, name)
+            // Sequences stopping at different steps keep their side.
+            let stop = edited[0][5]
+            let stopped = try model.generateGreedyEditedAndUnedited(prompts: prompts, maxNewTokens: 8, stop: stop)
+            XCTAssertEqual(stopped.edited, try prompts.map { try model.generateGreedy(prompt: $0, maxNewTokens: 8, stop: stop) }, name)
+            XCTAssertEqual(stopped.unedited, try model.withoutEdits { try prompts.map { try model.generateGreedy(prompt: $0, maxNewTokens: 8, stop: stop) } }, name)
+            model.clearEdits()
+        }
+    }
+
     /// Packed scoring (no padding, logits only at the scored positions) agrees with a padded forward; the
     /// stream kept below a block gives the same bits while the edits sit at or above that block, and is
     /// not used once an edit sits below it.

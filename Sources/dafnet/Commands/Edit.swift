@@ -45,7 +45,7 @@ struct Edit: ParsableCommand {
             requests = try runMapped { try EditBatch.parse(data, file: "--prompt") }
         }
         let editor = try runMapped { try EditorRegistry.load(from: editorOption.url, model: folder.model, tokenizer: folder.tokenizer!) }
-        let ref = EditMetrics.localityReference(editor: editor, requests)
+        let ref = try EditMetrics.localityReference(editor: editor, requests)
         var state = editor.newState()
         var headAnswers: [String]?
         var headLabel = ""
