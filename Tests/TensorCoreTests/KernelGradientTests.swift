@@ -251,6 +251,28 @@ final class KernelGradientTests: XCTestCase {
         }
     }
 
+    /// Attention against a cache (grouped heads, keys a wider stride apart) equals the full causal
+    /// attention's rows: one query at a time (the decoding step) and several at once.
+    func testCachedAttentionMatchesFullAttention() {
+        var rng = RNG(seed: 13)
+        let T = 7, NH = 4, NKV = 2, HS = 5, stride = NKV * HS + 3
+        let q = randn([T, NH * HS], &rng), k = randn([T, NKV * HS], &rng), v = randn([T, NKV * HS], &rng)
+        let full = Tensor(shape: [T, NH * HS]), probs = Tensor(shape: [1, NH, T, T])
+        Kernels.attentionForward(full.data, probs: probs.data, q: q.data, k: k.data, v: v.data, keyMask: nil,
+                                 AttentionShape(B: 1, T: T, NH: NH, NKV: NKV, HS: HS))
+        let kc = Tensor(shape: [T, stride]), vc = Tensor(shape: [T, stride])
+        for t in 0..<T {
+            (kc.data + t * stride).update(from: k.data + t * NKV * HS, count: NKV * HS)
+            (vc.data + t * stride).update(from: v.data + t * NKV * HS, count: NKV * HS)
+        }
+        for (past, Tq) in [(0, T), (T - 1, 1), (2, 1), (3, 4)] {
+            let out = Tensor(shape: [Tq, NH * HS])
+            Kernels.attentionCached(out.data, q: q.data + past * NH * HS, qStride: NH * HS, kCache: kc.data, vCache: vc.data,
+                                    kvStride: stride, past: past, Tq: Tq, NH: NH, NKV: NKV, HS: HS)
+            XCTAssertLessThan(out.maxAbsDifference(full.rows(past..<(past + Tq))), 1e-5, "past \(past), \(Tq) queries")
+        }
+    }
+
     func testRotaryForwardAndInverse() {
         var rng = RNG(seed: 12)
         let N = 3, heads = 2, HS = 4

@@ -131,6 +131,26 @@ extension Kernels {
         let scale = 1 / Float(HS).squareRoot()
         let S = UnsafeMutablePointer<Float>.allocate(capacity: Tq * Tk)
         defer { S.deallocate() }
+        if Tq == 1 {
+            // One decoding step: dot products in place of two matrix-multiply calls per head, whose fixed
+            // cost outweighs a [1, Tk] product (a batched decode makes heads × sequences × layers such calls).
+            for h in 0..<NH {
+                let g = h / group, qh = q + h * HS, oh = out + h * HS
+                for j in 0..<Tk {
+                    let kj = kCache + j * kvStride + g * HS
+                    var d: Float = 0
+                    for i in 0..<HS { d += qh[i] * kj[i] }
+                    S[j] = d * scale
+                }
+                maskedSoftmaxRow(S, visible: Tk, T: Tk, keyMask: nil)
+                oh.update(repeating: 0, count: HS)
+                for j in 0..<Tk {
+                    let p = S[j], vj = vCache + j * kvStride + g * HS
+                    for i in 0..<HS { oh[i] += p * vj[i] }
+                }
+            }
+            return
+        }
         for h in 0..<NH {
             let g = h / group
             BLAS.gemm(S, q + h * HS, kCache + g * HS, M: Tq, N: Tk, K: HS, transB: true, alpha: scale, lda: qStride, ldb: kvStride)
