@@ -606,6 +606,42 @@ public final class CheckpointStore: @unchecked Sendable {
         return try withLock { try commitLocked(request) }
     }
 
+    /// The state hash of `tensors` (in `Manifest.precedes` order) and each one's blob and blob hash: the
+    /// blobs compressed on all cores at once, the state hash beside them (the work of a commit).
+    func encodeTensors(_ tensors: [Tensor], names: [String]) throws -> (state: String, blobs: [(blob: [UInt8], hash: String)]) {
+        final class Results: @unchecked Sendable {
+            let lock = NSLock()
+            var blobs: [(blob: [UInt8], hash: String)?]
+            var state = ""
+            var error: Error?
+            init(_ n: Int) { blobs = Array(repeating: nil, count: n) }
+        }
+        let results = Results(tensors.count)
+        let level = configuration.compressionLevel, shuffle = configuration.shuffle
+        DispatchQueue.concurrentPerform(iterations: tensors.count + 1) { i in
+            if i == tensors.count {
+                var state = StateHasher()
+                for (name, t) in zip(names, tensors) {
+                    state.add(name: name, shape: t.shape, values: UnsafeRawBufferPointer(start: t.data, count: t.count * 4))
+                }
+                let hash = state.finalize()
+                results.lock.withLock { results.state = hash }
+                return
+            }
+            let t = tensors[i]
+            do {
+                let blob = try BlobCodec.encode(UnsafeRawBufferPointer(start: t.data, count: t.count * 4), level: level,
+                                                shuffleElementSize: shuffle ? 4 : nil)
+                let hash = blob.withUnsafeBytes { Hex.sha256($0) }
+                results.lock.withLock { results.blobs[i] = (blob, hash) }
+            } catch {
+                results.lock.withLock { results.error = results.error ?? error }
+            }
+        }
+        if let e = results.error { throw e }
+        return (results.state, results.blobs.map { $0! })
+    }
+
     func commitLocked(_ request: CommitRequest) throws -> Manifest {
         let parent = try head()
         // The new version vouches for its parent's manifest: only one HEAD's record vouches for too.
@@ -620,16 +656,12 @@ public final class CheckpointStore: @unchecked Sendable {
         var manifestWritten = false
         var headMoved = false
         do {
-            var state = StateHasher()
+            let names = request.tensors.keys.sorted(by: Manifest.precedes)
+            let (stateSHA, blobs) = try encodeTensors(names.map { request.tensors[$0]! }, names: names)
             var tensorEntries: [TensorEntry] = []
             var wroteBlob = false
-            for name in request.tensors.keys.sorted(by: Manifest.precedes) {
+            for (name, (blob, hash)) in zip(names, blobs) {
                 let t = request.tensors[name]!
-                let raw = UnsafeRawBufferPointer(start: t.data, count: t.count * 4)
-                state.add(name: name, shape: t.shape, values: raw)
-                let blob = try BlobCodec.encode(raw, level: configuration.compressionLevel,
-                                                shuffleElementSize: configuration.shuffle ? 4 : nil)
-                let hash = blob.withUnsafeBytes { Hex.sha256($0) }
                 if try blob.withUnsafeBytes({ try storeBlob($0, hash: hash, temps: &temps, created: &created) }) { wroteBlob = true }
                 tensorEntries.append(TensorEntry(name: name, shape: t.shape, dtype: Manifest.tensorDType, blob: hash,
                                                  bytes: t.count * 4, storedBytes: blob.count))
@@ -645,7 +677,7 @@ public final class CheckpointStore: @unchecked Sendable {
             if wroteBlob { try fileSystem.syncDirectory(atPath: objectsPath) }
             let manifest = Manifest(version: number, parent: parent, parentManifestSHA256: parentSHA, baseModelSHA256: request.baseModelSHA256,
                                     editorSHA256: request.editorSHA256, batch: request.batch, created: Timestamp.now(),
-                                    tensors: tensorEntries, files: fileEntries, stateSHA256: state.finalize(), info: request.info)
+                                    tensors: tensorEntries, files: fileEntries, stateSHA256: stateSHA, info: request.info)
             let data = try manifest.encoded()
             try data.withUnsafeBytes { try install($0, at: manifestPath(number), in: versionsPath, temps: &temps) }
             manifestWritten = true
