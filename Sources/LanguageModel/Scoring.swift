@@ -101,8 +101,8 @@ extension TransformerLM {
         let chunks = Self.chunks(sequences)
         let streams: [Tensor] = block == 0 ? [] : try withoutEdits {
             try chunks.map { c in
-                let a = run(try PackedRows(Array(sequences[c]), spec: spec), blocks: 0..<block)
-                return a.residual[block].copy()
+                let rows = try PackedRows(Array(sequences[c]), spec: spec)
+                return rows.count == 0 ? Tensor(shape: [0, spec.hidden]) : run(rows, blocks: 0..<block).residual[block].copy()
             }
         }
         return FixedSequences(sequences: sequences, block: block, chunks: chunks, streams: streams)
@@ -117,6 +117,7 @@ extension TransformerLM {
         for (c, range) in chunks.enumerated() {
             // The sequences are the caller's own (tokenized and bounded by it): a bad one is a programming error.
             let rows = try! PackedRows(Array(sequences[range]), spec: spec)
+            if rows.count == 0 { body(range, Tensor(shape: [0, spec.vocabSize])); continue }
             let a = reuse ? run(rows, blocks: fixed!.block..<spec.layers, input: fixed!.streams[c]) : run(rows, blocks: 0..<spec.layers)
             var picked: [Int] = []
             for (seg, i) in zip(rows.segments, range) { picked += positions[i].map { seg.row + $0 } }

@@ -403,7 +403,7 @@ public final class TransformerLM: @unchecked Sendable {
             }
         }
         if let segments {
-            for seg in segments {
+            for seg in segments where seg.count > 0 {
                 var keys = UnsafePointer(k + seg.row * kvs), values = UnsafePointer(v + seg.row * kvs), stride = kvs, past = 0
                 if let cache = seg.cache {
                     past = cache.length
@@ -549,6 +549,7 @@ public final class TransformerLM: @unchecked Sendable {
     public func forwardCached(_ sequences: [[Int]], caches: [KVCache], uneditedFrom: Int? = nil) throws -> Tensor {
         precondition(sequences.count == caches.count, "one cache per sequence")
         for (tokens, cache) in zip(sequences, caches) {
+            guard !tokens.isEmpty else { throw LMError.invalidInput("no tokens to run") }
             guard cache.length + tokens.count <= cache.capacity else {
                 throw LMError.invalidInput("sequence of \(cache.length + tokens.count) tokens exceeds the cache of \(cache.capacity)")
             }
@@ -561,7 +562,7 @@ public final class TransformerLM: @unchecked Sendable {
     }
 
     /// Sequences packed one after another into one set of rows (no padding), with their positions
-    /// (continuing each cache's past).
+    /// (continuing each cache's past). An empty sequence takes no rows.
     struct PackedRows {
         let ids: [Int32]
         let positions: [Int32]
@@ -570,7 +571,6 @@ public final class TransformerLM: @unchecked Sendable {
         init(_ sequences: [[Int]], caches: [KVCache]? = nil, spec: TransformerSpec) throws {
             var ids: [Int32] = [], positions: [Int32] = [], segments: [Segment] = []
             for (s, tokens) in sequences.enumerated() {
-                guard !tokens.isEmpty else { throw LMError.invalidInput("no tokens to run") }
                 for (i, t) in tokens.enumerated() where t < 0 || t >= spec.vocabSize {
                     throw LMError.invalidInput("token \(t) at \(i) outside the vocabulary of \(spec.vocabSize)")
                 }

@@ -163,6 +163,14 @@ final class TransformerTests: XCTestCase {
                 }
                 XCTAssertEqual(packed[b].nll, nll, accuracy: 1e-4 * max(1, nll), name)
             }
+            // An item with no input tokens (an empty prompt and a one-token answer) has no prediction.
+            let empty = model.predict([items[0], ScoredPrompt(promptIds: [], targetIds: [6]), items[1]])
+            XCTAssertEqual(empty[1], TargetPrediction(argmax: [-1], target: [6], nll: 0), name)
+            for (a, b) in zip([empty[0], empty[2]], [packed[0], packed[1]]) {
+                // Other rows beside them: the same up to float32 summation order.
+                XCTAssertEqual(a.argmax, b.argmax, name)
+                XCTAssertEqual(a.nll, b.nll, accuracy: 1e-4, name)
+            }
             // Perplexity is the predictions' NLL of every next token.
             let texts = [[1, 2, 3, 4, 5], [9, 8, 7], [6]]
             let asItems = texts.filter { $0.count > 1 }.map { ScoredPrompt(promptIds: [$0[0]], targetIds: Array($0.dropFirst())) }
