@@ -6,6 +6,11 @@ func printError(_ message: String) {
     FileHandle.standardError.write(Data((message + "\n").utf8))
 }
 
+/// Rewrites the progress line on standard error (carriage return, clear to the end of the line).
+func printProgress(_ line: String) {
+    FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8))
+}
+
 /// The exit statuses of every command, one meaning each (the README lists them).
 enum ExitStatus {
     /// A check found problems (`checkpoints verify`, `check-reference`).

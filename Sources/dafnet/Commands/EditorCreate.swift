@@ -81,7 +81,7 @@ struct EditorCreate: ParsableCommand {
                 shown = Date()
                 let el = Date().timeIntervalSince(t0)
                 let eta = done > 0 ? el / Double(done) * Double(total - done) : 0
-                FileHandle.standardError.write(Data(String(format: "\r\u{1B}[Kkey statistics: %d/%d texts  eta %.0f s", done, total, eta).utf8))
+                printProgress(String(format: "key statistics: %d/%d texts  eta %.0f s", done, total, eta))
             }
         }
         printError("")

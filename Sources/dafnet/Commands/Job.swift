@@ -36,4 +36,7 @@ func inJob<T>(_ comm: Communicator, _ body: () throws -> T) throws -> T {
 extension Communicator {
     /// Writes a line to standard error from rank 0 only (every rank of a job runs the same command).
     func say(_ line: String) { if isRoot { printError(line) } }
+
+    /// Rewrites the progress line from rank 0 only.
+    func progress(_ line: String) { if isRoot { printProgress(line) } }
 }

@@ -25,7 +25,7 @@ struct Pretrain: ParsableCommand {
         let facts = try runMapped { try FactFile.read(URL(fileURLWithPath: cfg.world)) }
         let sentences = CorpusBuilder.sentences(facts: facts, seed: cfg.seed)
         let trainer = Pretrainer(config: cfg, runDir: URL(fileURLWithPath: cfg.runDir), communicator: comm)
-        trainer.progress = { line in if comm.isRoot { FileHandle.standardError.write(Data(("\r\u{1B}[K" + line).utf8)) } }
+        trainer.progress = { comm.progress($0) }
         comm.say("corpus: \(sentences.count) sentences from \(facts.count) facts; log: \(trainer.logURL.path)")
         try runMapped { try trainer.run(sentences: sentences, out: URL(fileURLWithPath: cfg.out), stopAfter: stopAfter) }
         comm.say(stopAfter.map { "\nstopped at step \($0) (checkpoint in \(cfg.runDir)); run the same command again to resume" } ?? "\nwrote \(cfg.out)")

@@ -89,7 +89,7 @@ struct TrainEditor: ParsableCommand {
             }
             let (stats, tokens) = LeastSquares.keyStatistics(model: folder.model, tokenizer: folder.tokenizer!, modules: cfg.modules,
                                                               texts: texts) { done, total in
-                if comm.isRoot { FileHandle.standardError.write(Data("\r\u{1B}[Kkey statistics: \(done)/\(total) texts".utf8)) }
+                comm.progress("key statistics: \(done)/\(total) texts")
             }
             try runMapped { try editor.setKeyStatistics(stats) }
             comm.say("\nkey statistics: \(tokens) tokens of \(texts.count) texts")
@@ -105,9 +105,8 @@ struct TrainEditor: ParsableCommand {
             let (s0, t0) = recent.first!
             let pace = s.step > s0 ? Date().timeIntervalSince(t0) / Double(s.step - s0) : s.seconds
             let eta = pace * Double(total - s.step)
-            FileHandle.standardError.write(Data(String(format: "\r\u{1B}[Kstep %d/%d  rel %.3f gen %.3f loc %.3f  %.2f s/step  %.2f episodes/s  eta %.0f min",
-                                                       s.step, total, s.reliability, s.generality, s.locality, pace, episodes / max(pace, 1e-9),
-                                                       eta / 60).utf8))
+            printProgress(String(format: "step %d/%d  rel %.3f gen %.3f loc %.3f  %.2f s/step  %.2f episodes/s  eta %.0f min",
+                                 s.step, total, s.reliability, s.generality, s.locality, pace, episodes / max(pace, 1e-9), eta / 60))
         }
         if writeEditor {
             guard comm.size == 1 else { throw ValidationError("--write-editor runs without mpirun") }
