@@ -162,6 +162,8 @@ public enum EditMetrics {
     /// and the locality prompts' stream below the first edited block, which the edits leave as it is.
     public struct LocalityReference {
         public let predictions: [[TargetPrediction]]
+        /// Per edit, its locality prompts with their answers, as scored.
+        let items: [[ScoredPrompt]]
         let inputs: FixedSequences
     }
 
@@ -174,7 +176,7 @@ public enum EditMetrics {
         var out: [[TargetPrediction]] = []
         var at = 0
         for it in items { out.append(Array(flat[at..<(at + it.count)])); at += it.count }
-        return LocalityReference(predictions: out, inputs: inputs)
+        return LocalityReference(predictions: out, items: items, inputs: inputs)
     }
 
     /// Scores the model as it is now (edited) on `requests`. `answers` adds greedy answers before/after.
@@ -186,7 +188,8 @@ public enum EditMetrics {
         // the stream below the first edited block kept when their reference was taken.
         let relItems = requests.map { editor.scored($0.prompt, $0.targetNew) }
         let genItems = requests.map { r in r.rephrases.map { editor.scored($0, r.targetNew) } }
-        let locItems = requests.map { $0.locality.map { editor.scored($0.prompt, $0.groundTruth) } }
+        let locItems = localityReference.items
+        precondition(locItems.count == requests.count, "a locality reference of other edits")
         let genCount = genItems.reduce(0) { $0 + $1.count }
         let scored = model.predict(relItems + genItems.flatMap { $0 })
         let rel = Array(scored.prefix(relItems.count))

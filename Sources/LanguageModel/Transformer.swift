@@ -357,19 +357,24 @@ public final class TransformerLM: @unchecked Sendable {
     public func forward(_ batch: TokenBatch) -> Tensor {
         let a = activations(B: batch.B, T: batch.T)
         a.batch = batch
-        let N = a.N, C = spec.hidden
+        let N = a.N
         precondition(batch.positions.allSatisfy { Int($0) < spec.maxPositions }, "sequence longer than the model's \(spec.maxPositions) positions")
-        batch.ids.withUnsafeBufferPointer { ids in
-            Kernels.embeddingForward(a.residual[0].data, ids: ids.baseAddress!, table: tokenEmbedding.value.data, N: N, C: C)
-        }
-        if let wpe = positionEmbedding {
-            let x = a.residual[0].data
-            for n in 0..<N { BLAS.axpy(x + n * C, wpe.value.data + Int(batch.positions[n]) * C, count: C, alpha: 1) }
-        }
+        embed(into: a.residual[0], ids: batch.ids, positions: batch.positions)
         for (l, layer) in layers.enumerated() {
             forwardLayer(l, layer, a, batch: batch, segments: nil)
         }
         return finishForward(a.residual[spec.layers], lnf: a.lnf, mean: a.lnfMean, rstd: a.lnfRstd, logits: a.logits, N: N)
+    }
+
+    /// The token embeddings of `ids`, plus the learned position embeddings (GPT-2) at `positions`.
+    private func embed(into out: Tensor, ids: [Int32], positions: [Int32]) {
+        let N = ids.count, C = spec.hidden
+        ids.withUnsafeBufferPointer { p in
+            Kernels.embeddingForward(out.data, ids: p.baseAddress!, table: tokenEmbedding.value.data, N: N, C: C)
+        }
+        if let wpe = positionEmbedding {
+            for n in 0..<N { BLAS.axpy(out.data + n * C, wpe.value.data + Int(positions[n]) * C, count: C, alpha: 1) }
+        }
     }
 
     private func finishForward(_ x: Tensor, lnf: Tensor, mean: Tensor, rstd: Tensor, logits: Tensor, N: Int) -> Tensor {
@@ -599,12 +604,7 @@ public final class TransformerLM: @unchecked Sendable {
             a.residual[blocks.lowerBound].data.update(from: input.data, count: N * C)
         } else {
             precondition(blocks.lowerBound == 0, "the embeddings enter block 0")
-            rows.ids.withUnsafeBufferPointer { p in
-                Kernels.embeddingForward(a.residual[0].data, ids: p.baseAddress!, table: tokenEmbedding.value.data, N: N, C: C)
-            }
-            if let wpe = positionEmbedding {
-                for n in 0..<N { BLAS.axpy(a.residual[0].data + n * C, wpe.value.data + Int(rows.positions[n]) * C, count: C, alpha: 1) }
-            }
+            embed(into: a.residual[0], ids: rows.ids, positions: rows.positions)
         }
         let batch = TokenBatch(ids: rows.ids, B: 1, T: N, mask: nil, positions: rows.positions)
         for l in blocks { forwardLayer(l, layers[l], a, batch: batch, segments: rows.segments, editedRows: editedRows) }

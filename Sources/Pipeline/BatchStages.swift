@@ -81,11 +81,12 @@ extension BatchProcessor {
         // `apply` changes the state in place: the kept HEAD serves one batch, which commits the next one.
         let kept = committedHead
         committedHead = nil
-        if let kept, let number = kept.number, try store.head() == number {
+        let current = try store.head()
+        if let kept, let number = kept.number, current == number {
             editor.install(kept.state)
             return kept
         }
-        guard let head = try store.head() else {
+        guard let head = current else {
             let state = editor.newState()
             editor.install(state)
             return LoadedHead(number: nil, manifest: nil, state: state, log: EditLog(chunkSize: settings.editLogChunk))
