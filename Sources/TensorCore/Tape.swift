@@ -146,7 +146,7 @@ extension Tape {
         switch mode {
         case 0: for i in 0..<n { o[i] = av[i] + k * bv[i] }
         case 1: let s = k * bv[0]; for i in 0..<n { o[i] = av[i] + s }
-        default: for i in 0..<n { o[i] = av[i] + k * bv[i % mode] }
+        default: for r in stride(from: 0, to: n, by: mode) { for j in 0..<mode { o[r + j] = av[r + j] + k * bv[j] } }
         }
         return record(out, inputs: [a, b]) { out in
             let g = out.grad.data
@@ -156,7 +156,7 @@ extension Tape {
                 switch mode {
                 case 0: BLAS.axpy(d, g, count: n, alpha: k)
                 case 1: var s: Float = 0; for i in 0..<n { s += g[i] }; d[0] += k * s
-                default: for i in 0..<n { d[i % mode] += k * g[i] }
+                default: for r in stride(from: 0, to: n, by: mode) { for j in 0..<mode { d[j] += k * g[r + j] } }
                 }
             }
         }
@@ -168,12 +168,20 @@ extension Tape {
         let n = a.value.count
         let out = Tensor(shape: a.value.shape)
         let av = a.value.data, bv = b.value.data, o = out.data
-        @inline(__always) func bi(_ i: Int) -> Int { mode == 0 ? i : (mode == 1 ? 0 : i % mode) }
-        for i in 0..<n { o[i] = av[i] * bv[bi(i)] }
+        // The loops run over rows of `width` elements of a; b's index is the position in the row (mode
+        // 0: b is as long as a, one row; mode 1: a scalar, read at 0).
+        let width = mode == 0 ? n : (mode == 1 ? 1 : mode), bStep = mode == 0 ? 1 : (mode == 1 ? 0 : 1)
+        for r in stride(from: 0, to: n, by: max(width, 1)) { for j in 0..<width { o[r + j] = av[r + j] * bv[j * bStep] } }
         return record(out, inputs: [a, b]) { out in
             let g = out.grad.data
-            if a.requiresGrad { let d = a.grad.data; for i in 0..<n { d[i] += g[i] * bv[bi(i)] } }
-            if b.requiresGrad { let d = b.grad.data; for i in 0..<n { d[bi(i)] += g[i] * av[i] } }
+            if a.requiresGrad {
+                let d = a.grad.data
+                for r in stride(from: 0, to: n, by: max(width, 1)) { for j in 0..<width { d[r + j] += g[r + j] * bv[j * bStep] } }
+            }
+            if b.requiresGrad {
+                let d = b.grad.data
+                for r in stride(from: 0, to: n, by: max(width, 1)) { for j in 0..<width { d[j * bStep] += g[r + j] * av[r + j] } }
+            }
         }
     }
 
