@@ -103,6 +103,21 @@ public struct AuxOutput {
     }
 }
 
+/// One module's share of a call of its network: its signal rows x [Σ lengths, xDim + deltaDim] (rows
+/// `[u | δ]`), one segment per edit; its mode; the sequence's past representations (per layer, [past, dim];
+/// nil for a fresh sequence) and, at inference, the memo of the past's projections.
+public struct AuxInput {
+    public var x: Tensor
+    public var lengths: [Int]
+    public var mode: Int
+    public var pastReps: [Tensor]?
+    public var memo: PastProjections?
+
+    public init(x: Tensor, lengths: [Int], mode: Int, pastReps: [Tensor]?, memo: PastProjections? = nil) {
+        self.x = x; self.lengths = lengths; self.mode = mode; self.pastReps = pastReps; self.memo = memo
+    }
+}
+
 /// Inference memo of a sequence's past: per layer, the inter-editing attention's keys and values and the
 /// score attention's keys of every past representation, so that a new edit projects only its own rows
 /// (without it each edit re-projects all N past rows: O(N) work per edit). Valid for one network and one
@@ -210,30 +225,50 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
     /// `memo` (inference only: a tape that does not record) keeps the projections of the past across calls.
     public func forward(tape: Tape, x: Tensor, lengths: [Int], mode: Int, pastReps: [Tensor]?, trainingNorm: Bool,
                         fusion: Bool = true, memo: PastProjections? = nil) -> AuxOutput {
-        precondition(memo == nil || !tape.recording, "the past-projection memo is for inference")
-        precondition(x.count == lengths.reduce(0, +) * dim, "signal rows \(x.shape) do not match lengths \(lengths)")
-        precondition(mode >= 0 && mode < modes, "mode \(mode) of \(modes)")
-        let normed = norm.forward(x, training: trainingNorm)
-        var h = tape.leaf(normed.reshaped([lengths.count == 0 ? 0 : normed.count / dim, dim]))
-        var newReps: [Tensor] = []
-        var pus: [Float] = []
-        var us: [[Float]] = []
-        for l in 0..<config.layerN {
-            let past = pastReps?[l] ?? Tensor(shape: [0, dim])
-            let r = layer(tape: tape, l, h, past: past, lengths: lengths, mode: mode, fusion: fusion, memo: memo)
-            h = r.x
-            newReps.append(r.newRep)
-            pus.append(r.pastScale)
-            us.append(r.scales)
+        forward(tape: tape, inputs: [AuxInput(x: x, lengths: lengths, mode: mode, pastReps: pastReps, memo: memo)],
+                trainingNorm: trainingNorm, fusion: fusion)[0]
+    }
+
+    /// Runs the network on several modules that share it, in one call: their rows stacked, so that each
+    /// weight matrix is read once for all of them (with a dozen rows per module a call is bound by reading
+    /// the weights). Row-wise stages (intra-editing attention, FFN) see the stacked rows; each module keeps
+    /// its own sequence: its past, memo, causal inter-editing and score attention, and mode. The outputs
+    /// are the single-module calls' outputs, in the order of `inputs`.
+    public func forward(tape: Tape, inputs: [AuxInput], trainingNorm: Bool, fusion: Bool = true) -> [AuxOutput] {
+        precondition(!inputs.isEmpty, "no inputs")
+        for input in inputs {
+            precondition(input.memo == nil || !tape.recording, "the past-projection memo is for inference")
+            precondition(input.x.count == input.lengths.reduce(0, +) * dim,
+                         "signal rows \(input.x.shape) do not match lengths \(input.lengths)")
+            precondition(input.mode >= 0 && input.mode < modes, "mode \(input.mode) of \(modes)")
         }
-        let n = lengths.count
-        let pastScale = pus.reduce(0, +) / Float(pus.count)
-        let scales = (0..<n).map { i in us.map { $0[i] }.reduce(0, +) / Float(us.count) }
-        // Per-token scale: the edit's scale over its length.
-        var perToken: [Float] = []
-        for (i, len) in lengths.enumerated() { perToken += Array(repeating: scales[i] / Float(len), count: len) }
-        return AuxOutput(x1: tape.columns(h, 0..<xDim), values: tape.columns(h, xDim..<dim), pastUpdateScale: pastScale,
-                         updateScales: scales, rowScales: perToken, newReps: newReps)
+        let x = inputs.count == 1 ? inputs[0].x : Tensor.concatenatingRows(inputs.map { $0.x.reshaped([$0.x.count / dim, dim]) })
+        let lengths = inputs.flatMap(\.lengths)
+        let normed = norm.forward(x, training: trainingNorm)
+        var h = tape.leaf(normed.reshaped([lengths.isEmpty ? 0 : normed.count / dim, dim]))
+        var newReps = Array(repeating: [Tensor](), count: inputs.count)
+        var pus = Array(repeating: [Float](), count: inputs.count)
+        var us = Array(repeating: [[Float]](), count: inputs.count)
+        for l in 0..<config.layerN {
+            let r = layer(tape: tape, l, h, inputs: inputs, lengths: lengths, fusion: fusion)
+            h = r.x
+            for (g, part) in r.parts.enumerated() {
+                newReps[g].append(part.newRep); pus[g].append(part.pastScale); us[g].append(part.scales)
+            }
+        }
+        var row = 0
+        return inputs.indices.map { g in
+            let lengths = inputs[g].lengths, rows = lengths.reduce(0, +), n = lengths.count
+            let hg = inputs.count == 1 ? h : tape.rows(h, row..<(row + rows))
+            row += rows
+            let pastScale = pus[g].reduce(0, +) / Float(pus[g].count)
+            let scales = (0..<n).map { i in us[g].map { $0[i] }.reduce(0, +) / Float(us[g].count) }
+            // Per-token scale: the edit's scale over its length.
+            var perToken: [Float] = []
+            for (i, len) in lengths.enumerated() { perToken += Array(repeating: scales[i] / Float(len), count: len) }
+            return AuxOutput(x1: tape.columns(hg, 0..<xDim), values: tape.columns(hg, xDim..<dim), pastUpdateScale: pastScale,
+                             updateScales: scales, rowScales: perToken, newReps: newReps[g])
+        }
     }
 
     private func v(_ tape: Tape, _ name: String) -> Variable { tape.parameter(byName[name]!) }
@@ -243,9 +278,9 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
     }
 
     /// Multi-head attention of queries q [nq, H·D] over keys k and values v [nk, H·D] with an additive mask
-    /// [nq, nk], projected by `p.lo`.
-    private func outerAttention(tape: Tape, _ p: String, q: Variable, k: Variable, v vv: Variable, mask: Tensor,
-                                heads: Int, headDim: Int) -> Variable {
+    /// [nq, nk]: the heads' contexts side by side [nq, H·D] (before the output projection).
+    private func attentionContext(tape: Tape, q: Variable, k: Variable, v vv: Variable, mask: Tensor,
+                                  heads: Int, headDim: Int) -> Variable {
         if !tape.recording {
             // Inference: each head straight from the strided projections, no column copies of the past's
             // keys and values (N past rows per head, layer and module at every edit).
@@ -260,7 +295,7 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
                 BLAS.gemm(context.data + hd * headDim, scores.data, vv.value.data + hd * headDim, M: nq, N: headDim, K: nk,
                           lda: nk, ldb: width, ldc: width)
             }
-            return linear(tape, tape.leaf(context), p + ".lo")
+            return tape.leaf(context)
         }
         let maskVar = tape.leaf(mask)
         var outs: [Variable] = []
@@ -270,7 +305,7 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
                                         1 / Float(headDim).squareRoot()), maskVar)
             outs.append(tape.matmul(tape.softmax(s), tape.columns(vv, cols)))
         }
-        return linear(tape, heads == 1 ? outs[0] : tape.concatColumns(outs), p + ".lo")
+        return heads == 1 ? outs[0] : tape.concatColumns(outs)
     }
 
     /// `rows` projected by the plain (untaped) weights of `name`, one row at a time: a row's result does not
@@ -303,8 +338,10 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return mean
     }
 
-    private func layer(tape: Tape, _ l: Int, _ x0: Variable, past: Tensor, lengths: [Int], mode: Int, fusion: Bool,
-                       memo: PastProjections?) -> (x: Variable, newRep: Tensor, pastScale: Float, scales: [Float]) {
+    /// One layer over the stacked rows of `inputs` (token rows in input order; `lengths` all their edits'
+    /// lengths). Per input: its representations after the layer, the decay of its past and its edits' scales.
+    private func layer(tape: Tape, _ l: Int, _ x0: Variable, inputs: [AuxInput], lengths: [Int], fusion: Bool)
+        -> (x: Variable, parts: [(newRep: Tensor, pastScale: Float, scales: [Float])]) {
         let p = "dafnet_model.layers.\(l)."
         let d = dim
         // Intra-editing attention: token values and a softmax-pooled sample representation per edit.
@@ -313,53 +350,78 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         let weighted = tape.rowScale(attX, tape.segmentSoftmax(attS, lengths: lengths))
         let sampleRep = tape.segmentSum(weighted, lengths: lengths)
         var x = tape.layerNorm(tape.add(x0, weighted), v(tape, p + "layer_norm1.weight"), v(tape, p + "layer_norm1.bias"))
-        // Inter-editing attention over the past and current sample representations (causal).
-        let P = past.shape[0], n = lengths.count
-        if !fusion {
-            let ffn = linear(tape, tape.relu(linear(tape, x, p + "feedforward.fc1")), p + "feedforward.fc2")
-            x = tape.layerNorm(tape.add(x, ffn), v(tape, p + "layer_norm3.weight"), v(tape, p + "layer_norm3.bias"))
-            return (modeTransform(tape: tape, p, x, mode: mode), past.reshaped([P, d]).appendingRows(sampleRep.value), 1,
-                    Array(repeating: 1, count: n))
+        // Each input's edits among the sample representations.
+        var editStart = 0
+        let editRanges = inputs.map { input in
+            defer { editStart += input.lengths.count }
+            return editStart..<(editStart + input.lengths.count)
         }
-        let mask = Tensor(shape: [n, P + n])
-        for i in 0..<n { for j in (P + i + 1)..<(P + n) { mask[i, j] = -999_999 } }
-        let q = linear(tape, sampleRep, p + "outer_att.lq")
-        let newRep: Tensor, k: Variable, vv: Variable, scoreKeys: Tensor
-        if let memo, let pk = memo.keys[l], let pv = memo.values[l], let psk = memo.scoreKeys[l], memo.rows[l] == P {
-            // The past's projections from the memo; only the new rows are projected.
-            newRep = past.reshaped([P, d]).appendingRows(sampleRep.value)
-            k = tape.leaf(pk.appendingRows(project(sampleRep.value, p + "outer_att.lk")))
-            vv = tape.leaf(pv.appendingRows(project(sampleRep.value, p + "outer_att.lv")))
-            scoreKeys = psk.appendingRows(project(sampleRep.value, p + "outer_att_score.lk"))
+        func edits(_ v: Variable, _ g: Int) -> Variable { inputs.count == 1 ? v : tape.rows(v, editRanges[g]) }
+        var parts: [(newRep: Tensor, pastScale: Float, scales: [Float])] = []
+        if fusion {
+            // Inter-editing attention of each input over its past and current sample representations (causal).
+            let q = linear(tape, sampleRep, p + "outer_att.lq")
+            var contexts: [Variable] = []
+            for (g, input) in inputs.enumerated() {
+                let past = input.pastReps?[l] ?? Tensor(shape: [0, d])
+                let P = past.shape[0], n = input.lengths.count
+                let rep = edits(sampleRep, g)
+                let mask = Tensor(shape: [n, P + n])
+                for i in 0..<n { for j in (P + i + 1)..<(P + n) { mask[i, j] = -999_999 } }
+                let newRep: Tensor, k: Variable, vv: Variable, scoreKeys: Tensor
+                if let memo = input.memo, let pk = memo.keys[l], let pv = memo.values[l], let psk = memo.scoreKeys[l], memo.rows[l] == P {
+                    // The past's projections from the memo; only the new rows are projected.
+                    newRep = past.reshaped([P, d]).appendingRows(rep.value)
+                    k = tape.leaf(pk.appendingRows(project(rep.value, p + "outer_att.lk")))
+                    vv = tape.leaf(pv.appendingRows(project(rep.value, p + "outer_att.lv")))
+                    scoreKeys = psk.appendingRows(project(rep.value, p + "outer_att_score.lk"))
+                } else {
+                    let all = tape.concatRows([tape.leaf(past.reshaped([P, d])), rep])
+                    newRep = all.value
+                    if tape.recording || (input.memo == nil && P == 0) {
+                        // Training (a fresh sequence in one call): the rows at once.
+                        k = linear(tape, all, p + "outer_att.lk"); vv = linear(tape, all, p + "outer_att.lv")
+                        scoreKeys = tape.linear(tape.leaf(newRep), tape.leaf(byName[p + "outer_att_score.lk.weight"]!.value),
+                                                tape.leaf(byName[p + "outer_att_score.lk.bias"]!.value)).value
+                    } else {
+                        k = tape.leaf(project(newRep, p + "outer_att.lk")); vv = tape.leaf(project(newRep, p + "outer_att.lv"))
+                        scoreKeys = project(newRep, p + "outer_att_score.lk")
+                    }
+                }
+                input.memo?.set(l, keys: k.value, values: vv.value, scoreKeys: scoreKeys)
+                contexts.append(attentionContext(tape: tape, q: edits(q, g), k: k, v: vv, mask: mask,
+                                                 heads: config.outerAttHeadN, headDim: config.outerAttDim))
+                // Diagonal score attention → per-edit update scales and the decay of the past update.
+                let probs = scoreProbabilities(queries: project(rep.value, p + "outer_att_score.lq"), keys: scoreKeys, mask: mask,
+                                               heads: config.outerScoreAttHeadN, headDim: config.outerScoreAttDim)
+                var s = (0..<n).map { probs[$0, P + $0] }
+                var keep = [Float](repeating: 1, count: n + 1)   // keep[i] = Π_{j ≥ i} (1 − s_j)
+                for i in stride(from: n - 1, through: 0, by: -1) { keep[i] = keep[i + 1] * (1 - s[i]) }
+                for i in 0..<max(n - 1, 0) { s[i] *= keep[i + 1] }
+                parts.append((newRep, keep[0], s))
+            }
+            let outer = linear(tape, contexts.count == 1 ? contexts[0] : tape.concatRows(contexts), p + "outer_att.lo")
+            x = tape.layerNorm(tape.add(x, tape.repeatSegments(outer, lengths: lengths)),
+                               v(tape, p + "layer_norm2.weight"), v(tape, p + "layer_norm2.bias"))
         } else {
-            let all = tape.concatRows([tape.leaf(past.reshaped([P, d])), sampleRep])
-            newRep = all.value
-            if tape.recording || (memo == nil && P == 0) {
-                // Training (a fresh sequence in one call): the rows at once.
-                k = linear(tape, all, p + "outer_att.lk"); vv = linear(tape, all, p + "outer_att.lv")
-                scoreKeys = tape.linear(tape.leaf(newRep), tape.leaf(byName[p + "outer_att_score.lk.weight"]!.value),
-                                        tape.leaf(byName[p + "outer_att_score.lk.bias"]!.value)).value
-            } else {
-                k = tape.leaf(project(newRep, p + "outer_att.lk")); vv = tape.leaf(project(newRep, p + "outer_att.lv"))
-                scoreKeys = project(newRep, p + "outer_att_score.lk")
+            // MEND-like: no inter-editing or score attention; the past is kept whole.
+            parts = inputs.enumerated().map { g, input in
+                let past = input.pastReps?[l] ?? Tensor(shape: [0, d])
+                return (past.reshaped([past.shape[0], d]).appendingRows(edits(sampleRep, g).value), 1,
+                        Array(repeating: 1, count: input.lengths.count))
             }
         }
-        memo?.set(l, keys: k.value, values: vv.value, scoreKeys: scoreKeys)
-        let outer = outerAttention(tape: tape, p + "outer_att", q: q, k: k, v: vv, mask: mask,
-                                   heads: config.outerAttHeadN, headDim: config.outerAttDim)
-        x = tape.layerNorm(tape.add(x, tape.repeatSegments(outer, lengths: lengths)),
-                           v(tape, p + "layer_norm2.weight"), v(tape, p + "layer_norm2.bias"))
-        // Diagonal score attention → per-edit update scales and the decay of the past update.
-        let probs = scoreProbabilities(queries: project(sampleRep.value, p + "outer_att_score.lq"), keys: scoreKeys, mask: mask,
-                                       heads: config.outerScoreAttHeadN, headDim: config.outerScoreAttDim)
-        var s = (0..<n).map { probs[$0, P + $0] }
-        var keep = [Float](repeating: 1, count: n + 1)   // keep[i] = Π_{j ≥ i} (1 − s_j)
-        for i in stride(from: n - 1, through: 0, by: -1) { keep[i] = keep[i + 1] * (1 - s[i]) }
-        for i in 0..<max(n - 1, 0) { s[i] *= keep[i + 1] }
-        // FFN, then the mode's scale and shift with a clamp residual.
+        // FFN, then each input's mode: its scale and shift with a clamp residual.
         let ffn = linear(tape, tape.relu(linear(tape, x, p + "feedforward.fc1")), p + "feedforward.fc2")
         x = tape.layerNorm(tape.add(x, ffn), v(tape, p + "layer_norm3.weight"), v(tape, p + "layer_norm3.bias"))
-        return (modeTransform(tape: tape, p, x, mode: mode), newRep, keep[0], s)
+        if inputs.count == 1 { return (modeTransform(tape: tape, p, x, mode: inputs[0].mode), parts) }
+        var row = 0
+        let moded = inputs.map { input in
+            let rows = input.lengths.reduce(0, +)
+            defer { row += rows }
+            return modeTransform(tape: tape, p, tape.rows(x, row..<(row + rows)), mode: input.mode)
+        }
+        return (tape.concatRows(moded), parts)
     }
 
     /// The mode's scale and shift with a clamp residual: clamp(x·scale + shift, min 0) + x.

@@ -439,24 +439,31 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         let contrast = config.accumulation == .leastSquares ? contrastRows(requests) : [:]
         times.signal = Date().timeIntervalSince(t0)
         t0 = Date()
-        var outputs: [(String, AuxOutput)] = []
         for m in config.modules {
-            let (key, mode) = routing[m]!
             guard let s = sig[m], s.lengths.allSatisfy({ $0 > 0 }) else {
                 throw EditingError.invalidInput("module \(m): an edit produced no gradient signal")
             }
-            let st = state.modules[m]!
-            let net = networks[key]!
-            if fusion && st.pastProjections == nil { st.pastProjections = PastProjections(layers: net.config.layerN) }
-            let out = net.forward(tape: Tape(recording: false), x: s.x, lengths: s.lengths, mode: mode,
-                                  pastReps: st.pastReps.isEmpty ? nil : st.pastReps, trainingNorm: false,
-                                  fusion: fusion, memo: fusion ? st.pastProjections : nil)
-            if fusion { st.pastReps = out.newReps }  // MEND keeps no sequence representations
-            outputs.append((m, out))
+        }
+        // The modules that share a network go through it in one call.
+        var outputs: [String: AuxOutput] = [:]
+        for key in networks.keys.sorted() {
+            let net = networks[key]!, modules = config.modules.filter { routing[$0]!.key == key }
+            let inputs = modules.map { m in
+                let st = state.modules[m]!
+                if fusion && st.pastProjections == nil { st.pastProjections = PastProjections(layers: net.config.layerN) }
+                return AuxInput(x: sig[m]!.x, lengths: sig[m]!.lengths, mode: routing[m]!.mode,
+                                pastReps: st.pastReps.isEmpty ? nil : st.pastReps, memo: fusion ? st.pastProjections : nil)
+            }
+            let outs = net.forward(tape: Tape(recording: false), inputs: inputs, trainingNorm: false, fusion: fusion)
+            for (m, out) in zip(modules, outs) {
+                if fusion { state.modules[m]!.pastReps = out.newReps }  // MEND keeps no sequence representations
+                outputs[m] = out
+            }
         }
         times.auxiliary = Date().timeIntervalSince(t0)
         t0 = Date()
-        for (m, out) in outputs {
+        for m in config.modules {
+            let out = outputs[m]!
             let st = state.modules[m]!
             let lr = editLRs[m]!.value[0]
             switch config.accumulation {

@@ -111,6 +111,44 @@ final class EditorTests: XCTestCase {
         }
     }
 
+    /// The modules that share a network in one stacked call get what each gets in a call of its own, with
+    /// and without a past (inference memo) and in the MEND-like ablation.
+    func testStackedModulesEqualSeparateCalls() throws {
+        let e = try makeEditor()
+        let modules = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc"]
+        let net = e.networks[e.routing[modules[0]]!.key]!
+        XCTAssertTrue(e.routing[modules[1]]!.key == e.routing[modules[0]]!.key)
+        let first = e.signals(Array(requests.prefix(2))), next = e.signals([requests[2]])
+        for fusion in [true, false] {
+            let aloneMemos = modules.map { _ in PastProjections(layers: net.config.layerN) }
+            let stackedMemos = modules.map { _ in PastProjections(layers: net.config.layerN) }
+            var alonePast: [[Tensor]?] = [nil, nil], stackedPast: [[Tensor]?] = [nil, nil]
+            for sig in [first, next] {
+                let alone = modules.enumerated().map { i, m in
+                    net.forward(tape: Tape(recording: false), x: sig[m]!.x, lengths: sig[m]!.lengths, mode: e.routing[m]!.mode,
+                                pastReps: alonePast[i], trainingNorm: false, fusion: fusion, memo: fusion ? aloneMemos[i] : nil)
+                }
+                let stacked = net.forward(tape: Tape(recording: false), inputs: modules.enumerated().map { i, m in
+                    AuxInput(x: sig[m]!.x, lengths: sig[m]!.lengths, mode: e.routing[m]!.mode, pastReps: stackedPast[i],
+                             memo: fusion ? stackedMemos[i] : nil)
+                }, trainingNorm: false, fusion: fusion)
+                XCTAssertEqual(stacked.count, 2)
+                for i in 0..<2 {
+                    let a = alone[i], b = stacked[i]
+                    XCTAssertEqual(a.values.shape, b.values.shape)
+                    XCTAssertLessThan(a.values.value.maxAbsDifference(b.values.value), 1e-5 * max(a.values.value.maxAbs(), 1), modules[i])
+                    XCTAssertLessThan(a.x1.value.maxAbsDifference(b.x1.value), 1e-5 * max(a.x1.value.maxAbs(), 1), modules[i])
+                    XCTAssertEqual(a.pastUpdateScale, b.pastUpdateScale, accuracy: 1e-6)
+                    XCTAssertEqual(a.updateScales.count, b.updateScales.count)
+                    for (x, y) in zip(a.updateScales, b.updateScales) { XCTAssertEqual(x, y, accuracy: 1e-6) }
+                    XCTAssertEqual(a.rowScales.count, b.rowScales.count)
+                    for (x, y) in zip(a.newReps, b.newReps) { XCTAssertLessThan(x.maxAbsDifference(y), 1e-5 * max(x.maxAbs(), 1)) }
+                    alonePast[i] = a.newReps; stackedPast[i] = b.newReps
+                }
+            }
+        }
+    }
+
     /// Applying edits one call at a time continues the sequence exactly as one call with all of them.
     func testSequentialEqualsOneCall() throws {
         let e = try makeEditor()
