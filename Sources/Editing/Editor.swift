@@ -304,20 +304,24 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
 
     /// Copies another editor's network weights and batch-norm statistics, and its edit learning rates and
     /// learned λ when it accumulates by the same rule (the rates mean something else under another). The
-    /// networks match by module shape and count (the i-th module of a shape takes the other's i-th), so an
-    /// editor of other blocks of the same shapes starts from a trained one.
+    /// networks match by module shape: every shape of this editor must have a network of the same size and
+    /// as many modules in the other, and the i-th module of a shape takes the other's i-th. So an editor of
+    /// other blocks, or of a subset of the other's shapes (only the MLPs' output projections, say), starts
+    /// from a trained one.
     public func warmStart(from other: DAFNetEditor) throws {
-        let shapeOrder = { (e: DAFNetEditor) in e.config.modules.map { e.routing[$0]!.key } }
-        guard shapeOrder(other) == shapeOrder(self), other.config.auxModel == config.auxModel else {
-            throw EditingError.invalidInput("warm start: the editors' module shapes or network sizes differ")
+        let modulesOf = { (e: DAFNetEditor, key: String) in e.config.modules.filter { e.routing[$0]!.key == key } }
+        for key in networks.keys.sorted() {
+            guard other.networks[key] != nil, modulesOf(other, key).count == modulesOf(self, key).count,
+                  other.config.auxModel == config.auxModel else {
+                throw EditingError.invalidInput("warm start: the other editor has no network of the same size for \(modulesOf(self, key).count) module(s) of shape \(key)")
+            }
         }
         for (key, net) in networks {
             let src = other.networks[key]!
             for (p, q) in zip(net.parameters, src.parameters) { p.value.assign(q.value) }
             net.norm = src.norm
-        }
-        if other.config.accumulation == config.accumulation {
-            for (m, o) in zip(config.modules, other.config.modules) {
+            guard other.config.accumulation == config.accumulation else { continue }
+            for (m, o) in zip(modulesOf(self, key), modulesOf(other, key)) {
                 editLRs[m]!.value.assign(other.editLRs[o]!.value)
                 if let p = logLambdas[m], let q = other.logLambdas[o] { p.value.assign(q.value) }
             }

@@ -191,6 +191,26 @@ final class LeastSquaresTests: XCTestCase {
         }
     }
 
+    /// An editor of a subset of the module shapes warm-starts from the networks of those shapes, its
+    /// modules taking the rates and λ of the other's modules of the same shape in order; a shape the other
+    /// lacks is refused.
+    func testWarmStartOfASubsetOfTheShapes() throws {
+        let e = try makeEditor()
+        for (i, m) in e.config.modules.enumerated() { e.logLambdas[m]!.value[0] = Float(i) * 0.3 + 0.1 }
+        var cfg = e.config
+        cfg.modules = e.config.modules.filter { e.routing[$0]!.key == "256x64" }
+        XCTAssertFalse(cfg.modules.isEmpty)
+        let subset = try DAFNetEditor(config: cfg, model: e.model, tokenizer: e.tokenizer)
+        subset.initialise(seed: 99)
+        try subset.warmStart(from: e)
+        XCTAssertEqual(Set(subset.networks.keys), ["256x64"])
+        for (p, q) in zip(subset.networks["256x64"]!.parameters, e.networks["256x64"]!.parameters) {
+            XCTAssertEqual(p.value.maxAbsDifference(q.value), 0, p.name)
+        }
+        for m in cfg.modules { XCTAssertEqual(subset.lambda(m), e.lambda(m), m) }
+        XCTAssertThrowsError(try e.warmStart(from: subset))
+    }
+
     /// The meta-gradient through the solve — into the network, the edit rate and log λ — against finite
     /// differences of the episode loss.
     /// With contrast rows in the solve (constants of the episode) the meta-gradient still matches finite

@@ -34,7 +34,7 @@ struct TrainEditor: ParsableCommand {
     var stopAfter: Int?
     @Flag(help: "Write the editor folder from the run's last checkpoint and stop (no training).")
     var writeEditor = false
-    @Option(help: "Start the networks from this editor folder's weights (same network sizes and module shapes in the same order; other blocks are fine); its edit learning rates too when its accumulation rule is the configuration's.")
+    @Option(help: "Start the networks from this editor folder's weights (the networks of this configuration's module shapes, of the same size, each serving as many modules there; other blocks and a subset of its shapes are fine); its edit learning rates too when its accumulation rule is the configuration's.")
     var initFrom: String?
     @Option(help: "least_squares: preserved text for the key statistics, one text per line (default: the true facts of the meta-training edits, their rephrasings and neighbours).")
     var statsText: String?
