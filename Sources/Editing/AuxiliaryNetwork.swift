@@ -308,17 +308,14 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return heads == 1 ? outs[0] : tape.concatColumns(outs)
     }
 
-    /// `rows` projected by the plain (untaped) weights of `name`, one row at a time: a row's result does not
-    /// depend on how many rows are projected with it, so projections kept in a memo (a row at a time, as
-    /// edits arrive) are bit-identical to those of a state loaded from disk (all rows at once).
+    /// `rows` projected by the plain (untaped) weights of `name`, each row computed alike however many are
+    /// projected with it, so projections kept in a memo (a few rows at a time, as edits arrive) are
+    /// bit-identical to those of a state loaded from disk (all rows at once).
     private func project(_ rows: Tensor, _ name: String) -> Tensor {
         let w = byName[name + ".weight"]!.value, b = byName[name + ".bias"]!.value
         let OC = w.shape[0], C = w.shape[1], N = rows.count / max(C, 1)
         let out = Tensor(shape: [N, OC])
-        for n in 0..<N {
-            (out.data + n * OC).update(from: b.data, count: OC)
-            BLAS.gemv(out.data + n * OC, w.data, rows.data + n * C, M: OC, N: C, beta: 1)
-        }
+        Kernels.linearRowwise(out.data, rows.data, w.data, b.data, N: N, C: C, OC: OC)
         return out
     }
 
@@ -361,6 +358,11 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         if fusion {
             // Inter-editing attention of each input over its past and current sample representations (causal).
             let q = linear(tape, sampleRep, p + "outer_att.lq")
+            // The new rows' projections for every input at once (one pass over each weight matrix).
+            lazy var newKeys = project(sampleRep.value, p + "outer_att.lk")
+            lazy var newValues = project(sampleRep.value, p + "outer_att.lv")
+            lazy var newScoreKeys = project(sampleRep.value, p + "outer_att_score.lk")
+            let scoreQueries = project(sampleRep.value, p + "outer_att_score.lq")
             var contexts: [Variable] = []
             for (g, input) in inputs.enumerated() {
                 let past = input.pastReps?[l] ?? Tensor(shape: [0, d])
@@ -372,9 +374,9 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
                 if let memo = input.memo, let pk = memo.keys[l], let pv = memo.values[l], let psk = memo.scoreKeys[l], memo.rows[l] == P {
                     // The past's projections from the memo; only the new rows are projected.
                     newRep = past.reshaped([P, d]).appendingRows(rep.value)
-                    k = tape.leaf(pk.appendingRows(project(rep.value, p + "outer_att.lk")))
-                    vv = tape.leaf(pv.appendingRows(project(rep.value, p + "outer_att.lv")))
-                    scoreKeys = psk.appendingRows(project(rep.value, p + "outer_att_score.lk"))
+                    k = tape.leaf(pk.appendingRows(newKeys.rows(editRanges[g])))
+                    vv = tape.leaf(pv.appendingRows(newValues.rows(editRanges[g])))
+                    scoreKeys = psk.appendingRows(newScoreKeys.rows(editRanges[g]))
                 } else {
                     let all = tape.concatRows([tape.leaf(past.reshaped([P, d])), rep])
                     newRep = all.value
@@ -392,7 +394,7 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
                 contexts.append(attentionContext(tape: tape, q: edits(q, g), k: k, v: vv, mask: mask,
                                                  heads: config.outerAttHeadN, headDim: config.outerAttDim))
                 // Diagonal score attention → per-edit update scales and the decay of the past update.
-                let probs = scoreProbabilities(queries: project(rep.value, p + "outer_att_score.lq"), keys: scoreKeys, mask: mask,
+                let probs = scoreProbabilities(queries: scoreQueries.rows(editRanges[g]), keys: scoreKeys, mask: mask,
                                                heads: config.outerScoreAttHeadN, headDim: config.outerScoreAttDim)
                 var s = (0..<n).map { probs[$0, P + $0] }
                 var keep = [Float](repeating: 1, count: n + 1)   // keep[i] = Π_{j ≥ i} (1 − s_j)

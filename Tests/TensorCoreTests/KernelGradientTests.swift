@@ -27,6 +27,25 @@ final class KernelGradientTests: XCTestCase {
         }
     }
 
+    /// The row-wise linear equals the BLAS one, and a row's result is the same to the bit whether it is
+    /// projected alone or among others (widths with and without a remainder past the 16-wide blocks).
+    func testLinearRowwiseMatchesAndIsIndependentOfTheOtherRows() {
+        for C in [37, 64] {
+            var rng = RNG(seed: 2)
+            let N = 7, OC = 5
+            let x = randn([N, C], &rng), w = randn([OC, C], &rng), b = randn([OC], &rng)
+            let blas = Tensor(shape: [N, OC]), rowwise = Tensor(shape: [N, OC])
+            Kernels.linearForward(blas.data, x.data, w.data, b.data, N: N, C: C, OC: OC)
+            Kernels.linearRowwise(rowwise.data, x.data, w.data, b.data, N: N, C: C, OC: OC)
+            XCTAssertLessThan(blas.maxAbsDifference(rowwise), 1e-4 * blas.maxAbs())
+            for n in 0..<N {
+                let one = Tensor(shape: [1, OC])
+                Kernels.linearRowwise(one.data, x.data + n * C, w.data, b.data, N: 1, C: C, OC: OC)
+                XCTAssertEqual(one.array, Array(rowwise.array[(n * OC)..<((n + 1) * OC)]), "row \(n), C \(C)")
+            }
+        }
+    }
+
     func testEmbedding() {
         var rng = RNG(seed: 2)
         let V = 6, C = 3

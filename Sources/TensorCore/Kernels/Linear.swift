@@ -23,6 +23,38 @@ extension Kernels {
         BLAS.gemm(out, inp, weight, M: N, N: OC, K: C, transB: layout == .outIn, beta: bias == nil ? 0 : 1)
     }
 
+    /// out[N, OC] = inp[N, C] · Wᵀ + bias for W stored `[out, in]`, each row's result computed the same way
+    /// whatever N is (a fixed order of sums per row): rows projected a few at a time, as they arrive, equal
+    /// the same rows projected all at once. Reads each weight row once per tile of four input rows, so a
+    /// handful of rows costs one pass over W (a matrix-vector product per row would read W per row).
+    public static func linearRowwise(
+        _ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, _ weight: UnsafePointer<Float>,
+        _ bias: UnsafePointer<Float>?, N: Int, C: Int, OC: Int
+    ) {
+        typealias V = SIMD8<Float>
+        let blocks = C / 16
+        @inline(__always) func dot(_ w: UnsafePointer<Float>, _ x: UnsafePointer<Float>) -> Float {
+            var a0 = V(repeating: 0), a1 = V(repeating: 0)
+            for k in 0..<blocks {
+                let c = k * 16
+                a0 += UnsafeRawPointer(w + c).loadUnaligned(as: V.self) * UnsafeRawPointer(x + c).loadUnaligned(as: V.self)
+                a1 += UnsafeRawPointer(w + c + 8).loadUnaligned(as: V.self) * UnsafeRawPointer(x + c + 8).loadUnaligned(as: V.self)
+            }
+            var s = (a0 + a1).sum()
+            for c in (blocks * 16)..<C { s += w[c] * x[c] }
+            return s
+        }
+        var n0 = 0
+        while n0 < N {
+            let rows = min(4, N - n0)
+            for o in 0..<OC {
+                let w = weight + o * C, b = bias?[o] ?? 0
+                for n in n0..<(n0 + rows) { out[n * OC + o] = b + dot(w, inp + n * C) }
+            }
+            n0 += rows
+        }
+    }
+
     /// Adds the gradients of `linearForward`: dinp += dout · W, dweight += doutᵀ · inp (layout-aware),
     /// dbias += Σ_n dout. Any of the gradient outputs may be nil.
     public static func linearBackward(
