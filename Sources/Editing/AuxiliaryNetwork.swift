@@ -288,12 +288,16 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
             let context = Tensor(shape: [nq, width])
             let scores = Tensor(shape: [nq, nk])
             for hd in 0..<heads {
-                BLAS.gemm(scores.data, q.value.data + hd * headDim, k.value.data + hd * headDim, M: nq, N: nk, K: headDim, transB: true,
-                          alpha: 1 / Float(headDim).squareRoot(), lda: width, ldb: width)
+                Self.headScores(scores.data, q.value.data + hd * headDim, k.value.data + hd * headDim, nq: nq, nk: nk,
+                                headDim: headDim, width: width)
                 scores.add(mask)
                 Kernels.softmaxForward(scores.data, scores.data, N: nq, C: nk)
-                BLAS.gemm(context.data + hd * headDim, scores.data, vv.value.data + hd * headDim, M: nq, N: headDim, K: nk,
-                          lda: nk, ldb: width, ldc: width)
+                let v = vv.value.data + hd * headDim
+                if nq <= Self.fewQueries {
+                    for i in 0..<nq { BLAS.gemv(context.data + i * width + hd * headDim, v, scores.data + i * nk, M: nk, N: headDim, trans: true, lda: width) }
+                } else {
+                    BLAS.gemm(context.data + hd * headDim, scores.data, v, M: nq, N: headDim, K: nk, lda: nk, ldb: width, ldc: width)
+                }
             }
             return tape.leaf(context)
         }
@@ -319,6 +323,21 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return out
     }
 
+    /// Up to this many queries a head's scores and context are matrix-vector products over the keys and
+    /// values as they lie (a matrix multiply would copy the past's N strided rows per head and call).
+    static let fewQueries = 4
+
+    /// One head's scaled scores [nq, nk] = q · kᵀ / √headDim, from queries and keys whose rows are `width` apart.
+    private static func headScores(_ s: UnsafeMutablePointer<Float>, _ q: UnsafePointer<Float>, _ k: UnsafePointer<Float>,
+                                   nq: Int, nk: Int, headDim: Int, width: Int) {
+        let scale = 1 / Float(headDim).squareRoot()
+        if nq <= fewQueries {
+            for i in 0..<nq { BLAS.gemv(s + i * nk, k, q + i * width, M: nk, N: headDim, alpha: scale, lda: width) }
+        } else {
+            BLAS.gemm(s, q, k, M: nq, N: nk, K: headDim, transB: true, alpha: scale, lda: width, ldb: width)
+        }
+    }
+
     /// Head-averaged attention probabilities of the score attention (detached, as in the reference), from
     /// projected queries [nq, H·D] and keys [nk, H·D].
     private func scoreProbabilities(queries qv: Tensor, keys kv: Tensor, mask: Tensor, heads: Int, headDim: Int) -> Tensor {
@@ -326,8 +345,7 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         let mean = Tensor(shape: [nq, nk])
         let s = Tensor(shape: [nq, nk])
         for hd in 0..<heads {
-            BLAS.gemm(s.data, qv.data + hd * headDim, kv.data + hd * headDim, M: nq, N: nk, K: headDim, transB: true,
-                      alpha: 1 / Float(headDim).squareRoot(), lda: heads * headDim, ldb: heads * headDim)
+            Self.headScores(s.data, qv.data + hd * headDim, kv.data + hd * headDim, nq: nq, nk: nk, headDim: headDim, width: heads * headDim)
             s.add(mask)
             Kernels.softmaxForward(s.data, s.data, N: nq, C: nk)
             mean.add(s, alpha: 1 / Float(heads))

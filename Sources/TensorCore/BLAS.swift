@@ -27,11 +27,13 @@ public enum BLAS {
                     Int32(max(lc, 1)))
     }
 
-    /// y[M] = alpha · A[M, N] · x[N] + beta · y, row-major A.
+    /// y[M] = alpha · A[M, N] · x[N] + beta · y (`trans`: y[N] = alpha · Aᵀ · x[M] + beta · y), row-major A
+    /// with rows `lda` apart (N when nil).
     public static func gemv(_ y: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ x: UnsafePointer<Float>,
-                            M: Int, N: Int, alpha: Float = 1, beta: Float = 0) {
-        if M == 0 { return }
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, Int32(M), Int32(N), alpha, a, Int32(max(N, 1)), x, 1, beta, y, 1)
+                            M: Int, N: Int, trans: Bool = false, alpha: Float = 1, beta: Float = 0, lda: Int? = nil) {
+        if M == 0 || N == 0 { return }
+        cblas_sgemv(CblasRowMajor, trans ? CblasTrans : CblasNoTrans, Int32(M), Int32(N), alpha, a, Int32(max(lda ?? N, 1)),
+                    x, 1, beta, y, 1)
     }
 
     /// y = alpha · x + y
