@@ -33,25 +33,50 @@ extension Kernels {
     ) {
         typealias V = SIMD8<Float>
         let blocks = C / 16
-        @inline(__always) func dot(_ w: UnsafePointer<Float>, _ x: UnsafePointer<Float>) -> Float {
-            var a0 = V(repeating: 0), a1 = V(repeating: 0)
-            for k in 0..<blocks {
-                let c = k * 16
-                a0 += UnsafeRawPointer(w + c).loadUnaligned(as: V.self) * UnsafeRawPointer(x + c).loadUnaligned(as: V.self)
-                a1 += UnsafeRawPointer(w + c + 8).loadUnaligned(as: V.self) * UnsafeRawPointer(x + c + 8).loadUnaligned(as: V.self)
-            }
+        @inline(__always) func load(_ p: UnsafePointer<Float>) -> V { UnsafeRawPointer(p).loadUnaligned(as: V.self) }
+        // Each row's dot product with a weight row: two 8-wide partial sums over 16-wide blocks, added,
+        // then the tail — the same order whichever rows share the pass.
+        @inline(__always) func finish(_ a0: V, _ a1: V, _ w: UnsafePointer<Float>, _ x: UnsafePointer<Float>) -> Float {
             var s = (a0 + a1).sum()
             for c in (blocks * 16)..<C { s += w[c] * x[c] }
             return s
         }
         var n0 = 0
-        while n0 < N {
-            let rows = min(4, N - n0)
+        while n0 + 4 <= N {
+            // Four rows at a time: each weight block is loaded once for the four.
+            let x0 = inp + n0 * C, x1 = x0 + C, x2 = x1 + C, x3 = x2 + C
             for o in 0..<OC {
-                let w = weight + o * C, b = bias?[o] ?? 0
-                for n in n0..<(n0 + rows) { out[n * OC + o] = b + dot(w, inp + n * C) }
+                let w = weight + o * C
+                var a00 = V(repeating: 0), a01 = V(repeating: 0), a10 = V(repeating: 0), a11 = V(repeating: 0)
+                var a20 = V(repeating: 0), a21 = V(repeating: 0), a30 = V(repeating: 0), a31 = V(repeating: 0)
+                for k in 0..<blocks {
+                    let c = k * 16
+                    let w0 = load(w + c), w1 = load(w + c + 8)
+                    a00 += w0 * load(x0 + c); a01 += w1 * load(x0 + c + 8)
+                    a10 += w0 * load(x1 + c); a11 += w1 * load(x1 + c + 8)
+                    a20 += w0 * load(x2 + c); a21 += w1 * load(x2 + c + 8)
+                    a30 += w0 * load(x3 + c); a31 += w1 * load(x3 + c + 8)
+                }
+                let b = bias?[o] ?? 0
+                out[n0 * OC + o] = b + finish(a00, a01, w, x0)
+                out[(n0 + 1) * OC + o] = b + finish(a10, a11, w, x1)
+                out[(n0 + 2) * OC + o] = b + finish(a20, a21, w, x2)
+                out[(n0 + 3) * OC + o] = b + finish(a30, a31, w, x3)
             }
-            n0 += rows
+            n0 += 4
+        }
+        // The last rows (fewer than four), each weight row used for all of them while it is in cache.
+        for o in 0..<OC where n0 < N {
+            let w = weight + o * C
+            for n in n0..<N {
+                let x = inp + n * C
+                var a0 = V(repeating: 0), a1 = V(repeating: 0)
+                for k in 0..<blocks {
+                    let c = k * 16
+                    a0 += load(w + c) * load(x + c); a1 += load(w + c + 8) * load(x + c + 8)
+                }
+                out[n * OC + o] = (bias?[o] ?? 0) + finish(a0, a1, w, x)
+            }
         }
     }
 
