@@ -39,6 +39,7 @@ struct BenchPipeline: ParsableCommand {
     }
 
     func run() throws {
+        reuseLargeAllocations()
         let ns = sizes.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         let bs = batches.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         guard !ns.isEmpty, ns.allSatisfy({ $0 > 0 }) else { throw ValidationError("--sizes must be positive integers") }
