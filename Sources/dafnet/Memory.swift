@@ -5,7 +5,6 @@ private func mallopt(_ parameter: Int32, _ value: Int32) -> Int32
 /// Keeps freed large blocks in the heap for reuse instead of returning them to the kernel. Meta-training
 /// allocates and frees tensors of tens of megabytes thousands of times a step; glibc serves those by
 /// `mmap`, so every reuse would fault and zero fresh pages (measured: more system time than compute).
-/// The daemon does the same with a batch's activations (a process then keeps its peak heap).
 func reuseLargeAllocations() {
     #if os(Linux)
     let M_TRIM_THRESHOLD: Int32 = -1, M_MMAP_MAX: Int32 = -4   // <malloc.h>

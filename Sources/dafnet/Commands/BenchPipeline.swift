@@ -39,7 +39,6 @@ struct BenchPipeline: ParsableCommand {
     }
 
     func run() throws {
-        reuseLargeAllocations()
         let ns = sizes.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         let bs = batches.split(separator: ",").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
         guard !ns.isEmpty, ns.allSatisfy({ $0 > 0 }) else { throw ValidationError("--sizes must be positive integers") }

@@ -84,7 +84,6 @@ struct Watch: ParsableCommand {
     }
 
     func run() throws {
-        reuseLargeAllocations()
         let level = Logger.Level(rawValue: logLevel)!
         let format = StructuredLogHandler.Format(rawValue: logFormat)!
         let logger = Logger(label: "dafnet.watch") { StructuredLogHandler(label: $0, level: level, format: format) }
