@@ -233,7 +233,8 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
     /// weight matrix is read once for all of them (with a dozen rows per module a call is bound by reading
     /// the weights). Row-wise stages (intra-editing attention, FFN) see the stacked rows; each module keeps
     /// its own sequence: its past, memo, causal inter-editing and score attention, and mode. The outputs
-    /// are the single-module calls' outputs, in the order of `inputs`.
+    /// are the single-module calls' outputs, in the order of `inputs`. `trainingNorm` folds every input's rows
+    /// into the batch norm before any is normalised (as meta-training folds a step's rows first).
     public func forward(tape: Tape, inputs: [AuxInput], trainingNorm: Bool, fusion: Bool = true) -> [AuxOutput] {
         precondition(!inputs.isEmpty, "no inputs")
         for input in inputs {
