@@ -239,6 +239,8 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     public let networks: [String: AuxiliaryNetwork]
     /// Per module: its network key and mode.
     public let routing: [String: (key: String, mode: Int)]
+    /// Per network key: the modules it serves, in the configuration's order (the i-th has mode i).
+    public let modulesOfNetwork: [String: [String]]
     /// Learned per-module edit learning rates, [1] each.
     public let editLRs: [String: Parameter]
     /// `least_squares`: per module the preserved inputs' second moment E[uuᵀ] [in, in] (set by
@@ -283,6 +285,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         }
         networks = nets
         self.routing = routing
+        modulesOfNetwork = shapes
         editLRs = Dictionary(uniqueKeysWithValues: config.modules.map {
             ($0, Parameter(name: "edit_lr." + $0, value: Tensor(shape: [1], values: [config.initEditLR]), decay: false))
         })
@@ -309,19 +312,18 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     /// other blocks, or of a subset of the other's shapes (only the MLPs' output projections, say), starts
     /// from a trained one.
     public func warmStart(from other: DAFNetEditor) throws {
-        let modulesOf = { (e: DAFNetEditor, key: String) in e.config.modules.filter { e.routing[$0]!.key == key } }
-        for key in networks.keys.sorted() {
-            guard other.networks[key] != nil, modulesOf(other, key).count == modulesOf(self, key).count,
-                  other.config.auxModel == config.auxModel else {
-                throw EditingError.invalidInput("warm start: the other editor has no network of the same size for \(modulesOf(self, key).count) module(s) of shape \(key)")
-            }
+        guard other.config.auxModel == config.auxModel else {
+            throw EditingError.invalidInput("warm start: the editors' network sizes differ")
+        }
+        for (key, modules) in modulesOfNetwork.sorted(by: { $0.key < $1.key }) where other.modulesOfNetwork[key]?.count != modules.count {
+            throw EditingError.invalidInput("warm start: the other editor has no network for \(modules.count) module(s) of shape \(key)")
         }
         for (key, net) in networks {
             let src = other.networks[key]!
             for (p, q) in zip(net.parameters, src.parameters) { p.value.assign(q.value) }
             net.norm = src.norm
             guard other.config.accumulation == config.accumulation else { continue }
-            for (m, o) in zip(modulesOf(self, key), modulesOf(other, key)) {
+            for (m, o) in zip(modulesOfNetwork[key]!, other.modulesOfNetwork[key]!) {
                 editLRs[m]!.value.assign(other.editLRs[o]!.value)
                 if let p = logLambdas[m], let q = other.logLambdas[o] { p.value.assign(q.value) }
             }
@@ -451,7 +453,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         // The modules that share a network go through it in one call.
         var outputs: [String: AuxOutput] = [:]
         for key in networks.keys.sorted() {
-            let net = networks[key]!, modules = config.modules.filter { routing[$0]!.key == key }
+            let net = networks[key]!, modules = modulesOfNetwork[key]!
             let inputs = modules.map { m in
                 let st = state.modules[m]!
                 if fusion && st.pastProjections == nil { st.pastProjections = PastProjections(layers: net.config.layerN) }
