@@ -247,21 +247,23 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         let lengths = inputs.flatMap(\.lengths)
         let normed = norm.forward(x, training: trainingNorm)
         var h = tape.leaf(normed.reshaped([lengths.isEmpty ? 0 : normed.count / dim, dim]))
+        // Each input's token rows and edits among the stacked ones.
+        let rowRanges = Self.consecutive(inputs.map { $0.lengths.reduce(0, +) })
+        let editRanges = Self.consecutive(inputs.map(\.lengths.count))
         var newReps = Array(repeating: [Tensor](), count: inputs.count)
         var pus = Array(repeating: [Float](), count: inputs.count)
         var us = Array(repeating: [[Float]](), count: inputs.count)
         for l in 0..<config.layerN {
-            let r = layer(tape: tape, l, h, inputs: inputs, lengths: lengths, fusion: fusion)
+            let r = layer(tape: tape, l, h, inputs: inputs, lengths: lengths, rowRanges: rowRanges, editRanges: editRanges,
+                          fusion: fusion)
             h = r.x
             for (g, part) in r.parts.enumerated() {
                 newReps[g].append(part.newRep); pus[g].append(part.pastScale); us[g].append(part.scales)
             }
         }
-        var row = 0
         return inputs.indices.map { g in
-            let lengths = inputs[g].lengths, rows = lengths.reduce(0, +), n = lengths.count
-            let hg = inputs.count == 1 ? h : tape.rows(h, row..<(row + rows))
-            row += rows
+            let lengths = inputs[g].lengths, n = lengths.count
+            let hg = inputs.count == 1 ? h : tape.rows(h, rowRanges[g])
             let pastScale = pus[g].reduce(0, +) / Float(pus[g].count)
             let scales = (0..<n).map { i in us[g].map { $0[i] }.reduce(0, +) / Float(us[g].count) }
             // Per-token scale: the edit's scale over its length.
@@ -354,9 +356,20 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return mean
     }
 
+    /// Consecutive ranges of the given sizes from 0: [2, 3] → [0..<2, 2..<5].
+    private static func consecutive(_ sizes: [Int]) -> [Range<Int>] {
+        var start = 0
+        return sizes.map { size in
+            defer { start += size }
+            return start..<(start + size)
+        }
+    }
+
     /// One layer over the stacked rows of `inputs` (token rows in input order; `lengths` all their edits'
-    /// lengths). Per input: its representations after the layer, the decay of its past and its edits' scales.
-    private func layer(tape: Tape, _ l: Int, _ x0: Variable, inputs: [AuxInput], lengths: [Int], fusion: Bool)
+    /// lengths; each input's token rows and edits at `rowRanges` and `editRanges`). Per input: its
+    /// representations after the layer, the decay of its past and its edits' scales.
+    private func layer(tape: Tape, _ l: Int, _ x0: Variable, inputs: [AuxInput], lengths: [Int], rowRanges: [Range<Int>],
+                       editRanges: [Range<Int>], fusion: Bool)
         -> (x: Variable, parts: [(newRep: Tensor, pastScale: Float, scales: [Float])]) {
         let p = "dafnet_model.layers.\(l)."
         let d = dim
@@ -366,12 +379,6 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         let weighted = tape.rowScale(attX, tape.segmentSoftmax(attS, lengths: lengths))
         let sampleRep = tape.segmentSum(weighted, lengths: lengths)
         var x = tape.layerNorm(tape.add(x0, weighted), v(tape, p + "layer_norm1.weight"), v(tape, p + "layer_norm1.bias"))
-        // Each input's edits among the sample representations.
-        var editStart = 0
-        let editRanges = inputs.map { input in
-            defer { editStart += input.lengths.count }
-            return editStart..<(editStart + input.lengths.count)
-        }
         func edits(_ v: Variable, _ g: Int) -> Variable { inputs.count == 1 ? v : tape.rows(v, editRanges[g]) }
         var parts: [(newRep: Tensor, pastScale: Float, scales: [Float])] = []
         if fusion {
@@ -436,12 +443,7 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         let ffn = linear(tape, tape.relu(linear(tape, x, p + "feedforward.fc1")), p + "feedforward.fc2")
         x = tape.layerNorm(tape.add(x, ffn), v(tape, p + "layer_norm3.weight"), v(tape, p + "layer_norm3.bias"))
         if inputs.count == 1 { return (modeTransform(tape: tape, p, x, mode: inputs[0].mode), parts) }
-        var row = 0
-        let moded = inputs.map { input in
-            let rows = input.lengths.reduce(0, +)
-            defer { row += rows }
-            return modeTransform(tape: tape, p, tape.rows(x, row..<(row + rows)), mode: input.mode)
-        }
+        let moded = zip(inputs, rowRanges).map { input, rows in modeTransform(tape: tape, p, tape.rows(x, rows), mode: input.mode) }
         return (tape.concatRows(moded), parts)
     }
 
