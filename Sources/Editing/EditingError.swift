@@ -9,6 +9,8 @@ public enum EditingError: Error, CustomStringConvertible, Equatable, Sendable {
     /// An edit state made by another method (or another editor's modules) was handed to an editor.
     case foreignState(method: EditorMethod, reason: String)
     case invalidInput(String)
+    /// A routed edit state cannot be merged into plain weights without dropping its routing.
+    case routedExport
 
     public var description: String {
         switch self {
@@ -24,6 +26,9 @@ public enum EditingError: Error, CustomStringConvertible, Equatable, Sendable {
                 + "(no training) or `dafnet train-editor --model DIR`"
         case let .foreignState(method, reason): return "\(method.rawValue) editor: \(reason)"
         case let .invalidInput(msg): return msg
+        case .routedExport:
+            return "the version's edits are routed (the editor's route_threshold: they apply only to inputs near an edit's key), "
+                + "which a model folder's weights cannot express; --unrouted merges them for every input instead"
         }
     }
 }

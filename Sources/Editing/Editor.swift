@@ -56,6 +56,9 @@ public struct EditorConfig: Codable, Sendable {
     public var contrastSubjects = 0
     /// The weight of a contrast prompt's rows against the edit's own (both enter `Σ uuᵀ`).
     public var contrastWeight: Float = 1
+    /// When set, the edits apply only where an input comes within this cosine of an edit's key (see
+    /// `EditRouter`); nil applies them to every input, as the paper does.
+    public var routeThreshold: Float?
     public var training = MetaTrainingConfig()
 
     public init() {}
@@ -63,7 +66,7 @@ public struct EditorConfig: Codable, Sendable {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case method, modules, baseModel = "base_model", editBias = "edit_bias", auxModel = "aux_model", initEditLR = "init_edit_lr"
         case accumulation, lsLambda = "ls_lambda", signalRows = "signal_rows", contrastSubjects = "contrast_subjects"
-        case contrastWeight = "contrast_weight", training
+        case contrastWeight = "contrast_weight", routeThreshold = "route_threshold", training
     }
 
     /// The default for a GPT-2 model: the MLP `c_fc` and `c_proj` of the last three blocks.
@@ -147,6 +150,8 @@ public final class EditState: EditorState, @unchecked Sendable {
 
     public private(set) var modules: [String: Module] = [:]
     public var editCount = 0
+    /// `route_threshold`: the keys of the edits so far and where the model compares them.
+    public var router: EditRouter?
 
     public init(moduleNames: [String]) {
         for m in moduleNames { modules[m] = Module() }
@@ -163,14 +168,17 @@ public final class EditState: EditorState, @unchecked Sendable {
             if let g = m.gram { out["gram." + name] = g }
             if let c = m.cross { out["cross." + name] = c }
         }
+        if let router { out.merge(RouteTensors.tensors(of: router)) { a, _ in a } }
         return out
     }
 
     /// Rebuilds a state from `tensors()`; names outside `moduleNames` are an error.
     public convenience init(moduleNames: [String], tensors: [String: Tensor]) throws {
         self.init(moduleNames: moduleNames)
+        router = try RouteTensors.router(from: tensors)
         for (key, t) in tensors {
             if key == "edit_count" { editCount = Int(t[0]); continue }
+            if key.hasPrefix("route.") { continue }
             let parts = key.split(separator: ".", maxSplits: 1).map(String.init)
             guard parts.count == 2 else { throw EditingError.invalidInput("edit state: unexpected tensor \"\(key)\"") }
             switch parts[0] {
@@ -202,6 +210,7 @@ public final class EditState: EditorState, @unchecked Sendable {
     public func copy() -> EditState {
         let s = EditState(moduleNames: Array(modules.keys))
         s.editCount = editCount
+        s.router = router  // immutable: shared
         for (k, m) in modules {
             s.modules[k]!.deltaWeight = m.deltaWeight?.copy()
             s.modules[k]!.deltaBias = m.deltaBias?.copy()
@@ -249,6 +258,8 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     public let logLambdas: [String: Parameter]
     /// The subjects contrast prompts draw from (`contrast_subjects`; the folder's `subjects.txt`).
     public var subjects: [String] = []
+    /// `route_threshold`: the whitening of the router's site, computed on first use.
+    var routeWhiteningCache: Tensor?
 
     public var fusion: Bool { config.method == .dafnet }
     public var method: EditorMethod { config.method }
@@ -443,6 +454,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         }
         let sig = signals(requests, scored: edits)
         let contrast = config.accumulation == .leastSquares ? contrastRows(requests) : [:]
+        if let threshold = config.routeThreshold { state.router = try grownRouter(state.router, for: requests, threshold: threshold) }
         times.signal = Date().timeIntervalSince(t0)
         t0 = Date()
         for m in config.modules {
@@ -545,6 +557,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         if config.accumulation == .leastSquares {
             try editor.setKeyStatistics(LeastSquares.readKeyStatistics(f, modules: config.modules))
         }
+        if config.routeThreshold != nil { _ = try editor.routeSite() }
         if config.contrastSubjects > 0 {
             let url = folder.appendingPathComponent(subjectsFile)
             guard let text = try? String(contentsOf: url, encoding: .utf8) else {

@@ -6,9 +6,17 @@ import TensorCore
 /// Writes a model with an edit state merged into its base weights (W + ΔW, b + Δb) as an HF folder that
 /// `transformers` and `dafnet` load.
 public enum EditedModelExport {
-    /// Installs the ΔW/Δb named in `tensors` (`delta_weight.<module>`, `delta_bias.<module>`) on `model`.
+    /// Installs the ΔW/Δb named in `tensors` (`delta_weight.<module>`, `delta_bias.<module>`) on `model`,
+    /// with the state's router when it has one (`route.*`, see `RouteTensors`).
     public static func install(_ tensors: [String: Tensor], on model: TransformerLM) throws {
         model.clearEdits()
+        let router = try RouteTensors.router(from: tensors)
+        if let router {
+            guard router.layer < model.spec.layers, router.width == model.spec.hidden else {
+                throw EditingError.invalidInput("edit state: its router reads block \(router.layer) of width \(router.width); the model has \(model.spec.layers) blocks of \(model.spec.hidden)")
+            }
+        }
+        model.router = router
         for (name, t) in tensors {
             for (prefix, isWeight) in [("delta_weight.", true), ("delta_bias.", false)] where name.hasPrefix(prefix) {
                 let m = String(name.dropFirst(prefix.count))
@@ -54,8 +62,14 @@ public enum EditedModelExport {
 
     public static let provenanceFile = "dafnet-export.json"
 
+    /// A routed state (`route_threshold`) applies its edits only to inputs near an edit's key, which a
+    /// plain model folder cannot express: it is refused unless `unrouted`, which merges ΔW for every input
+    /// (what the editor without routing would give).
     public static func export(model folder: ModelFolder, state tensors: [String: Tensor], to out: URL,
-                              dtype: SafetensorsDType = .F32, provenance: Provenance? = nil) throws {
+                              dtype: SafetensorsDType = .F32, provenance: Provenance? = nil, unrouted: Bool = false) throws {
+        if RouteTensors.present(in: tensors) && !unrouted {
+            throw EditingError.routedExport
+        }
         try install(tensors, on: folder.model)
         defer { folder.model.clearEdits() }
         try ModelFolder.write(model: folder.model, configData: folder.configData, to: out, tokenizerFrom: folder.url,

@@ -27,9 +27,13 @@ public protocol EditorState: AnyObject {
     func tensors() -> [String: Tensor]
     /// The installed edits of a module.
     func delta(_ module: String) -> (weight: Tensor?, bias: Tensor?)
+    /// Which inputs see the edits (nil: all).
+    var router: EditRouter? { get }
 }
 
 extension EditorState {
+    public var router: EditRouter? { nil }
+
     /// Bytes held.
     public var byteCount: Int { tensors().values.reduce(0) { $0 + $1.count * 4 } }
 }
@@ -84,6 +88,7 @@ extension SequentialEditor {
             model.linears[m]!.deltaWeight = w
             model.linears[m]!.deltaBias = b
         }
+        model.router = state.router
     }
 
     /// `state` as this editor's own state type, or a typed error naming the method.

@@ -31,15 +31,21 @@ public final class LinearModule: @unchecked Sendable {
         self.bias = bias
     }
 
-    /// out[N, out] = inp[N, in] · W (+ b) (+ ΔW, Δb on the first `editedRows` rows, default all).
-    func forward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, N: Int, editedRows: Int? = nil) {
+    /// out[N, out] = inp[N, in] · W (+ b) (+ ΔW, Δb on the first `editedRows` rows, default all, and of
+    /// those only the rows `routed` marks, when given).
+    func forward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, N: Int, editedRows: Int? = nil,
+                 routed: [Bool]? = nil) {
         Kernels.linearForward(out, inp, weight.value.data, bias?.value.data, N: N, C: inFeatures, OC: outFeatures, layout: layout)
-        let E = min(editedRows ?? N, N)
-        if editsEnabled, E > 0, let d = deltaWeight {
-            BLAS.gemm(out, inp, d.data, M: E, N: outFeatures, K: inFeatures, beta: 1)
-        }
-        if editsEnabled, let db = deltaBias {
-            for n in 0..<E { BLAS.axpy(out + n * outFeatures, db.data, count: outFeatures, alpha: 1) }
+        if editsEnabled, deltaWeight != nil || deltaBias != nil {
+            for run in Self.editedRuns(min(editedRows ?? N, N), routed: routed) {
+                if let d = deltaWeight {
+                    BLAS.gemm(out + run.lowerBound * outFeatures, inp + run.lowerBound * inFeatures, d.data,
+                              M: run.count, N: outFeatures, K: inFeatures, beta: 1)
+                }
+                if let db = deltaBias {
+                    for n in run { BLAS.axpy(out + n * outFeatures, db.data, count: outFeatures, alpha: 1) }
+                }
+            }
         }
         if let o = outputOffsets {
             for (i, r) in o.rows.enumerated() where r < N {
@@ -48,14 +54,31 @@ public final class LinearModule: @unchecked Sendable {
         }
     }
 
+    /// The runs of consecutive rows below `edited` that `routed` marks (all of them without `routed`).
+    static func editedRuns(_ edited: Int, routed: [Bool]?) -> [Range<Int>] {
+        guard edited > 0 else { return [] }
+        guard let routed else { return [0..<edited] }
+        var runs: [Range<Int>] = []
+        var start: Int?
+        for r in 0..<edited {
+            if routed[r] { if start == nil { start = r } } else if let s = start { runs.append(s..<r); start = nil }
+        }
+        if let s = start { runs.append(s..<edited) }
+        return runs
+    }
+
     /// Adds ∂/∂inp into `dinp` (when given) and, with `parameterGradients`, ∂/∂W and ∂/∂b into the grads.
+    /// The edit's term goes to the rows `routed` marks, as in the forward.
     func backward(dinp: UnsafeMutablePointer<Float>?, dout: UnsafePointer<Float>, inp: UnsafePointer<Float>, N: Int,
-                  parameterGradients: Bool) {
+                  parameterGradients: Bool, routed: [Bool]? = nil) {
         Kernels.linearBackward(dinp: dinp, dweight: parameterGradients ? weight.grad.data : nil,
                                dbias: parameterGradients ? bias?.grad.data : nil, dout: dout, inp: inp,
                                weight: weight.value.data, N: N, C: inFeatures, OC: outFeatures, layout: layout)
         if editsEnabled, let dinp, let d = deltaWeight {
-            BLAS.gemm(dinp, dout, d.data, M: N, N: inFeatures, K: outFeatures, transB: true, beta: 1)
+            for run in Self.editedRuns(N, routed: routed) {
+                BLAS.gemm(dinp + run.lowerBound * inFeatures, dout + run.lowerBound * outFeatures, d.data,
+                          M: run.count, N: inFeatures, K: outFeatures, transB: true, beta: 1)
+            }
         }
     }
 }
@@ -124,8 +147,11 @@ public final class KVCache: @unchecked Sendable {
         values = (0..<layers).map { _ in Tensor(shape: [capacity, kvDim]) }
     }
 
+    /// Whether a routed model's edits are on for this sequence (a position so far matched a key).
+    var routed = false
+
     func advance(_ n: Int) { length += n }
-    public func reset() { length = 0 }
+    public func reset() { length = 0; routed = false }
 }
 
 /// A decoder-only transformer (GPT-2 or Llama family): parameters in one contiguous block with named
@@ -240,10 +266,15 @@ public final class TransformerLM: @unchecked Sendable {
         return try body()
     }
 
-    /// Removes every module edit.
+    /// Removes every module edit and the router.
     public func clearEdits() {
         for m in linears.values { m.deltaWeight = nil; m.deltaBias = nil }
+        router = nil
     }
+
+    /// Which positions see the edits (nil: all of them). Its block must hold no edited module before its
+    /// site, and no block below it any.
+    public var router: EditRouter?
 
     // MARK: Activations
 
@@ -262,6 +293,8 @@ public final class TransformerLM: @unchecked Sendable {
         let logits: Tensor
         let scratch: Tensor              // [N, C]
         var batch: TokenBatch?
+        /// With a router: which rows see the edits (set at the router's block; nil: every row).
+        var routed: [Bool]?
 
         /// `cached`: for the cached path, which attends over its caches and takes the logits of last tokens
         /// only: no [B, heads, T, T] probabilities and no [N, vocab] logits.
@@ -357,6 +390,7 @@ public final class TransformerLM: @unchecked Sendable {
     public func forward(_ batch: TokenBatch) -> Tensor {
         let a = activations(B: batch.B, T: batch.T)
         a.batch = batch
+        a.routed = nil
         let N = a.N
         precondition(batch.positions.allSatisfy { Int($0) < spec.maxPositions }, "sequence longer than the model's \(spec.maxPositions) positions")
         embed(into: a.residual[0], ids: batch.ids, positions: batch.positions)
@@ -399,7 +433,8 @@ public final class TransformerLM: @unchecked Sendable {
         let N = a.N, C = spec.hidden
         let x = a.residual[l]
         norm(a.ln1[l], mean: a.ln1Mean[l], rstd: a.ln1Rstd[l], x, layer.norm1, layer.norm1Bias, N: N)
-        for (m, out) in zip(layer.qkv, a.qkv[l]) { m.forward(out.data, a.ln1[l].data, N: N, editedRows: editedRows) }
+        route(l, .attentionInput, a.ln1[l], a, batch: batch, segments: segments)
+        for (m, out) in zip(layer.qkv, a.qkv[l]) { m.forward(out.data, a.ln1[l].data, N: N, editedRows: editedRows, routed: a.routed) }
         let (q, k, v, qs, kvs) = qkvPointers(a.qkv[l])
         if let rotary {
             batch.positions.withUnsafeBufferPointer { pos in
@@ -428,17 +463,43 @@ public final class TransformerLM: @unchecked Sendable {
                                        qStride: qs, kStride: kvs, vStride: kvs, outStride: spec.qDim)
             Kernels.attentionForward(a.att[l].data, probs: a.probs[l].data, q: q, k: k, v: v, keyMask: batch.mask, shape)
         }
-        layer.attnOut.forward(a.scratch.data, a.att[l].data, N: N, editedRows: editedRows)
+        layer.attnOut.forward(a.scratch.data, a.att[l].data, N: N, editedRows: editedRows, routed: a.routed)
         Kernels.add(a.res1[l].data, x.data, a.scratch.data, count: N * C)
         norm(a.ln2[l], mean: a.ln2Mean[l], rstd: a.ln2Rstd[l], a.res1[l], layer.norm2, layer.norm2Bias, N: N)
-        for (m, out) in zip(layer.mlpIn, a.mlpPre[l]) { m.forward(out.data, a.ln2[l].data, N: N, editedRows: editedRows) }
+        route(l, .mlpInput, a.ln2[l], a, batch: batch, segments: segments)
+        for (m, out) in zip(layer.mlpIn, a.mlpPre[l]) { m.forward(out.data, a.ln2[l].data, N: N, editedRows: editedRows, routed: a.routed) }
         let count = N * spec.intermediate
         switch spec.mlp {
         case .gelu: Kernels.geluForward(a.mlpAct[l].data, a.mlpPre[l][0].data, count: count)
         case .swiglu: Kernels.swigluForward(a.mlpAct[l].data, gate: a.mlpPre[l][0].data, up: a.mlpPre[l][1].data, count: count)
         }
-        layer.mlpOut.forward(a.scratch.data, a.mlpAct[l].data, N: N, editedRows: editedRows)
+        layer.mlpOut.forward(a.scratch.data, a.mlpAct[l].data, N: N, editedRows: editedRows, routed: a.routed)
         Kernels.add(a.residual[l + 1].data, a.res1[l].data, a.scratch.data, count: N * C)
+    }
+
+    /// At the router's block and site: marks the rows from each sequence's first match on (a cached
+    /// sequence continues its earlier state) as the ones that see the edits.
+    private func route(_ l: Int, _ site: RouteSite, _ x: Tensor, _ a: Activations, batch: TokenBatch, segments: [Segment]?) {
+        guard let router, router.layer == l, router.site == site else { return }
+        let hit = router.matches(x.data, N: a.N)
+        var routed = [Bool](repeating: false, count: a.N)
+        if let segments {
+            for seg in segments {
+                var on = seg.cache?.routed ?? false
+                for r in seg.row..<(seg.row + seg.count) { on = on || hit[r]; routed[r] = on }
+                seg.cache?.routed = on
+            }
+        } else {
+            for b in 0..<a.B {
+                var on = false
+                for t in 0..<a.T {
+                    let r = b * a.T + t
+                    on = on || (hit[r] && (batch.mask?[r] ?? 1) != 0)
+                    routed[r] = on
+                }
+            }
+        }
+        a.routed = routed
     }
 
     // MARK: Backward
@@ -481,7 +542,8 @@ public final class TransformerLM: @unchecked Sendable {
             let layer = layers[l]
             // residual[l+1] = res1 + mlpOut(act)
             dact.zero()
-            layer.mlpOut.backward(dinp: dact.data, dout: dres.data, inp: a.mlpAct[l].data, N: N, parameterGradients: parameterGradients)
+            layer.mlpOut.backward(dinp: dact.data, dout: dres.data, inp: a.mlpAct[l].data, N: N, parameterGradients: parameterGradients,
+                        routed: a.routed)
             captured(layer.mlpOut, dout: dres.data, inp: a.mlpAct[l])
             for t in dpre { t.zero() }
             switch spec.mlp {
@@ -493,14 +555,16 @@ public final class TransformerLM: @unchecked Sendable {
             }
             dln.zero()
             for (m, d) in zip(layer.mlpIn, dpre) {
-                m.backward(dinp: dln.data, dout: d.data, inp: a.ln2[l].data, N: N, parameterGradients: parameterGradients)
+                m.backward(dinp: dln.data, dout: d.data, inp: a.ln2[l].data, N: N, parameterGradients: parameterGradients,
+                        routed: a.routed)
                 captured(m, dout: d.data, inp: a.ln2[l])
             }
             normBackward(dinp: dres, dout: dln, inp: a.res1[l], mean: a.ln2Mean[l], rstd: a.ln2Rstd[l],
                          layer.norm2, layer.norm2Bias, N: N, parameterGradients: parameterGradients)
             // res1 = residual[l] + attnOut(att)
             datt.zero()
-            layer.attnOut.backward(dinp: datt.data, dout: dres.data, inp: a.att[l].data, N: N, parameterGradients: parameterGradients)
+            layer.attnOut.backward(dinp: datt.data, dout: dres.data, inp: a.att[l].data, N: N, parameterGradients: parameterGradients,
+                        routed: a.routed)
             captured(layer.attnOut, dout: dres.data, inp: a.att[l])
             for t in dqkv { t.zero() }
             let (q, k, v, qs, kvs) = qkvPointers(a.qkv[l])
@@ -516,7 +580,8 @@ public final class TransformerLM: @unchecked Sendable {
             }
             dln.zero()
             for (m, d) in zip(layer.qkv, dqkv) {
-                m.backward(dinp: dln.data, dout: d.data, inp: a.ln1[l].data, N: N, parameterGradients: parameterGradients)
+                m.backward(dinp: dln.data, dout: d.data, inp: a.ln1[l].data, N: N, parameterGradients: parameterGradients,
+                        routed: a.routed)
                 captured(m, dout: d.data, inp: a.ln1[l])
             }
             normBackward(dinp: dres, dout: dln, inp: a.residual[l], mean: a.ln1Mean[l], rstd: a.ln1Rstd[l],
@@ -606,6 +671,8 @@ public final class TransformerLM: @unchecked Sendable {
             precondition(blocks.lowerBound == 0, "the embeddings enter block 0")
             embed(into: a.residual[0], ids: rows.ids, positions: rows.positions)
         }
+        precondition(router.map { $0.layer >= blocks.lowerBound } ?? true,
+                     "a run from block \(blocks.lowerBound) starts above the router's block")
         let batch = TokenBatch(ids: rows.ids, B: 1, T: N, mask: nil, positions: rows.positions)
         for l in blocks { forwardLayer(l, layers[l], a, batch: batch, segments: rows.segments, editedRows: editedRows) }
         return a

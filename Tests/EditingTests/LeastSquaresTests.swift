@@ -20,9 +20,17 @@ final class LeastSquaresTests: XCTestCase {
     var preserved: [String] { TestTexts.preserved }
 
     func makeEditor(lambda: Float = 2, seed: UInt64 = 3, contrast: Int = 0, contrastWeight: Float = 1) throws -> DAFNetEditor {
+        try Self.editor(lambda: lambda, seed: seed, contrast: contrast, contrastWeight: contrastWeight)
+    }
+
+    /// A `least_squares` editor of gpt2-tiny's blocks 1–2 with key statistics from the preserved texts.
+    static func editor(lambda: Float = 2, seed: UInt64 = 3, contrast: Int = 0, contrastWeight: Float = 1,
+                       modules: [String] = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"],
+                       routeThreshold: Float? = nil) throws -> DAFNetEditor {
         let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
         var cfg = EditorConfig()
-        cfg.modules = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"]
+        cfg.modules = modules
+        cfg.routeThreshold = routeThreshold
         cfg.auxModel.layerN = 2; cfg.auxModel.innerAttDim = 8; cfg.auxModel.ffnDim = 12; cfg.auxModel.outerAttDim = 6
         cfg.auxModel.outerScoreAttDim = 4
         cfg.initEditLR = 0.5
@@ -32,7 +40,7 @@ final class LeastSquaresTests: XCTestCase {
         cfg.contrastSubjects = contrast; cfg.contrastWeight = contrastWeight
         let e = try DAFNetEditor(config: cfg, model: f.model, tokenizer: f.tokenizer!)
         e.initialise(seed: seed)
-        let (stats, tokens) = LeastSquares.keyStatistics(model: f.model, tokenizer: f.tokenizer!, modules: cfg.modules, texts: preserved)
+        let (stats, tokens) = LeastSquares.keyStatistics(model: f.model, tokenizer: f.tokenizer!, modules: cfg.modules, texts: TestTexts.preserved)
         XCTAssertGreaterThan(tokens, 20)
         try e.setKeyStatistics(stats)
         return e

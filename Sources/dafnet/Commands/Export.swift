@@ -19,6 +19,8 @@ struct Export: ParsableCommand {
     var dtype = "F32"
     @Flag(help: "Apply the version to a model folder other than the one it was made on (by default an error naming both weight hashes).")
     var allowOtherBaseModel = false
+    @Flag(help: "For a routed version (route_threshold): merge its edits for every input, dropping the routing.")
+    var unrouted = false
 
     func run() throws {
         guard let dt = SafetensorsDType(rawValue: dtype.uppercased()), [.F32, .F16, .BF16].contains(dt) else {
@@ -37,7 +39,8 @@ struct Export: ParsableCommand {
             let m = loaded.manifest
             let provenance = EditedModelExport.Provenance(store: location.url.standardizedFileURL.path, version: m.version,
                                                           stateSHA256: m.stateSHA256, baseModelSHA256: m.baseModelSHA256, dtype: dt)
-            try EditedModelExport.export(model: folder, state: tensors, to: URL(fileURLWithPath: out), dtype: dt, provenance: provenance)
+            try EditedModelExport.export(model: folder, state: tensors, to: URL(fileURLWithPath: out), dtype: dt, provenance: provenance,
+                                          unrouted: unrouted)
         }
         print("wrote \(out) (version \(resolved))")
     }

@@ -1,0 +1,105 @@
+import Foundation
+import LanguageModel
+import TensorCore
+import Tokenizers
+
+/// A state's router as named tensors, so that every path that installs a state (the editor, `generate
+/// --store`, `facts --store`) routes its edits the same way: `route.keys` [K, C] (whitened, unit rows),
+/// `route.whitening` [C, C], and `route.settings` [3] = (block, site, threshold).
+public enum RouteTensors {
+    public static let keys = "route.keys"
+    public static let whitening = "route.whitening"
+    public static let settings = "route.settings"
+
+    public static func tensors(of router: EditRouter) -> [String: Tensor] {
+        [keys: router.keys, whitening: router.whitening,
+         settings: Tensor(shape: [3], values: [Float(router.layer), Float(router.site.rawValue), router.threshold])]
+    }
+
+    /// The router the tensors describe (nil when they hold none), or an error naming what is wrong.
+    public static func router(from tensors: [String: Tensor]) throws -> EditRouter? {
+        let named = [keys, whitening, settings].map { tensors[$0] }
+        if named.allSatisfy({ $0 == nil }) { return nil }
+        guard let k = named[0], let w = named[1], let s = named[2] else {
+            throw EditingError.invalidInput("edit state: a router needs \(keys), \(whitening) and \(settings)")
+        }
+        guard s.count == 3, let site = RouteSite(rawValue: Int(s[1])), s[0] >= 0, s[0] == s[0].rounded() else {
+            throw EditingError.invalidInput("edit state: \(settings) must be [block, site 0|1, threshold]")
+        }
+        guard w.rank == 2, w.shape[0] == w.shape[1], k.rank == 2, k.shape[1] == w.shape[0] else {
+            throw EditingError.shapeMismatch(name: keys, expected: [k.shape.first ?? 0, w.shape.first ?? 0], found: k.shape, file: "edit state")
+        }
+        return EditRouter(layer: Int(s[0]), site: site, threshold: s[2], whitening: w.copy(), keys: k.copy())
+    }
+
+    /// Whether the tensors hold a router.
+    public static func present(in tensors: [String: Tensor]) -> Bool { tensors[keys] != nil }
+}
+
+extension DAFNetEditor {
+    /// Where the router reads (`route_threshold`): the input of the lowest edited module in forward order,
+    /// which must be an attention or MLP input projection (their input is the block's normalised stream).
+    func routeSite() throws -> (module: String, layer: Int, site: RouteSite) {
+        let names = model.spec.names
+        for l in 0..<model.spec.layers {
+            let p = names.layerPrefix(l) + "."
+            guard let m = model.spec.linearModules(layer: l).first(where: { config.modules.contains($0) }) else { continue }
+            if names.qkv.map({ p + $0 }).contains(m) { return (m, l, .attentionInput) }
+            if names.mlpIn.map({ p + $0 }).contains(m) { return (m, l, .mlpInput) }
+            throw EditingError.invalidConfig(file: EditorRegistry.configFile, field: "route_threshold",
+                                             reason: "the lowest edited module \"\(m)\" does not read the block's stream (route needs an attention or MLP input projection there)")
+        }
+        throw EditingError.invalidConfig(file: EditorRegistry.configFile, field: "route_threshold", reason: "no edited module")
+    }
+
+    /// The whitening of the router's site: from the key statistics of the module that reads it.
+    func routeWhitening(module: String) throws -> Tensor {
+        guard let stats = keyStatistics[module] else {
+            throw EditingError.invalidConfig(file: EditorRegistry.configFile, field: "route_threshold",
+                                             reason: "needs the key statistics of \(module) (a least_squares editor has them)")
+        }
+        do { return try EditRouter.whitening(secondMoment: stats) } catch {
+            throw EditingError.invalidInput("route whitening of \(module): \(error)")
+        }
+    }
+
+    /// The router keys of `requests` (unedited model, whitened unit rows): per edit, the site's stream at the
+    /// subject's last token in the prompt and at the last token of the subject read alone (as a sentence
+    /// starts); the prompt's last token when the edit names no subject or its prompt lacks it.
+    func routeKeys(_ requests: [EditRequest], module: String, whitening: Tensor) -> Tensor {
+        var sequences: [[Int]] = [], positions: [Int] = []
+        for r in requests {
+            let ids = tokenizer.encode(r.prompt)
+            if let s = subjectTokens(r, promptTokens: ids.count) {
+                sequences.append(ids); positions.append(s.upperBound - 1)
+                let alone = tokenizer.encode(r.subject!)
+                if !alone.isEmpty { sequences.append(alone); positions.append(alone.count - 1) }
+            } else if !ids.isEmpty {
+                sequences.append(ids); positions.append(ids.count - 1)
+            }
+        }
+        let C = whitening.shape[0]
+        let raw = Tensor(shape: [sequences.count, C])
+        guard !sequences.isEmpty else { return raw }
+        let batch = TokenBatch(rightPadded: sequences)
+        model.withoutEdits {
+            model.forward(batch)
+            let x = model.lastInput(of: module)!
+            for (i, p) in positions.enumerated() { (raw.data + i * C).update(from: x.data + (i * batch.T + p) * C, count: C) }
+        }
+        return EditRouter.project(raw.data, N: raw.shape[0], whitening: whitening)
+    }
+
+    /// The state's router grown by the keys of `requests` (a new router on the first routed call).
+    func grownRouter(_ current: EditRouter?, for requests: [EditRequest], threshold: Float) throws -> EditRouter {
+        let (module, layer, site) = try routeSite()
+        if routeWhiteningCache == nil { routeWhiteningCache = try routeWhitening(module: module) }
+        let whitening = current?.whitening ?? routeWhiteningCache!
+        let new = routeKeys(requests, module: module, whitening: whitening)
+        let C = whitening.shape[0], old = current?.keys.shape[0] ?? 0
+        let keys = Tensor(shape: [old + new.shape[0], C])
+        if let current { keys.data.update(from: current.keys.data, count: old * C) }
+        (keys.data + old * C).update(from: new.data, count: new.count)
+        return EditRouter(layer: layer, site: site, threshold: threshold, whitening: whitening, keys: keys)
+    }
+}

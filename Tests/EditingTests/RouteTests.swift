@@ -1,0 +1,96 @@
+import XCTest
+import LanguageModel
+import Storage
+import TensorCore
+@testable import Editing
+
+/// `route_threshold`: the edits apply from the first position near an edit's key (its subject), the keys
+/// travel with the state, and every path that installs a state routes the same way.
+final class RouteTests: XCTestCase {
+    let edit = EditRequest(prompt: "The mother tongue of Danielle Darrieux is", targetNew: "English", subject: "Danielle Darrieux",
+                           rephrases: ["Danielle Darrieux speaks"])
+    let other = EditRequest(prompt: "Toko Yasuda plays the", targetNew: "piano", subject: "Toko Yasuda")
+
+    func makeEditor(threshold: Float? = 0.9) throws -> DAFNetEditor { try LeastSquaresTests.editor(routeThreshold: threshold) }
+
+    func logits(_ model: TransformerLM, _ text: String, _ tokenizer: (String) -> [Int]) -> Tensor {
+        model.forward(TokenBatch(tokenizer(text))).copy()
+    }
+
+    func testRoutedEditChangesItsSubjectsPromptsOnly() throws {
+        let e = try makeEditor()
+        let enc = { (t: String) in e.tokenizer.encode(t) }
+        let texts = ["The mother tongue of Danielle Darrieux is English", "Danielle Darrieux speaks English",
+                     "The capital of France is Paris", "The mother tongue of Léon Blum is French"]
+        let before = texts.map { logits(e.model, $0, enc) }
+        let state = EditState(moduleNames: e.config.modules)
+        try e.apply([edit], to: state)
+        XCTAssertEqual(state.router?.keys.shape, [2, e.model.spec.hidden], "two keys: the subject in its prompt and alone")
+        XCTAssertEqual(state.router?.layer, 1)
+        XCTAssertEqual(state.router?.site, .mlpInput)
+        let after = texts.map { logits(e.model, $0, enc) }
+        // The subject's prompt: unedited up to the subject, edited from its last token on.
+        let subjectEnd = enc("The mother tongue of Danielle Darrieux").count
+        XCTAssertEqual(after[0].rows(0..<(subjectEnd - 1)).maxAbsDifference(before[0].rows(0..<(subjectEnd - 1))), 0, accuracy: 1e-5)
+        XCTAssertGreaterThan(after[0].maxAbsDifference(before[0]), 1e-3)
+        XCTAssertGreaterThan(after[1].maxAbsDifference(before[1]), 1e-3, "the subject read alone at the start routes too")
+        XCTAssertEqual(after[2].maxAbsDifference(before[2]), 0, accuracy: 1e-5, "a text without the subject is unedited")
+        XCTAssertEqual(after[3].maxAbsDifference(before[3]), 0, accuracy: 1e-5, "a neighbour (same relation) is unedited")
+
+        // Unrouted, the same edit moves the other texts too (what the routing holds still).
+        let plain = try makeEditor(threshold: nil)
+        try plain.apply([edit], to: EditState(moduleNames: plain.config.modules))
+        XCTAssertGreaterThan(logits(plain.model, texts[2], enc).maxAbsDifference(before[2]), 1e-3)
+    }
+
+    func testRouterTravelsWithTheStateAndInstallsEverywhere() throws {
+        let e = try makeEditor()
+        let enc = { (t: String) in e.tokenizer.encode(t) }
+        let state = EditState(moduleNames: e.config.modules)
+        try e.apply([edit], to: state)
+        let restored = try EditState(moduleNames: e.config.modules, tensors: state.tensors())
+        XCTAssertEqual(restored.router!.keys.array, state.router!.keys.array)
+        XCTAssertEqual(restored.router!.whitening.array, state.router!.whitening.array)
+        XCTAssertEqual(restored.router!.threshold, 0.9)
+        try e.apply([other], to: state)
+        try e.apply([other], to: restored)
+        XCTAssertEqual(restored.router!.keys.shape[0], 4)
+        XCTAssertEqual(restored.router!.keys.array, state.router!.keys.array)
+        let text = "The mother tongue of Danielle Darrieux is English"
+        let viaEditor = logits(e.model, text, enc)
+        // The state alone (generate --store, facts --store): the same routed model.
+        let folder = try ModelFolder.load(LeastSquaresTests.folder, requireTokenizer: true)
+        try EditedModelExport.install(state.tensors(), on: folder.model)
+        XCTAssertNotNil(folder.model.router)
+        XCTAssertEqual(logits(folder.model, text, enc).maxAbsDifference(viaEditor), 0, accuracy: 1e-5)
+        // A model folder cannot hold the routing: export refuses unless told to merge for every input.
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("routed-export-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: out) }
+        XCTAssertThrowsError(try EditedModelExport.export(model: folder, state: state.tensors(), to: out)) { error in
+            XCTAssertEqual(error as? EditingError, .routedExport)
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.path), "nothing written")
+        try EditedModelExport.export(model: folder, state: state.tensors(), to: out, unrouted: true)
+        XCTAssertNil(try ModelFolder.load(out).model.router)
+        // Damaged router tensors are named.
+        var bad = state.tensors()
+        bad[RouteTensors.whitening] = nil
+        XCTAssertThrowsError(try EditState(moduleNames: e.config.modules, tensors: bad)) { error in
+            XCTAssertTrue("\(error)".contains(RouteTensors.whitening), "\(error)")
+        }
+    }
+
+    func testConfigIsChecked() throws {
+        func decode(_ json: String) throws -> EditorConfig { try JSONDecoder().decode(EditorConfig.self, from: Data(json.utf8)) }
+        XCTAssertEqual(try decode(#"{"route_threshold": 0.7}"#).routeThreshold, 0.7)
+        XCTAssertNil(try decode("{}").routeThreshold)
+        XCTAssertThrowsError(try decode(#"{"route_threshold": 1.5}"#)) { error in
+            XCTAssertTrue("\(error)".contains("route_threshold"), "\(error)")
+        }
+        // The router reads the stream the lowest edited module reads: an output projection there cannot route.
+        let e = try LeastSquaresTests.editor(modules: ["transformer.h.1.mlp.c_proj", "transformer.h.2.mlp.c_fc"], routeThreshold: 0.8)
+        XCTAssertThrowsError(try e.routeSite()) { error in
+            XCTAssertTrue("\(error)".contains("transformer.h.1.mlp.c_proj"), "\(error)")
+        }
+    }
+}

@@ -1,0 +1,126 @@
+import XCTest
+import TensorCore
+@testable import LanguageModel
+
+/// A routed model applies its edits from a sequence's first position near a key to the end of that
+/// sequence, and nowhere else.
+final class EditRouterTests: XCTestCase {
+    /// A gpt2-tiny model with a random ΔW on block 1's MLP input projection, and the stream that module
+    /// reads at each position of `ids` (unedited).
+    func editedModel() throws -> (TransformerLM, String) {
+        let model = try ModelFolder.load(ReferenceParityTests.fixture("gpt2-tiny")).model
+        var rng = RNG(seed: 12)
+        let name = model.spec.linearModules(layer: 1).first { $0.hasSuffix("mlp.c_fc") }!
+        let m = model.linears[name]!
+        m.deltaWeight = Tensor.randn([m.inFeatures, m.outFeatures], std: 0.2, rng: &rng)
+        return (model, name)
+    }
+
+    func siteRows(_ model: TransformerLM, _ module: String, _ ids: [Int]) -> Tensor {
+        model.withoutEdits { model.forward(TokenBatch(ids)); return model.lastInput(of: module)!.copy() }
+    }
+
+    func router(_ model: TransformerLM, keyRows: Tensor, threshold: Float) -> EditRouter {
+        let C = model.spec.hidden
+        var eye = [Float](repeating: 0, count: C * C)
+        for i in 0..<C { eye[i * C + i] = 1 }
+        let w = Tensor(shape: [C, C], values: eye)
+        return EditRouter(layer: 1, site: .mlpInput, threshold: threshold, whitening: w,
+                          keys: EditRouter.project(keyRows.data, N: keyRows.shape[0], whitening: w))
+    }
+
+    func testEditsStartAtTheFirstMatchAndStayOn() throws {
+        let (model, module) = try editedModel()
+        let a = [5, 17, 40, 2, 9, 33, 21], b = [7, 8, 100, 101, 3]
+        let V = model.spec.vocabSize
+        let unedited = model.withoutEdits { (model.forward(TokenBatch(a)).copy(), model.forward(TokenBatch(b)).copy()) }
+        let edited = (model.forward(TokenBatch(a)).copy(), model.forward(TokenBatch(b)).copy())
+        // The key: a's stream at position 3.
+        let rows = siteRows(model, module, a)
+        model.router = router(model, keyRows: rows.rows(3..<4), threshold: 0.999)
+        let routed = model.forward(TokenBatch(rightPadded: [a, b]))
+        let T = a.count
+        XCTAssertEqual(routed.rows(0..<3).maxAbsDifference(unedited.0.rows(0..<3)), 0, accuracy: 1e-5, "before the match: unedited")
+        // From the match on, the module adds ΔWᵀx to its output: the unedited model with that offset on those rows.
+        let m = model.linears[module]!
+        let offsets = Tensor(shape: [T - 3, m.outFeatures])
+        BLAS.gemm(offsets.data, rows.data + 3 * m.inFeatures, m.deltaWeight!.data, M: T - 3, N: m.outFeatures, K: m.inFeatures)
+        let saved = model.router
+        model.router = nil
+        m.outputOffsets = (Array(3..<T), offsets)
+        let reference = model.withoutEdits { model.forward(TokenBatch(a)).copy() }
+        m.outputOffsets = nil
+        model.router = saved
+        XCTAssertEqual(routed.rows(3..<T).maxAbsDifference(reference.rows(3..<T)), 0, accuracy: 1e-5, "from the match on: edited")
+        XCTAssertGreaterThan(reference.rows(3..<T).maxAbsDifference(unedited.0.rows(3..<T)), 1e-3, "the edit changes those rows")
+        XCTAssertEqual(routed.rows(T..<(T + b.count)).maxAbsDifference(unedited.1), 0, accuracy: 1e-5, "no match: unedited")
+        XCTAssertEqual(routed.count, 2 * T * V)
+        // No key near: nothing edited; a threshold every row passes: everything edited.
+        model.router = router(model, keyRows: Tensor(shape: [0, model.spec.hidden]), threshold: 0.5)
+        XCTAssertEqual(model.forward(TokenBatch(a)).maxAbsDifference(unedited.0), 0, accuracy: 1e-5)
+        model.router = router(model, keyRows: rows.rows(3..<4), threshold: -1.01)
+        XCTAssertEqual(model.forward(TokenBatch(a)).maxAbsDifference(edited.0), 0, accuracy: 1e-5)
+        model.clearEdits()
+        XCTAssertNil(model.router, "clearing the edits clears the router")
+    }
+
+    /// Greedy decoding with a cache keeps a sequence's routing across steps: it equals recomputing the
+    /// routed forward over the whole sequence at every step, and differs from the unrouted decode.
+    func testCachedDecodeKeepsTheRoute() throws {
+        let (model, module) = try editedModel()
+        let prompt = [11, 22, 33, 44]
+        let rows = siteRows(model, module, prompt)
+        model.router = router(model, keyRows: rows.rows(1..<2), threshold: 0.999)
+        let cached = try model.generateGreedy(prompts: [prompt, [60, 61]], maxNewTokens: 8)
+        for (p, out) in zip([prompt, [60, 61]], cached) {
+            var seq = p
+            for _ in 0..<8 {
+                let logits = model.forward(TokenBatch(seq))
+                seq.append(logits.rows((seq.count - 1)..<seq.count).argmaxRows()[0])
+            }
+            XCTAssertEqual(out, seq)
+        }
+        let unedited = try model.withoutEdits { try model.generateGreedy(prompt: [60, 61], maxNewTokens: 8) }
+        XCTAssertEqual(cached[1], unedited, "the sequence without a match decodes as the unedited model")
+    }
+
+    /// The backward sends the edit's term only through routed rows: the gradient of the routed model's
+    /// loss (all parameters) matches its finite difference along the gradient, and differs from the
+    /// gradient with every row routed.
+    func testBackwardFollowsTheRoute() throws {
+        let (model, module) = try editedModel()
+        let ids = [3, 14, 15, 92, 65, 35]
+        let rows = siteRows(model, module, ids)
+        let labels: [Int32] = [14, 15, 92, 65, 35, 8]
+        let mask = [Float](repeating: 1, count: ids.count)
+        func loss() -> Double {
+            let logits = model.forward(TokenBatch(ids))
+            let losses = Tensor(shape: [ids.count])
+            Kernels.crossEntropy(losses: losses.data, dlogits: nil, logits: logits.data, labels: labels, mask: mask, N: ids.count, V: model.spec.vocabSize)
+            return (0..<ids.count).reduce(0.0) { $0 + Double(losses[$1]) }
+        }
+        func gradient() -> Tensor {
+            let logits = model.forward(TokenBatch(ids))
+            let d = Tensor(shape: logits.shape)
+            Kernels.crossEntropy(losses: nil, dlogits: d.data, logits: logits.data, labels: labels, mask: mask, N: ids.count, V: model.spec.vocabSize)
+            model.zeroGradients()
+            model.backward(dlogits: d, parameterGradients: true)
+            return model.gradientBlock.copy()
+        }
+        model.router = router(model, keyRows: rows.rows(3..<4), threshold: -1.01)
+        let everywhere = gradient()
+        model.router = router(model, keyRows: rows.rows(3..<4), threshold: 0.99)
+        let g = gradient()
+        let norm = g.maxAbs()
+        XCTAssertGreaterThan(g.maxAbsDifference(everywhere), 0.05 * norm, "the route changes the gradient")
+        var sq = 0.0
+        for i in 0..<g.count { sq += Double(g[i]) * Double(g[i]) }
+        let length = sq.squareRoot()
+        let theta = model.parameterBlock.copy()
+        let h = 1e-3
+        model.parameterBlock.assign(theta); model.parameterBlock.add(g, alpha: Float(h / length)); let up = loss()
+        model.parameterBlock.assign(theta); model.parameterBlock.add(g, alpha: Float(-h / length)); let down = loss()
+        model.parameterBlock.assign(theta)
+        XCTAssertEqual((up - down) / (2 * h), length, accuracy: 0.02 * length)
+    }
+}
