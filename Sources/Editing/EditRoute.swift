@@ -64,16 +64,19 @@ extension DAFNetEditor {
     }
 
     /// The router keys of `requests` (unedited model, whitened unit rows): per edit, the site's stream at the
-    /// subject's last token in the prompt and at the last token of the subject read alone (as a sentence
-    /// starts); the prompt's last token when the edit names no subject or its prompt lacks it.
+    /// subject's last token in the prompt, and at the last token of the subject read alone, as a text starts
+    /// and with the space it has inside a sentence (the context before a subject moves its stream; these
+    /// two carry none); the prompt's last token when the edit names no subject or its prompt lacks it.
     func routeKeys(_ requests: [EditRequest], module: String, whitening: Tensor) -> Tensor {
         var sequences: [[Int]] = [], positions: [Int] = []
         for r in requests {
             let ids = tokenizer.encode(r.prompt)
             if let s = subjectTokens(r, promptTokens: ids.count) {
                 sequences.append(ids); positions.append(s.upperBound - 1)
-                let alone = tokenizer.encode(r.subject!)
-                if !alone.isEmpty { sequences.append(alone); positions.append(alone.count - 1) }
+                for text in [r.subject!, " " + r.subject!] {
+                    let alone = tokenizer.encode(text)
+                    if !alone.isEmpty { sequences.append(alone); positions.append(alone.count - 1) }
+                }
             } else if !ids.isEmpty {
                 sequences.append(ids); positions.append(ids.count - 1)
             }

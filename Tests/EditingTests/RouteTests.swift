@@ -25,7 +25,7 @@ final class RouteTests: XCTestCase {
         let before = texts.map { logits(e.model, $0, enc) }
         let state = EditState(moduleNames: e.config.modules)
         try e.apply([edit], to: state)
-        XCTAssertEqual(state.router?.keys.shape, [2, e.model.spec.hidden], "two keys: the subject in its prompt and alone")
+        XCTAssertEqual(state.router?.keys.shape, [3, e.model.spec.hidden], "three keys: the subject in its prompt and alone (twice)")
         XCTAssertEqual(state.router?.layer, 1)
         XCTAssertEqual(state.router?.site, .mlpInput)
         let after = texts.map { logits(e.model, $0, enc) }
@@ -54,7 +54,7 @@ final class RouteTests: XCTestCase {
         XCTAssertEqual(restored.router!.threshold, 0.9)
         try e.apply([other], to: state)
         try e.apply([other], to: restored)
-        XCTAssertEqual(restored.router!.keys.shape[0], 4)
+        XCTAssertEqual(restored.router!.keys.shape[0], 6)
         XCTAssertEqual(restored.router!.keys.array, state.router!.keys.array)
         let text = "The mother tongue of Danielle Darrieux is English"
         let viaEditor = logits(e.model, text, enc)
