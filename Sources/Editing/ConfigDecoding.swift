@@ -31,6 +31,10 @@ extension EditorConfig {
         guard contrastSubjects >= 0, contrastWeight >= 0 else {
             throw DecodingError.dataCorruptedError(forKey: .contrastSubjects, in: c, debugDescription: "contrast_subjects and contrast_weight must not be negative")
         }
+        lsLambdaScale = try c.value(.lsLambdaScale, lsLambdaScale)
+        guard lsLambdaScale > 0 && lsLambdaScale.isFinite else {
+            throw DecodingError.dataCorruptedError(forKey: .lsLambdaScale, in: c, debugDescription: "ls_lambda_scale must be a positive number")
+        }
         routeThreshold = try c.value(.routeThreshold, routeThreshold)
         if let t = routeThreshold, !(t > -1 && t < 1) {
             throw DecodingError.dataCorruptedError(forKey: .routeThreshold, in: c, debugDescription: "route_threshold is a cosine: it must lie in (-1, 1)")

@@ -49,6 +49,9 @@ public struct EditorConfig: Codable, Sendable {
     public var accumulation = Accumulation.decayed
     /// Initial λ of `least_squares`, the weight of the preserved inputs' second moment (learned per module).
     public var lsLambda: Float = 1
+    /// A constant factor on every module's learned λ (1: as learned). Routed edits touch only their subjects'
+    /// inputs, so less of the preserved inputs' weight keeps the rest still.
+    public var lsLambdaScale: Float = 1
     /// Which positions give signal rows (`all`: the paper's).
     public var signalRows = SignalRows.all
     /// `least_squares`: how many other subjects each edit's prompt is also asked with, their keys held still
@@ -65,7 +68,7 @@ public struct EditorConfig: Codable, Sendable {
 
     enum CodingKeys: String, CodingKey, CaseIterable {
         case method, modules, baseModel = "base_model", editBias = "edit_bias", auxModel = "aux_model", initEditLR = "init_edit_lr"
-        case accumulation, lsLambda = "ls_lambda", signalRows = "signal_rows", contrastSubjects = "contrast_subjects"
+        case accumulation, lsLambda = "ls_lambda", lsLambdaScale = "ls_lambda_scale", signalRows = "signal_rows", contrastSubjects = "contrast_subjects"
         case contrastWeight = "contrast_weight", routeThreshold = "route_threshold", training
     }
 
@@ -341,8 +344,8 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         }
     }
 
-    /// λ of a module under `least_squares`.
-    public func lambda(_ module: String) -> Float { Foundation.exp(logLambdas[module]!.value[0]) }
+    /// λ of a module under `least_squares`: `ls_lambda_scale` times the learned value.
+    public func lambda(_ module: String) -> Float { config.lsLambdaScale * Foundation.exp(logLambdas[module]!.value[0]) }
 
     /// Every trainable parameter: the networks' and the edit learning rates.
     public var trainableParameters: [Parameter] {

@@ -24,7 +24,7 @@ final class LeastSquaresTests: XCTestCase {
     }
 
     /// A `least_squares` editor of gpt2-tiny's blocks 1–2 with key statistics from the preserved texts.
-    static func editor(lambda: Float = 2, seed: UInt64 = 3, contrast: Int = 0, contrastWeight: Float = 1,
+    static func editor(lambda: Float = 2, lambdaScale: Float = 1, seed: UInt64 = 3, contrast: Int = 0, contrastWeight: Float = 1,
                        modules: [String] = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"],
                        routeThreshold: Float? = nil) throws -> DAFNetEditor {
         let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
@@ -37,6 +37,7 @@ final class LeastSquaresTests: XCTestCase {
         cfg.editBias = false
         cfg.accumulation = .leastSquares
         cfg.lsLambda = lambda
+        cfg.lsLambdaScale = lambdaScale
         cfg.contrastSubjects = contrast; cfg.contrastWeight = contrastWeight
         let e = try DAFNetEditor(config: cfg, model: f.model, tokenizer: f.tokenizer!)
         e.initialise(seed: seed)
@@ -131,6 +132,26 @@ final class LeastSquaresTests: XCTestCase {
             XCTAssertLessThan(a.cross!.maxAbsDifference(b.cross!), 1e-4 * a.cross!.maxAbs(), m)
             XCTAssertLessThan(residual(e, m, gram: a.gram!, cross: a.cross!, deltaWeight: b.deltaWeight!), 1e-3 * a.cross!.maxAbs(), m)
             XCTAssertGreaterThan(b.deltaWeight!.maxAbs(), 0, m)
+        }
+    }
+
+    /// `ls_lambda_scale` multiplies the learned λ: λ₀ = 2 at scale ¼ solves what λ₀ = ½ at scale 1 solves;
+    /// a scale that is not positive is refused.
+    func testLambdaScaleMultipliesTheLearnedLambda() throws {
+        let scaled = try Self.editor(lambda: 2, lambdaScale: 0.25), plain = try Self.editor(lambda: 0.5)
+        let m = "transformer.h.2.mlp.c_proj"
+        XCTAssertEqual(scaled.lambda(m), plain.lambda(m), accuracy: 1e-6)
+        let a = EditState(moduleNames: scaled.config.modules), b = EditState(moduleNames: plain.config.modules)
+        try scaled.apply(requests, to: a)
+        try plain.apply(requests, to: b)
+        for m in scaled.config.modules {
+            XCTAssertLessThan(a.modules[m]!.deltaWeight!.maxAbsDifference(b.modules[m]!.deltaWeight!), 1e-5 * b.modules[m]!.deltaWeight!.maxAbs(), m)
+        }
+        XCTAssertEqual(try JSONDecoder().decode(EditorConfig.self, from: Data(#"{"ls_lambda_scale": 0.25}"#.utf8)).lsLambdaScale, 0.25)
+        for bad in ["0", "-1"] {
+            XCTAssertThrowsError(try JSONDecoder().decode(EditorConfig.self, from: Data(#"{"ls_lambda_scale": \#(bad)}"#.utf8))) { error in
+                XCTAssertTrue("\(error)".contains("ls_lambda_scale"), "\(error)")
+            }
         }
     }
 
