@@ -93,16 +93,19 @@ extension DAFNetEditor {
         return EditRouter.project(raw.data, N: raw.shape[0], whitening: whitening)
     }
 
-    /// The state's router grown by the keys of `requests` (a new router on the first routed call).
-    func grownRouter(_ current: EditRouter?, for requests: [EditRequest], threshold: Float) throws -> EditRouter {
+    /// Where this editor's router reads and its whitening (computed once).
+    func routeSetup() throws -> (module: String, layer: Int, site: RouteSite, whitening: Tensor) {
         let (module, layer, site) = try routeSite()
         if routeWhiteningCache == nil { routeWhiteningCache = try routeWhitening(module: module) }
-        let whitening = current?.whitening ?? routeWhiteningCache!
-        let new = routeKeys(requests, module: module, whitening: whitening)
-        let C = whitening.shape[0], old = current?.keys.shape[0] ?? 0
-        let keys = Tensor(shape: [old + new.shape[0], C])
-        if let current { keys.data.update(from: current.keys.data, count: old * C) }
-        (keys.data + old * C).update(from: new.data, count: new.count)
-        return EditRouter(layer: layer, site: site, threshold: threshold, whitening: whitening, keys: keys)
+        return (module, layer, site, routeWhiteningCache!)
+    }
+
+    /// The state's router grown by the keys of `requests` (a new router on the first routed call).
+    func grownRouter(_ current: EditRouter?, for requests: [EditRequest], threshold: Float) throws -> EditRouter {
+        let setup = try routeSetup()
+        let whitening = current?.whitening ?? setup.whitening
+        let new = routeKeys(requests, module: setup.module, whitening: whitening)
+        let keys = current.map { Tensor.concatenatingRows([$0.keys, new]) } ?? new
+        return EditRouter(layer: setup.layer, site: setup.site, threshold: threshold, whitening: whitening, keys: keys)
     }
 }

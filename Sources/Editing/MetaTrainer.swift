@@ -69,6 +69,8 @@ public final class MetaTrainer {
     private var signalCache: [Int: [String: ModuleSignals]] = [:]
     /// Contrast rows of pool edits (`contrast_subjects`), by pool index; likewise fixed.
     private var contrastCache: [Int: [String: Tensor]] = [:]
+    /// Router keys of pool edits (`route_threshold`), by pool index; likewise fixed.
+    private var routeKeyCache: [Int: Tensor] = [:]
 
     public init(editor: DAFNetEditor, pool: [EditRequest], runDir: URL, communicator: Communicator = .single) throws {
         guard pool.contains(where: { !$0.rephrases.isEmpty }) else { throw EditingError.invalidInput("meta-training needs edits with rephrasings") }
@@ -169,12 +171,19 @@ public final class MetaTrainer {
                                         gradScale: lambda / maskSum).sum
         }
         let caps = model.backward(dlogits: d, parameterGradients: false, capture: Set(editor.config.modules))
+        // A routed model applies ΔW only on its routed rows: only they carry its gradient.
+        let routed = model.lastRoutedRows
         for m in editor.config.modules {
             let s = caps[m]!
             let inF = s.u.shape[1], outF = s.delta.shape[1]
-            BLAS.gemm(gW[m]!.data, s.u.data, s.delta.data, M: inF, N: outF, K: N, transA: true, beta: 1)
+            var u = s.u
+            if let routed {
+                u = s.u.copy()
+                for r in 0..<N where !routed[r] { (u.data + r * inF).update(repeating: 0, count: inF) }
+            }
+            BLAS.gemm(gW[m]!.data, u.data, s.delta.data, M: inF, N: outF, K: N, transA: true, beta: 1)
             let g = gB[m]!
-            for r in 0..<N { BLAS.axpy(g.data, s.delta.data + r * outF, count: outF, alpha: 1) }
+            for r in 0..<N where routed?[r] ?? true { BLAS.axpy(g.data, s.delta.data + r * outF, count: outF, alpha: 1) }
         }
         return Double(lambda * loss / maskSum)
     }
@@ -246,6 +255,23 @@ public final class MetaTrainer {
         return out
     }
 
+    /// The episode's router (`route_threshold`; nil without): the keys of its edits, each computed alone
+    /// and cached like the signals.
+    func router(poolIndices: [Int]?, requests: [EditRequest]) throws -> EditRouter? {
+        guard let threshold = editor.config.routeThreshold else { return nil }
+        let setup = try editor.routeSetup()
+        let keys: Tensor
+        if let poolIndices {
+            for (i, r) in zip(poolIndices, requests) where routeKeyCache[i] == nil {
+                routeKeyCache[i] = editor.routeKeys([r], module: setup.module, whitening: setup.whitening)
+            }
+            keys = Tensor.concatenatingRows(poolIndices.map { routeKeyCache[$0]! })
+        } else {
+            keys = editor.routeKeys(requests, module: setup.module, whitening: setup.whitening)
+        }
+        return EditRouter(layer: setup.layer, site: setup.site, threshold: threshold, whitening: setup.whitening, keys: keys)
+    }
+
     /// One episode: edits the model with `requests` in one call of the networks, and returns the weighted
     /// reliability, generality and locality losses on the edits `lossOn` (all when nil); their gradients
     /// are *added* into the networks' parameters, the edit learning rates and λ. The model is left unedited.
@@ -271,6 +297,7 @@ public final class MetaTrainer {
             ?? editor.signals(requests)
         let contrast = editor.config.accumulation != .leastSquares ? [:]
             : poolIndices.map { contrastRows(poolIndices: $0, requests: requests) } ?? editor.contrastRows(requests)
+        let router = try router(poolIndices: poolIndices, requests: requests)
         var locRef: Tensor?
         if !locs.isEmpty {
             locRef = model.forward(DAFNetEditor.lossBatch(locs).batch).copy()
@@ -304,8 +331,9 @@ public final class MetaTrainer {
                 lin.deltaBias = nil
             }
         }
+        model.router = router
         lap(1)
-        // Losses through the edited model, as gradients with respect to each module's ΔW and Δb.
+        // Losses through the edited (and routed) model, as gradients with respect to each module's ΔW and Δb.
         var gW: [String: Tensor] = [:], gB: [String: Tensor] = [:]
         for m in editor.config.modules {
             let lin = model.linears[m]!

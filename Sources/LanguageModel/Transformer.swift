@@ -347,6 +347,9 @@ public final class TransformerLM: @unchecked Sendable {
         return a.residual[layer + 1]
     }
 
+    /// With a router: which rows of the last forward saw the edits (nil: all of them, or no router).
+    public var lastRoutedRows: [Bool]? { acts?.routed }
+
     /// Releases the saved activations.
     public func releaseActivations() { acts = nil }
 

@@ -8,7 +8,9 @@ import TensorCore
 final class LeastSquaresTests: XCTestCase {
     static let folder = Bundle.module.resourceURL!.appendingPathComponent("Fixtures/gpt2-tiny")
 
-    let requests = [
+    var requests: [EditRequest] { Self.requests }
+
+    static let requests = [
         EditRequest(prompt: "The mother tongue of Danielle Darrieux is", targetNew: "English", rephrases: ["Danielle Darrieux speaks"],
                     locality: [.init(prompt: "The capital of France is", groundTruth: "Paris")]),
         EditRequest(prompt: "Toko Yasuda plays the", targetNew: "piano", rephrases: ["Toko Yasuda is a"],
