@@ -257,12 +257,16 @@ public final class TransformerLM: @unchecked Sendable {
         }
     }
 
-    /// Runs `body` on the unedited model (edits switched off, then restored).
+    /// Runs `body` on the unedited model (edits and the router switched off, then restored).
     public func withoutEdits<T>(_ body: () throws -> T) rethrows -> T {
         let modules = Array(linears.values)
-        let saved = modules.map(\.editsEnabled)
+        let saved = modules.map(\.editsEnabled), savedRouter = router
         for m in modules { m.editsEnabled = false }
-        defer { for (m, e) in zip(modules, saved) { m.editsEnabled = e } }
+        router = nil
+        defer {
+            for (m, e) in zip(modules, saved) { m.editsEnabled = e }
+            router = savedRouter
+        }
         return try body()
     }
 
