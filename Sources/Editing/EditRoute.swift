@@ -67,7 +67,7 @@ extension DAFNetEditor {
     /// subject's last token in the prompt, and at the last token of the subject read alone, as a text starts
     /// and with the space it has inside a sentence (the context before a subject moves its stream; these
     /// two carry none); the prompt's last token when the edit names no subject or its prompt lacks it.
-    func routeKeys(_ requests: [EditRequest], module: String, whitening: Tensor) -> Tensor {
+    func routeKeys(_ requests: [EditRequest], layer: Int, site: RouteSite, whitening: Tensor) throws -> Tensor {
         var sequences: [[Int]] = [], positions: [Int] = []
         for r in requests {
             let ids = tokenizer.encode(r.prompt)
@@ -81,15 +81,7 @@ extension DAFNetEditor {
                 sequences.append(ids); positions.append(ids.count - 1)
             }
         }
-        let C = whitening.shape[0]
-        let raw = Tensor(shape: [sequences.count, C])
-        guard !sequences.isEmpty else { return raw }
-        let batch = TokenBatch(rightPadded: sequences)
-        model.withoutEdits {
-            model.forward(batch)
-            let x = model.lastInput(of: module)!
-            for (i, p) in positions.enumerated() { (raw.data + i * C).update(from: x.data + (i * batch.T + p) * C, count: C) }
-        }
+        let raw = try model.siteRows(sequences, at: positions, layer: layer, site: site)
         return EditRouter.project(raw.data, N: raw.shape[0], whitening: whitening)
     }
 
@@ -104,7 +96,7 @@ extension DAFNetEditor {
     func grownRouter(_ current: EditRouter?, for requests: [EditRequest], threshold: Float) throws -> EditRouter {
         let setup = try routeSetup()
         let whitening = current?.whitening ?? setup.whitening
-        let new = routeKeys(requests, module: setup.module, whitening: whitening)
+        let new = try routeKeys(requests, layer: setup.layer, site: setup.site, whitening: whitening)
         let keys = current.map { Tensor.concatenatingRows([$0.keys, new]) } ?? new
         return EditRouter(layer: setup.layer, site: setup.site, threshold: threshold, whitening: whitening, keys: keys)
     }

@@ -351,6 +351,23 @@ public final class TransformerLM: @unchecked Sendable {
         return a.residual[layer + 1]
     }
 
+    /// The stream that `site` of block `layer` reads, at one position of each sequence, on the unedited
+    /// model: the sequences packed into rows and run through blocks 0…layer only (no logits). [count, hidden].
+    public func siteRows(_ sequences: [[Int]], at positions: [Int], layer: Int, site: RouteSite) throws -> Tensor {
+        precondition(sequences.count == positions.count && layer >= 0 && layer < spec.layers, "siteRows: one position per sequence, a block of the model")
+        let C = spec.hidden
+        let out = Tensor(shape: [sequences.count, C])
+        guard !sequences.isEmpty else { return out }
+        let rows = try PackedRows(sequences, spec: spec)
+        let a = withoutEdits { run(rows, blocks: 0..<(layer + 1)) }
+        let x = site == .attentionInput ? a.ln1[layer] : a.ln2[layer]
+        for (i, (seg, p)) in zip(rows.segments, positions).enumerated() {
+            precondition(p >= 0 && p < seg.count, "siteRows: position \(p) outside a sequence of \(seg.count)")
+            (out.data + i * C).update(from: x.data + (seg.row + p) * C, count: C)
+        }
+        return out
+    }
+
     /// With a router: which rows of the last forward saw the edits (nil: all of them, or no router).
     public var lastRoutedRows: [Bool]? { acts?.routed }
 

@@ -64,6 +64,22 @@ final class EditRouterTests: XCTestCase {
         XCTAssertNil(model.router, "clearing the edits clears the router")
     }
 
+    /// The rows a router's site reads, from packed sequences through the blocks up to it, equal the full
+    /// forward's inputs of the module there (edits installed or not: they are switched off).
+    func testSiteRowsEqualTheFullForwardsInputs() throws {
+        let (model, module) = try editedModel()
+        let seqs = [[5, 17, 40, 2], [7, 8], [3, 14, 15, 92, 65]], positions = [2, 1, 4]
+        let rows = try model.siteRows(seqs, at: positions, layer: 1, site: .mlpInput)
+        for (i, (s, p)) in zip(seqs, positions).enumerated() {
+            let full = siteRows(model, module, s)
+            XCTAssertEqual(rows.rows(i..<(i + 1)).maxAbsDifference(full.rows(p..<(p + 1))), 0, accuracy: 1e-5)
+        }
+        let attn = try model.siteRows([seqs[0]], at: [3], layer: 1, site: .attentionInput)
+        let qkv = model.spec.linearModules(layer: 1)[0]
+        let full = model.withoutEdits { model.forward(TokenBatch(seqs[0])); return model.lastInput(of: qkv)!.copy() }
+        XCTAssertEqual(attn.maxAbsDifference(full.rows(3..<4)), 0, accuracy: 1e-5)
+    }
+
     /// Greedy decoding with a cache keeps a sequence's routing across steps: it equals recomputing the
     /// routed forward over the whole sequence at every step, and differs from the unrouted decode.
     func testCachedDecodeKeepsTheRoute() throws {
