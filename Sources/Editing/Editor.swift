@@ -457,7 +457,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         }
         let sig = signals(requests, scored: edits)
         let contrast = config.accumulation == .leastSquares ? contrastRows(requests) : [:]
-        if let threshold = config.routeThreshold { state.router = try grownRouter(state.router, for: requests, threshold: threshold) }
+        let router = try config.routeThreshold.map { try grownRouter(state.router, for: requests, threshold: $0) }
         times.signal = Date().timeIntervalSince(t0)
         t0 = Date()
         for m in config.modules {
@@ -501,6 +501,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
                 st.deltaWeight = try solveLeastSquares(m, gram: st.gram!).solve(st.cross!)
             }
         }
+        if let router { state.router = router }
         state.editCount += requests.count
         install(state)
         times.apply = Date().timeIntervalSince(t0)
