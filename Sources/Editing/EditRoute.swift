@@ -10,6 +10,7 @@ public enum RouteTensors {
     public static let keys = "route.keys"
     public static let whitening = "route.whitening"
     public static let settings = "route.settings"
+    public static let names: Set = [keys, whitening, settings]
 
     public static func tensors(of router: EditRouter) -> [String: Tensor] {
         [keys: router.keys, whitening: router.whitening,

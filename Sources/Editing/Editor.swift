@@ -181,7 +181,7 @@ public final class EditState: EditorState, @unchecked Sendable {
         router = try RouteTensors.router(from: tensors)
         for (key, t) in tensors {
             if key == "edit_count" { editCount = Int(t[0]); continue }
-            if key.hasPrefix("route.") { continue }
+            if RouteTensors.names.contains(key) { continue }
             let parts = key.split(separator: ".", maxSplits: 1).map(String.init)
             guard parts.count == 2 else { throw EditingError.invalidInput("edit state: unexpected tensor \"\(key)\"") }
             switch parts[0] {
