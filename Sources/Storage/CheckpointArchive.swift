@@ -284,17 +284,13 @@ public enum CheckpointArchive {
             }
             var state = StateHasher()
             for t in m.tensors {
-                guard contentSize[t.blob] == t.bytes else {
+                guard t.parts.allSatisfy({ contentSize[$0.blob] == $0.bytes }) else {
                     throw ArchiveError.invalidArchive("\(rel): blob of '\(t.name)' missing or of the wrong size")
                 }
-                let blob = try storeIO { try FileBytes.read(base + "/objects/" + t.blob) }
+                let stored = try t.readParts { part in try storeIO { try FileBytes.read(base + "/objects/" + part.blob) } }
                 let raw = UnsafeMutableRawBufferPointer.allocate(byteCount: t.bytes, alignment: 64)
                 defer { raw.deallocate() }
-                do {
-                    try BlobCodec.decode(blob.buffer, into: raw)
-                } catch {
-                    throw StoreError.corruptBlob(hash: t.blob, reason: "\(error)")
-                }
+                try t.decode(stored, into: raw.baseAddress!)
                 state.add(name: t.name, shape: t.shape, values: UnsafeRawBufferPointer(raw))
             }
             let stateHash = state.finalize()

@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import TensorCore
 #if canImport(Glibc)
@@ -452,23 +453,12 @@ public final class CheckpointStore: @unchecked Sendable {
     func blobExists(_ hash: String) -> Bool { FileUtil.isRegularFile(blobPath(hash)) }
 
     func decodeTensor(_ entry: TensorEntry, version: Int) throws -> Tensor {
-        guard blobExists(entry.blob) else { throw StoreError.missingBlob(hash: entry.blob, version: version, entry: entry.name) }
-        let blob = try readVerifiedBlob(entry.blob)
-        // Check the frame's declared size before allocating for it.
-        do {
-            let declared = try BlobCodec.declaredContentSize(blob.buffer)
-            guard declared == entry.bytes else {
-                throw StoreError.corruptBlob(hash: entry.blob, reason: "tensor '\(entry.name)': the frame holds \(declared.map(String.init) ?? "an unknown number of") bytes, the manifest says \(entry.bytes)")
-            }
-        } catch let e as BlobError {
-            throw StoreError.corruptBlob(hash: entry.blob, reason: "tensor '\(entry.name)': \(e)")
+        let stored = try entry.readParts { part in
+            guard blobExists(part.blob) else { throw StoreError.missingBlob(hash: part.blob, version: version, entry: entry.name) }
+            return try readVerifiedBlob(part.blob)
         }
         let tensor = Tensor(shape: entry.shape)
-        do {
-            try BlobCodec.decode(blob.buffer, into: UnsafeMutableRawBufferPointer(start: tensor.data, count: entry.bytes))
-        } catch let e as BlobError {
-            throw StoreError.corruptBlob(hash: entry.blob, reason: "tensor '\(entry.name)': \(e)")
-        }
+        try entry.decode(stored, into: UnsafeMutableRawPointer(tensor.data))
         return tensor
     }
 
@@ -606,18 +596,49 @@ public final class CheckpointStore: @unchecked Sendable {
         return try withLock { try commitLocked(request) }
     }
 
-    /// The state hash of `tensors` (in `Manifest.precedes` order) and each one's blob and blob hash: the
-    /// blobs compressed on all cores at once, the state hash beside them (the work of a commit).
-    func encodeTensors(_ tensors: [Tensor], names: [String]) throws -> (state: String, blobs: [(blob: [UInt8], hash: String)]) {
+    /// How one tensor of a commit is stored: the parent's parts it keeps, the blob of the rest, and the
+    /// hash of its raw contents.
+    struct EncodedTensor {
+        var kept: [TensorPart]
+        var blob: (bytes: [UInt8], hash: String, rawBytes: Int)
+        var contentSHA256: String
+    }
+
+    /// Encodes one tensor. When the parent's tensor of the same name is a prefix of it (same trailing
+    /// dimensions, fewer rows, its recorded contents hash matching this tensor's first bytes, and its
+    /// blobs present), the parent's parts are kept and only the new rows are compressed.
+    func encodeTensor(_ t: Tensor, parent: TensorEntry?) throws -> EncodedTensor {
+        let raw = UnsafeRawBufferPointer(start: t.data, count: t.count * 4)
+        var hasher = SHA256()
+        var kept: [TensorPart] = []
+        if let p = parent, let prefixHash = p.contentSHA256, p.shape.count == t.shape.count, p.shape.count >= 1,
+           p.shape.dropFirst() == t.shape.dropFirst(), p.shape[0] < t.shape[0], p.bytes > 0, p.bytes < raw.count {
+            hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: raw[0..<p.bytes]))
+            let blobsIntact = p.parts.allSatisfy { FileUtil.fileSize(blobPath($0.blob)) == $0.storedBytes }
+            if Hex.string(hasher.finalize()) == prefixHash && blobsIntact { kept = p.parts }
+            hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: raw[p.bytes...]))
+        } else {
+            hasher.update(bufferPointer: raw)
+        }
+        let start = kept.reduce(0) { $0 + $1.bytes }
+        let rest = UnsafeRawBufferPointer(rebasing: raw[start...])
+        let blob = try BlobCodec.encode(rest, level: configuration.compressionLevel,
+                                        shuffleElementSize: configuration.shuffle ? 4 : nil)
+        return EncodedTensor(kept: kept, blob: (blob, blob.withUnsafeBytes { Hex.sha256($0) }, rest.count),
+                             contentSHA256: Hex.string(hasher.finalize()))
+    }
+
+    /// The state hash of `tensors` (in `Manifest.precedes` order) and each one's encoding: the blobs
+    /// compressed on all cores at once, the state hash beside them (the work of a commit).
+    func encodeTensors(_ tensors: [Tensor], names: [String], parents: [TensorEntry?]) throws -> (state: String, encoded: [EncodedTensor]) {
         final class Results: @unchecked Sendable {
             let lock = NSLock()
-            var blobs: [(blob: [UInt8], hash: String)?]
+            var encoded: [EncodedTensor?]
             var state = ""
             var error: Error?
-            init(_ n: Int) { blobs = Array(repeating: nil, count: n) }
+            init(_ n: Int) { encoded = Array(repeating: nil, count: n) }
         }
         let results = Results(tensors.count)
-        let level = configuration.compressionLevel, shuffle = configuration.shuffle
         DispatchQueue.concurrentPerform(iterations: tensors.count + 1) { i in
             if i == tensors.count {
                 var state = StateHasher()
@@ -628,27 +649,27 @@ public final class CheckpointStore: @unchecked Sendable {
                 results.lock.withLock { results.state = hash }
                 return
             }
-            let t = tensors[i]
             do {
-                let blob = try BlobCodec.encode(UnsafeRawBufferPointer(start: t.data, count: t.count * 4), level: level,
-                                                shuffleElementSize: shuffle ? 4 : nil)
-                let hash = blob.withUnsafeBytes { Hex.sha256($0) }
-                results.lock.withLock { results.blobs[i] = (blob, hash) }
+                let e = try encodeTensor(tensors[i], parent: parents[i])
+                results.lock.withLock { results.encoded[i] = e }
             } catch {
                 results.lock.withLock { results.error = results.error ?? error }
             }
         }
         if let e = results.error { throw e }
-        return (results.state, results.blobs.map { $0! })
+        return (results.state, results.encoded.map { $0! })
     }
 
     func commitLocked(_ request: CommitRequest) throws -> Manifest {
         let parent = try head()
         // The new version vouches for its parent's manifest: only one HEAD's record vouches for too.
         var parentSHA: String?
+        var parentManifest: Manifest?
         if parent != nil {
             let record = try headRecord()
-            parentSHA = Hex.sha256(try manifestChecked(parent!, against: record.manifestSHA256, recordedBy: "HEAD").1)
+            let (m, data) = try manifestChecked(parent!, against: record.manifestSHA256, recordedBy: "HEAD")
+            parentSHA = Hex.sha256(data)
+            parentManifest = m
         }
         let number = try nextVersionNumber()
         var temps: [String] = []
@@ -657,14 +678,18 @@ public final class CheckpointStore: @unchecked Sendable {
         var headMoved = false
         do {
             let names = request.tensors.keys.sorted(by: Manifest.precedes)
-            let (stateSHA, blobs) = try encodeTensors(names.map { request.tensors[$0]! }, names: names)
+            let parentEntries = Dictionary(uniqueKeysWithValues: (parentManifest?.tensors ?? []).map { ($0.name, $0) })
+            let (stateSHA, encoded) = try encodeTensors(names.map { request.tensors[$0]! }, names: names,
+                                                        parents: names.map { parentEntries[$0] })
             var tensorEntries: [TensorEntry] = []
             var wroteBlob = false
-            for (name, (blob, hash)) in zip(names, blobs) {
+            for (name, e) in zip(names, encoded) {
                 let t = request.tensors[name]!
-                if try blob.withUnsafeBytes({ try storeBlob($0, hash: hash, temps: &temps, created: &created) }) { wroteBlob = true }
-                tensorEntries.append(TensorEntry(name: name, shape: t.shape, dtype: Manifest.tensorDType, blob: hash,
-                                                 bytes: t.count * 4, storedBytes: blob.count))
+                let blob = e.blob
+                if try blob.bytes.withUnsafeBytes({ try storeBlob($0, hash: blob.hash, temps: &temps, created: &created) }) { wroteBlob = true }
+                let parts = e.kept + [TensorPart(blob: blob.hash, bytes: blob.rawBytes, storedBytes: blob.bytes.count)]
+                tensorEntries.append(TensorEntry(name: name, shape: t.shape, dtype: Manifest.tensorDType, bytes: t.count * 4,
+                                                 parts: parts, contentSHA256: e.contentSHA256))
             }
             var fileEntries: [FileEntry] = []
             for name in request.files.keys.sorted(by: Manifest.precedes) {

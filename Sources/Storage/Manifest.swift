@@ -17,21 +17,130 @@ public struct BatchReference: Codable, Sendable, Equatable {
     }
 }
 
-/// One stored tensor of a version (Float32, little-endian, row-major).
-public struct TensorEntry: Codable, Sendable, Equatable {
-    public var name: String
-    public var shape: [Int]
-    public var dtype: String
+/// One stored piece of a tensor: a blob holding `bytes` consecutive raw bytes of it.
+public struct TensorPart: Codable, Sendable, Equatable {
     /// sha256 of the stored blob (`objects/<blob>`).
     public var blob: String
-    /// Raw content size: shape × 4.
+    /// Raw content size of the piece.
     public var bytes: Int
     /// Size of the stored (compressed) blob.
     public var storedBytes: Int
 
+    public init(blob: String, bytes: Int, storedBytes: Int) {
+        self.blob = blob
+        self.bytes = bytes
+        self.storedBytes = storedBytes
+    }
+
     enum CodingKeys: String, CodingKey {
-        case name, shape, dtype, blob, bytes
+        case blob, bytes
         case storedBytes = "stored_bytes"
+    }
+}
+
+/// One stored tensor of a version (Float32, little-endian, row-major).
+///
+/// Its contents are its parts' blobs decoded and concatenated. Most tensors are one blob (written as
+/// `blob` and `stored_bytes`, the layout of every earlier manifest). A tensor that only grew by rows
+/// since the parent version (the editor's per-edit representations, the router's keys) keeps the
+/// parent's parts and adds one part for the new rows (written as `parts`), so a version stores what
+/// changed rather than the whole history again.
+public struct TensorEntry: Codable, Sendable, Equatable {
+    public var name: String
+    public var shape: [Int]
+    public var dtype: String
+    /// Raw content size: shape × 4.
+    public var bytes: Int
+    public var parts: [TensorPart]
+    /// sha256 of the raw contents: how a child version recognises this tensor as a prefix of its own.
+    /// Absent in manifests written before it was recorded (their tensors are never extended).
+    public var contentSHA256: String?
+
+    /// Stored size of the blobs the tensor references (shared parts included).
+    public var storedBytes: Int { parts.reduce(0) { $0 &+ $1.storedBytes } }
+
+    public init(name: String, shape: [Int], dtype: String, bytes: Int, parts: [TensorPart], contentSHA256: String?) {
+        self.name = name
+        self.shape = shape
+        self.dtype = dtype
+        self.bytes = bytes
+        self.parts = parts
+        self.contentSHA256 = contentSHA256
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case name, shape, dtype, blob, bytes, parts
+        case storedBytes = "stored_bytes"
+        case contentSHA256 = "content_sha256"
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        name = try c.decode(String.self, forKey: .name)
+        shape = try c.decode([Int].self, forKey: .shape)
+        dtype = try c.decode(String.self, forKey: .dtype)
+        bytes = try c.decode(Int.self, forKey: .bytes)
+        contentSHA256 = try c.decodeIfPresent(String.self, forKey: .contentSHA256)
+        if c.contains(.parts) {
+            parts = try c.decode([TensorPart].self, forKey: .parts)
+        } else {
+            parts = [TensorPart(blob: try c.decode(String.self, forKey: .blob), bytes: bytes,
+                                storedBytes: try c.decode(Int.self, forKey: .storedBytes))]
+        }
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(name, forKey: .name)
+        try c.encode(shape, forKey: .shape)
+        try c.encode(dtype, forKey: .dtype)
+        try c.encode(bytes, forKey: .bytes)
+        try c.encodeIfPresent(contentSHA256, forKey: .contentSHA256)
+        if parts.count == 1 {
+            try c.encode(parts[0].blob, forKey: .blob)
+            try c.encode(parts[0].storedBytes, forKey: .storedBytes)
+        } else {
+            try c.encode(parts, forKey: .parts)
+        }
+    }
+}
+
+extension TensorEntry {
+    /// Reads the parts' blobs with `blob` (which checks each one's hash) and checks that each frame
+    /// declares the size the manifest gives: a damaged entry fails here, before anything is allocated
+    /// for its contents.
+    func readParts(_ blob: (TensorPart) throws -> FileBytes) throws -> [FileBytes] {
+        try parts.map { part in
+            let stored = try blob(part)
+            let declared: Int?
+            do { declared = try BlobCodec.declaredContentSize(stored.buffer) } catch let e as BlobError {
+                throw StoreError.corruptBlob(hash: part.blob, reason: "tensor '\(name)': \(e)")
+            }
+            guard declared == part.bytes else {
+                throw StoreError.corruptBlob(hash: part.blob, reason: "tensor '\(name)': the frame holds \(declared.map(String.init) ?? "an unknown number of") bytes, the manifest says \(part.bytes)")
+            }
+            return stored
+        }
+    }
+
+    /// Decodes blobs read by `readParts` into `out` (`bytes` long) and checks the contents' hash where
+    /// the manifest records it.
+    func decode(_ stored: [FileBytes], into out: UnsafeMutableRawPointer) throws {
+        var offset = 0
+        for (part, blob) in zip(parts, stored) {
+            do {
+                try BlobCodec.decode(blob.buffer, into: UnsafeMutableRawBufferPointer(start: out + offset, count: part.bytes))
+            } catch let e as BlobError {
+                throw StoreError.corruptBlob(hash: part.blob, reason: "tensor '\(name)': \(e)")
+            }
+            offset += part.bytes
+        }
+        if let expected = contentSHA256 {
+            let actual = Hex.sha256(UnsafeRawBufferPointer(start: out, count: bytes))
+            guard actual == expected else {
+                throw StoreError.corruptBlob(hash: parts.last!.blob, reason: "tensor '\(name)': its contents hash to \(actual), the manifest says \(expected)")
+            }
+        }
     }
 }
 
@@ -63,7 +172,10 @@ public struct ManifestOrigin: Codable, Sendable, Equatable {
 
 /// An immutable version manifest: `versions/<8-digit version>.json`.
 public struct Manifest: Codable, Sendable, Equatable {
-    public static let currentFormat = "dafnet-checkpoint-manifest/1"
+    /// Format 1: every tensor one blob. Format 2 (written only when a tensor has several parts, so
+    /// that an older dafnet refuses such a store instead of misreading it): tensors may have `parts`.
+    public static let singleBlobFormat = "dafnet-checkpoint-manifest/1"
+    public static let partsFormat = "dafnet-checkpoint-manifest/2"
     public static let tensorDType = "F32"
 
     public var format: String
@@ -117,7 +229,7 @@ public struct Manifest: Codable, Sendable, Equatable {
     init(version: Int, parent: Int?, parentManifestSHA256: String?, baseModelSHA256: String?, editorSHA256: String?, batch: BatchReference?,
          created: String, tensors: [TensorEntry], files: [FileEntry], stateSHA256: String, info: JSONValue?,
          origin: ManifestOrigin? = nil) {
-        self.format = Self.currentFormat
+        self.format = tensors.contains { $0.parts.count != 1 } ? Self.partsFormat : Self.singleBlobFormat
         self.version = version
         self.parent = parent
         self.parentManifestSHA256 = parentManifestSHA256
@@ -173,11 +285,11 @@ public struct Manifest: Codable, Sendable, Equatable {
     }
 
     /// Every blob hash the version references.
-    public var blobs: Set<String> { Set(tensors.map(\.blob) + files.map(\.blob)) }
+    public var blobs: Set<String> { Set(tensors.flatMap { $0.parts.map(\.blob) } + files.map(\.blob)) }
 
     /// The first structural problem, or nil.
     func validationProblem(expectedVersion: Int?) -> String? {
-        guard format == Self.currentFormat else { return "unknown format '\(format)'" }
+        guard format == Self.singleBlobFormat || format == Self.partsFormat else { return "unknown format '\(format)'" }
         guard version >= 1 else { return "version \(version) is not positive" }
         if let expectedVersion, expectedVersion != version {
             return "the file is named for version \(expectedVersion) but holds version \(version)"
@@ -193,7 +305,13 @@ public struct Manifest: Codable, Sendable, Equatable {
         for t in tensors {
             guard !t.name.isEmpty, names.insert(t.name).inserted else { return "tensor name '\(t.name)' is empty or repeated" }
             guard t.dtype == Self.tensorDType else { return "tensor '\(t.name)' has dtype \(t.dtype), only F32 is stored" }
-            guard Hex.isSHA256(t.blob) else { return "tensor '\(t.name)' names blob '\(t.blob)', not a sha256" }
+            guard !t.parts.isEmpty, format == Self.partsFormat || t.parts.count == 1 else { return "tensor '\(t.name)' has \(t.parts.count) parts" }
+            for part in t.parts {
+                guard Hex.isSHA256(part.blob) else { return "tensor '\(t.name)' names blob '\(part.blob)', not a sha256" }
+                guard part.bytes >= 0, part.bytes % 4 == 0 else { return "tensor '\(t.name)': a part of \(part.bytes) bytes" }
+                guard part.storedBytes >= BlobCodec.headerSize else { return "tensor '\(t.name)': stored_bytes \(part.storedBytes) too small" }
+            }
+            if let h = t.contentSHA256, !Hex.isSHA256(h) { return "tensor '\(t.name)': content_sha256 is not a sha256 hex string" }
             var n = 1
             for d in t.shape {
                 guard d >= 0 else { return "tensor '\(t.name)' has a negative dimension" }
@@ -203,7 +321,9 @@ public struct Manifest: Codable, Sendable, Equatable {
             }
             let (bytes, o) = n.multipliedReportingOverflow(by: 4)
             guard !o, bytes == t.bytes else { return "tensor '\(t.name)': shape \(t.shape) does not match \(t.bytes) bytes" }
-            guard t.storedBytes >= BlobCodec.headerSize else { return "tensor '\(t.name)': stored_bytes \(t.storedBytes) too small" }
+            var total = 0
+            for part in t.parts where part.bytes <= t.bytes { total += part.bytes; if total > t.bytes { break } }
+            guard t.parts.allSatisfy({ $0.bytes <= t.bytes }), total == t.bytes else { return "tensor '\(t.name)': its parts do not add up to \(t.bytes) bytes" }
         }
         guard zip(tensors, tensors.dropFirst()).allSatisfy({ Self.precedes($0.name, $1.name) }) else {
             return "tensors are not sorted by name"

@@ -160,11 +160,12 @@ extension CheckpointStore {
             if let p = m.parent, !FileUtil.exists(manifestPath(p)) {
                 report.warnings.append("version \(v): parent \(p) is no longer in the store (removed by gc)")
             }
-            for (name, blob) in m.tensors.map({ ($0.name, $0.blob) }) + m.files.map({ ($0.name, $0.blob) }) where !blobExists(blob) {
+            let stored = m.tensors.flatMap { t in t.parts.map { (t.name, $0.blob, $0.storedBytes) } } + m.files.map { ($0.name, $0.blob, $0.storedBytes) }
+            for (name, blob, _) in stored where !blobExists(blob) {
                 report.problems.append("version \(v): blob \(blob) of '\(name)' is missing")
             }
-            for t in m.tensors where FileUtil.fileSize(blobPath(t.blob)).map({ $0 != t.storedBytes }) ?? false {
-                report.problems.append("version \(v): blob \(t.blob) of '\(t.name)' is \(FileUtil.fileSize(blobPath(t.blob)) ?? 0) bytes, the manifest says \(t.storedBytes)")
+            for (name, blob, size) in stored where FileUtil.fileSize(blobPath(blob)).map({ $0 != size }) ?? false {
+                report.problems.append("version \(v): blob \(blob) of '\(name)' is \(FileUtil.fileSize(blobPath(blob)) ?? 0) bytes, the manifest says \(size)")
             }
             do {
                 _ = try load(.number(v))

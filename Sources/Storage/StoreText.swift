@@ -57,7 +57,7 @@ public enum StoreText {
         if let info = m.info { lines.append("info         \(info)") }
         lines.append("tensors      \(m.tensors.count)")
         for t in m.tensors {
-            lines.append("  \(pad(t.name, 48)) \(pad(shape(t.shape), 14)) \(t.dtype)  \(t.bytes) B → \(t.storedBytes) B  \(t.blob.prefix(12))")
+            lines.append("  \(pad(t.name, 48)) \(pad(shape(t.shape), 14)) \(t.dtype)  \(t.bytes) B → \(t.storedBytes) B  \(t.parts.count == 1 ? String(t.parts[0].blob.prefix(12)) : "\(t.parts.count) parts, last \(t.parts.last!.blob.prefix(12))")")
         }
         if !m.files.isEmpty {
             lines.append("files        \(m.files.count)")

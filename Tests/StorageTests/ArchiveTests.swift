@@ -70,6 +70,30 @@ final class ArchiveTests: XCTestCase {
         XCTAssertEqual(try target.resolve(.headMinus(1)), 2)
     }
 
+    /// Versions whose tensors share parts (rows added per version) archive and restore whole, into an
+    /// empty store and into one that already has versions.
+    func testVersionsWithSharedPartsRoundTrip() throws {
+        let dir = try makeTemporaryDirectory(self)
+        let source = try store(dir.appendingPathComponent("source"))
+        var reps = randomTensor([2, 8], seed: 1)
+        for v in 1...3 {
+            reps = reps.appendingRows(randomTensor([v, 8], seed: UInt64(10 + v))).copy()
+            try source.commit(CommitRequest(tensors: ["reps": reps, "dw": randomTensor([4, 4], seed: UInt64(v))]))
+        }
+        XCTAssertEqual(try source.manifest(3).tensors.first { $0.name == "reps" }!.parts.count, 3)
+        let archive = dir.appendingPathComponent("v3.tar.zst")
+        _ = try CheckpointArchive.create(store: source, version: .head, to: archive)
+        let empty = try store(dir.appendingPathComponent("empty"))
+        _ = try CheckpointArchive.restore(from: archive, into: empty)
+        let busy = try store(dir.appendingPathComponent("busy"))
+        try busy.commit(CommitRequest(tensors: state(7)))
+        let report = try CheckpointArchive.restore(from: archive, into: busy)
+        for (target, map) in [(empty, [1: 1, 2: 2, 3: 3]), (busy, report.versionMap)] {
+            for v in 1...3 { assertStatesEqual(try target.loadTensors(.number(map[v]!)), try source.loadTensors(.number(v))) }
+            XCTAssertTrue(try target.verify().isClean)
+        }
+    }
+
     func testRestoreIntoAStoreWithVersionsAddsThemWithoutMovingHead() throws {
         let dir = try makeTemporaryDirectory(self)
         let source = try sourceStore(dir)
@@ -230,7 +254,7 @@ final class ArchiveTests: XCTestCase {
         let source = try sourceStore(dir)
         // Rebuild the archive by hand with one blob's bytes flipped.
         let m = try source.manifest(4)
-        let badBlob = m.tensors[0].blob
+        let badBlob = m.tensors[0].parts[0].blob
         let good = dir.appendingPathComponent("good.tar.zst")
         try CheckpointArchive.create(store: source, version: .number(4), to: good)
         let staging = dir.appendingPathComponent("unpacked")

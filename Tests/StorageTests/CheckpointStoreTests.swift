@@ -66,7 +66,7 @@ final class CheckpointStoreTests: XCTestCase {
         let ma = try a.commit(CommitRequest(tensors: s))
         let mb = try b.commit(CommitRequest(tensors: s, info: .string("different info")))
         XCTAssertEqual(ma.stateSHA256, mb.stateSHA256)
-        XCTAssertNotEqual(ma.tensors[0].blob, mb.tensors[0].blob)
+        XCTAssertNotEqual(ma.tensors[0].parts[0].blob, mb.tensors[0].parts[0].blob)
         let changed = state(7)
         changed["aux.past_reps"]![0] += 1e-7
         XCTAssertNotEqual(try a.commit(CommitRequest(tensors: changed)).stateSHA256, ma.stateSHA256)
@@ -91,6 +91,59 @@ final class CheckpointStoreTests: XCTestCase {
         let m3 = try store.commit(CommitRequest(tensors: s2))
         XCTAssertEqual(m3.stateSHA256, m2.stateSHA256)
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("objects").path).count, 4)
+    }
+
+    /// A tensor that only grew by rows since the parent (the editor's per-edit rows) stores the new rows
+    /// alone and keeps the parent's parts; anything else is stored whole.
+    func testGrowingTensorsStoreOnlyTheirNewRows() throws {
+        let (store, root) = try newStore()
+        func grown(_ t: Tensor, by rows: Int, seed: UInt64) -> Tensor { t.appendingRows(randomTensor([rows, 8], seed: seed)).copy() }
+        var s = state(1)
+        let m1 = try store.commit(CommitRequest(tensors: s))
+        XCTAssertEqual(m1.format, Manifest.singleBlobFormat)
+        var grownStates = [s]
+        for (v, rows) in [(2, 2), (3, 4)] {
+            s["aux.past_reps"] = grown(s["aux.past_reps"]!, by: rows, seed: UInt64(300 + v))
+            s["transformer.h.2.mlp.c_fc.delta_weight"] = randomTensor([8, 32], seed: UInt64(400 + v))
+            let m = try store.commit(CommitRequest(tensors: s))
+            grownStates.append(s)
+            XCTAssertEqual(m.format, Manifest.partsFormat)
+            let reps = m.tensors.first { $0.name == "aux.past_reps" }!
+            XCTAssertEqual(reps.parts.count, v, "one part per version")
+            XCTAssertEqual(Array(reps.parts.dropLast()), try store.manifest(v - 1).tensors.first { $0.name == "aux.past_reps" }!.parts)
+            XCTAssertEqual(reps.parts.last!.bytes, rows * 8 * 4, "the new rows alone")
+            XCTAssertEqual(m.tensors.first { $0.name.hasSuffix("delta_weight") }!.parts.count, 1, "a changed tensor is stored whole")
+        }
+        for v in 1...3 { assertStatesEqual(try CheckpointStore(at: root).loadTensors(.number(v)), grownStates[v - 1]) }
+        XCTAssertTrue(try store.verify().isClean)
+
+        // A changed earlier row is not a prefix: stored whole.
+        var changed = s
+        let reps = s["aux.past_reps"]!.copy()
+        reps.data[0] += 1
+        changed["aux.past_reps"] = grown(reps, by: 1, seed: 9)
+        XCTAssertEqual(try store.commit(CommitRequest(tensors: changed)).tensors.first { $0.name == "aux.past_reps" }!.parts.count, 1)
+        // Growing from an older version after a rollback keeps that version's parts.
+        try store.rollback(to: .number(2))
+        var fromTwo = grownStates[1]
+        fromTwo["aux.past_reps"] = grown(fromTwo["aux.past_reps"]!, by: 3, seed: 77)
+        let m5 = try store.commit(CommitRequest(tensors: fromTwo))
+        XCTAssertEqual(Array(m5.tensors.first { $0.name == "aux.past_reps" }!.parts.prefix(2)),
+                       try store.manifest(2).tensors.first { $0.name == "aux.past_reps" }!.parts)
+        assertStatesEqual(try store.loadTensors(), fromTwo)
+
+        // gc of the versions that first wrote the shared parts keeps the parts the others use.
+        try store.rollback(to: .number(3))
+        _ = try store.gc(keep: 0)
+        XCTAssertEqual(try store.versions(), [3])
+        assertStatesEqual(try store.loadTensors(), grownStates[2])
+        XCTAssertTrue(try store.verify().isClean)
+
+        // A damaged shared part is caught when the version that reuses it loads.
+        let first = try store.manifest(3).tensors.first { $0.name == "aux.past_reps" }!.parts[0].blob
+        try flipByte(in: root.appendingPathComponent("objects/\(first)"), at: 12)
+        XCTAssertThrowsError(try CheckpointStore(at: root).loadTensors())
+        XCTAssertFalse(try store.verify().isClean)
     }
 
     func testRollbackAndRollForward() throws {
@@ -128,7 +181,7 @@ final class CheckpointStoreTests: XCTestCase {
         let (store, root) = try newStore()
         let m1 = try store.commit(CommitRequest(tensors: state(1)))
         try store.commit(CommitRequest(tensors: state(2)))
-        try flipByte(in: root.appendingPathComponent("objects/\(m1.tensors[0].blob)"), at: 20)
+        try flipByte(in: root.appendingPathComponent("objects/\(m1.tensors[0].parts[0].blob)"), at: 20)
         guard case StoreError.hashMismatch? = expectError({ try store.rollback(to: .number(1)) }) as? StoreError else {
             return XCTFail("rollback onto a corrupted version")
         }
@@ -138,14 +191,14 @@ final class CheckpointStoreTests: XCTestCase {
     func testLoadRefusesCorruption() throws {
         let (store, root) = try newStore()
         let m = try store.commit(CommitRequest(tensors: state(1)))
-        let blob = root.appendingPathComponent("objects/\(m.tensors[2].blob)")
+        let blob = root.appendingPathComponent("objects/\(m.tensors[2].parts[0].blob)")
         let original = try Data(contentsOf: blob)
 
         // Flipped byte: the blob no longer hashes to its name.
         try flipByte(in: blob, at: original.count / 2)
         let flipped = expectError { try store.load() }
         guard case StoreError.hashMismatch? = flipped as? StoreError else { return XCTFail("\(String(describing: flipped))") }
-        XCTAssertTrue("\(flipped!)".contains(m.tensors[2].blob))
+        XCTAssertTrue("\(flipped!)".contains(m.tensors[2].parts[0].blob))
 
         // A truncated frame, renamed to its own hash so only the frame check can catch it.
         let truncated = original.prefix(original.count - 3)
@@ -153,7 +206,7 @@ final class CheckpointStoreTests: XCTestCase {
         try truncated.write(to: root.appendingPathComponent("objects/\(truncatedHash)"))
         try original.write(to: blob)
         var manifestData = try String(contentsOf: root.appendingPathComponent("versions/00000001.json"), encoding: .utf8)
-        manifestData = manifestData.replacingOccurrences(of: m.tensors[2].blob, with: truncatedHash)
+        manifestData = manifestData.replacingOccurrences(of: m.tensors[2].parts[0].blob, with: truncatedHash)
         try manifestData.write(to: root.appendingPathComponent("versions/00000001.json"), atomically: true, encoding: .utf8)
         // (Through HEAD the edited manifest no longer matches HEAD's record of its hash; by number
         // the blob checks are what is tested.)
@@ -233,10 +286,10 @@ final class CheckpointStoreTests: XCTestCase {
         XCTAssertEqual(report.checkedVersions, 2)
         XCTAssertEqual(report.checkedBlobs, 7)
 
-        try flipByte(in: root.appendingPathComponent("objects/\(m2.tensors[1].blob)"), at: 30)
+        try flipByte(in: root.appendingPathComponent("objects/\(m2.tensors[1].parts[0].blob)"), at: 30)
         report = try store.verify()
         XCTAssertFalse(report.isClean)
-        XCTAssertTrue(report.problems.contains { $0.contains(m2.tensors[1].blob) && $0.contains("hash mismatch") }, "\(report.problems)")
+        XCTAssertTrue(report.problems.contains { $0.contains(m2.tensors[1].parts[0].blob) && $0.contains("hash mismatch") }, "\(report.problems)")
         XCTAssertTrue(report.problems.contains { $0.hasPrefix("version 2") }, "\(report.problems)")
         XCTAssertFalse(report.problems.contains { $0.hasPrefix("version 1") }, "\(report.problems)")
 
@@ -275,9 +328,9 @@ final class CheckpointStoreTests: XCTestCase {
         XCTAssertEqual(report.removedVersions, [1, 3])
         XCTAssertEqual(try store.versions(), [2, 4, 5])
         let remaining = Set(try FileManager.default.contentsOfDirectory(atPath: root.appendingPathComponent("objects").path))
-        let expected = Set([2, 4, 5].flatMap { manifests[$0 - 1].tensors.map(\.blob) })
+        let expected = Set([2, 4, 5].flatMap { manifests[$0 - 1].tensors.flatMap { $0.parts.map(\.blob) } })
         XCTAssertEqual(remaining, expected)
-        XCTAssertTrue(remaining.contains(manifests[0].tensors.first { $0.name == "shared" }!.blob), "shared blob kept")
+        XCTAssertTrue(remaining.contains(manifests[0].tensors.first { $0.name == "shared" }!.parts[0].blob), "shared blob kept")
         for v in [2, 4, 5] { assertStatesEqual(try store.loadTensors(.number(v)), { var s = state(UInt64(v)); s["shared"] = shared; return s }()) }
         let verify = try store.verify()
         XCTAssertTrue(verify.isClean, "\(verify.problems)")
