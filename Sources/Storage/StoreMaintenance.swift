@@ -48,6 +48,9 @@ public struct VersionSummary: Codable, Sendable {
     public var tensors: Int?
     public var rawBytes: Int?
     public var storedBytes: Int?
+    /// Stored size of the blobs the version references and its parent does not: what committing it
+    /// added to the store (all of `storedBytes` for a root, or when the parent is gone).
+    public var newBytes: Int?
     public var batch: String?
     public var stateSHA256: String?
     /// Set when the manifest cannot be read.
@@ -58,13 +61,20 @@ extension CheckpointStore {
     /// One summary per version, ascending; an unreadable manifest gives a row with `problem` set.
     public func summaries() throws -> [VersionSummary] {
         let h = try? head()
-        return try versions().map { v in
+        let all = try versions()
+        let manifests = Dictionary(uniqueKeysWithValues: all.compactMap { v in (try? manifest(v)).map { (v, $0) } })
+        return all.map { v in
             do {
-                let m = try manifest(v)
+                let m = try manifests[v] ?? manifest(v)
+                let parentBlobs = m.parent.flatMap { manifests[$0] }?.blobs ?? []
+                var sizes: [String: Int] = [:]
+                for t in m.tensors { for p in t.parts { sizes[p.blob] = p.storedBytes } }
+                for f in m.files { sizes[f.blob] = f.storedBytes }
                 return VersionSummary(version: v, parent: m.parent, isHead: v == h, created: m.created,
                                       tensors: m.tensors.count,
                                       rawBytes: m.tensors.reduce(0) { $0 + $1.bytes } + m.files.reduce(0) { $0 + $1.bytes },
                                       storedBytes: m.tensors.reduce(0) { $0 + $1.storedBytes } + m.files.reduce(0) { $0 + $1.storedBytes },
+                                      newBytes: sizes.filter { !parentBlobs.contains($0.key) }.values.reduce(0, +),
                                       batch: m.batch?.name, stateSHA256: m.stateSHA256, problem: nil)
             } catch {
                 return VersionSummary(version: v, parent: nil, isHead: v == h, problem: "\(error)")

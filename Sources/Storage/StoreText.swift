@@ -27,7 +27,7 @@ public enum StoreText {
     /// `checkpoints list`.
     public static func list(_ rows: [VersionSummary]) -> String {
         guard !rows.isEmpty else { return "no versions" }
-        var lines = ["  version  parent  created                   tensors  raw MB  stored MB  state         batch"]
+        var lines = ["  version  parent  created                   tensors  raw MB  stored MB  new MB  state         batch"]
         for r in rows {
             if let problem = r.problem {
                 lines.append("\(r.isHead ? "*" : " ") \(pad(String(r.version), 7))  UNREADABLE: \(problem)")
@@ -35,7 +35,7 @@ public enum StoreText {
             }
             lines.append("\(r.isHead ? "*" : " ") \(pad(String(r.version), 7))  \(pad(r.parent.map(String.init) ?? "-", 6))  "
                 + "\(pad(String((r.created ?? "-").prefix(24)), 24))  \(pad(String(r.tensors ?? 0), 7))  "
-                + "\(pad(megabytes(r.rawBytes), 6))  \(pad(megabytes(r.storedBytes), 9))  "
+                + "\(pad(megabytes(r.rawBytes), 6))  \(pad(megabytes(r.storedBytes), 9))  \(pad(megabytes(r.newBytes), 6))  "
                 + "\(pad(String((r.stateSHA256 ?? "-").prefix(12)), 12))  \(r.batch ?? "-")")
         }
         lines.append("(* = HEAD)")

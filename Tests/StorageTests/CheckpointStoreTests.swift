@@ -115,6 +115,13 @@ final class CheckpointStoreTests: XCTestCase {
             XCTAssertEqual(m.tensors.first { $0.name.hasSuffix("delta_weight") }!.parts.count, 1, "a changed tensor is stored whole")
         }
         for v in 1...3 { assertStatesEqual(try CheckpointStore(at: root).loadTensors(.number(v)), grownStates[v - 1]) }
+        // `checkpoints list`: what each version added; the shared rows count once.
+        let rows = try store.summaries()
+        XCTAssertEqual(rows[0].newBytes, rows[0].storedBytes)
+        let repsParts = try store.manifest(3).tensors.first { $0.name == "aux.past_reps" }!.parts
+        XCTAssertEqual(rows[2].storedBytes! - rows[2].newBytes!, repsParts.dropLast().reduce(0) { $0 + $1.storedBytes }
+                       + (try store.manifest(3).tensors.first { $0.name.hasSuffix("delta_bias") }!.storedBytes),
+                       "the parent's reps parts and the unchanged bias are not new")
         XCTAssertTrue(try store.verify().isClean)
 
         // A changed earlier row is not a prefix: stored whole.
