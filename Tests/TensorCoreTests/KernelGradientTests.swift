@@ -30,9 +30,10 @@ final class KernelGradientTests: XCTestCase {
     /// The row-wise linear equals the BLAS one, and a row's result is the same to the bit whether it is
     /// projected alone or among others (widths with and without a remainder past the 16-wide blocks).
     func testLinearRowwiseMatchesAndIsIndependentOfTheOtherRows() {
-        for C in [37, 64] {
+        // N covers every tail after the four-row tiles: 1, 2 and 3 rows, alone and after a tile.
+        for C in [37, 64] { for N in [1, 2, 3, 5, 6, 7] {
             var rng = RNG(seed: 2)
-            let N = 7, OC = 5
+            let OC = 5
             let x = randn([N, C], &rng), w = randn([OC, C], &rng), b = randn([OC], &rng)
             let blas = Tensor(shape: [N, OC]), rowwise = Tensor(shape: [N, OC])
             Kernels.linearForward(blas.data, x.data, w.data, b.data, N: N, C: C, OC: OC)
@@ -41,9 +42,9 @@ final class KernelGradientTests: XCTestCase {
             for n in 0..<N {
                 let one = Tensor(shape: [1, OC])
                 Kernels.linearRowwise(one.data, x.data + n * C, w.data, b.data, N: 1, C: C, OC: OC)
-                XCTAssertEqual(one.array, Array(rowwise.array[(n * OC)..<((n + 1) * OC)]), "row \(n), C \(C)")
+                XCTAssertEqual(one.array, Array(rowwise.array[(n * OC)..<((n + 1) * OC)]), "row \(n) of \(N), C \(C)")
             }
-        }
+        } }
     }
 
     func testEmbedding() {

@@ -65,17 +65,27 @@ extension Kernels {
             }
             n0 += 4
         }
-        // The last rows (fewer than four), each weight row used for all of them while it is in cache.
-        for o in 0..<OC where n0 < N {
-            let w = weight + o * C
-            for n in n0..<N {
-                let x = inp + n * C
-                var a0 = V(repeating: 0), a1 = V(repeating: 0)
+        // The last rows (fewer than four) side by side, each with its own two sums as above: a row's
+        // arithmetic is the same, and the rows' independent sums keep the multiply units busy (one row
+        // alone is bound by the latency of its two chains). Missing rows repeat the first, unstored.
+        let left = N - n0
+        if left > 0 {
+            let x0 = inp + n0 * C, x1 = left > 1 ? x0 + C : x0, x2 = left > 2 ? x0 + 2 * C : x0
+            for o in 0..<OC {
+                let w = weight + o * C
+                var a00 = V(repeating: 0), a01 = V(repeating: 0), a10 = V(repeating: 0), a11 = V(repeating: 0)
+                var a20 = V(repeating: 0), a21 = V(repeating: 0)
                 for k in 0..<blocks {
                     let c = k * 16
-                    a0 += load(w + c) * load(x + c); a1 += load(w + c + 8) * load(x + c + 8)
+                    let w0 = load(w + c), w1 = load(w + c + 8)
+                    a00 += w0 * load(x0 + c); a01 += w1 * load(x0 + c + 8)
+                    a10 += w0 * load(x1 + c); a11 += w1 * load(x1 + c + 8)
+                    a20 += w0 * load(x2 + c); a21 += w1 * load(x2 + c + 8)
                 }
-                out[n * OC + o] = (bias?[o] ?? 0) + finish(a0, a1, w, x)
+                let b = bias?[o] ?? 0
+                out[n0 * OC + o] = b + finish(a00, a01, w, x0)
+                if left > 1 { out[(n0 + 1) * OC + o] = b + finish(a10, a11, w, x1) }
+                if left > 2 { out[(n0 + 2) * OC + o] = b + finish(a20, a21, w, x2) }
             }
         }
     }
