@@ -153,6 +153,20 @@ final class CheckpointStoreTests: XCTestCase {
         XCTAssertFalse(try store.verify().isClean)
     }
 
+    /// At `maxTensorParts` parts a grown tensor is stored whole again: loads read a bounded number of blobs.
+    func testGrownTensorsAreStoredWholeAgainAtThePartLimit() throws {
+        let (store, _) = try newStore(StoreConfiguration(maxTensorParts: 3))
+        var reps = randomTensor([1, 8], seed: 1)
+        var counts: [Int] = []
+        for v in 1...7 {
+            if v > 1 { reps = reps.appendingRows(randomTensor([1, 8], seed: UInt64(v))).copy() }
+            let m = try store.commit(CommitRequest(tensors: ["reps": reps]))
+            counts.append(m.tensors[0].parts.count)
+            assertStatesEqual(try store.loadTensors(), ["reps": reps])
+        }
+        XCTAssertEqual(counts, [1, 2, 3, 1, 2, 3, 1])
+    }
+
     func testRollbackAndRollForward() throws {
         let (store, root) = try newStore()
         for seed in 1...4 { try store.commit(CommitRequest(tensors: state(UInt64(seed)))) }
