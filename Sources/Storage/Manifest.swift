@@ -321,9 +321,13 @@ public struct Manifest: Codable, Sendable, Equatable {
             }
             let (bytes, o) = n.multipliedReportingOverflow(by: 4)
             guard !o, bytes == t.bytes else { return "tensor '\(t.name)': shape \(t.shape) does not match \(t.bytes) bytes" }
+            // Parts are non-negative (checked above); comparing with what is left cannot overflow.
             var total = 0
-            for part in t.parts where part.bytes <= t.bytes { total += part.bytes; if total > t.bytes { break } }
-            guard t.parts.allSatisfy({ $0.bytes <= t.bytes }), total == t.bytes else { return "tensor '\(t.name)': its parts do not add up to \(t.bytes) bytes" }
+            for part in t.parts {
+                guard part.bytes <= t.bytes - total else { return "tensor '\(t.name)': its parts do not add up to \(t.bytes) bytes" }
+                total += part.bytes
+            }
+            guard total == t.bytes else { return "tensor '\(t.name)': its parts do not add up to \(t.bytes) bytes" }
         }
         guard zip(tensors, tensors.dropFirst()).allSatisfy({ Self.precedes($0.name, $1.name) }) else {
             return "tensors are not sorted by name"
