@@ -167,11 +167,17 @@ public enum EditMetrics {
         let inputs: FixedSequences
     }
 
+    /// Packed rows per chunk of the fixed texts scored again after each batch (held-out lines, canaries,
+    /// locality prompts): with a routed editor only the chunks a key reaches are run again, so chunks are
+    /// kept small enough that one routed line costs little, and large enough for full-speed products.
+    public static let fixedChunkRows = 256
+
     public static func localityReference(editor: SequentialEditor, _ requests: [EditRequest]) throws -> LocalityReference {
         let model = editor.model
         let items = requests.map { $0.locality.map { editor.scored($0.prompt, $0.groundTruth) } }
         let flatItems = items.flatMap { $0 }
-        let inputs = try model.fixedSequences(model.predictionInputs(flatItems), reuseBelow: editor.firstEditedBlock)
+        let inputs = try model.fixedSequences(model.predictionInputs(flatItems), reuseBelow: editor.firstEditedBlock,
+                                              rowsPerChunk: fixedChunkRows)
         let flat = model.withoutEdits { model.predict(flatItems, fixed: inputs) }
         var out: [[TargetPrediction]] = []
         var at = 0

@@ -54,6 +54,11 @@ public struct TargetPrediction: Sendable, Codable, Equatable {
 /// into chunks once, and the residual stream entering block `block` computed once on the unedited model.
 /// While every edit sits in block `block` or later, the blocks below see what the unedited model saw, so
 /// a scoring starts there (bit-identical to running every block: the same rows through the same kernels).
+///
+/// With a router, a chunk none of whose rows reaches a key runs as the unedited model too (its rows never
+/// see an edit), so the unedited model's results are kept per chunk the first time they are computed and
+/// such a chunk is not run again (`TransformerLM.uneditedChunks`). One user at a time: the kept results
+/// are filled in as the scorings run.
 public final class FixedSequences: @unchecked Sendable {
     public let sequences: [[Int]]
     /// The first block whose input is not kept (0: nothing reused).
@@ -61,22 +66,31 @@ public final class FixedSequences: @unchecked Sendable {
     let chunks: [Range<Int>]
     /// Per chunk, the stream entering `block` [rows, hidden] (empty when `block` is 0).
     let streams: [Tensor]
+    /// Per router site (block, site), the stream the router reads on each chunk, unedited (on first use).
+    var siteStreams: [Int: [Tensor]] = [:]
+    /// Per chunk, the unedited model's summed next-token NLL and token count (`perplexity`), or its
+    /// predictions (`predict`), kept once computed.
+    var uneditedNLL: [Int: (nll: Double, count: Double)] = [:]
+    var uneditedPredictions: [Int: [TargetPrediction]] = [:]
 
     init(sequences: [[Int]], block: Int, chunks: [Range<Int>], streams: [Tensor]) {
         self.sequences = sequences; self.block = block; self.chunks = chunks; self.streams = streams
     }
+
+    /// How many chunks the sequences are scored in.
+    public var chunkCount: Int { chunks.count }
 }
 
 extension TransformerLM {
     /// Packed rows per forward of the scoring functions (bounds the activations' memory).
-    static let scoringRows = 2048
+    public static let scoringRows = 2048
 
-    /// Consecutive runs of `sequences` of at most `scoringRows` rows (a longer sequence alone).
-    static func chunks(_ sequences: [[Int]]) -> [Range<Int>] {
+    /// Consecutive runs of `sequences` of at most `rowsPerChunk` rows (a longer sequence alone).
+    static func chunks(_ sequences: [[Int]], rowsPerChunk: Int = scoringRows) -> [Range<Int>] {
         var out: [Range<Int>] = []
         var start = 0, rows = 0
         for (i, s) in sequences.enumerated() {
-            if rows > 0 && rows + s.count > scoringRows { out.append(start..<i); start = i; rows = 0 }
+            if rows > 0 && rows + s.count > rowsPerChunk { out.append(start..<i); start = i; rows = 0 }
             rows += s.count
         }
         if start < sequences.count { out.append(start..<sequences.count) }
@@ -95,10 +109,12 @@ extension TransformerLM {
     }
 
     /// Prepares `sequences` (each 1…maxPositions tokens) for repeated scoring, keeping the unedited
-    /// model's stream entering `block` (the first block an editor may change).
-    public func fixedSequences(_ sequences: [[Int]], reuseBelow block: Int) throws -> FixedSequences {
+    /// model's stream entering `block` (the first block an editor may change). `rowsPerChunk`: packed rows
+    /// per forward (smaller chunks: less to run again where a router reaches one of their rows).
+    public func fixedSequences(_ sequences: [[Int]], reuseBelow block: Int,
+                               rowsPerChunk: Int = TransformerLM.scoringRows) throws -> FixedSequences {
         let block = max(0, min(block, spec.layers))
-        let chunks = Self.chunks(sequences)
+        let chunks = Self.chunks(sequences, rowsPerChunk: max(1, rowsPerChunk))
         let streams: [Tensor] = block == 0 ? [] : try withoutEdits {
             try chunks.map { c in
                 let rows = try PackedRows(Array(sequences[c]), spec: spec)
@@ -108,20 +124,49 @@ extension TransformerLM {
         return FixedSequences(sequences: sequences, block: block, chunks: chunks, streams: streams)
     }
 
+    /// Per chunk of `fixed`, whether the model as it is now computes it exactly as the unedited model
+    /// does: no edit is switched on, or a router (with no output offsets anywhere) that no row of the
+    /// chunk reaches, so that its rows never see an edit (the same rows through the same kernels).
+    public func uneditedChunks(_ fixed: FixedSequences) -> [Bool] {
+        let n = fixed.chunks.count
+        if firstEditedBlock == spec.layers { return [Bool](repeating: true, count: n) }
+        guard let router, !linears.values.contains(where: { $0.outputOffsets != nil }) else {
+            return [Bool](repeating: false, count: n)
+        }
+        let key = router.layer * RouteSite.allCases.count + router.site.rawValue
+        let streams: [Tensor]
+        if let kept = fixed.siteStreams[key] {
+            streams = kept
+        } else {
+            // The sequences were checked when `fixed` was made.
+            streams = withoutEdits {
+                fixed.chunks.map { c in
+                    let rows = try! PackedRows(Array(fixed.sequences[c]), spec: spec)
+                    guard rows.count > 0 else { return Tensor(shape: [0, spec.hidden]) }
+                    let a = run(rows, blocks: 0..<(router.layer + 1))
+                    return (router.site == .attentionInput ? a.ln1[router.layer] : a.ln2[router.layer]).copy()
+                }
+            }
+            fixed.siteStreams[key] = streams
+        }
+        return streams.map { !router.matches($0.data, N: $0.shape[0]).contains(true) }
+    }
+
     /// The logits at `positions[i]` (indices into sequence i) of every sequence, a chunk of sequences at a
-    /// time: `body(chunk, logits)` with the logits [Σ positions of the chunk, vocab] in order.
-    func packedLogits(_ sequences: [[Int]], positions: [[Int]], fixed: FixedSequences? = nil,
-                      body: (Range<Int>, Tensor) -> Void) {
+    /// time: `body(chunk index, chunk, logits)` with the logits [Σ positions of the chunk, vocab] in order.
+    /// Chunks that `skip` marks are not run.
+    func packedLogits(_ sequences: [[Int]], positions: [[Int]], fixed: FixedSequences? = nil, skip: [Bool]? = nil,
+                      body: (Int, Range<Int>, Tensor) -> Void) {
         let reuse = fixed.map { $0.block > 0 && firstEditedBlock >= $0.block } ?? false
         let chunks = fixed?.chunks ?? Self.chunks(sequences)
-        for (c, range) in chunks.enumerated() {
+        for (c, range) in chunks.enumerated() where skip?[c] != true {
             // The sequences are the caller's own (tokenized and bounded by it): a bad one is a programming error.
             let rows = try! PackedRows(Array(sequences[range]), spec: spec)
-            if rows.count == 0 { body(range, Tensor(shape: [0, spec.vocabSize])); continue }
+            if rows.count == 0 { body(c, range, Tensor(shape: [0, spec.vocabSize])); continue }
             let a = reuse ? run(rows, blocks: fixed!.block..<spec.layers, input: fixed!.streams[c]) : run(rows, blocks: 0..<spec.layers)
             var picked: [Int] = []
             for (seg, i) in zip(rows.segments, range) { picked += positions[i].map { seg.row + $0 } }
-            body(range, picked.isEmpty ? Tensor(shape: [0, spec.vocabSize]) : logits(a, rows: picked))
+            body(c, range, picked.isEmpty ? Tensor(shape: [0, spec.vocabSize]) : logits(a, rows: picked))
         }
     }
 
@@ -135,10 +180,9 @@ extension TransformerLM {
         let positions = zip(items, inputs).map { item, input in
             (0..<item.targetIds.count).map { input.count - item.targetIds.count + $0 }.filter { $0 >= 0 }
         }
-        var out: [TargetPrediction] = []
-        out.reserveCapacity(items.count)
         let V = spec.vocabSize
-        packedLogits(inputs, positions: positions, fixed: fixed) { range, logits in
+        return scoredChunks(inputs, positions: positions, fixed: fixed, kept: \.uneditedPredictions) { range, logits in
+            var out: [TargetPrediction] = []
             var row = 0
             for i in range {
                 let item = items[i]
@@ -158,8 +202,8 @@ extension TransformerLM {
                 }
                 out.append(TargetPrediction(argmax: argmax, target: item.targetIds, nll: nll))
             }
-        }
-        return out
+            return out
+        }.flatMap { $0 }
     }
 
     /// The inputs `predict` runs for `items`, for `fixedSequences`.
@@ -183,13 +227,34 @@ extension TransformerLM {
     }
 
     private func perplexity(sequences: [[Int]], labels: [[Int]], fixed: FixedSequences?) -> Double {
-        var nll = 0.0, count = 0.0
-        packedLogits(sequences, positions: sequences.map { Array($0.indices) }, fixed: fixed) { range, logits in
+        let parts = scoredChunks(sequences, positions: sequences.map { Array($0.indices) }, fixed: fixed, kept: \.uneditedNLL) { range, logits in
             let flat = range.flatMap { labels[$0] }.map(Int32.init)
             let (sum, m) = Kernels.crossEntropy(losses: nil, dlogits: nil, logits: logits.data, labels: flat, mask: nil,
                                                 N: flat.count, V: spec.vocabSize)
-            nll += Double(sum); count += Double(m)
+            return (nll: Double(sum), count: Double(m))
         }
+        var nll = 0.0, count = 0.0
+        for p in parts { nll += p.nll; count += p.count }
         return count > 0 ? exp(nll / count) : .nan
+    }
+
+    /// `score(chunk, logits)` of each chunk, in order. With `fixed`, a chunk that the model computes as the
+    /// unedited model (`uneditedChunks`) takes the unedited result kept in `fixed` at `kept`, and one
+    /// computed so is kept there.
+    private func scoredChunks<R>(_ sequences: [[Int]], positions: [[Int]], fixed: FixedSequences?,
+                                 kept: ReferenceWritableKeyPath<FixedSequences, [Int: R]>,
+                                 score: (Range<Int>, Tensor) -> R) -> [R] {
+        let unedited = fixed.map(uneditedChunks)
+        var out: [Int: R] = [:]
+        if let fixed, let unedited {
+            for (c, u) in unedited.enumerated() where u { out[c] = fixed[keyPath: kept][c] }
+        }
+        let count = fixed?.chunks.count ?? Self.chunks(sequences).count
+        packedLogits(sequences, positions: positions, fixed: fixed, skip: (0..<count).map { out[$0] != nil }) { c, range, logits in
+            let r = score(range, logits)
+            out[c] = r
+            if let fixed, unedited?[c] == true { fixed[keyPath: kept][c] = r }
+        }
+        return (0..<count).map { out[$0]! }
     }
 }

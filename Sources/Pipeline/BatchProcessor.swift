@@ -165,12 +165,13 @@ public final class BatchProcessor {
         let texts = resources.heldoutText.enumerated().sorted { ($0.element.count, $0.offset) < ($1.element.count, $1.offset) }.map(\.element)
         heldout = texts
         let block = editor.firstEditedBlock
-        let fixedTexts = try model.fixedSequences(TransformerLM.perplexityInputs(texts, spec: model.spec).inputs, reuseBelow: block)
+        let fixedTexts = try model.fixedSequences(TransformerLM.perplexityInputs(texts, spec: model.spec).inputs, reuseBelow: block,
+                                                  rowsPerChunk: EditMetrics.fixedChunkRows)
         heldoutFixed = fixedTexts
         uneditedPerplexity = texts.isEmpty ? nil : model.withoutEdits { model.perplexity(texts, fixed: fixedTexts) }
         let items = resources.canaries.map { editor.scored($0.prompt, $0.groundTruth) }
         canaryItems = items
-        let fixedCanaries = try model.fixedSequences(model.predictionInputs(items), reuseBelow: block)
+        let fixedCanaries = try model.fixedSequences(model.predictionInputs(items), reuseBelow: block, rowsPerChunk: EditMetrics.fixedChunkRows)
         canaryFixed = fixedCanaries
         canaryReference = model.withoutEdits { model.predict(items, fixed: fixedCanaries) }
         heldoutFingerprint = Self.fingerprint(resources.heldoutText)

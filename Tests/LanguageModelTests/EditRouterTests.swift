@@ -80,6 +80,42 @@ final class EditRouterTests: XCTestCase {
         XCTAssertEqual(attn.maxAbsDifference(full.rows(3..<4)), 0, accuracy: 1e-5)
     }
 
+    /// Scoring fixed sequences on a routed model runs again only the chunks whose rows reach a key; the
+    /// others take the unedited model's results kept from an earlier scoring. The whole equals scoring
+    /// every chunk afresh, bit for bit, for perplexity and for predictions.
+    func testFixedScoringRunsAgainOnlyTheChunksAKeyReaches() throws {
+        let (model, module) = try editedModel()
+        var rng = RNG(seed: 5)
+        let texts = (0..<10).map { _ in (0..<(5 + rng.index(6))).map { _ in 1 + rng.index(model.spec.vocabSize - 1) } }
+        let items = texts.map { ScoredPrompt(promptIds: Array($0.dropLast(2)), targetIds: Array($0.suffix(2))) }
+        let textInputs = TransformerLM.perplexityInputs(texts, spec: model.spec).inputs
+        func prepared() throws -> (FixedSequences, FixedSequences) {
+            (try model.fixedSequences(textInputs, reuseBelow: 1, rowsPerChunk: 16),
+             try model.fixedSequences(model.predictionInputs(items), reuseBelow: 1, rowsPerChunk: 16))
+        }
+        let (kept, keptItems) = try prepared()
+        XCTAssertGreaterThan(kept.chunkCount, 3)
+        // The unedited results, kept as they are computed (every chunk runs as the unedited model).
+        let uneditedPPL = model.withoutEdits { model.perplexity(texts, fixed: kept) }
+        let uneditedPredictions = model.withoutEdits { model.predict(items, fixed: keptItems) }
+        // A key at a position of the fifth text: its chunk and no other is reached.
+        model.router = router(model, keyRows: siteRows(model, module, texts[4]).rows(2..<3), threshold: 0.999)
+        let reached = model.uneditedChunks(kept).filter { !$0 }.count
+        XCTAssertEqual(reached, 1, "one chunk holds the keyed text")
+        let fresh = try prepared()
+        let ppl = model.perplexity(texts, fixed: kept), predictions = model.predict(items, fixed: keptItems)
+        XCTAssertEqual(ppl, model.perplexity(texts, fixed: fresh.0))
+        XCTAssertEqual(predictions, model.predict(items, fixed: fresh.1))
+        XCTAssertNotEqual(ppl, uneditedPPL, "the keyed text is edited")
+        XCTAssertNotEqual(predictions[4], uneditedPredictions[4])
+        XCTAssertEqual(predictions[0], uneditedPredictions[0], "a text no key reaches: unedited")
+        // Without a router every row sees the edit: no chunk is taken from the kept results.
+        model.router = nil
+        XCTAssertEqual(model.uneditedChunks(kept), [Bool](repeating: false, count: kept.chunkCount))
+        XCTAssertEqual(model.perplexity(texts, fixed: kept), model.perplexity(texts, fixed: try prepared().0))
+        XCTAssertNotEqual(model.perplexity(texts, fixed: kept), ppl)
+    }
+
     /// Greedy decoding with a cache keeps a sequence's routing across steps: it equals recomputing the
     /// routed forward over the whole sequence at every step, and differs from the unrouted decode.
     func testCachedDecodeKeepsTheRoute() throws {
