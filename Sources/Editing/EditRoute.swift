@@ -5,16 +5,20 @@ import Tokenizers
 
 /// A state's router as named tensors, so that every path that installs a state (the editor, `generate
 /// --store`, `facts --store`) routes its edits the same way: `route.keys` [K, C] (whitened, unit rows),
-/// `route.whitening` [C, C], and `route.settings` [3] = (block, site, threshold).
+/// `route.whitening` [C, C], `route.settings` [3] = (block, site, threshold of the keys added last), and
+/// `route.thresholds` [K], each key's threshold (absent in states written before it: every key then has
+/// the settings' threshold).
 public enum RouteTensors {
     public static let keys = "route.keys"
     public static let whitening = "route.whitening"
     public static let settings = "route.settings"
-    public static let names: Set = [keys, whitening, settings]
+    public static let thresholds = "route.thresholds"
+    public static let names: Set = [keys, whitening, settings, thresholds]
 
     public static func tensors(of router: EditRouter) -> [String: Tensor] {
         [keys: router.keys, whitening: router.whitening,
-         settings: Tensor(shape: [3], values: [Float(router.layer), Float(router.site.rawValue), router.threshold])]
+         settings: Tensor(shape: [3], values: [Float(router.layer), Float(router.site.rawValue), router.threshold]),
+         thresholds: Tensor(shape: [router.keyThresholds.count], values: router.keyThresholds)]
     }
 
     /// The router the tensors describe (nil when they hold none), or an error naming what is wrong.
@@ -30,7 +34,15 @@ public enum RouteTensors {
         guard w.rank == 2, w.shape[0] == w.shape[1], k.rank == 2, k.shape[1] == w.shape[0] else {
             throw EditingError.shapeMismatch(name: keys, expected: [k.shape.first ?? 0, w.shape.first ?? 0], found: k.shape, file: "edit state")
         }
-        return EditRouter(layer: Int(s[0]), site: site, threshold: s[2], whitening: w.copy(), keys: k.copy())
+        var perKey: [Float]?
+        if let t = tensors[thresholds] {
+            guard t.rank == 1, t.count == k.shape[0] else {
+                throw EditingError.shapeMismatch(name: thresholds, expected: [k.shape[0]], found: t.shape, file: "edit state")
+            }
+            perKey = t.array
+            guard perKey!.allSatisfy({ $0.isFinite }) else { throw EditingError.invalidInput("edit state: \(thresholds) must be finite") }
+        }
+        return EditRouter(layer: Int(s[0]), site: site, threshold: s[2], whitening: w.copy(), keys: k.copy(), keyThresholds: perKey)
     }
 
     /// Whether the tensors hold a router.
@@ -93,12 +105,15 @@ extension DAFNetEditor {
         return (module, layer, site, routeWhiteningCache!)
     }
 
-    /// The state's router grown by the keys of `requests` (a new router on the first routed call).
+    /// The state's router grown by the keys of `requests` (a new router on the first routed call): the
+    /// earlier keys keep their thresholds, the new ones get `threshold`.
     func grownRouter(_ current: EditRouter?, for requests: [EditRequest], threshold: Float) throws -> EditRouter {
         let setup = try routeSetup()
         let whitening = current?.whitening ?? setup.whitening
         let new = try routeKeys(requests, layer: setup.layer, site: setup.site, whitening: whitening)
         let keys = current.map { Tensor.concatenatingRows([$0.keys, new]) } ?? new
-        return EditRouter(layer: setup.layer, site: setup.site, threshold: threshold, whitening: whitening, keys: keys)
+        let thresholds = (current?.keyThresholds ?? []) + [Float](repeating: threshold, count: new.shape[0])
+        return EditRouter(layer: setup.layer, site: setup.site, threshold: threshold, whitening: whitening, keys: keys,
+                          keyThresholds: thresholds)
     }
 }

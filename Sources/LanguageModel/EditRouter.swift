@@ -15,18 +15,26 @@ public enum RouteSite: Int, Sendable, CaseIterable {
 ///
 /// `whitening` [C, C] maps a stream row to the space where keys are compared (the preserved inputs'
 /// second moment to the power −½, so that directions every text shares count for little); `keys` [K, C]
-/// are already whitened and of unit length.
+/// are already whitened and of unit length. Each key keeps the threshold it was added with
+/// (`keyThresholds`): a state continued by an editor with another threshold routes its earlier edits as
+/// before and applies the new threshold to the keys it adds.
 public final class EditRouter: @unchecked Sendable {
     public let layer: Int
     public let site: RouteSite
+    /// The threshold of the keys added last (and of keys added without one).
     public let threshold: Float
     public let whitening: Tensor
     public let keys: Tensor
+    /// Per key, its cosine threshold [K].
+    public let keyThresholds: [Float]
 
-    public init(layer: Int, site: RouteSite, threshold: Float, whitening: Tensor, keys: Tensor) {
+    /// `keyThresholds`: one per key; nil gives every key `threshold`.
+    public init(layer: Int, site: RouteSite, threshold: Float, whitening: Tensor, keys: Tensor, keyThresholds: [Float]? = nil) {
         precondition(whitening.rank == 2 && whitening.shape[0] == whitening.shape[1], "whitening must be square")
         precondition(keys.rank == 2 && keys.shape[1] == whitening.shape[0], "keys \(keys.shape) for whitening \(whitening.shape)")
+        precondition(keyThresholds.map { $0.count == keys.shape[0] } ?? true, "one threshold per key")
         self.layer = layer; self.site = site; self.threshold = threshold; self.whitening = whitening; self.keys = keys
+        self.keyThresholds = keyThresholds ?? [Float](repeating: threshold, count: keys.shape[0])
     }
 
     public var width: Int { whitening.shape[0] }
@@ -46,7 +54,7 @@ public final class EditRouter: @unchecked Sendable {
         return out
     }
 
-    /// Whether each of the `N` rows of `x` [N, C] is within the threshold of some key.
+    /// Whether each of the `N` rows of `x` [N, C] is within some key's threshold of that key.
     public func matches(_ x: UnsafePointer<Float>, N: Int) -> [Bool] {
         let K = keys.shape[0], C = width
         var hit = [Bool](repeating: false, count: N)
@@ -58,9 +66,11 @@ public final class EditRouter: @unchecked Sendable {
             let n = min(chunk, N - start)
             let s = Tensor(shape: [n, K])
             BLAS.gemm(s.data, q.data + start * C, keys.data, M: n, N: K, K: C, transB: true)
-            for i in 0..<n {
-                let row = s.data + i * K
-                for k in 0..<K where row[k] >= threshold { hit[start + i] = true; break }
+            keyThresholds.withUnsafeBufferPointer { th in
+                for i in 0..<n {
+                    let row = s.data + i * K
+                    for k in 0..<K where row[k] >= th[k] { hit[start + i] = true; break }
+                }
             }
             start += n
         }

@@ -80,6 +80,28 @@ final class RouteTests: XCTestCase {
         }
     }
 
+    /// Each key keeps the threshold it was added with: a state continued by an editor with another
+    /// threshold routes its earlier edits as before; a state written before per-key thresholds gives every
+    /// key the one threshold it stored; a damaged thresholds tensor is named.
+    func testKeysKeepTheirThresholdsAcrossEditors() throws {
+        let strict = try makeEditor(threshold: 0.9), loose = try makeEditor(threshold: 0.5)
+        let state = EditState(moduleNames: strict.config.modules)
+        try strict.apply([edit], to: state)
+        try loose.apply([other], to: state)
+        XCTAssertEqual(state.router!.keyThresholds, [0.9, 0.9, 0.9, 0.5, 0.5, 0.5])
+        XCTAssertEqual(state.router!.threshold, 0.5)
+        let restored = try EditState(moduleNames: strict.config.modules, tensors: state.tensors())
+        XCTAssertEqual(restored.router!.keyThresholds, state.router!.keyThresholds)
+        var old = state.tensors()
+        old[RouteTensors.thresholds] = nil
+        XCTAssertEqual(try EditState(moduleNames: strict.config.modules, tensors: old).router!.keyThresholds, [Float](repeating: 0.5, count: 6))
+        var bad = state.tensors()
+        bad[RouteTensors.thresholds] = Tensor(shape: [5], repeating: 0.5)
+        XCTAssertThrowsError(try EditState(moduleNames: strict.config.modules, tensors: bad)) { error in
+            XCTAssertTrue("\(error)".contains(RouteTensors.thresholds), "\(error)")
+        }
+    }
+
     func testConfigIsChecked() throws {
         func decode(_ json: String) throws -> EditorConfig { try JSONDecoder().decode(EditorConfig.self, from: Data(json.utf8)) }
         XCTAssertEqual(try decode(#"{"route_threshold": 0.7}"#).routeThreshold, 0.7)

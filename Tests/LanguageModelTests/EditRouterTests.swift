@@ -64,6 +64,24 @@ final class EditRouterTests: XCTestCase {
         XCTAssertNil(model.router, "clearing the edits clears the router")
     }
 
+    /// Each key is compared with its own threshold.
+    func testEachKeyHasItsOwnThreshold() throws {
+        let (model, module) = try editedModel()
+        let a = [5, 17, 40, 2, 9, 33, 21], b = [7, 8, 100, 101, 3]
+        let rowsA = siteRows(model, module, a), rowsB = siteRows(model, module, b)
+        let keyRows = Tensor.concatenatingRows([rowsA.rows(3..<4), rowsB.rows(0..<1)])
+        let base = router(model, keyRows: keyRows, threshold: 0.999)
+        func matches(_ thresholds: [Float], _ rows: Tensor) -> [Bool] {
+            EditRouter(layer: 1, site: .mlpInput, threshold: 0.999, whitening: base.whitening, keys: base.keys, keyThresholds: thresholds)
+                .matches(rows.data, N: rows.shape[0])
+        }
+        XCTAssertEqual(base.keyThresholds, [0.999, 0.999])
+        XCTAssertEqual(matches([0.999, 2], rowsA), [false, false, false, true, false, false, false])
+        XCTAssertEqual(matches([0.999, 2], rowsB), [false, false, false, false, false], "the second key never matches")
+        XCTAssertEqual(matches([2, 0.999], rowsA), [false, false, false, false, false, false, false])
+        XCTAssertEqual(matches([2, 0.999], rowsB), [true, false, false, false, false])
+    }
+
     /// The rows a router's site reads, from packed sequences through the blocks up to it, equal the full
     /// forward's inputs of the module there (edits installed or not: they are switched off).
     func testSiteRowsEqualTheFullForwardsInputs() throws {
