@@ -505,15 +505,37 @@ public final class TransformerLM: @unchecked Sendable {
     /// sequence continues its earlier state) as the ones that see the edits.
     private func route(_ l: Int, _ site: RouteSite, _ x: Tensor, _ a: Activations, batch: TokenBatch, segments: [Segment]?) {
         guard let router, router.layer == l, router.site == site else { return }
-        let hit = router.matches(x.data, N: a.N)
         var routed = [Bool](repeating: false, count: a.N)
         if let segments {
+            // A sequence whose cache is already routed stays routed: only the others' rows are compared
+            // with the keys (in a decode step, usually the unedited half of the batch).
+            let open = segments.filter { $0.cache?.routed != true }
+            let openRows = open.reduce(0) { $0 + $1.count }
+            var hit = [Bool](repeating: false, count: a.N)
+            if openRows == a.N {
+                hit = router.matches(x.data, N: a.N)
+            } else if openRows > 0 {
+                let C = x.shape[1]
+                let gathered = Tensor(shape: [openRows, C])
+                var at = 0
+                for seg in open {
+                    (gathered.data + at * C).update(from: x.data + seg.row * C, count: seg.count * C)
+                    at += seg.count
+                }
+                let found = router.matches(gathered.data, N: openRows)
+                at = 0
+                for seg in open {
+                    for i in 0..<seg.count { hit[seg.row + i] = found[at + i] }
+                    at += seg.count
+                }
+            }
             for seg in segments {
                 var on = seg.cache?.routed ?? false
                 for r in seg.row..<(seg.row + seg.count) { on = on || hit[r]; routed[r] = on }
                 seg.cache?.routed = on
             }
         } else {
+            let hit = router.matches(x.data, N: a.N)
             for b in 0..<a.B {
                 var on = false
                 for t in 0..<a.T {
