@@ -470,6 +470,30 @@ final class BatchProcessorTests: XCTestCase {
         }
     }
 
+    /// With a routed editor the held-out perplexity after a batch whose keys no held-out line reaches is the
+    /// unedited model's, bit for bit (the kept unedited results); once a batch edits a subject a held-out
+    /// line names, that line's chunk runs again and the reported perplexity equals HEAD's measured afresh.
+    func testRoutedEditorRescoresOnlyTheTextsAKeyReaches() throws {
+        let tmp = TempDir("routed-editor")
+        try Fixture.writeLeastSquaresEditor(to: tmp.path("editor"), routeThreshold: 0.9)
+        let h = try Harness(editorFolder: tmp.path("editor"))
+        try h.drop("0.jsonl", try Fixture.batch(0..<1))   // Danielle Darrieux: in no held-out line
+        try h.drop("1.jsonl", try Fixture.batch(9..<10))  // Pierre Curie: "Pierre Curie was a physicist."
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(h.names("done"), ["0.jsonl", "1.jsonl"])
+        let reports = try out.map { try PipelineJSON.decoder.decode(BatchReport.self, from: Data(contentsOf: $0.evaluationFile!)) }
+        let first = try XCTUnwrap(reports[0].perplexity), second = try XCTUnwrap(reports[1].perplexity)
+        XCTAssertEqual(first.after, first.unedited, "no held-out line reaches the first batch's keys")
+        XCTAssertEqual(second.before, first.after)
+        XCTAssertNotEqual(second.after, second.unedited, "the second batch's subject opens a held-out line")
+        let headState = try h.editor.restoreState(try h.store.load(.number(2)).tensors)
+        h.editor.install(headState)
+        XCTAssertNotNil(h.folder.model.router)
+        // The held-out lines in the processor's order (by length), so that the float sums run alike.
+        XCTAssertEqual(second.after, h.folder.model.perplexity(h.processor.heldout), accuracy: 1e-9)
+        h.folder.model.clearEdits()
+    }
+
     /// A training-free AlphaEdit editor goes through the daemon through the registry: versions hold its own
     /// state (ΔW and the earlier edits' keys), HEAD equals the editor applied directly, a rollback and the
     /// same batch again give the same state, and the version exports.

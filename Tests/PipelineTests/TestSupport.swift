@@ -29,10 +29,12 @@ enum Fixture {
         try e.save(to: folder)
     }
 
-    /// Writes a random `least_squares` editor (fixed seed) with key statistics from the fixture's own texts.
-    static func writeLeastSquaresEditor(to folder: URL, seed: UInt64 = 3) throws {
+    /// Writes a random `least_squares` editor (fixed seed) with key statistics from the fixture's own texts,
+    /// routed when `routeThreshold` is given.
+    static func writeLeastSquaresEditor(to folder: URL, seed: UInt64 = 3, routeThreshold: Float? = nil) throws {
         let f = try ModelFolder.load(modelFolder, requireTokenizer: true)
         var cfg = editorConfig()
+        cfg.routeThreshold = routeThreshold
         cfg.accumulation = .leastSquares
         cfg.editBias = false
         cfg.initEditLR = 0.5
