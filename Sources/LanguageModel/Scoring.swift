@@ -181,7 +181,10 @@ extension TransformerLM {
             (0..<item.targetIds.count).map { input.count - item.targetIds.count + $0 }.filter { $0 >= 0 }
         }
         let V = spec.vocabSize
-        return scoredChunks(inputs, positions: positions, fixed: fixed, kept: \.uneditedPredictions) { range, logits in
+        // Kept predictions are for these items only if their answers are these items' (the same inputs can
+        // be scored against other answers).
+        let same = { (range: Range<Int>, kept: [TargetPrediction]) in zip(range, kept).allSatisfy { items[$0].targetIds == $1.target } }
+        return scoredChunks(inputs, positions: positions, fixed: fixed, kept: \.uneditedPredictions, usable: same) { range, logits in
             var out: [TargetPrediction] = []
             var row = 0
             for i in range {
@@ -239,15 +242,18 @@ extension TransformerLM {
     }
 
     /// `score(chunk, logits)` of each chunk, in order. With `fixed`, a chunk that the model computes as the
-    /// unedited model (`uneditedChunks`) takes the unedited result kept in `fixed` at `kept`, and one
-    /// computed so is kept there.
+    /// unedited model (`uneditedChunks`) takes the unedited result kept in `fixed` at `kept` (when `usable`
+    /// accepts it for the chunk's sequences), and one computed so is kept there.
     private func scoredChunks<R>(_ sequences: [[Int]], positions: [[Int]], fixed: FixedSequences?,
                                  kept: ReferenceWritableKeyPath<FixedSequences, [Int: R]>,
+                                 usable: (Range<Int>, R) -> Bool = { _, _ in true },
                                  score: (Range<Int>, Tensor) -> R) -> [R] {
         let unedited = fixed.map(uneditedChunks)
         var out: [Int: R] = [:]
         if let fixed, let unedited {
-            for (c, u) in unedited.enumerated() where u { out[c] = fixed[keyPath: kept][c] }
+            for (c, u) in unedited.enumerated() where u {
+                if let r = fixed[keyPath: kept][c], usable(fixed.chunks[c], r) { out[c] = r }
+            }
         }
         let count = fixed?.chunks.count ?? Self.chunks(sequences).count
         packedLogits(sequences, positions: positions, fixed: fixed, skip: (0..<count).map { out[$0] != nil }) { c, range, logits in

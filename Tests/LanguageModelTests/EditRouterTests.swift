@@ -127,6 +127,12 @@ final class EditRouterTests: XCTestCase {
         XCTAssertNotEqual(ppl, uneditedPPL, "the keyed text is edited")
         XCTAssertNotEqual(predictions[4], uneditedPredictions[4])
         XCTAssertEqual(predictions[0], uneditedPredictions[0], "a text no key reaches: unedited")
+        // The same inputs scored against other answers: the kept predictions (of the first answers) are not used.
+        let others = items.map { ScoredPrompt(promptIds: $0.promptIds, targetIds: $0.targetIds.dropLast() + [($0.targetIds.last! + 1) % model.spec.vocabSize]) }
+        XCTAssertEqual(model.predictionInputs(others), model.predictionInputs(items))
+        let otherPredictions = model.predict(others, fixed: keptItems)
+        XCTAssertEqual(otherPredictions, model.predict(others, fixed: try prepared().1))
+        XCTAssertEqual(otherPredictions.map(\.target), others.map(\.targetIds))
         // Without a router every row sees the edit: no chunk is taken from the kept results.
         model.router = nil
         XCTAssertEqual(model.uneditedChunks(kept), [Bool](repeating: false, count: kept.chunkCount))
