@@ -70,7 +70,7 @@ public final class FixedSequences: @unchecked Sendable {
     var siteStreams: [Int: [Tensor]] = [:]
     /// Per chunk, the unedited model's summed next-token NLL and token count (`perplexity`), or its
     /// predictions (`predict`), kept once computed.
-    var uneditedNLL: [Int: (nll: Double, count: Double)] = [:]
+    var uneditedNLL: [Int: (nll: Double, count: Double, lastLabels: [Int])] = [:]
     var uneditedPredictions: [Int: [TargetPrediction]] = [:]
 
     init(sequences: [[Int]], block: Int, chunks: [Range<Int>], streams: [Tensor]) {
@@ -230,11 +230,14 @@ extension TransformerLM {
     }
 
     private func perplexity(sequences: [[Int]], labels: [[Int]], fixed: FixedSequences?) -> Double {
-        let parts = scoredChunks(sequences, positions: sequences.map { Array($0.indices) }, fixed: fixed, kept: \.uneditedNLL) { range, logits in
+        // A kept sum is for these texts only if their last tokens are these (the inputs hold all the others).
+        let lastLabels = { (range: Range<Int>) in range.map { labels[$0].last ?? -1 } }
+        let parts = scoredChunks(sequences, positions: sequences.map { Array($0.indices) }, fixed: fixed, kept: \.uneditedNLL,
+                                 usable: { range, kept in kept.lastLabels == lastLabels(range) }) { range, logits in
             let flat = range.flatMap { labels[$0] }.map(Int32.init)
             let (sum, m) = Kernels.crossEntropy(losses: nil, dlogits: nil, logits: logits.data, labels: flat, mask: nil,
                                                 N: flat.count, V: spec.vocabSize)
-            return (nll: Double(sum), count: Double(m))
+            return (nll: Double(sum), count: Double(m), lastLabels: lastLabels(range))
         }
         var nll = 0.0, count = 0.0
         for p in parts { nll += p.nll; count += p.count }

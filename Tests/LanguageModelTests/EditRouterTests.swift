@@ -133,6 +133,9 @@ final class EditRouterTests: XCTestCase {
         let otherPredictions = model.predict(others, fixed: keptItems)
         XCTAssertEqual(otherPredictions, model.predict(others, fixed: try prepared().1))
         XCTAssertEqual(otherPredictions.map(\.target), others.map(\.targetIds))
+        // Texts with the same inputs and other last tokens: the kept sums (of the first texts) are not used.
+        let otherTexts = texts.map { Array($0.dropLast()) + [($0.last! + 1) % model.spec.vocabSize] }
+        XCTAssertEqual(model.perplexity(otherTexts, fixed: kept), model.perplexity(otherTexts, fixed: try prepared().0))
         // Without a router every row sees the edit: no chunk is taken from the kept results.
         model.router = nil
         XCTAssertEqual(model.uneditedChunks(kept), [Bool](repeating: false, count: kept.chunkCount))
