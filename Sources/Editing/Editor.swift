@@ -447,40 +447,29 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     /// ones and to the state's past), folds the result into `state`, and installs it on the model.
     @discardableResult
     public func apply(_ requests: [EditRequest], to anyState: EditorState) throws -> EditTimings {
+        try apply(requests, to: anyState, superseding: [])
+    }
+
+    /// With `least_squares`, the superseded edits' rows — their signals and the networks' values for them
+    /// given the state's past, recomputed — are taken out of the sums before the new edits' rows go in, so
+    /// that a fact edited again holds its new target instead of the mean of both (their router keys stay:
+    /// the new edits name the same subjects). The paper's decayed rule has no per-edit term to take out.
+    @discardableResult
+    public func apply(_ requests: [EditRequest], to anyState: EditorState, superseding superseded: [EditRequest]) throws -> EditTimings {
         let state = try own(anyState, as: EditState.self)
         guard !requests.isEmpty else { return EditTimings() }
         var times = EditTimings()
         var t0 = Date()
-        let edits = requests.map { scored($0.prompt, $0.targetNew) }
-        for (i, e) in edits.enumerated() where e.targetIds.isEmpty || e.promptIds.count + e.targetIds.count > model.spec.maxPositions {
-            throw EditingError.invalidInput("edit \(i): prompt + target must have 1…\(model.spec.maxPositions) tokens")
-        }
-        let sig = signals(requests, scored: edits)
+        let sig = try checkedSignals(requests)
         let contrast = config.accumulation == .leastSquares ? contrastRows(requests) : [:]
         let router = try config.routeThreshold.map { try grownRouter(state.router, for: requests, threshold: $0) }
+        let taken = config.accumulation == .leastSquares && !superseded.isEmpty ? try checkedSignals(superseded) : nil
+        let takenContrast = taken == nil ? [:] : contrastRows(superseded)
         times.signal = Date().timeIntervalSince(t0)
         t0 = Date()
-        for m in config.modules {
-            guard let s = sig[m], s.lengths.allSatisfy({ $0 > 0 }) else {
-                throw EditingError.invalidInput("module \(m): an edit produced no gradient signal")
-            }
-        }
-        // The modules that share a network go through it in one call.
-        var outputs: [String: AuxOutput] = [:]
-        for key in networks.keys.sorted() {
-            let net = networks[key]!, modules = modulesOfNetwork[key]!
-            let inputs = modules.map { m in
-                let st = state.modules[m]!
-                if fusion && st.pastProjections == nil { st.pastProjections = PastProjections(layers: net.config.layerN) }
-                return AuxInput(x: sig[m]!.x, lengths: sig[m]!.lengths, mode: routing[m]!.mode,
-                                pastReps: st.pastReps.isEmpty ? nil : st.pastReps, memo: fusion ? st.pastProjections : nil)
-            }
-            let outs = net.forward(tape: Tape(recording: false), inputs: inputs, trainingNorm: false, fusion: fusion)
-            for (m, out) in zip(modules, outs) {
-                if fusion { state.modules[m]!.pastReps = out.newReps }  // MEND keeps no sequence representations
-                outputs[m] = out
-            }
-        }
+        // The superseded edits first, against the past as it is (the state's past is not changed by them).
+        let takenOutputs = taken.map { networkOutputs($0, state: state, keep: false) }
+        let outputs = networkOutputs(sig, state: state, keep: true)
         times.auxiliary = Date().timeIntervalSince(t0)
         t0 = Date()
         for m in config.modules {
@@ -494,6 +483,12 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
                 st.deltaWeight = Self.accumulate(st.deltaWeight, decay: decay, new: dW.value, lr: lr)
                 if config.editBias { st.deltaBias = Self.accumulate(st.deltaBias, decay: decay, new: db.value, lr: lr) }
             case .leastSquares:
+                if let taken, let old = takenOutputs?[m], st.gram != nil, st.cross != nil {
+                    let u = taken[m]!.x.columnSlice(0..<old.x1.shape[1])
+                    st.gram = LeastSquares.gram(u, alpha: -1, into: st.gram)
+                    if let c = takenContrast[m] { st.gram = LeastSquares.gram(c, alpha: -1, into: st.gram) }
+                    st.cross = LeastSquares.cross(u, old.values.value, alpha: -lr, into: st.cross)
+                }
                 let u = sig[m]!.x.columnSlice(0..<out.x1.shape[1])
                 st.gram = LeastSquares.gram(u, into: st.gram)
                 if let c = contrast[m] { st.gram = LeastSquares.gram(c, into: st.gram) }
@@ -506,6 +501,44 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         install(state)
         times.apply = Date().timeIntervalSince(t0)
         return times
+    }
+
+    /// The gradient signals of `requests`, checked: each edit fits the context and gives every module a
+    /// signal.
+    func checkedSignals(_ requests: [EditRequest]) throws -> [String: ModuleSignals] {
+        let edits = requests.map { scored($0.prompt, $0.targetNew) }
+        for (i, e) in edits.enumerated() where e.targetIds.isEmpty || e.promptIds.count + e.targetIds.count > model.spec.maxPositions {
+            throw EditingError.invalidInput("edit \(i): prompt + target must have 1…\(model.spec.maxPositions) tokens")
+        }
+        let sig = signals(requests, scored: edits)
+        for m in config.modules {
+            guard let s = sig[m], s.lengths.allSatisfy({ $0 > 0 }) else {
+                throw EditingError.invalidInput("module \(m): an edit produced no gradient signal")
+            }
+        }
+        return sig
+    }
+
+    /// The networks' outputs for signals `sig` given the state's past, the modules that share a network in
+    /// one call. `keep`: the edits join the state's past (their representations are appended); otherwise
+    /// the state is left as it is.
+    func networkOutputs(_ sig: [String: ModuleSignals], state: EditState, keep: Bool) -> [String: AuxOutput] {
+        var outputs: [String: AuxOutput] = [:]
+        for key in networks.keys.sorted() {
+            let net = networks[key]!, modules = modulesOfNetwork[key]!
+            let inputs = modules.map { m in
+                let st = state.modules[m]!
+                if keep && fusion && st.pastProjections == nil { st.pastProjections = PastProjections(layers: net.config.layerN) }
+                return AuxInput(x: sig[m]!.x, lengths: sig[m]!.lengths, mode: routing[m]!.mode,
+                                pastReps: st.pastReps.isEmpty ? nil : st.pastReps, memo: keep && fusion ? st.pastProjections : nil)
+            }
+            let outs = net.forward(tape: Tape(recording: false), inputs: inputs, trainingNorm: false, fusion: fusion)
+            for (m, out) in zip(modules, outs) {
+                if keep && fusion { state.modules[m]!.pastReps = out.newReps }  // MEND keeps no sequence representations
+                outputs[m] = out
+            }
+        }
+        return outputs
     }
 
     /// The factor of `λ·C + gram` for a module (`least_squares`).

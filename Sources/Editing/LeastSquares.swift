@@ -43,11 +43,11 @@ public enum LeastSquares {
         return out
     }
 
-    /// Σ uᵀu over rows: [in, in] (added to `into` when given).
-    public static func gram(_ u: Tensor, into: Tensor? = nil) -> Tensor {
+    /// Σ uᵀu over rows: [in, in] (added to `into` when given), scaled by `alpha`.
+    public static func gram(_ u: Tensor, alpha: Float = 1, into: Tensor? = nil) -> Tensor {
         let n = u.shape[1], L = u.shape[0]
         let out = into ?? Tensor(shape: [n, n])
-        BLAS.gemm(out.data, u.data, u.data, M: n, N: n, K: L, transA: true, beta: into == nil ? 0 : 1)
+        BLAS.gemm(out.data, u.data, u.data, M: n, N: n, K: L, transA: true, alpha: alpha, beta: into == nil ? 0 : 1)
         return out
     }
 

@@ -52,9 +52,19 @@ public protocol SequentialEditor: AnyObject {
     func restoreState(_ tensors: [String: Tensor]) throws -> EditorState
     /// Applies `requests` in order, folds them into `state`, and installs the result on the model.
     @discardableResult func apply(_ requests: [EditRequest], to state: EditorState) throws -> EditTimings
+    /// The same, where `requests` replace the earlier edits `superseded` (already in `state`: the same
+    /// facts with older targets). An editor whose state keeps each edit's pull as a sum takes the earlier
+    /// edits out of it first; the default applies `requests` over them, as editors that fit each new edit on
+    /// the edited model (FT, MEMIT) do.
+    @discardableResult func apply(_ requests: [EditRequest], to state: EditorState, superseding superseded: [EditRequest]) throws -> EditTimings
 }
 
 extension SequentialEditor {
+    @discardableResult
+    public func apply(_ requests: [EditRequest], to state: EditorState, superseding superseded: [EditRequest]) throws -> EditTimings {
+        try apply(requests, to: state)
+    }
+
     public var methodName: String { method.rawValue }
 
     /// The lowest block holding an edited module: the blocks below it never change.

@@ -28,9 +28,10 @@ final class LeastSquaresTests: XCTestCase {
     /// A `least_squares` editor of gpt2-tiny's blocks 1–2 with key statistics from the preserved texts.
     static func editor(lambda: Float = 2, lambdaScale: Float = 1, seed: UInt64 = 3, contrast: Int = 0, contrastWeight: Float = 1,
                        modules: [String] = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"],
-                       routeThreshold: Float? = nil) throws -> DAFNetEditor {
+                       routeThreshold: Float? = nil, method: EditorMethod = .dafnet) throws -> DAFNetEditor {
         let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
         var cfg = EditorConfig()
+        cfg.method = method
         cfg.modules = modules
         cfg.routeThreshold = routeThreshold
         cfg.auxModel.layerN = 2; cfg.auxModel.innerAttDim = 8; cfg.auxModel.ffnDim = 12; cfg.auxModel.outerAttDim = 6
@@ -134,6 +135,38 @@ final class LeastSquaresTests: XCTestCase {
             XCTAssertLessThan(a.cross!.maxAbsDifference(b.cross!), 1e-4 * a.cross!.maxAbs(), m)
             XCTAssertLessThan(residual(e, m, gram: a.gram!, cross: a.cross!, deltaWeight: b.deltaWeight!), 1e-3 * a.cross!.maxAbs(), m)
             XCTAssertGreaterThan(b.deltaWeight!.maxAbs(), 0, m)
+        }
+    }
+
+    /// An edit that supersedes an earlier one (the same fact, another target) takes the earlier edit's rows
+    /// out of the sums: the gram is the one of the edits that remain, as if the earlier edit had never been
+    /// made. Without fusion (MEND) a row's value does not depend on the past, so the cross sum and ΔW are
+    /// those of the remaining edits too; with fusion the earlier edit's values are recomputed against the
+    /// past as it is now, so its pull is taken out up to that difference.
+    func testSupersedingTakesTheEarlierEditOutOfTheSums() throws {
+        let old = requests[0], other = requests[1]
+        var new = old
+        new.targetNew = "French"
+        for method in [EditorMethod.dafnet, .mend] {
+            let e = try Self.editor(method: method)
+            let replaced = EditState(moduleNames: e.config.modules), plain = EditState(moduleNames: e.config.modules)
+            let reference = EditState(moduleNames: e.config.modules)
+            try e.apply([old, other], to: replaced)
+            try e.apply([new], to: replaced, superseding: [old])
+            try e.apply([old, other], to: plain)
+            try e.apply([new], to: plain)
+            try e.apply([other, new], to: reference)
+            for m in e.config.modules {
+                let a = replaced.modules[m]!, r = reference.modules[m]!, p = plain.modules[m]!
+                XCTAssertLessThan(a.gram!.maxAbsDifference(r.gram!), 1e-4 * r.gram!.maxAbs(), "\(method) \(m)")
+                XCTAssertGreaterThan(p.gram!.maxAbsDifference(r.gram!), 1e-2 * r.gram!.maxAbs(), "\(method) \(m): without superseding the old rows stay")
+                XCTAssertLessThan(residual(e, m, gram: a.gram!, cross: a.cross!, deltaWeight: a.deltaWeight!), 1e-4 * a.cross!.maxAbs(), "\(method) \(m)")
+                if method == .mend {
+                    XCTAssertLessThan(a.cross!.maxAbsDifference(r.cross!), 1e-4 * r.cross!.maxAbs(), m)
+                    XCTAssertGreaterThan(p.cross!.maxAbsDifference(r.cross!), 1e-2 * r.cross!.maxAbs(), m)
+                }
+            }
+            XCTAssertEqual(replaced.editCount, 3)
         }
     }
 
