@@ -301,8 +301,10 @@ public final class BatchProcessor {
             let before = try measureBefore(head, requests)
             times.evaluate = lap()
             if let o = stopped() { return o }
+            // An edit whose prompt an earlier live edit has replaces it (the same fact, a new target).
+            let superseded = try head.log.superseded(by: requests)
             do {
-                let e = try editor.apply(requests, to: head.state)
+                let e = try editor.apply(requests, to: head.state, superseding: superseded)
                 times.signal = e.signal; times.auxiliary = e.auxiliary; times.apply = e.apply
             } catch {
                 return try refused(.apply, "the editor refused the batch: \(error)", head: head.number)
@@ -311,6 +313,11 @@ public final class BatchProcessor {
             var report: BatchReport
             do { report = try evaluate(name, sha: sha, requests, head: head, before: before) } catch {
                 return try refused(.evaluate, "evaluation failed: \(error)", head: head.number)
+            }
+            if !superseded.isEmpty {
+                report.superseded = superseded.map { SupersededEdit(prompt: $0.prompt, targetNew: $0.targetNew) }
+                logger.notice("the batch edits facts edited before: their earlier edits are replaced",
+                              metadata: ["batch": "\(name)", "superseded": "\(superseded.count)"])
             }
             times.evaluate += lap()
             report.timings = times
@@ -339,6 +346,16 @@ public final class BatchProcessor {
             throw BatchError(file: file, line: 0, field: "", reason: "\(numbered.count) edits; at most \(settings.maxEditsPerBatch) per batch")
         }
         let maxT = editor.model.spec.maxPositions
+        // One target per fact in a batch: an edit of a prompt replaces the earlier batches' edit of it, but
+        // two targets side by side in one call would be averaged.
+        var targetOf: [String: (line: Int, target: String)] = [:]
+        for (line, r) in numbered {
+            if let seen = targetOf[r.prompt], seen.target != r.targetNew {
+                throw BatchError(file: file, line: line, field: "target_new",
+                                 reason: "line \(seen.line) edits the same prompt to \"\(seen.target)\": one target per prompt in a batch")
+            }
+            targetOf[r.prompt] = targetOf[r.prompt] ?? (line, r.targetNew)
+        }
         for (line, r) in numbered {
             // Every prompt the batch is applied and scored with, with the answer it is scored on; the
             // longer of the two is named when they do not fit.

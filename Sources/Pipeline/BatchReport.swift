@@ -57,6 +57,14 @@ public struct StageTimes: Codable, Sendable, Equatable {
     }
 }
 
+/// An earlier edit that a batch replaced: its prompt and the target it had.
+public struct SupersededEdit: Codable, Sendable, Equatable {
+    public var prompt: String
+    public var targetNew: String
+
+    enum CodingKeys: String, CodingKey { case prompt, targetNew = "target_new" }
+}
+
 /// Reliability on a sample of edits made by earlier batches: before this batch and after it.
 public struct RetentionResult: Codable, Sendable, Equatable {
     /// How many earlier edits were scored, out of how many there are.
@@ -172,10 +180,13 @@ public struct BatchReport: Codable, Sendable {
     public var fluency: FluencyResult?
     public var guardResult: GuardResult
     public var timings: StageTimes
+    /// The earlier edits this batch replaced (edits of the same prompts made by earlier batches, with
+    /// their old targets); absent when none.
+    public var superseded: [SupersededEdit]? = nil
 
     enum CodingKeys: String, CodingKey {
         case format, batch, sha256, status, version, parent, time, edits, reliability, generality, locality, retention, canary
-        case perplexity, fluency, timings
+        case perplexity, fluency, timings, superseded
         case stateSHA256 = "state_sha256", baseModelSHA256 = "base_model_sha256", editorSHA256 = "editor_sha256"
         case totalEdits = "total_edits", perEdit = "per_edit", guardResult = "guard", watchList = "watch_list"
     }

@@ -106,7 +106,8 @@ extension BatchProcessor {
     /// when that was measured on the same texts (recomputed otherwise).
     func measureBefore(_ head: LoadedHead, _ requests: [EditRequest]) throws -> BeforeBatch {
         let model = editor.model
-        let earlier = try head.log.sample(settings.retentionSample)
+        // The batch's own prompts are left out: edits it supersedes are meant to change.
+        let earlier = try head.log.sample(settings.retentionSample, excluding: Set(requests.map(\.prompt)))
         let items = (earlier + resources.watchList).map { editor.scored($0.prompt, $0.targetNew) }
         var perplexity: Double?
         if uneditedPerplexity != nil {

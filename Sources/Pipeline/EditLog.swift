@@ -17,8 +17,22 @@ public struct EditLog: Sendable {
     public private(set) var counts: [Int] = []
 
     public var count: Int { counts.reduce(0, +) }
+    /// Each edit's prompt, in order, and the index of the last edit of each prompt: an edit is live while no
+    /// later edit has its prompt (a later one supersedes it: the same fact with another target).
+    public private(set) var prompts: [String] = []
+    private var lastOfPrompt: [String: Int] = [:]
 
     public init(chunkSize: Int = 1000) { self.chunkSize = max(1, chunkSize) }
+
+    private struct PromptOnly: Decodable { let prompt: String }
+
+    private mutating func note(prompt: String) {
+        lastOfPrompt[prompt] = prompts.count
+        prompts.append(prompt)
+    }
+
+    /// Whether the edit at `index` is not superseded by a later one.
+    public func isLive(_ index: Int) -> Bool { lastOfPrompt[prompts[index]] == index }
 
     public static func fileName(_ index: Int) -> String { filePrefix + String(format: "%06d", index) + fileSuffix }
 
@@ -27,10 +41,13 @@ public struct EditLog: Sendable {
         var log = EditLog(chunkSize: chunkSize)
         let names = try store.manifest(version).files.map(\.name)
             .filter { $0.hasPrefix(filePrefix) && $0.hasSuffix(fileSuffix) }.sorted()
+        let decoder = JSONDecoder()
         for name in names {
             let data = try store.fileData(name, in: .number(version))
             log.chunks.append(data)
-            log.counts.append(data.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) })
+            let lines = data.split(separator: UInt8(ascii: "\n"))
+            log.counts.append(lines.count)
+            for line in lines { log.note(prompt: try decoder.decode(PromptOnly.self, from: Data(line)).prompt) }
         }
         return log
     }
@@ -45,7 +62,14 @@ public struct EditLog: Sendable {
             line.append(UInt8(ascii: "\n"))
             chunks[chunks.count - 1].append(line)
             counts[counts.count - 1] += 1
+            note(prompt: r.prompt)
         }
+    }
+
+    /// The live edits that `requests` supersede (the last logged edit of each of their prompts), in log order.
+    public func superseded(by requests: [EditRequest]) throws -> [EditRequest] {
+        let indices = Set(requests.compactMap { lastOfPrompt[$0.prompt] }).sorted()
+        return try lines(indices)
     }
 
     /// The files to commit with a version.
@@ -53,11 +77,17 @@ public struct EditLog: Sendable {
         Dictionary(uniqueKeysWithValues: chunks.enumerated().map { (Self.fileName($0.offset), $0.element) })
     }
 
-    /// Up to `k` edits spread evenly over the log (indices ⌊i·n/k⌋), in order.
-    public func sample(_ k: Int) throws -> [EditRequest] {
-        let n = count
+    /// Up to `k` live edits spread evenly over the log's live edits (the ⌊i·n/k⌋-th of n), in order, leaving
+    /// out those whose prompt is in `excluding` (edits about to be superseded).
+    public func sample(_ k: Int, excluding: Set<String> = []) throws -> [EditRequest] {
+        let live = prompts.indices.filter { isLive($0) && !excluding.contains(prompts[$0]) }
+        let n = live.count
         guard n > 0, k > 0 else { return [] }
-        let wanted = n <= k ? Array(0..<n) : (0..<k).map { $0 * n / k }
+        return try lines(n <= k ? live : (0..<k).map { live[$0 * n / k] })
+    }
+
+    /// The edits at `wanted` (ascending indices).
+    private func lines(_ wanted: [Int]) throws -> [EditRequest] {
         var out: [EditRequest] = []
         var base = 0
         var w = 0
@@ -65,9 +95,9 @@ public struct EditLog: Sendable {
         for (ci, chunk) in chunks.enumerated() {
             let end = base + counts[ci]
             if w < wanted.count && wanted[w] < end {
-                let lines = chunk.split(separator: UInt8(ascii: "\n"))
+                let rows = chunk.split(separator: UInt8(ascii: "\n"))
                 while w < wanted.count && wanted[w] < end {
-                    out.append(try decoder.decode(EditRequest.self, from: Data(lines[wanted[w] - base])))
+                    out.append(try decoder.decode(EditRequest.self, from: Data(rows[wanted[w] - base])))
                     w += 1
                 }
             }
@@ -76,8 +106,8 @@ public struct EditLog: Sendable {
         return out
     }
 
-    /// Every edit of the log, in order.
-    public func all() throws -> [EditRequest] { try sample(count) }
+    /// Every edit of the log, in order (superseded ones included).
+    public func all() throws -> [EditRequest] { try lines(Array(0..<count)) }
 
     /// The edits a version holds, batch by batch: for each version of its lineage (root first), the
     /// batch that made it and the edits it added (the difference of its log and its parent's).

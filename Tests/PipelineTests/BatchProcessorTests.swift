@@ -99,6 +99,8 @@ final class BatchProcessorTests: XCTestCase {
              1, "rephrase_prompt", "the model takes at most 64"),
             ("20-long-locality.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": \"x\", \"locality_prompt\": \"\(longWords)\", \"locality_ground_truth\": \"y\"}\n".utf8),
              1, "locality_prompt", "the model takes at most 64"),
+            ("21-two-targets.jsonl", Data("{\"prompt\": \"Lyon is in\", \"target_new\": \"x\"}\n{\"prompt\": \"Lyon is in\", \"target_new\": \"y\"}\n".utf8),
+             2, "target_new", "line 1 edits the same prompt to \"x\": one target per prompt in a batch"),
         ]
         for c in cases { try h.drop(c.name, c.data) }
         let out = try h.processor.runOnce()
@@ -492,6 +494,43 @@ final class BatchProcessorTests: XCTestCase {
         // The held-out lines in the processor's order (by length), so that the float sums run alike.
         XCTAssertEqual(second.after, h.folder.model.perplexity(h.processor.heldout), accuracy: 1e-9)
         h.folder.model.clearEdits()
+    }
+
+    /// A batch that edits a fact edited before replaces the earlier edit: the evaluation names it, HEAD's
+    /// state is the editor's own with the earlier edit superseded, and retention samples leave the replaced
+    /// edit out (the batch's own prompts before it, the superseded edit after it).
+    func testEditingAFactAgainSupersedesTheEarlierEdit() throws {
+        let tmp = TempDir("supersede")
+        try Fixture.writeLeastSquaresEditor(to: tmp.path("editor"))
+        let h = try Harness(editorFolder: tmp.path("editor"))
+        let first = (0..<4).map(Fixture.request)
+        var again = Fixture.request(1)
+        again.targetNew = again.targetNew == "jazz" ? "piano" : "jazz"
+        let later = Fixture.request(7)
+        try h.drop("0.jsonl", try EditBatch.encode(first))
+        try h.drop("1.jsonl", try EditBatch.encode([again]))
+        try h.drop("2.jsonl", try EditBatch.encode([later]))
+        let out = try h.processor.runOnce()
+        XCTAssertEqual(h.names("done"), ["0.jsonl", "1.jsonl", "2.jsonl"])
+        let reports = try out.map { try PipelineJSON.decoder.decode(BatchReport.self, from: Data(contentsOf: $0.evaluationFile!)) }
+        XCTAssertNil(reports[0].superseded)
+        XCTAssertEqual(reports[1].superseded, [SupersededEdit(prompt: first[1].prompt, targetNew: first[1].targetNew)])
+        XCTAssertNil(reports[2].superseded)
+        XCTAssertEqual(reports[1].retention?.perEdit?.map(\.prompt), [first[0], first[2], first[3]].map(\.prompt),
+                       "the edit being replaced is not sampled for retention")
+        let sampled = try XCTUnwrap(reports[2].retention?.perEdit)
+        XCTAssertEqual(sampled.map(\.prompt), [first[0], first[2], first[3], again].map(\.prompt), "the replaced edit is gone, its successor sampled")
+        XCTAssertEqual(sampled.last?.targetNew, again.targetNew)
+        // HEAD's state is the editor's own, with the earlier edit superseded.
+        let direct = h.editor.newState()
+        try h.editor.apply(first, to: direct)
+        try h.editor.apply([again], to: direct, superseding: [first[1]])
+        try h.editor.apply([later], to: direct)
+        let loaded = try h.store.load()
+        for m in Fixture.modules {
+            XCTAssertEqual(loaded.tensors["gram." + m]!.array, direct.tensors()["gram." + m]!.array, m)
+            XCTAssertEqual(loaded.tensors["delta_weight." + m]!.array, direct.tensors()["delta_weight." + m]!.array, m)
+        }
     }
 
     /// A training-free AlphaEdit editor goes through the daemon through the registry: versions hold its own
