@@ -19,7 +19,7 @@ public struct EditLog: Sendable {
     public var count: Int { counts.reduce(0, +) }
     /// Each edit's prompt, in order, and the index of the last edit of each prompt: an edit is live while no
     /// later edit has its prompt (a later one supersedes it: the same fact with another target).
-    public private(set) var prompts: [String] = []
+    private var prompts: [String] = []
     private var lastOfPrompt: [String: Int] = [:]
 
     public init(chunkSize: Int = 1000) { self.chunkSize = max(1, chunkSize) }
@@ -32,17 +32,27 @@ public struct EditLog: Sendable {
     }
 
     /// Whether the edit at `index` is not superseded by a later one.
-    public func isLive(_ index: Int) -> Bool { lastOfPrompt[prompts[index]] == index }
+    private func isLive(_ index: Int) -> Bool { lastOfPrompt[prompts[index]] == index }
 
     public static func fileName(_ index: Int) -> String { filePrefix + String(format: "%06d", index) + fileSuffix }
+
+    /// The names of a stored version's log files, in order.
+    private static func fileNames(in store: CheckpointStore, version: Int) throws -> [String] {
+        try store.manifest(version).files.map(\.name).filter { $0.hasPrefix(filePrefix) && $0.hasSuffix(fileSuffix) }.sorted()
+    }
+
+    /// How many edits a stored version's log holds (its lines counted, none decoded).
+    static func count(in store: CheckpointStore, version: Int) throws -> Int {
+        try fileNames(in: store, version: version).reduce(0) { n, name in
+            n + (try store.fileData(name, in: .number(version))).reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
+        }
+    }
 
     /// The log of a stored version (empty when it has none).
     public static func load(from store: CheckpointStore, version: Int, chunkSize: Int = 1000) throws -> EditLog {
         var log = EditLog(chunkSize: chunkSize)
-        let names = try store.manifest(version).files.map(\.name)
-            .filter { $0.hasPrefix(filePrefix) && $0.hasSuffix(fileSuffix) }.sorted()
         let decoder = JSONDecoder()
-        for name in names {
+        for name in try fileNames(in: store, version: version) {
             let data = try store.fileData(name, in: .number(version))
             log.chunks.append(data)
             let lines = data.split(separator: UInt8(ascii: "\n"))
@@ -122,7 +132,7 @@ public struct EditLog: Sendable {
         var out: [(version: Int, batch: String?, edits: [EditRequest])] = []
         var start = 0
         for m in chain.reversed() {
-            let end = try load(from: store, version: m.version).count
+            let end = try count(in: store, version: m.version)
             out.append((m.version, m.batch?.name, Array(edits[min(start, edits.count)..<min(end, edits.count)])))
             start = end
         }
