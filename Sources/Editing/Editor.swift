@@ -210,6 +210,12 @@ public final class EditState: EditorState, @unchecked Sendable {
         (modules[module]?.deltaWeight, modules[module]?.deltaBias)
     }
 
+    /// ΔW, Δb and the least-squares sums: the networks' outputs fold into them and nothing else reads them
+    /// back, so replaying the edits rebuilds them.
+    public var rebuiltByReplay: Set<String> {
+        Set(tensors().keys.filter { n in ["delta_weight.", "delta_bias.", "gram.", "cross."].contains { n.hasPrefix($0) } })
+    }
+
     public func copy() -> EditState {
         let s = EditState(moduleNames: Array(modules.keys))
         s.editCount = editCount
@@ -458,6 +464,33 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     public func apply(_ requests: [EditRequest], to anyState: EditorState, superseding superseded: [EditRequest]) throws -> EditTimings {
         let state = try own(anyState, as: EditState.self)
         guard !requests.isEmpty else { return EditTimings() }
+        var times = try fold(requests, into: state, superseding: superseded, solve: true)
+        let t0 = Date()
+        install(state)
+        times.apply += Date().timeIntervalSince(t0)
+        return times
+    }
+
+    /// Replays as `apply` did, batch by batch; the least-squares system is solved once, after the last batch
+    /// (ΔW depends only on the sums, so the result is the same bit for bit).
+    public func replay(_ batches: [ReplayBatch], onto anyState: EditorState) throws {
+        let state = try own(anyState, as: EditState.self)
+        for b in batches where !b.requests.isEmpty {
+            try fold(b.requests, into: state, superseding: b.superseded, solve: false)
+        }
+        if config.accumulation == .leastSquares {
+            for m in config.modules {
+                let st = state.modules[m]!
+                if let g = st.gram, let c = st.cross { st.deltaWeight = try solveLeastSquares(m, gram: g).solve(c) }
+            }
+        }
+        install(state)
+    }
+
+    /// `apply` without installing: the edits folded into `state`; `solve: false` leaves a least-squares ΔW
+    /// stale (for `replay`).
+    @discardableResult
+    func fold(_ requests: [EditRequest], into state: EditState, superseding superseded: [EditRequest], solve: Bool) throws -> EditTimings {
         var times = EditTimings()
         var t0 = Date()
         let sig = try checkedSignals(requests)
@@ -493,12 +526,11 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
                 st.gram = LeastSquares.gram(u, into: st.gram)
                 if let c = contrast[m] { st.gram = LeastSquares.gram(c, into: st.gram) }
                 st.cross = LeastSquares.cross(u, out.values.value, alpha: lr, into: st.cross)
-                st.deltaWeight = try solveLeastSquares(m, gram: st.gram!).solve(st.cross!)
+                if solve { st.deltaWeight = try solveLeastSquares(m, gram: st.gram!).solve(st.cross!) }
             }
         }
         if let router { state.router = router }
         state.editCount += requests.count
-        install(state)
         times.apply = Date().timeIntervalSince(t0)
         return times
     }

@@ -29,10 +29,14 @@ public protocol EditorState: AnyObject {
     func delta(_ module: String) -> (weight: Tensor?, bias: Tensor?)
     /// Which inputs see the edits (nil: all).
     var router: EditRouter? { get }
+    /// The names among `tensors()` that `SequentialEditor.replay` of the state's edits rebuilds exactly from
+    /// the rest, so that a stored version may leave them out (empty: every tensor must be stored).
+    var rebuiltByReplay: Set<String> { get }
 }
 
 extension EditorState {
     public var router: EditRouter? { nil }
+    public var rebuiltByReplay: Set<String> { [] }
 
     /// Bytes held.
     public var byteCount: Int { tensors().values.reduce(0) { $0 + $1.count * 4 } }
@@ -57,12 +61,32 @@ public protocol SequentialEditor: AnyObject {
     /// edits out of it first; the default applies `requests` over them, as editors that fit each new edit on
     /// the edited model (FT, MEMIT) do.
     @discardableResult func apply(_ requests: [EditRequest], to state: EditorState, superseding superseded: [EditRequest]) throws -> EditTimings
+    /// Applies stored batches again, in order, onto `state` (the state of the version they start from), with
+    /// the same result bit for bit as the `apply` calls that made them; installs the result. An editor may skip
+    /// work that a later batch makes moot.
+    func replay(_ batches: [ReplayBatch], onto state: EditorState) throws
+}
+
+/// One batch of a replay: its edits and the earlier edits it superseded.
+public struct ReplayBatch: Sendable {
+    public var requests: [EditRequest]
+    public var superseded: [EditRequest]
+
+    public init(requests: [EditRequest], superseded: [EditRequest]) {
+        self.requests = requests
+        self.superseded = superseded
+    }
 }
 
 extension SequentialEditor {
     @discardableResult
     public func apply(_ requests: [EditRequest], to state: EditorState, superseding superseded: [EditRequest]) throws -> EditTimings {
         try apply(requests, to: state)
+    }
+
+    public func replay(_ batches: [ReplayBatch], onto state: EditorState) throws {
+        for b in batches { try apply(b.requests, to: state, superseding: b.superseded) }
+        install(state)
     }
 
     public var methodName: String { method.rawValue }

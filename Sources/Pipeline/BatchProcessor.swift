@@ -31,12 +31,24 @@ public struct PipelineSettings: Sendable {
     public var maxBatchBytes = 64 << 20
     /// Edits per edit-log file in a version.
     public var editLogChunk = 1000
+    /// A version stores its whole edit state when more than this many edits would have to be applied again
+    /// to rebuild it from the nearest version that does; else only what the editor cannot rebuild
+    /// (`replay_edits`; DAFNet: its per-edit rows, not ΔW or the least-squares sums). 0: every version whole.
+    public var keyframeEdits = 100
     /// Attempts at a batch while HEAD keeps moving under it (rollbacks) before giving up.
     public var maxAttempts = 5
     /// Commit on a HEAD made on another base model (its manifest's hash differs from the model's).
     public var allowOtherBaseModel = false
 
     public init() {}
+
+    /// The `replay_edits` of a version whose parent has `parent` (nil: whole, or no parent) and which adds
+    /// `edits`: nil when it stores its whole state (`keyframeEdits`), always nil when nothing of the state
+    /// can be rebuilt.
+    public func replayEdits(parent: Int?, adding edits: Int, rebuildable: Bool) -> Int? {
+        let since = (parent ?? 0) + edits
+        return keyframeEdits > 0 && rebuildable && since <= keyframeEdits ? since : nil
+    }
 }
 
 /// What the processor measures with besides the model and editor.

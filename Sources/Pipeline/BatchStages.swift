@@ -3,6 +3,7 @@ import Evaluation
 import Foundation
 import LanguageModel
 import Storage
+import TensorCore
 
 /// The stages of one batch (`BatchStage`), each a function with its inputs and outputs; `process` runs
 /// them in order and owns the retry when HEAD moves.
@@ -96,8 +97,7 @@ extension BatchProcessor {
         if let m = resources.editorSHA256, let s = loaded.manifest.editorSHA256, m != s {
             logger.warning("HEAD was made by another editor", metadata: ["head": "\(head)", "head_editor": "\(s)", "editor": "\(m)"])
         }
-        let state = try editor.restoreState(loaded.tensors)
-        editor.install(state)
+        let state = try VersionReplay.state(of: loaded, in: store, editor: editor, editorSHA256: resources.editorSHA256)
         return LoadedHead(number: head, manifest: loaded.manifest, state: state,
                           log: try EditLog.load(from: store, version: head, chunkSize: settings.editLogChunk))
     }
@@ -167,6 +167,18 @@ extension BatchProcessor {
         return report
     }
 
+    /// What the version after `head` stores: its whole state when rebuilding it would replay more than
+    /// `keyframeEdits` edits (counted from the nearest version holding a whole state) or the editor cannot
+    /// rebuild anything; else the rest and how many edits rebuild it.
+    func storedState(_ head: LoadedHead, adding edits: Int) -> (tensors: [String: Tensor], replayEdits: Int?) {
+        let tensors = head.state.tensors()
+        let rebuilt = head.state.rebuiltByReplay
+        guard let replay = settings.replayEdits(parent: head.manifest?.replayEdits, adding: edits, rebuildable: !rebuilt.isEmpty) else {
+            return (tensors, nil)
+        }
+        return (tensors.filter { !rebuilt.contains($0.key) }, replay)
+    }
+
     /// Stage `commit`: the new version on `head` with the edit log and the evaluation, returned as the new
     /// HEAD; nil when HEAD is no longer `head` (a rollback came first, or slipped in during the commit and
     /// was put back): the batch starts again from the new HEAD.
@@ -189,9 +201,10 @@ extension BatchProcessor {
         ])
         let manifest: Manifest
         do {
-            manifest = try store.commit(CommitRequest(tensors: head.state.tensors(), files: files, baseModelSHA256: resources.baseModelSHA256,
+            let (tensors, replayEdits) = storedState(head, adding: requests.count)
+            manifest = try store.commit(CommitRequest(tensors: tensors, files: files, baseModelSHA256: resources.baseModelSHA256,
                                                       editorSHA256: resources.editorSHA256, batch: BatchReference(name: name, sha256: sha),
-                                                      info: info))
+                                                      info: info, replayEdits: replayEdits))
         } catch StoreError.currentWithError(let v, let underlying) {
             logger.warning("committed, but a final step of the commit failed", metadata: ["version": "\(v)", "error": "\(underlying)"])
             manifest = try store.manifest(v)

@@ -10,6 +10,8 @@ public enum PipelineError: Error, CustomStringConvertible, Sendable {
     case invalidSetting(String)
     /// HEAD kept moving while a batch was prepared (repeated rollbacks).
     case headUnstable(batch: String, attempts: Int)
+    /// A version that stores part of its state could not be rebuilt by replaying its edits.
+    case replay(version: Int, reason: String)
 
     public var description: String {
         switch self {
@@ -21,6 +23,8 @@ public enum PipelineError: Error, CustomStringConvertible, Sendable {
         case .invalidSetting(let s): return s
         case .headUnstable(let batch, let attempts):
             return "\(batch): HEAD moved during each of \(attempts) attempts; giving up on this batch for now"
+        case .replay(let version, let reason):
+            return "version \(version) stores only what its editor cannot rebuild, and it cannot be rebuilt: \(reason)"
         }
     }
 }

@@ -78,6 +78,7 @@ public enum CheckpointArchive {
     public static func create(store: CheckpointStore, version ref: VersionRef, to url: URL, includeModel: URL? = nil,
                               compressionLevel: Int32 = 3) throws -> ArchiveCreateReport {
         let version = try store.resolve(ref)
+        _ = try store.replayChain(of: version)  // what it is rebuilt from must be there to go with it
         var chain: [Int] = [version]
         while let p = try store.manifest(chain.last!).parent, FileUtil.exists(store.manifestPath(p)) {
             chain.append(p)

@@ -62,15 +62,19 @@ public struct CommitRequest {
     public var batch: BatchReference?
     /// Free-form JSON such as the batch evaluation.
     public var info: JSONValue?
+    /// Set when `tensors` are only part of the state: the rest is rebuilt by applying this many edits again
+    /// from the nearest ancestor holding its whole state (`Manifest.replayEdits`).
+    public var replayEdits: Int?
 
     public init(tensors: [String: Tensor], files: [String: Data] = [:], baseModelSHA256: String? = nil,
-                editorSHA256: String? = nil, batch: BatchReference? = nil, info: JSONValue? = nil) {
+                editorSHA256: String? = nil, batch: BatchReference? = nil, info: JSONValue? = nil, replayEdits: Int? = nil) {
         self.tensors = tensors
         self.files = files
         self.baseModelSHA256 = baseModelSHA256
         self.editorSHA256 = editorSHA256
         self.batch = batch
         self.info = info
+        self.replayEdits = replayEdits
     }
 }
 
@@ -497,6 +501,24 @@ public final class CheckpointStore: @unchecked Sendable {
         return LoadedVersion(manifest: m, tensors: tensors)
     }
 
+    /// What rebuilds the whole state of `version` (`Manifest.replayEdits`): the nearest ancestor that holds
+    /// its whole state (nil: none does, the rebuild starts from the empty state) and the versions after it up
+    /// to `version`, oldest first (empty when `version` holds its whole state). A missing manifest on the way
+    /// is an error naming it.
+    public func replayChain(of version: Int) throws -> (base: Int?, versions: [Manifest]) {
+        var chain: [Manifest] = []
+        var m = try manifest(version)
+        while m.replayEdits != nil {
+            chain.append(m)
+            guard let p = m.parent else { return (nil, chain.reversed()) }
+            guard FileUtil.exists(manifestPath(p)) else {
+                throw StoreError.replayChainBroken(version: version, missing: p)
+            }
+            m = try manifest(p)
+        }
+        return (m.version, chain.reversed())
+    }
+
     /// The tensors of a version, verified.
     public func loadTensors(_ ref: VersionRef = .head) throws -> [String: Tensor] { try load(ref).tensors }
 
@@ -599,6 +621,7 @@ public final class CheckpointStore: @unchecked Sendable {
         for (label, hash) in [("base model", request.baseModelSHA256), ("editor", request.editorSHA256), ("batch", request.batch?.sha256)] {
             if let hash, !Hex.isSHA256(hash) { throw StoreError.invalidCommit("\(label) hash '\(hash)' is not a lowercase sha256 hex string") }
         }
+        if let r = request.replayEdits, r < 1 { throw StoreError.invalidCommit("replay_edits \(r) is not positive") }
         return try withLock { try commitLocked(request) }
     }
 
@@ -710,7 +733,8 @@ public final class CheckpointStore: @unchecked Sendable {
             if wroteBlob { try fileSystem.syncDirectory(atPath: objectsPath) }
             let manifest = Manifest(version: number, parent: parent, parentManifestSHA256: parentSHA, baseModelSHA256: request.baseModelSHA256,
                                     editorSHA256: request.editorSHA256, batch: request.batch, created: Timestamp.now(),
-                                    tensors: tensorEntries, files: fileEntries, stateSHA256: stateSHA, info: request.info)
+                                    tensors: tensorEntries, files: fileEntries, stateSHA256: stateSHA, info: request.info,
+                                    replayEdits: request.replayEdits)
             let data = try manifest.encoded()
             try data.withUnsafeBytes { try install($0, at: manifestPath(number), in: versionsPath, temps: &temps) }
             manifestWritten = true

@@ -176,6 +176,9 @@ public struct Manifest: Codable, Sendable, Equatable {
     /// that an older dafnet refuses such a store instead of misreading it): tensors may have `parts`.
     public static let singleBlobFormat = "dafnet-checkpoint-manifest/1"
     public static let partsFormat = "dafnet-checkpoint-manifest/2"
+    /// Format 3 (written only for a version that holds part of its state, `replay_edits`), so that an older
+    /// dafnet refuses it instead of loading a state without the parts it would have to rebuild.
+    public static let replayFormat = "dafnet-checkpoint-manifest/3"
     public static let tensorDType = "F32"
 
     public var format: String
@@ -200,6 +203,10 @@ public struct Manifest: Codable, Sendable, Equatable {
     public var info: JSONValue?
     /// Set on versions imported from an archive into a store that already had versions.
     public var origin: ManifestOrigin?
+    /// Set on a version that stores only what its editor cannot rebuild (`CommitRequest.replayEdits`): how
+    /// many edits, from the nearest ancestor that holds its whole state (or from the empty state when no
+    /// ancestor does), are applied again to rebuild the rest. nil: the version holds its whole state.
+    public var replayEdits: Int?
 
     enum CodingKeys: String, CodingKey {
         case format, version, parent, batch, created, tensors, files, info, origin
@@ -207,6 +214,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         case editorSHA256 = "editor_sha256"
         case stateSHA256 = "state_sha256"
         case parentManifestSHA256 = "parent_manifest_sha256"
+        case replayEdits = "replay_edits"
     }
 
     public init(from decoder: Decoder) throws {
@@ -224,12 +232,13 @@ public struct Manifest: Codable, Sendable, Equatable {
         stateSHA256 = try c.decode(String.self, forKey: .stateSHA256)
         info = try c.decodeIfPresent(JSONValue.self, forKey: .info)
         origin = try c.decodeIfPresent(ManifestOrigin.self, forKey: .origin)
+        replayEdits = try c.decodeIfPresent(Int.self, forKey: .replayEdits)
     }
 
     init(version: Int, parent: Int?, parentManifestSHA256: String?, baseModelSHA256: String?, editorSHA256: String?, batch: BatchReference?,
          created: String, tensors: [TensorEntry], files: [FileEntry], stateSHA256: String, info: JSONValue?,
-         origin: ManifestOrigin? = nil) {
-        self.format = tensors.contains { $0.parts.count != 1 } ? Self.partsFormat : Self.singleBlobFormat
+         origin: ManifestOrigin? = nil, replayEdits: Int? = nil) {
+        self.format = replayEdits != nil ? Self.replayFormat : tensors.contains { $0.parts.count != 1 } ? Self.partsFormat : Self.singleBlobFormat
         self.version = version
         self.parent = parent
         self.parentManifestSHA256 = parentManifestSHA256
@@ -242,6 +251,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         self.stateSHA256 = stateSHA256
         self.info = info
         self.origin = origin
+        self.replayEdits = replayEdits
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -259,6 +269,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         try c.encode(stateSHA256, forKey: .stateSHA256)
         if let info { try c.encode(info, forKey: .info) } else { try c.encodeNil(forKey: .info) }
         try c.encodeIfPresent(origin, forKey: .origin)
+        try c.encodeIfPresent(replayEdits, forKey: .replayEdits)
     }
 
     /// The manifest as stored: pretty-printed JSON with sorted keys and a final newline.
@@ -289,7 +300,9 @@ public struct Manifest: Codable, Sendable, Equatable {
 
     /// The first structural problem, or nil.
     func validationProblem(expectedVersion: Int?) -> String? {
-        guard format == Self.singleBlobFormat || format == Self.partsFormat else { return "unknown format '\(format)'" }
+        guard [Self.singleBlobFormat, Self.partsFormat, Self.replayFormat].contains(format) else { return "unknown format '\(format)'" }
+        if let r = replayEdits, r < 1 { return "replay_edits \(r) is not positive" }
+        if (replayEdits != nil) != (format == Self.replayFormat) { return "replay_edits and format '\(format)' disagree" }
         guard version >= 1 else { return "version \(version) is not positive" }
         if let expectedVersion, expectedVersion != version {
             return "the file is named for version \(expectedVersion) but holds version \(version)"
@@ -305,7 +318,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         for t in tensors {
             guard !t.name.isEmpty, names.insert(t.name).inserted else { return "tensor name '\(t.name)' is empty or repeated" }
             guard t.dtype == Self.tensorDType else { return "tensor '\(t.name)' has dtype \(t.dtype), only F32 is stored" }
-            guard !t.parts.isEmpty, format == Self.partsFormat || t.parts.count == 1 else { return "tensor '\(t.name)' has \(t.parts.count) parts" }
+            guard !t.parts.isEmpty, format != Self.singleBlobFormat || t.parts.count == 1 else { return "tensor '\(t.name)' has \(t.parts.count) parts" }
             for part in t.parts {
                 guard Hex.isSHA256(part.blob) else { return "tensor '\(t.name)' names blob '\(part.blob)', not a sha256" }
                 guard part.bytes >= 0, part.bytes % 4 == 0 else { return "tensor '\(t.name)': a part of \(part.bytes) bytes" }

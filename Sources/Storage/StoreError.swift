@@ -25,6 +25,8 @@ public enum StoreError: Error, CustomStringConvertible, Sendable {
     case gcRefused(String)
     case baseModelMismatch(version: Int, stored: String, given: String)
     case manifestChanged(version: Int, recordedBy: String, expected: String, actual: String)
+    /// A version rebuilt by replay (`replay_edits`) lacks an ancestor it is rebuilt from.
+    case replayChainBroken(version: Int, missing: Int)
 
     public var description: String {
         switch self {
@@ -54,6 +56,8 @@ public enum StoreError: Error, CustomStringConvertible, Sendable {
         case .gcRefused(let reason): return "gc refused: \(reason)"
         case .manifestChanged(let version, let by, let expected, let actual):
             return "\(Manifest.fileName(version)) was changed after it was made: \(by) records sha256 \(expected), the file has \(actual)"
+        case .replayChainBroken(let version, let missing):
+            return "version \(version) stores only what its editor cannot rebuild, and version \(missing), on the way to the ancestor it is rebuilt from, is missing"
         case .baseModelMismatch(let version, let stored, let given):
             return "version \(version) was made on the base model with weights sha256 \(stored), but the model folder given has \(given): its edits belong to another model (--allow-other-base-model applies them anyway)"
         }

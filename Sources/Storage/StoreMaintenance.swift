@@ -53,6 +53,8 @@ public struct VersionSummary: Codable, Sendable {
     public var newBytes: Int?
     public var batch: String?
     public var stateSHA256: String?
+    /// `Manifest.replayEdits`: nil for a version that stores its whole state.
+    public var replayEdits: Int?
     /// Set when the manifest cannot be read.
     public var problem: String?
 }
@@ -75,7 +77,7 @@ extension CheckpointStore {
                                       rawBytes: m.tensors.reduce(0) { $0 + $1.bytes } + m.files.reduce(0) { $0 + $1.bytes },
                                       storedBytes: m.tensors.reduce(0) { $0 + $1.storedBytes } + m.files.reduce(0) { $0 + $1.storedBytes },
                                       newBytes: sizes.filter { !parentBlobs.contains($0.key) }.values.reduce(0, +),
-                                      batch: m.batch?.name, stateSHA256: m.stateSHA256, problem: nil)
+                                      batch: m.batch?.name, stateSHA256: m.stateSHA256, replayEdits: m.replayEdits, problem: nil)
             } catch {
                 return VersionSummary(version: v, parent: nil, isHead: v == h, problem: "\(error)")
             }
@@ -168,7 +170,11 @@ extension CheckpointStore {
             }
             referenced.formUnion(m.blobs)
             if let p = m.parent, !FileUtil.exists(manifestPath(p)) {
-                report.warnings.append("version \(v): parent \(p) is no longer in the store (removed by gc)")
+                if m.replayEdits != nil {
+                    report.problems.append("version \(v): parent \(p), which its state is rebuilt from, is missing")
+                } else {
+                    report.warnings.append("version \(v): parent \(p) is no longer in the store (removed by gc)")
+                }
             }
             let stored = m.tensors.flatMap { t in t.parts.map { (t.name, $0.blob, $0.storedBytes) } } + m.files.map { ($0.name, $0.blob, $0.storedBytes) }
             for (name, blob, _) in stored where !blobExists(blob) {
@@ -224,6 +230,14 @@ extension CheckpointStore {
             if let keep {
                 kept = Set(all.suffix(keep))
                 if let h { kept.insert(h) }
+                // A version that is rebuilt by replay keeps the versions it is rebuilt from.
+                for v in kept {
+                    var m = manifests[v]!
+                    while m.replayEdits != nil, let p = m.parent, let pm = manifests[p] {
+                        kept.insert(p)
+                        m = pm
+                    }
+                }
             }
             report.keptVersions = kept.sorted()
             let referenced = kept.reduce(into: Set<String>()) { $0.formUnion(manifests[$1]!.blobs) }

@@ -27,7 +27,7 @@ public enum StoreText {
     /// `checkpoints list`.
     public static func list(_ rows: [VersionSummary]) -> String {
         guard !rows.isEmpty else { return "no versions" }
-        var lines = ["  version  parent  created                   tensors  raw MB  stored MB  new MB  state         batch"]
+        var lines = ["  version  parent  created                   tensors  raw MB  stored MB  new MB  replay  state         batch"]
         for r in rows {
             if let problem = r.problem {
                 lines.append("\(r.isHead ? "*" : " ") \(pad(String(r.version), 7))  UNREADABLE: \(problem)")
@@ -36,9 +36,10 @@ public enum StoreText {
             lines.append("\(r.isHead ? "*" : " ") \(pad(String(r.version), 7))  \(pad(r.parent.map(String.init) ?? "-", 6))  "
                 + "\(pad(String((r.created ?? "-").prefix(24)), 24))  \(pad(String(r.tensors ?? 0), 7))  "
                 + "\(pad(megabytes(r.rawBytes), 6))  \(pad(megabytes(r.storedBytes), 9))  \(pad(megabytes(r.newBytes), 6))  "
+                + "\(pad(r.replayEdits.map(String.init) ?? "-", 6))  "
                 + "\(pad(String((r.stateSHA256 ?? "-").prefix(12)), 12))  \(r.batch ?? "-")")
         }
-        lines.append("(* = HEAD)")
+        lines.append("(* = HEAD; replay: the edits applied again to rebuild the rest of the state, - for a whole one)")
         return lines.joined(separator: "\n")
     }
 
@@ -55,6 +56,9 @@ public enum StoreText {
         ]
         if let origin = m.origin { lines.append("imported     from \(origin.archive), version \(origin.version) there") }
         if let info = m.info { lines.append("info         \(info)") }
+        if let r = m.replayEdits {
+            lines.append("replay       \(r) edits: the rest of the state is rebuilt by applying them again on the nearest ancestor holding a whole state")
+        }
         lines.append("tensors      \(m.tensors.count)")
         for t in m.tensors {
             lines.append("  \(pad(t.name, 48)) \(pad(shape(t.shape), 14)) \(t.dtype)  \(t.bytes) B → \(t.storedBytes) B  \(t.parts.count == 1 ? String(t.parts[0].blob.prefix(12)) : "\(t.parts.count) parts, last \(t.parts.last!.blob.prefix(12))")")

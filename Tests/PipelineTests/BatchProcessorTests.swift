@@ -1,6 +1,7 @@
 import Editing
 import Evaluation
 import Foundation
+import Logging
 import Storage
 import XCTest
 @testable import Pipeline
@@ -233,7 +234,7 @@ final class BatchProcessorTests: XCTestCase {
     /// again (and gives the same state as the first time); one still in the lineage stays a duplicate,
     /// also once `gc` removed the version that committed it.
     func testRollbackPastABatchAppliesItAgain() throws {
-        let h = try Harness()
+        let h = try Harness(keyframeEdits: 0)  // whole versions: gc may remove any but HEAD
         try h.drop("001.jsonl", try Fixture.batch(0..<2))
         try h.drop("002.jsonl", try Fixture.batch(2..<4))
         try h.processor.runOnce()
@@ -441,7 +442,10 @@ final class BatchProcessorTests: XCTestCase {
         let state = a.editor.newState()
         for r in batches { try a.editor.apply(r.map(Fixture.request), to: state) }
         var hasher = StateHasher()
-        let tensors = state.tensors()
+        // HEAD (9 edits, fewer than `keyframeEdits`) stores what the editor cannot rebuild.
+        XCTAssertEqual(try a.store.manifest(3).replayEdits, 9)
+        let tensors = state.tensors().filter { !state.rebuiltByReplay.contains($0.key) }
+        XCTAssertLessThan(tensors.count, state.tensors().count)
         for name in tensors.keys.sorted(by: Manifest.precedes) {
             let t = tensors[name]!
             hasher.add(name: name, shape: t.shape, values: UnsafeRawBufferPointer(start: t.data, count: t.count * 4))
@@ -449,12 +453,12 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(hasher.finalize(), try a.headState())
     }
 
-    /// A `least_squares` editor goes through the daemon like any other: each version holds the sums, and
-    /// HEAD's state is the editor's own on the same batches.
+    /// A `least_squares` editor goes through the daemon like any other: with `keyframeEdits` 0 each version
+    /// holds the sums, and HEAD's state is the editor's own on the same batches.
     func testLeastSquaresEditorThroughTheStore() throws {
         let tmp = TempDir("ls-editor")
         try Fixture.writeLeastSquaresEditor(to: tmp.path("editor"))
-        let a = try Harness(editorFolder: tmp.path("editor"))
+        let a = try Harness(editorFolder: tmp.path("editor"), keyframeEdits: 0)
         try a.drop("0.jsonl", try Fixture.batch(0..<3))
         try a.drop("1.jsonl", try Fixture.batch(3..<5))
         try a.processor.runOnce()
@@ -488,8 +492,7 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(first.after, first.unedited, "no held-out line reaches the first batch's keys")
         XCTAssertEqual(second.before, first.after)
         XCTAssertNotEqual(second.after, second.unedited, "the second batch's subject opens a held-out line")
-        let headState = try h.editor.restoreState(try h.store.load(.number(2)).tensors)
-        h.editor.install(headState)
+        _ = try VersionReplay.state(of: try h.store.load(.number(2)), in: h.store, editor: h.editor, editorSHA256: nil)  // installed
         XCTAssertNotNil(h.folder.model.router)
         // The held-out lines in the processor's order (by length), so that the float sums run alike.
         XCTAssertEqual(second.after, h.folder.model.perplexity(h.processor.heldout), accuracy: 1e-9)
@@ -526,11 +529,79 @@ final class BatchProcessorTests: XCTestCase {
         try h.editor.apply(first, to: direct)
         try h.editor.apply([again], to: direct, superseding: [first[1]])
         try h.editor.apply([later], to: direct)
-        let loaded = try h.store.load()
+        let loaded = try VersionReplay.state(of: try h.store.load(), in: h.store, editor: h.editor, editorSHA256: nil).tensors()
         for m in Fixture.modules {
-            XCTAssertEqual(loaded.tensors["gram." + m]!.array, direct.tensors()["gram." + m]!.array, m)
-            XCTAssertEqual(loaded.tensors["delta_weight." + m]!.array, direct.tensors()["delta_weight." + m]!.array, m)
+            XCTAssertEqual(loaded["gram." + m]!.array, direct.tensors()["gram." + m]!.array, m)
+            XCTAssertEqual(loaded["delta_weight." + m]!.array, direct.tensors()["delta_weight." + m]!.array, m)
         }
+    }
+
+    /// Between whole versions (at most `keyframeEdits` edits apart) a version stores only what the editor
+    /// cannot rebuild; loading it replays the batches since the last whole version (a re-edit among them)
+    /// and gives the editor's own state bit for bit; another editor is refused; gc and archives keep what a
+    /// version is rebuilt from.
+    func testVersionsBetweenWholeOnesAreRebuiltByReplay() throws {
+        let tmp = TempDir("replay")
+        try Fixture.writeLeastSquaresEditor(to: tmp.path("editor"), routeThreshold: 0.9)
+        let h = try Harness(editorFolder: tmp.path("editor"), keyframeEdits: 4)
+        var again = Fixture.request(1)
+        again.targetNew = again.targetNew == "jazz" ? "piano" : "jazz"
+        let batches: [[EditRequest]] = [(0..<2).map(Fixture.request), [Fixture.request(2), again], [Fixture.request(4)],
+                                        (5..<8).map(Fixture.request), [Fixture.request(8)]]
+        for (i, b) in batches.enumerated() { try h.drop("\(i).jsonl", try EditBatch.encode(b)) }
+        try h.processor.runOnce()
+        XCTAssertEqual(h.names("done").count, 5)
+        XCTAssertEqual(try h.store.manifests().map(\.replayEdits), [2, 4, nil, 3, 4])
+        XCTAssertEqual(try h.store.manifests().map(\.format), [Manifest.replayFormat, Manifest.replayFormat, Manifest.partsFormat,
+                                                              Manifest.replayFormat, Manifest.replayFormat])
+        let direct = h.editor.newState()
+        let editorSHA = PipelineResources.hashes(modelFolder: Fixture.modelFolder, editorFolder: tmp.path("editor")).editor
+        for (i, b) in batches.enumerated() {
+            try h.editor.apply(b, to: direct, superseding: i == 1 ? [Fixture.request(1)] : [])
+            let loaded = try h.store.load(.number(i + 1))
+            let names = Set(loaded.tensors.keys)
+            XCTAssertEqual(names.contains("gram." + Fixture.modules[0]), i == 2, "only version 3 stores the sums")
+            XCTAssertEqual(names.contains("delta_weight." + Fixture.modules[0]), i == 2)
+            XCTAssertTrue(names.contains("route.keys"))
+            let rebuilt = try VersionReplay.state(of: loaded, in: h.store, editor: h.editor, editorSHA256: editorSHA).tensors()
+            let expected = direct.tensors()
+            XCTAssertEqual(Set(rebuilt.keys), Set(expected.keys), "version \(i + 1)")
+            for (name, t) in expected { XCTAssertEqual(rebuilt[name]?.array, t.array, "version \(i + 1): \(name)") }
+        }
+        XCTAssertNotNil(h.folder.model.router, "the rebuilt state is installed")
+        // Another editor cannot rebuild it: refused by hash, and by the check when no hash is known.
+        try Fixture.writeLeastSquaresEditor(to: tmp.path("other"), seed: 4, routeThreshold: 0.9)
+        let other = try EditorRegistry.load(from: tmp.path("other"), model: h.folder.model, tokenizer: h.folder.tokenizer!)
+        let otherSHA = PipelineResources.hashes(modelFolder: Fixture.modelFolder, editorFolder: tmp.path("other")).editor
+        for sha in [otherSHA, nil] {
+            XCTAssertThrowsError(try VersionReplay.state(of: try h.store.load(.number(5)), in: h.store, editor: other, editorSHA256: sha)) { error in
+                guard case PipelineError.replay(5, _) = error else { return XCTFail("\(error)") }
+            }
+        }
+        let atFive = direct.tensors()
+        // A new processor on this store (HEAD rebuilt by replay) continues as one that kept HEAD in memory.
+        let extra = [Fixture.request(9)]
+        let ref = try Harness(editorFolder: tmp.path("editor"), keyframeEdits: 4)
+        for (i, b) in (batches + [extra]).enumerated() { try ref.drop("\(i).jsonl", try EditBatch.encode(b)) }
+        try ref.processor.runOnce()
+        let reopened = try BatchProcessor(inbox: h.inbox, store: h.store, editor: h.editor, resources: h.processor.resources,
+                                          settings: h.processor.settings,
+                                          logger: Logger(label: "test.replay") { StructuredLogHandler(label: $0, level: .critical) })
+        try h.drop("5.jsonl", try EditBatch.encode(extra))
+        try reopened.runOnce()
+        XCTAssertEqual(try h.store.manifest(6).replayEdits, nil, "5 edits since version 3: whole again")
+        XCTAssertEqual(try h.headState(), try ref.headState())
+        // gc --keep 1 with HEAD at 5 keeps 5, the newest (6) and what 5 is rebuilt from (3, 4).
+        try h.store.rollback(to: .number(5))
+        XCTAssertEqual(try h.store.gc(keep: 1).keptVersions, [3, 4, 5, 6])
+        // An archive of version 5 carries them; restored elsewhere it rebuilds the same state.
+        let archive = tmp.path("v5.tar.zst")
+        try CheckpointArchive.create(store: h.store, version: .head, to: archive)
+        let target = try CheckpointStore(at: tmp.path("restored"), create: true)
+        try CheckpointArchive.restore(from: archive, into: target)
+        let restored = try VersionReplay.state(of: try target.load(), in: target, editor: h.editor, editorSHA256: editorSHA).tensors()
+        XCTAssertEqual(Set(restored.keys), Set(atFive.keys))
+        for (name, t) in atFive { XCTAssertEqual(restored[name]?.array, t.array, name) }
     }
 
     /// A training-free AlphaEdit editor goes through the daemon through the registry: versions hold its own
@@ -741,8 +812,7 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(first.perplexity?.before, first.perplexity?.unedited, "the first batch starts from the unedited model")
         XCTAssertEqual(p.before, first.perplexity!.after, accuracy: 1e-9, "before = HEAD's perplexity")
         // The cached "before" (HEAD's own evaluation) equals HEAD's perplexity measured afresh.
-        let headState = try h.editor.restoreState(try h.store.load(.number(1)).tensors)
-        h.editor.install(headState)
+        _ = try VersionReplay.state(of: try h.store.load(.number(1)), in: h.store, editor: h.editor, editorSHA256: nil)  // installed
         let texts = h.processor.resources.heldoutText.enumerated().sorted { ($0.element.count, $0.offset) < ($1.element.count, $1.offset) }.map(\.element)
         XCTAssertEqual(p.before, h.folder.model.perplexity(texts), accuracy: 1e-9)
         h.folder.model.clearEdits()

@@ -103,10 +103,14 @@ final class DaemonTests: XCTestCase {
         let f = try ModelFolder.load(Fixture.modelFolder, requireTokenizer: true)
         let editor = try DAFNetEditor.load(from: folder, model: f.model, tokenizer: f.tokenizer!)
         let state = EditState(moduleNames: editor.config.modules)
+        var replay: Int?
         return try batches.map { b in
-            try editor.apply(try EditBatch.parse(b, file: "b"), to: state)
+            let requests = try EditBatch.parse(b, file: "b")
+            try editor.apply(requests, to: state)
+            // What the version stores: the whole state, or what replaying its edits cannot rebuild.
+            replay = PipelineSettings().replayEdits(parent: replay, adding: requests.count, rebuildable: true)
             var hasher = StateHasher()
-            let tensors = state.tensors()
+            let tensors = state.tensors().filter { replay == nil || !state.rebuiltByReplay.contains($0.key) }
             for name in tensors.keys.sorted(by: Manifest.precedes) {
                 let t = tensors[name]!
                 hasher.add(name: name, shape: t.shape, values: UnsafeRawBufferPointer(start: t.data, count: t.count * 4))
@@ -201,8 +205,14 @@ final class DaemonTests: XCTestCase {
         let report = try PipelineJSON.decoder.decode(BatchReport.self, from: Data(contentsOf: s.store.appendingPathComponent("evaluations/001.v0001.json")))
         let prompts = s.tmp.path("prompts.jsonl")
         try Data(report.perEdit.map { "{\"prompt\": \"\($0.prompt)\"}\n" }.joined().utf8).write(to: prompts)
-        let (g, gLog) = try s.spawn(["generate", "--model", Fixture.modelFolder.path, "--store", s.store.path, "--version", "1",
-                                     "--max-tokens", "1", "--prompts", prompts.path], tag: "generate")
+        // Version 1 stores what the editor cannot rebuild: asking it needs the editor that made it.
+        let generate = ["generate", "--model", Fixture.modelFolder.path, "--store", s.store.path, "--version", "1",
+                        "--max-tokens", "1", "--prompts", prompts.path]
+        let (n, nLog) = try s.spawn(generate, tag: "no-editor")
+        n.waitUntilExit()
+        XCTAssertEqual(n.terminationStatus, 2)
+        XCTAssertTrue(try String(contentsOf: nLog, encoding: .utf8).contains("rebuilding it needs that editor (--editor)"))
+        let (g, gLog) = try s.spawn(generate + ["--editor", s.editor.path], tag: "generate")
         g.waitUntilExit()
         let text = try String(contentsOf: gLog, encoding: .utf8)
         XCTAssertEqual(g.terminationStatus, 0, text)

@@ -109,7 +109,7 @@ final class Harness {
     var storeURL: URL { tmp.path("store") }
 
     init(guardSettings: CollapseGuard = .disabled, canaries: [EditRequest.LocalityPair] = Fixture.canaries,
-         editorFolder existing: URL? = nil, name: String = "pipeline") throws {
+         editorFolder existing: URL? = nil, name: String = "pipeline", keyframeEdits: Int? = nil) throws {
         tmp = TempDir(name)
         editorFolder = existing ?? tmp.path("editor")
         if existing == nil { try Fixture.writeEditor(to: editorFolder) }
@@ -122,6 +122,7 @@ final class Harness {
         settings.collapseGuard = guardSettings
         settings.retentionSample = 8
         settings.answerTokens = 2
+        if let keyframeEdits { settings.keyframeEdits = keyframeEdits }
         let tok = folder.tokenizer!
         let hashes = PipelineResources.hashes(modelFolder: Fixture.modelFolder, editorFolder: editorFolder)
         let resources = PipelineResources(heldoutText: Fixture.heldout.map { tok.encode($0) }, canaries: canaries,

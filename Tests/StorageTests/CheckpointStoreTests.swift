@@ -366,6 +366,35 @@ final class CheckpointStoreTests: XCTestCase {
         XCTAssertThrowsError(try store.gc(keep: -1))
     }
 
+    /// A version committed with `replay_edits` is format 3 and names the versions it is rebuilt from; gc
+    /// keeps them with it, verify reports one that is missing, and a non-positive count is refused.
+    func testReplayChainsSurviveGCAndAreVerified() throws {
+        let (store, root) = try newStore()
+        XCTAssertEqual(try store.commit(CommitRequest(tensors: state(1), replayEdits: 2)).format, Manifest.replayFormat)
+        XCTAssertEqual(try store.commit(CommitRequest(tensors: state(2))).format, Manifest.singleBlobFormat)  // whole
+        try store.commit(CommitRequest(tensors: state(3), replayEdits: 1))
+        try store.commit(CommitRequest(tensors: state(4), replayEdits: 3))
+        XCTAssertThrowsError(try store.commit(CommitRequest(tensors: state(5), replayEdits: 0)))
+        var chain = try store.replayChain(of: 4)
+        XCTAssertEqual(chain.base, 2)
+        XCTAssertEqual(chain.versions.map(\.version), [3, 4])
+        chain = try store.replayChain(of: 1)
+        XCTAssertNil(chain.base, "rebuilt from the empty state")
+        XCTAssertEqual(chain.versions.map(\.version), [1])
+        XCTAssertEqual(try store.replayChain(of: 2).versions.map(\.version), [])
+        // gc --keep 1 keeps HEAD (4) and what it is rebuilt from (3, 2); version 1 goes.
+        let report = try store.gc(keep: 1)
+        XCTAssertEqual(report.keptVersions, [2, 3, 4])
+        XCTAssertEqual(try store.versions(), [2, 3, 4])
+        XCTAssertTrue(try store.verify().isClean)
+        // A missing link is an error for the chain and a problem for verify.
+        try FileManager.default.removeItem(at: root.appendingPathComponent(Manifest.fileName(3)))
+        XCTAssertThrowsError(try store.replayChain(of: 4)) { error in
+            guard case StoreError.replayChainBroken(4, 3) = error else { return XCTFail("\(error)") }
+        }
+        XCTAssertTrue(try store.verify().problems.contains { $0.contains("parent 3, which its state is rebuilt from, is missing") })
+    }
+
     func testGCRefusesWhenAManifestIsUnreadable() throws {
         let (store, root) = try newStore()
         try store.commit(CommitRequest(tensors: state(1)))

@@ -1,7 +1,7 @@
 import ArgumentParser
+import Editing
 import Foundation
 import Pipeline
-import Editing
 import Storage
 
 /// `--store DIR`, shared by every command that works on the checkpoint store.
@@ -138,12 +138,39 @@ struct Checkpoints: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Re-hash every blob, decode every frame, check every manifest; exits 1 on a problem.")
         @OptionGroup var location: StoreLocationOptions
+        @Flag(help: "Also rebuild every version that stores part of its state (replay_edits) with the model and editor, check it against what it stores, and print the seconds each took.")
+        var rebuild = false
+        @OptionGroup var model: ModelOption
+        @OptionGroup var editorOption: EditorOption
         @Flag(help: "Print JSON.") var json = false
 
         func run() throws {
-            let report = try runMapped { try location.open().verify() }
+            let store = try runMapped { try location.open() }
+            var report = try runMapped { try store.verify() }
+            if rebuild { report.problems += try rebuildAll(store) }
             print(json ? try runMapped { try StoreText.json(report) } : StoreText.verify(report))
             if !report.isClean { throw ExitCode(ExitStatus.checkFailed) }
+        }
+
+        /// Rebuilds each version stored in part, printing its time; returns the problems.
+        func rebuildAll(_ store: CheckpointStore) throws -> [String] {
+            let partial = try runMapped { try store.manifests() }.filter { $0.replayEdits != nil }
+            guard !partial.isEmpty else { return [] }
+            let folder = try model.load(requireTokenizer: true)
+            let editor = try runMapped { try EditorRegistry.load(from: editorOption.url, model: folder.model, tokenizer: folder.tokenizer!) }
+            let hash = PipelineResources.hashes(modelFolder: folder.url, editorFolder: editorOption.url).editor
+            var problems: [String] = []
+            for m in partial {
+                let t0 = Date()
+                do {
+                    _ = try VersionReplay.state(of: try store.load(.number(m.version)), in: store, editor: editor, editorSHA256: hash)
+                    if !json { print(String(format: "version %d: rebuilt (%d edits replayed) in %.2f s", m.version, m.replayEdits!, Date().timeIntervalSince(t0))) }
+                } catch {
+                    problems.append("version \(m.version): \(error)")
+                }
+            }
+            folder.model.clearEdits()
+            return problems
         }
     }
 

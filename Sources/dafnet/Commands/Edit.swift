@@ -3,6 +3,7 @@ import Editing
 import Evaluation
 import Foundation
 import LanguageModel
+import Pipeline
 
 struct Edit: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -49,10 +50,10 @@ struct Edit: ParsableCommand {
         var state = editor.newState()
         var headAnswers: [String]?
         var headLabel = ""
-        if let loaded = try stored.load(for: folder) {
+        if let (store, loaded) = try stored.load(for: folder) {
             // Start from the stored version: its answers are the "before" that matters here.
-            state = try runMapped { try editor.restoreState(loaded.tensors) }
-            editor.install(state)
+            let hash = PipelineResources.hashes(modelFolder: folder.url, editorFolder: editorOption.url).editor
+            state = try runMapped { try VersionReplay.state(of: loaded, in: store, editor: editor, editorSHA256: hash) }
             headLabel = "version \(loaded.manifest.version)"
             headAnswers = try requests.map { r in
                 try runMapped { try EditMetrics.greedyAnswer(folder.model, folder.tokenizer!, prompt: r.prompt, maxTokens: 4) }

@@ -11,6 +11,7 @@ struct Export: ParsableCommand {
 
     @OptionGroup var location: StoreLocationOptions
     @OptionGroup var model: ModelOption
+    @OptionGroup var editorOption: EditorOption
     @Option(help: "The version: a number, HEAD or HEAD~K.")
     var version: VersionArgument = VersionArgument(.head)
     @Option(help: "Output folder.")
@@ -35,7 +36,7 @@ struct Export: ParsableCommand {
             if !allowOtherBaseModel {
                 try loaded.manifest.requireBaseModel(PipelineResources.hashes(modelFolder: model.url, editorFolder: nil).model)
             }
-            let tensors = loaded.tensors
+            let tensors = try wholeState(loaded, in: store, model: folder, editor: editorOption.url)
             let m = loaded.manifest
             let provenance = EditedModelExport.Provenance(store: location.url.standardizedFileURL.path, version: m.version,
                                                           stateSHA256: m.stateSHA256, baseModelSHA256: m.baseModelSHA256, dtype: dt)

@@ -10,6 +10,7 @@ struct Facts: ParsableCommand {
 
     @OptionGroup var model: ModelOption
     @OptionGroup var stored: StoredVersionOptions
+    @OptionGroup var editorOption: EditorOption
     @Option(help: "Facts (JSON Lines). Default: samples/world/facts.jsonl.")
     var data: String?
     @Option(help: "Held-out text, one sentence a line. Default: heldout_text.txt beside the facts.")
@@ -21,7 +22,7 @@ struct Facts: ParsableCommand {
 
     func run() throws {
         let folder = try model.load(requireTokenizer: true)
-        let label = try stored.install(on: folder)
+        let label = try stored.install(on: folder, editor: editorOption.url)
         let dataURL = data.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("world/facts.jsonl")
         let facts = try runMapped { try FactFile.read(dataURL) }
         let textURL = text.map { URL(fileURLWithPath: $0) } ?? dataURL.deletingLastPathComponent().appendingPathComponent("heldout_text.txt")

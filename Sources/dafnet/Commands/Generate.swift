@@ -8,6 +8,7 @@ struct Generate: ParsableCommand {
 
     @OptionGroup var model: ModelOption
     @OptionGroup var stored: StoredVersionOptions
+    @OptionGroup var editorOption: EditorOption
     @Option(help: "Number of new tokens.")
     var maxTokens = 16
     @Flag(help: "Print the ids as JSON instead of text.")
@@ -24,7 +25,7 @@ struct Generate: ParsableCommand {
 
     func run() throws {
         let folder = try model.load(requireTokenizer: true)
-        try stored.install(on: folder)
+        try stored.install(on: folder, editor: editorOption.url)
         let tok = folder.tokenizer!
         func answer(_ text: String) throws -> [Int] {
             let promptIds = tok.encode(text)

@@ -4,6 +4,8 @@ import Foundation
 import LanguageModel
 import Pipeline
 import Storage
+import TensorCore
+import Tokenizers
 
 /// The embedded default: resources shipped in `samples/` beside the executable's package.
 enum Embedded {
@@ -54,23 +56,41 @@ struct StoredVersionOptions: ParsableArguments {
     @Flag(help: "With --store: install the version on a model folder other than the one it was made on.")
     var allowOtherBaseModel = false
 
-    /// The version, verified and checked against `folder`'s weights; nil without --store.
-    func load(for folder: ModelFolder) throws -> LoadedVersion? {
+    /// The version, verified and checked against `folder`'s weights, with its store; nil without --store.
+    func load(for folder: ModelFolder) throws -> (store: CheckpointStore, version: LoadedVersion)? {
         guard let store else { return nil }
         return try runMapped {
-            let loaded = try CheckpointStore(at: URL(fileURLWithPath: store)).load(version.ref)
+            let s = try CheckpointStore(at: URL(fileURLWithPath: store))
+            let loaded = try s.load(version.ref)
             if !allowOtherBaseModel {
                 try loaded.manifest.requireBaseModel(PipelineResources.hashes(modelFolder: folder.url, editorFolder: nil).model)
             }
-            return loaded
+            return (s, loaded)
         }
     }
 
     /// Installs the version's edits on `folder`'s model; returns a label for output, nil without --store.
+    /// A version that stores part of its state is rebuilt with the editor in `editor`.
     @discardableResult
-    func install(on folder: ModelFolder) throws -> String? {
-        guard let loaded = try load(for: folder) else { return nil }
-        try runMapped { try EditedModelExport.install(loaded.tensors, on: folder.model) }
-        return "version \(loaded.manifest.version) of \(store!)"
+    func install(on folder: ModelFolder, editor: URL) throws -> String? {
+        guard let (store, loaded) = try load(for: folder) else { return nil }
+        let tensors = try wholeState(loaded, in: store, model: folder, editor: editor)
+        try runMapped { try EditedModelExport.install(tensors, on: folder.model) }
+        return "version \(loaded.manifest.version) of \(self.store!)"
+    }
+}
+
+/// A stored version's whole edit state: as stored, or, for a version that stores only what its editor
+/// cannot rebuild (`replay_edits`), rebuilt by replaying its edits with the editor in `editor` (which must
+/// be the one that made it).
+func wholeState(_ loaded: LoadedVersion, in store: CheckpointStore, model folder: ModelFolder, editor: URL) throws -> [String: Tensor] {
+    guard loaded.manifest.replayEdits != nil else { return loaded.tensors }
+    return try runMapped {
+        let hash = PipelineResources.hashes(modelFolder: folder.url, editorFolder: editor).editor
+        try VersionReplay.requireEditor(loaded.manifest, hash)
+        let tokenizer = try folder.tokenizer ?? Tokenizer.load(folder: folder.url)
+        let ed = try EditorRegistry.load(from: editor, model: folder.model, tokenizer: tokenizer)
+        defer { folder.model.clearEdits() }
+        return try VersionReplay.state(of: loaded, in: store, editor: ed, editorSHA256: hash).tensors()
     }
 }

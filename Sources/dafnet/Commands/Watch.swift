@@ -56,6 +56,8 @@ struct Watch: ParsableCommand {
     var minRetention: Double = CollapseGuard().minRetention
     @Option(help: "Collapse guard: smallest reliability of the batch's own edits.")
     var minReliability: Double = CollapseGuard().minReliability
+    @Option(help: "A version stores its whole edit state once more than this many edits would have to be applied again to rebuild it from the last version that does; else only what the editor cannot rebuild (0: every version whole).")
+    var keyframeEdits = PipelineSettings().keyframeEdits
     @Option(help: "Earlier edits sampled for retention.")
     var retentionSample = 32
     @Option(help: "Tokens of the greedy answers before and after, per edit (0: none).")
@@ -78,7 +80,8 @@ struct Watch: ParsableCommand {
             throw ValidationError("--min-age and --unfinished-timeout must be ≥ 0 and --rescan-interval > 0")
         }
         guard maxPerplexityRatio > 0 else { throw ValidationError("--max-perplexity-ratio must be positive") }
-        guard retentionSample >= 0, answerTokens >= 0, fluencyTokens >= 0, fluencySample >= 0, canaryCount >= 0, textLines >= 0 else {
+        guard retentionSample >= 0, answerTokens >= 0, fluencyTokens >= 0, fluencySample >= 0, canaryCount >= 0, textLines >= 0,
+              keyframeEdits >= 0 else {
             throw ValidationError("counts must be 0 or more")
         }
     }
@@ -136,6 +139,7 @@ struct Watch: ParsableCommand {
         settings.collapseGuard.minRetention = minRetention
         settings.collapseGuard.minReliability = minReliability
         settings.retentionSample = retentionSample
+        settings.keyframeEdits = keyframeEdits
         settings.answerTokens = answerTokens
         settings.fluencyTokens = fluencyTokens; settings.fluencySample = fluencySample
         let processor = try runMapped {

@@ -1,0 +1,72 @@
+import Editing
+import Foundation
+import Storage
+import TensorCore
+
+/// Stored versions as edit states. A version committed with `replay_edits` stores only the tensors its
+/// editor cannot rebuild (for DAFNet the per-edit representations and router keys, not ΔW or the
+/// least-squares sums): its state is that of the nearest ancestor holding a whole state (or the empty
+/// state) with the batches since applied again, exactly as the daemon applied them, and checked against
+/// what the version stores.
+public enum VersionReplay {
+    /// Throws when `m` has to be rebuilt and was made by an editor other than the one whose weights hash to
+    /// `editorSHA256` (nothing is checked where either is unknown).
+    public static func requireEditor(_ m: Manifest, _ editorSHA256: String?) throws {
+        if m.replayEdits != nil, let made = m.editorSHA256, let given = editorSHA256, made != given {
+            throw PipelineError.replay(version: m.version, reason: "it was made by the editor with weights sha256 \(made), "
+                                       + "and rebuilding it needs that editor (--editor); the editor given has \(given)")
+        }
+    }
+
+    /// The edit state of `loaded` (a version of `store`), installed on the editor's model. `editorSHA256`
+    /// (the editor's weights) must be the one the version was made with when it has to be replayed.
+    public static func state(of loaded: LoadedVersion, in store: CheckpointStore, editor: SequentialEditor,
+                             editorSHA256: String?) throws -> EditorState {
+        let m = loaded.manifest
+        guard let expected = m.replayEdits else {
+            let state = try editor.restoreState(loaded.tensors)
+            editor.install(state)
+            return state
+        }
+        try requireEditor(m, editorSHA256)
+        let (base, chain) = try store.replayChain(of: m.version)
+        let state: EditorState
+        var log: EditLog
+        if let base {
+            state = try editor.restoreState(try store.load(.number(base)).tensors)
+            log = try EditLog.load(from: store, version: base)
+        } else {
+            state = editor.newState()
+            log = EditLog()
+        }
+        // The version's log holds every edit of its lineage; each version on the way added one batch.
+        let all = try EditLog.load(from: store, version: m.version).all()
+        var start = log.count
+        var batches: [ReplayBatch] = []
+        for v in chain {
+            let end = try EditLog.count(in: store, version: v.version)
+            guard start <= end, end <= all.count else {
+                throw PipelineError.replay(version: m.version, reason: "the edit log of version \(v.version) does not extend its parent's")
+            }
+            let requests = Array(all[start..<end])
+            batches.append(ReplayBatch(requests: requests, superseded: try log.superseded(by: requests)))
+            try log.append(requests)
+            start = end
+        }
+        let replayed = batches.reduce(0) { $0 + $1.requests.count }
+        guard replayed == expected else {
+            throw PipelineError.replay(version: m.version, reason: "its manifest says \(expected) edits are replayed, its log holds \(replayed)")
+        }
+        try editor.replay(batches, onto: state)
+        // What the replay rebuilt must be what the version stores, bit for bit.
+        let rebuilt = state.tensors()
+        let derived = state.rebuiltByReplay
+        for name in Set(rebuilt.keys).subtracting(derived).union(loaded.tensors.keys).sorted() {
+            guard let a = rebuilt[name], let b = loaded.tensors[name], a.shape == b.shape,
+                  memcmp(a.data, b.data, a.count * 4) == 0 else {
+                throw PipelineError.replay(version: m.version, reason: "replaying its \(expected) edits does not give the stored tensor '\(name)'")
+            }
+        }
+        return state
+    }
+}
