@@ -161,14 +161,14 @@ public final class EditState: EditorState, @unchecked Sendable {
     }
 
     /// Named tensors for the checkpoint store: `delta_weight.<m>`, `delta_bias.<m>`, `reps.<m>.<layer>`,
-    /// `gram.<m>`, `cross.<m>` and `edit_count`.
+    /// `gram.<m>` (its upper triangle, row by row, when exactly symmetric), `cross.<m>` and `edit_count`.
     public func tensors() -> [String: Tensor] {
         var out: [String: Tensor] = ["edit_count": Tensor(shape: [1], values: [Float(editCount)])]
         for (name, m) in modules {
             if let w = m.deltaWeight { out["delta_weight." + name] = w }
             if let b = m.deltaBias { out["delta_bias." + name] = b }
             for (l, r) in m.pastReps.enumerated() { out["reps.\(name).\(l)"] = r }
-            if let g = m.gram { out["gram." + name] = g }
+            if let g = m.gram { out["gram." + name] = LeastSquares.packedUpper(g) ?? g }
             if let c = m.cross { out["cross." + name] = c }
         }
         if let router { out.merge(RouteTensors.tensors(of: router)) { a, _ in a } }
@@ -190,7 +190,11 @@ public final class EditState: EditorState, @unchecked Sendable {
                 switch parts[0] {
                 case "delta_weight": m.deltaWeight = t.copy()
                 case "delta_bias": m.deltaBias = t.copy()
-                case "gram": m.gram = t.copy()
+                case "gram":
+                    guard let g = t.shape.count == 2 ? t.copy() : LeastSquares.unpackedUpper(t) else {
+                        throw EditingError.invalidInput("edit state: \"\(key)\" is neither a square matrix nor its upper triangle")
+                    }
+                    m.gram = g
                 default: m.cross = t.copy()
                 }
             case "reps":

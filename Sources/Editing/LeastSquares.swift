@@ -43,11 +43,41 @@ public enum LeastSquares {
         return out
     }
 
-    /// Σ uᵀu over rows: [in, in] (added to `into` when given), scaled by `alpha`.
+    /// Σ uᵀu over rows: [in, in] (added to `into` when given), scaled by `alpha`; exactly symmetric (its upper
+    /// triangle computed and mirrored), so that a stored state keeps only that triangle.
     public static func gram(_ u: Tensor, alpha: Float = 1, into: Tensor? = nil) -> Tensor {
         let n = u.shape[1], L = u.shape[0]
         let out = into ?? Tensor(shape: [n, n])
-        BLAS.gemm(out.data, u.data, u.data, M: n, N: n, K: L, transA: true, alpha: alpha, beta: into == nil ? 0 : 1)
+        BLAS.syrk(out.data, u.data, N: n, K: L, alpha: alpha, beta: into == nil ? 0 : 1)
+        return out
+    }
+
+    /// A symmetric [n, n] matrix as its upper triangle, row by row ([n(n+1)/2]); nil when it is not exactly
+    /// symmetric (a state made before the grams were).
+    public static func packedUpper(_ g: Tensor) -> Tensor? {
+        guard g.shape.count == 2, g.shape[0] == g.shape[1] else { return nil }
+        let n = g.shape[0], p = g.data
+        for i in 0..<n { for j in 0..<i where p[i * n + j] != p[j * n + i] { return nil } }
+        let out = Tensor(shape: [n * (n + 1) / 2])
+        var k = 0
+        for i in 0..<n {
+            (out.data + k).update(from: p + i * n + i, count: n - i)
+            k += n - i
+        }
+        return out
+    }
+
+    /// The symmetric [n, n] matrix of a `packedUpper` triangle; nil when the length is no n(n+1)/2.
+    public static func unpackedUpper(_ t: Tensor) -> Tensor? {
+        guard t.shape.count == 1 else { return nil }
+        let n = Int((Double(8 * t.count + 1).squareRoot() - 1) / 2)
+        guard n * (n + 1) / 2 == t.count else { return nil }
+        let out = Tensor(shape: [n, n])
+        let o = out.data, p = t.data
+        var k = 0
+        for i in 0..<n {
+            for j in i..<n { o[i * n + j] = p[k]; o[j * n + i] = p[k]; k += 1 }
+        }
         return out
     }
 

@@ -33,7 +33,7 @@ public enum VersionReplay {
         let state: EditorState
         var log: EditLog
         if let base {
-            state = try editor.restoreState(try store.load(.number(base)).tensors)
+            state = try editor.restoreState(try baseTensors(base, of: loaded, in: store))
             log = try EditLog.load(from: store, version: base)
         } else {
             state = editor.newState()
@@ -68,5 +68,24 @@ public enum VersionReplay {
             }
         }
         return state
+    }
+
+    /// The tensors of `base`, an ancestor of `loaded`: each one whose stored parts begin `loaded`'s tensor of
+    /// the same name (rows it only grew by since) is cut from `loaded`'s, already read and verified; the rest
+    /// are read from the store, each checked against its recorded hashes.
+    static func baseTensors(_ base: Int, of loaded: LoadedVersion, in store: CheckpointStore) throws -> [String: Tensor] {
+        let own = Dictionary(uniqueKeysWithValues: loaded.manifest.tensors.map { ($0.name, $0) })
+        var out: [String: Tensor] = [:]
+        for e in try store.manifest(base).tensors {
+            if let mine = own[e.name], let t = loaded.tensors[e.name], e.bytes <= mine.bytes,
+               e.shape.dropFirst() == mine.shape.dropFirst(), Array(mine.parts.prefix(e.parts.count)) == e.parts {
+                let cut = Tensor(shape: e.shape)
+                cut.data.update(from: t.data, count: cut.count)
+                out[e.name] = cut
+            } else {
+                out[e.name] = try store.tensor(e.name, in: .number(base))
+            }
+        }
+        return out
     }
 }

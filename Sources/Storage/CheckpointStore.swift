@@ -42,7 +42,7 @@ public struct StoreConfiguration: Sendable {
     public var maxTensorParts: Int
 
     public init(compressionLevel: Int32 = 1, shuffle: Bool = true, lockTimeout: Double = 60, maxBlobBytes: Int = 1 << 36,
-                maxTensorParts: Int = 64) {
+                maxTensorParts: Int = 1024) {
         self.compressionLevel = compressionLevel
         self.shuffle = shuffle
         self.lockTimeout = lockTimeout

@@ -27,6 +27,16 @@ public enum BLAS {
                     Int32(max(lc, 1)))
     }
 
+    /// C[N,N] = alpha · AᵀA + beta · C for A [K, N] row-major, computed on the upper triangle and mirrored to
+    /// the lower one, so that C is exactly symmetric (when it was before: a `beta` update keeps the lower half
+    /// of a non-symmetric C out of the result).
+    public static func syrk(_ c: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, N: Int, K: Int,
+                            alpha: Float = 1, beta: Float = 0) {
+        if N == 0 { return }
+        cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(N), Int32(K), alpha, a, Int32(max(N, 1)), beta, c, Int32(max(N, 1)))
+        for i in 1..<N { for j in 0..<i { c[i * N + j] = c[j * N + i] } }
+    }
+
     /// y[M] = alpha · A[M, N] · x[N] + beta · y (`trans`: y[N] = alpha · Aᵀ · x[M] + beta · y), row-major A
     /// with rows `lda` apart (N when nil).
     public static func gemv(_ y: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, _ x: UnsafePointer<Float>,

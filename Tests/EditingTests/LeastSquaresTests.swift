@@ -211,6 +211,30 @@ final class LeastSquaresTests: XCTestCase {
 
     /// The state (ΔW, the sums, the representations) survives `tensors()` and the editor folder its
     /// statistics and λ; a continued sequence after the round trip is the uninterrupted one.
+    /// The grams are exactly symmetric, so a stored state keeps their upper triangle and restores them bit for
+    /// bit; a gram that is not symmetric (a state made before) is stored whole; a bad length is an error.
+    func testGramsAreStoredAsTheirUpperTriangle() throws {
+        let e = try makeEditor()
+        let state = EditState(moduleNames: e.config.modules)
+        try e.apply([requests[0], requests[1]], to: state)
+        let tensors = state.tensors()
+        for m in e.config.modules {
+            let g = state.modules[m]!.gram!, n = g.shape[0]
+            for i in 0..<n { for j in 0..<i { XCTAssertEqual(g[i, j], g[j, i]) } }
+            XCTAssertEqual(tensors["gram." + m]!.shape, [n * (n + 1) / 2], m)
+        }
+        let restored = try EditState(moduleNames: e.config.modules, tensors: tensors)
+        for m in e.config.modules { XCTAssertEqual(restored.modules[m]!.gram!.array, state.modules[m]!.gram!.array, m) }
+        let m0 = e.config.modules[0]
+        let skew = state.modules[m0]!.gram!.copy()
+        skew[1, 0] += 1
+        state.modules[m0]!.gram = skew
+        XCTAssertEqual(state.tensors()["gram." + m0]!.array, skew.array, "stored whole")
+        var bad = tensors
+        bad["gram." + m0] = Tensor(shape: [4])
+        XCTAssertThrowsError(try EditState(moduleNames: e.config.modules, tensors: bad))
+    }
+
     func testStateAndEditorRoundTrip() throws {
         let e = try makeEditor()
         let state = EditState(moduleNames: e.config.modules)
