@@ -57,7 +57,12 @@ public enum LeastSquares {
     public static func packedUpper(_ g: Tensor) -> Tensor? {
         guard g.shape.count == 2, g.shape[0] == g.shape[1] else { return nil }
         let n = g.shape[0], p = g.data
-        for i in 0..<n { for j in 0..<i where p[i * n + j] != p[j * n + i] { return nil } }
+        let tile = 64
+        for ib in stride(from: 0, to: n, by: tile) {
+            for jb in stride(from: 0, through: ib, by: tile) {
+                for i in ib..<min(ib + tile, n) { for j in jb..<min(jb + tile, i) where p[i * n + j] != p[j * n + i] { return nil } }
+            }
+        }
         let out = Tensor(shape: [n * (n + 1) / 2])
         var k = 0
         for i in 0..<n {

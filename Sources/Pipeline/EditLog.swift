@@ -37,23 +37,30 @@ public struct EditLog: Sendable {
     public static func fileName(_ index: Int) -> String { filePrefix + String(format: "%06d", index) + fileSuffix }
 
     /// The names of a stored version's log files, in order.
-    private static func fileNames(in store: CheckpointStore, version: Int) throws -> [String] {
-        try store.manifest(version).files.map(\.name).filter { $0.hasPrefix(filePrefix) && $0.hasSuffix(fileSuffix) }.sorted()
+    private static func fileNames(of version: VersionTensorSource) -> [String] {
+        version.manifest.files.map(\.name).filter { $0.hasPrefix(filePrefix) && $0.hasSuffix(fileSuffix) }.sorted()
     }
 
     /// How many edits a stored version's log holds (its lines counted, none decoded).
-    static func count(in store: CheckpointStore, version: Int) throws -> Int {
-        try fileNames(in: store, version: version).reduce(0) { n, name in
-            n + (try store.fileData(name, in: .number(version))).reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
+    static func count(in store: CheckpointStore, version: Int) throws -> Int { try count(of: try store.source(.number(version))) }
+
+    static func count(of version: VersionTensorSource) throws -> Int {
+        try fileNames(of: version).reduce(0) { n, name in
+            n + (try version.file(name)).reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
         }
     }
 
     /// The log of a stored version (empty when it has none).
     public static func load(from store: CheckpointStore, version: Int, chunkSize: Int = 1000) throws -> EditLog {
+        try load(from: try store.source(.number(version)), chunkSize: chunkSize)
+    }
+
+    /// The same for a version whose manifest is already read.
+    public static func load(from version: VersionTensorSource, chunkSize: Int = 1000) throws -> EditLog {
         var log = EditLog(chunkSize: chunkSize)
         let decoder = JSONDecoder()
-        for name in try fileNames(in: store, version: version) {
-            let data = try store.fileData(name, in: .number(version))
+        for name in fileNames(of: version) {
+            let data = try version.file(name)
             log.chunks.append(data)
             let lines = data.split(separator: UInt8(ascii: "\n"))
             log.counts.append(lines.count)

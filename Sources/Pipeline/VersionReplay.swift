@@ -33,18 +33,19 @@ public enum VersionReplay {
         let state: EditorState
         var log: EditLog
         if let base {
-            state = try editor.restoreState(try baseTensors(base, of: loaded, in: store))
-            log = try EditLog.load(from: store, version: base)
+            let source = try store.source(.number(base))
+            state = try editor.restoreState(try baseTensors(source, of: loaded))
+            log = try EditLog.load(from: source)
         } else {
             state = editor.newState()
             log = EditLog()
         }
         // The version's log holds every edit of its lineage; each version on the way added one batch.
-        let all = try EditLog.load(from: store, version: m.version).all()
+        let all = try EditLog.load(from: VersionTensorSource(store: store, manifest: m)).all()
         var start = log.count
         var batches: [ReplayBatch] = []
         for v in chain {
-            let end = try EditLog.count(in: store, version: v.version)
+            let end = try EditLog.count(of: VersionTensorSource(store: store, manifest: v))
             guard start <= end, end <= all.count else {
                 throw PipelineError.replay(version: m.version, reason: "the edit log of version \(v.version) does not extend its parent's")
             }
@@ -73,17 +74,17 @@ public enum VersionReplay {
     /// The tensors of `base`, an ancestor of `loaded`: each one whose stored parts begin `loaded`'s tensor of
     /// the same name (rows it only grew by since) is cut from `loaded`'s, already read and verified; the rest
     /// are read from the store, each checked against its recorded hashes.
-    static func baseTensors(_ base: Int, of loaded: LoadedVersion, in store: CheckpointStore) throws -> [String: Tensor] {
+    static func baseTensors(_ base: VersionTensorSource, of loaded: LoadedVersion) throws -> [String: Tensor] {
         let own = Dictionary(uniqueKeysWithValues: loaded.manifest.tensors.map { ($0.name, $0) })
         var out: [String: Tensor] = [:]
-        for e in try store.manifest(base).tensors {
+        for e in base.manifest.tensors {
             if let mine = own[e.name], let t = loaded.tensors[e.name], e.bytes <= mine.bytes,
                e.shape.dropFirst() == mine.shape.dropFirst(), Array(mine.parts.prefix(e.parts.count)) == e.parts {
                 let cut = Tensor(shape: e.shape)
                 cut.data.update(from: t.data, count: cut.count)
                 out[e.name] = cut
             } else {
-                out[e.name] = try store.tensor(e.name, in: .number(base))
+                out[e.name] = try base.tensor(e.name)
             }
         }
         return out

@@ -911,4 +911,19 @@ public struct VersionTensorSource: TensorSource {
     }
 
     public func entry(_ name: String) -> TensorEntry? { manifest.tensors.first { $0.name == name } }
+
+    /// The version `manifest` (already read) of `store`: its tensors and files read without reading the
+    /// manifest again.
+    public init(store: CheckpointStore, manifest: Manifest) {
+        self.store = store
+        self.manifest = manifest
+    }
+
+    /// One stored file of the version, by name (its blob verified).
+    public func file(_ name: String) throws -> Data {
+        guard let entry = manifest.files.first(where: { $0.name == name }) else {
+            throw StoreError.fileNotFound(name: name, version: manifest.version)
+        }
+        return try store.decodeFile(entry, version: manifest.version)
+    }
 }

@@ -34,7 +34,13 @@ public enum BLAS {
                             alpha: Float = 1, beta: Float = 0) {
         if N == 0 { return }
         cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, Int32(N), Int32(K), alpha, a, Int32(max(N, 1)), beta, c, Int32(max(N, 1)))
-        for i in 1..<N { for j in 0..<i { c[i * N + j] = c[j * N + i] } }
+        // Mirrored in tiles, so that the strided reads of the upper triangle stay in cache.
+        let tile = 64
+        for ib in stride(from: 0, to: N, by: tile) {
+            for jb in stride(from: 0, through: ib, by: tile) {
+                for i in ib..<min(ib + tile, N) { for j in jb..<min(jb + tile, i) { c[i * N + j] = c[j * N + i] } }
+            }
+        }
     }
 
     /// y[M] = alpha · A[M, N] · x[N] + beta · y (`trans`: y[N] = alpha · Aᵀ · x[M] + beta · y), row-major A
