@@ -93,7 +93,8 @@ public struct AuxOutput {
     public let updateScales: [Float]
     /// The per-edit scales spread over each edit's rows (scale / length), [Σ lengths].
     public let rowScales: [Float]
-    /// The sequence representations after this call, per layer: [past + edits, dim].
+    /// The sequence representations after this call, per layer: [past + edits, dim] when the call was given
+    /// the past's representations, else [edits, dim] (a past known only by its memo).
     public let newReps: [Tensor]
 
     /// The paper's update: ΔW_new = x1ᵀ · (scaled x2) [xDim, deltaDim] and Δb_new = Σ scaled x2 rows [deltaDim].
@@ -105,16 +106,20 @@ public struct AuxOutput {
 
 /// One module's share of a call of its network: its signal rows x [Σ lengths, xDim + deltaDim] (rows
 /// `[u | δ]`), one segment per edit; its mode; the sequence's past representations (per layer, [past, dim];
-/// nil for a fresh sequence) and, at inference, the memo of the past's projections.
+/// nil for a fresh sequence, or at inference for a past the memo holds) and, at inference, the memo of the
+/// past's projections: the call extends it with its edits unless `extendsMemo` is false (a look at what
+/// edits would give, leaving the sequence as it is).
 public struct AuxInput {
     public var x: Tensor
     public var lengths: [Int]
     public var mode: Int
     public var pastReps: [Tensor]?
     public var memo: PastProjections?
+    public var extendsMemo: Bool
 
-    public init(x: Tensor, lengths: [Int], mode: Int, pastReps: [Tensor]?, memo: PastProjections? = nil) {
+    public init(x: Tensor, lengths: [Int], mode: Int, pastReps: [Tensor]?, memo: PastProjections? = nil, extendsMemo: Bool = true) {
         self.x = x; self.lengths = lengths; self.mode = mode; self.pastReps = pastReps; self.memo = memo
+        self.extendsMemo = extendsMemo
     }
 }
 
@@ -123,7 +128,7 @@ public struct AuxInput {
 /// (without it each edit re-projects all N past rows: O(N) work per edit). Valid for one network and one
 /// sequence; `rows` says how many past rows each layer's projections cover.
 public final class PastProjections: @unchecked Sendable {
-    var keys: [Tensor?], values: [Tensor?], scoreKeys: [Tensor?]
+    public private(set) var keys: [Tensor?], values: [Tensor?], scoreKeys: [Tensor?]
     public private(set) var rows: [Int]
 
     public init(layers: Int) {
@@ -133,6 +138,26 @@ public final class PastProjections: @unchecked Sendable {
 
     func set(_ l: Int, keys k: Tensor, values v: Tensor, scoreKeys sk: Tensor) {
         keys[l] = k; values[l] = v; scoreKeys[l] = sk; rows[l] = k.shape[0]
+    }
+
+    /// Rows the memo holds at every layer (0 when it holds none or disagrees between layers).
+    public var pastRows: Int { rows.allSatisfy { $0 == rows.first } ? max(rows.first ?? 0, 0) : 0 }
+
+    /// Every layer complete (a memo that can stand for its past's representations).
+    public var isComplete: Bool { keys.allSatisfy { $0 != nil } && values.allSatisfy { $0 != nil } && scoreKeys.allSatisfy { $0 != nil } }
+
+    /// A memo from stored projections: per layer its keys, values and score keys (each [rows, …]).
+    public convenience init(keys: [Tensor], values: [Tensor], scoreKeys: [Tensor]) {
+        self.init(layers: keys.count)
+        for l in keys.indices { set(l, keys: keys[l], values: values[l], scoreKeys: scoreKeys[l]) }
+    }
+
+    /// A copy whose tensors are its own.
+    public func copy() -> PastProjections {
+        let c = PastProjections(layers: rows.count)
+        c.keys = keys.map { $0?.copy() }; c.values = values.map { $0?.copy() }; c.scoreKeys = scoreKeys.map { $0?.copy() }
+        c.rows = rows
+        return c
     }
 }
 
@@ -318,6 +343,20 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
     /// `rows` projected by the plain (untaped) weights of `name`, each row computed alike however many are
     /// projected with it, so projections kept in a memo (a few rows at a time, as edits arrive) are
     /// bit-identical to those of a state loaded from disk (all rows at once).
+    /// The memo of a past given by its representations (per layer, [past, dim]): what a sequence's state
+    /// keeps instead of them.
+    public func projections(ofPast reps: [Tensor]) -> PastProjections {
+        precondition(reps.count == config.layerN, "\(reps.count) layers of representations for \(config.layerN)")
+        let memo = PastProjections(layers: config.layerN)
+        for (l, r) in reps.enumerated() {
+            let p = "dafnet_model.layers.\(l)."
+            let rows = r.reshaped([r.count / dim, dim])
+            memo.set(l, keys: project(rows, p + "outer_att.lk"), values: project(rows, p + "outer_att.lv"),
+                     scoreKeys: project(rows, p + "outer_att_score.lk"))
+        }
+        return memo
+    }
+
     private func project(_ rows: Tensor, _ name: String) -> Tensor {
         let w = byName[name + ".weight"]!.value, b = byName[name + ".bias"]!.value
         let OC = w.shape[0], C = w.shape[1], N = rows.count / max(C, 1)
@@ -392,18 +431,20 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
             var contexts: [Variable] = []
             for (g, input) in inputs.enumerated() {
                 let past = input.pastReps?[l] ?? Tensor(shape: [0, d])
-                let P = past.shape[0], n = input.lengths.count
+                // A past the call is not given is the memo's.
+                let P = input.pastReps == nil ? (input.memo?.rows[l]).map { max($0, 0) } ?? 0 : past.shape[0], n = input.lengths.count
                 let rep = edits(sampleRep, g)
                 let mask = Tensor(shape: [n, P + n])
                 for i in 0..<n { for j in (P + i + 1)..<(P + n) { mask[i, j] = -999_999 } }
                 let newRep: Tensor, k: Variable, vv: Variable, scoreKeys: Tensor
                 if let memo = input.memo, let pk = memo.keys[l], let pv = memo.values[l], let psk = memo.scoreKeys[l], memo.rows[l] == P {
                     // The past's projections from the memo; only the new rows are projected.
-                    newRep = past.reshaped([P, d]).appendingRows(rep.value)
+                    newRep = input.pastReps == nil ? rep.value : past.reshaped([P, d]).appendingRows(rep.value)
                     k = tape.leaf(pk.appendingRows(newKeys.rows(editRanges[g])))
                     vv = tape.leaf(pv.appendingRows(newValues.rows(editRanges[g])))
                     scoreKeys = psk.appendingRows(newScoreKeys.rows(editRanges[g]))
                 } else {
+                    precondition(P == past.shape[0], "a past of \(P) rows without its representations or a memo of them")
                     let all = tape.concatRows([tape.leaf(past.reshaped([P, d])), rep])
                     newRep = all.value
                     if tape.recording || (input.memo == nil && P == 0) {
@@ -416,7 +457,7 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
                         scoreKeys = project(newRep, p + "outer_att_score.lk")
                     }
                 }
-                input.memo?.set(l, keys: k.value, values: vv.value, scoreKeys: scoreKeys)
+                if input.extendsMemo { input.memo?.set(l, keys: k.value, values: vv.value, scoreKeys: scoreKeys) }
                 contexts.append(attentionContext(tape: tape, q: edits(q, g), k: k, v: vv, mask: mask,
                                                  heads: config.outerAttHeadN, headDim: config.outerAttDim))
                 // Diagonal score attention → per-edit update scales and the decay of the past update.

@@ -136,18 +136,22 @@ public struct MetaTrainingConfig: Codable, Sendable {
 }
 
 /// Everything needed to continue a sequence of edits exactly: per module ΔW, Δb and the auxiliary
-/// network's past sample representations (one row per edit per layer), the `least_squares` sums, and
-/// the edit count. Memory grows by `layer_n × (in + out)` floats per edit per module.
+/// network's past — the fusion attention's projections of each past edit's sample representation (keys,
+/// values and score keys, one row per edit per layer: all the network reads of the past) —, the
+/// `least_squares` sums, and the edit count. Memory grows by `layer_n × (2·outer_att_dim·heads +
+/// outer_score_att_dim·heads)` floats per edit per module.
 public final class EditState: EditorState, @unchecked Sendable {
     public final class Module {
         public var deltaWeight: Tensor?
         public var deltaBias: Tensor?
-        public var pastReps: [Tensor] = []
+        /// The fusion attention's memo of the past (nil before the first edit, and for MEND).
+        public var past: PastProjections?
+        /// A state stored before the projections were: its past's representations, turned into `past` by
+        /// the editor that restores it (`DAFNetEditor.restoreState`).
+        var legacyReps: [Tensor] = []
         /// `least_squares` only: Σ uuᵀ [in, in] over the edits' input rows, and Σ u·vᵀ [in, out] with their values.
         public var gram: Tensor?
         public var cross: Tensor?
-        /// The network's projections of `pastReps` (not stored: rebuilt by the first edit after a load).
-        var pastProjections: PastProjections?
         init() {}
     }
 
@@ -167,7 +171,14 @@ public final class EditState: EditorState, @unchecked Sendable {
         for (name, m) in modules {
             if let w = m.deltaWeight { out["delta_weight." + name] = w }
             if let b = m.deltaBias { out["delta_bias." + name] = b }
-            for (l, r) in m.pastReps.enumerated() { out["reps.\(name).\(l)"] = r }
+            if let p = m.past, p.isComplete {
+                for l in p.rows.indices {
+                    out["past.\(name).\(l).keys"] = p.keys[l]!
+                    out["past.\(name).\(l).values"] = p.values[l]!
+                    out["past.\(name).\(l).score_keys"] = p.scoreKeys[l]!
+                }
+            }
+            for (l, r) in m.legacyReps.enumerated() { out["reps.\(name).\(l)"] = r }
             if let g = m.gram { out["gram." + name] = LeastSquares.packedUpper(g) ?? g }
             if let c = m.cross { out["cross." + name] = c }
         }
@@ -179,6 +190,7 @@ public final class EditState: EditorState, @unchecked Sendable {
     public convenience init(moduleNames: [String], tensors: [String: Tensor]) throws {
         self.init(moduleNames: moduleNames)
         router = try RouteTensors.router(from: tensors)
+        var pastParts: [String: [Int: [String: Tensor]]] = [:]
         for (key, t) in tensors {
             if key == "edit_count" { editCount = Int(t[0]); continue }
             if RouteTensors.names.contains(key) { continue }
@@ -202,11 +214,31 @@ public final class EditState: EditorState, @unchecked Sendable {
                       let m = modules[String(parts[1][..<dot])] else {
                     throw EditingError.invalidInput("edit state: bad representation name \"\(key)\"")
                 }
-                while m.pastReps.count <= l { m.pastReps.append(Tensor(shape: [0, t.shape.last ?? 0])) }
-                m.pastReps[l] = t.copy()
+                while m.legacyReps.count <= l { m.legacyReps.append(Tensor(shape: [0, t.shape.last ?? 0])) }
+                m.legacyReps[l] = t.copy()
+            case "past":
+                // past.<module>.<layer>.<keys|values|score_keys>
+                let rest = parts[1].split(separator: ".").map(String.init)
+                guard rest.count >= 3, let l = Int(rest[rest.count - 2]), ["keys", "values", "score_keys"].contains(rest.last!),
+                      let m = modules[rest.dropLast(2).joined(separator: ".")] else {
+                    throw EditingError.invalidInput("edit state: bad past projection name \"\(key)\"")
+                }
+                _ = m
+                pastParts[rest.dropLast(2).joined(separator: "."), default: [:]][l, default: [:]][rest.last!] = t.copy()
             default:
                 throw EditingError.invalidInput("edit state: unexpected tensor \"\(key)\"")
             }
+        }
+        for (name, layers) in pastParts {
+            let n = layers.count
+            guard layers.keys.sorted() == Array(0..<n), layers.values.allSatisfy({ $0.count == 3 }),
+                  Set(layers.values.map { $0["keys"]!.shape[0] }).count == 1,
+                  layers.values.allSatisfy({ Set($0.values.map { $0.shape.first ?? -1 }).count == 1 }) else {
+                throw EditingError.invalidInput("edit state: the past projections of \(name) are incomplete or disagree in rows")
+            }
+            let ordered = (0..<n).map { layers[$0]! }
+            modules[name]!.past = PastProjections(keys: ordered.map { $0["keys"]! }, values: ordered.map { $0["values"]! },
+                                                  scoreKeys: ordered.map { $0["score_keys"]! })
         }
     }
 
@@ -227,7 +259,8 @@ public final class EditState: EditorState, @unchecked Sendable {
         for (k, m) in modules {
             s.modules[k]!.deltaWeight = m.deltaWeight?.copy()
             s.modules[k]!.deltaBias = m.deltaBias?.copy()
-            s.modules[k]!.pastReps = m.pastReps.map { $0.copy() }
+            s.modules[k]!.past = m.past?.copy()
+            s.modules[k]!.legacyReps = m.legacyReps.map { $0.copy() }
             s.modules[k]!.gram = m.gram?.copy()
             s.modules[k]!.cross = m.cross?.copy()
         }
@@ -450,7 +483,17 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     public func newState() -> EditorState { EditState(moduleNames: config.modules) }
 
     public func restoreState(_ tensors: [String: Tensor]) throws -> EditorState {
-        try EditState(moduleNames: config.modules, tensors: tensors)
+        let state = try EditState(moduleNames: config.modules, tensors: tensors)
+        // A state stored with its past's representations: their projections through this editor's networks.
+        for (m, st) in state.modules where !st.legacyReps.isEmpty {
+            let net = networks[routing[m]!.key]!
+            guard st.legacyReps.count == net.config.layerN, st.legacyReps.allSatisfy({ $0.count % net.dim == 0 }) else {
+                throw EditingError.invalidInput("edit state: the past representations of \(m) do not fit its network")
+            }
+            if fusion { st.past = net.projections(ofPast: st.legacyReps) }
+            st.legacyReps = []
+        }
+        return state
     }
 
     /// Applies `requests` in order as one call of the networks (each edit attends causally to the earlier
@@ -564,15 +607,13 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
             let net = networks[key]!, modules = modulesOfNetwork[key]!
             let inputs = modules.map { m in
                 let st = state.modules[m]!
-                if keep && fusion && st.pastProjections == nil { st.pastProjections = PastProjections(layers: net.config.layerN) }
-                return AuxInput(x: sig[m]!.x, lengths: sig[m]!.lengths, mode: routing[m]!.mode,
-                                pastReps: st.pastReps.isEmpty ? nil : st.pastReps, memo: keep && fusion ? st.pastProjections : nil)
+                // The past is the memo alone (MEND keeps none); a look (`keep` false) leaves it as it is.
+                if keep && fusion && st.past == nil { st.past = PastProjections(layers: net.config.layerN) }
+                return AuxInput(x: sig[m]!.x, lengths: sig[m]!.lengths, mode: routing[m]!.mode, pastReps: nil,
+                                memo: fusion ? st.past : nil, extendsMemo: keep)
             }
             let outs = net.forward(tape: Tape(recording: false), inputs: inputs, trainingNorm: false, fusion: fusion)
-            for (m, out) in zip(modules, outs) {
-                if keep && fusion { state.modules[m]!.pastReps = out.newReps }  // MEND keeps no sequence representations
-                outputs[m] = out
-            }
+            for (m, out) in zip(modules, outs) { outputs[m] = out }
         }
         return outputs
     }

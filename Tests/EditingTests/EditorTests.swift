@@ -162,8 +162,16 @@ final class EditorTests: XCTestCase {
             // Equal up to float32 summation order (1e-4 of the largest entry).
             XCTAssertLessThan(a.deltaWeight!.maxAbsDifference(b.deltaWeight!), 1e-4 * a.deltaWeight!.maxAbs(), m)
             XCTAssertLessThan(a.deltaBias!.maxAbsDifference(b.deltaBias!), 1e-4 * a.deltaBias!.maxAbs(), m)
-            for (x, y) in zip(a.pastReps, b.pastReps) { XCTAssertLessThan(x.maxAbsDifference(y), 1e-4) }
-            XCTAssertEqual(a.pastReps.map(\.shape), [[3, 320], [3, 320]], "one row per edit per layer, width in + out")
+            let pa = a.past!, pb = b.past!
+            for l in 0..<2 {
+                XCTAssertLessThan(pa.keys[l]!.maxAbsDifference(pb.keys[l]!), 1e-4)
+                XCTAssertLessThan(pa.values[l]!.maxAbsDifference(pb.values[l]!), 1e-4)
+                XCTAssertLessThan(pa.scoreKeys[l]!.maxAbsDifference(pb.scoreKeys[l]!), 1e-4)
+            }
+            let c = e.config.auxModel
+            XCTAssertEqual(pa.rows, [3, 3], "one row per edit per layer")
+            XCTAssertEqual(pa.keys.map { $0!.shape }, [[3, c.outerAttDim * c.outerAttHeadN], [3, c.outerAttDim * c.outerAttHeadN]])
+            XCTAssertEqual(pa.scoreKeys.map { $0!.shape }, [[3, c.outerScoreAttDim * c.outerScoreAttHeadN], [3, c.outerScoreAttDim * c.outerScoreAttHeadN]])
         }
     }
 
@@ -209,23 +217,46 @@ final class EditorTests: XCTestCase {
         // Plain accumulation: ΔW(1, 2) = ΔW(1) + ΔW(2).
         let sum = first + two.modules["transformer.h.2.mlp.c_fc"]!.deltaWeight!
         XCTAssertLessThan(s.modules["transformer.h.2.mlp.c_fc"]!.deltaWeight!.maxAbsDifference(sum), 1e-5 * sum.maxAbs())
-        XCTAssertTrue(s.modules.values.allSatisfy { $0.pastReps.isEmpty })
+        XCTAssertTrue(s.modules.values.allSatisfy { $0.past == nil })
     }
 
-    /// The memo of the past's projections changes nothing: continuing a sequence with it (the state that
-    /// made the earlier edits) and without it (a copy, as after a load) gives the same update, to the bit.
-    func testPastProjectionMemoIsExact() throws {
+    /// The state keeps the past as the fusion attention's projections: a state stored and restored, or one
+    /// stored before (with the past's representations, projected by the editor that restores it), continues
+    /// the sequence exactly as the one in memory, to the bit.
+    func testStoredPastContinuesExactly() throws {
         let e = try makeEditor()
         let s = EditState(moduleNames: e.config.modules)
-        try e.apply([requests[0]], to: s)
-        try e.apply([requests[1]], to: s)
-        let fresh = s.copy()
-        try e.apply([requests[2]], to: s)
-        try e.apply([requests[2]], to: fresh)
-        for m in e.config.modules {
-            XCTAssertEqual(s.modules[m]!.deltaWeight!.array, fresh.modules[m]!.deltaWeight!.array, m)
-            for (a, b) in zip(s.modules[m]!.pastReps, fresh.modules[m]!.pastReps) { XCTAssertEqual(a.array, b.array, m) }
+        try e.apply([requests[0], requests[1]], to: s)
+        var legacy = s.tensors().filter { !$0.key.hasPrefix("past.") }
+        XCTAssertEqual(s.tensors().keys.filter { $0.hasPrefix("past.") }.count, e.config.modules.count * 2 * 3)
+        // The representations the earlier layout stored: the networks' own, for the same (stacked) call with a
+        // memo, as the editor made them.
+        let sig = e.signals([requests[0], requests[1]])
+        for (key, modules) in e.modulesOfNetwork {
+            let net = e.networks[key]!
+            let outs = net.forward(tape: Tape(recording: false), inputs: modules.map { m in
+                AuxInput(x: sig[m]!.x, lengths: sig[m]!.lengths, mode: e.routing[m]!.mode, pastReps: nil,
+                         memo: PastProjections(layers: net.config.layerN))
+            }, trainingNorm: false)
+            for (m, out) in zip(modules, outs) { for (l, r) in out.newReps.enumerated() { legacy["reps.\(m).\(l)"] = r } }
         }
+        let stored = try e.restoreState(s.tensors()) as! EditState
+        let converted = try e.restoreState(legacy) as! EditState
+        for m in e.config.modules {
+            for l in 0..<2 {
+                XCTAssertEqual(converted.modules[m]!.past!.keys[l]!.array, s.modules[m]!.past!.keys[l]!.array, m)
+                XCTAssertEqual(converted.modules[m]!.past!.scoreKeys[l]!.array, s.modules[m]!.past!.scoreKeys[l]!.array, m)
+            }
+        }
+        XCTAssertEqual(Set(converted.tensors().keys), Set(s.tensors().keys), "stored again in the new layout")
+        for state in [stored, converted] { try e.apply([requests[2]], to: state) }
+        try e.apply([requests[2]], to: s)
+        for m in e.config.modules {
+            XCTAssertEqual(stored.modules[m]!.deltaWeight!.array, s.modules[m]!.deltaWeight!.array, m)
+            XCTAssertEqual(converted.modules[m]!.deltaWeight!.array, s.modules[m]!.deltaWeight!.array, m)
+        }
+        let back = s.tensors()
+        for (name, t) in stored.tensors() { XCTAssertEqual(t.array, back[name]?.array, name) }
     }
 
     /// The meta-gradient — through the networks, ΔW, the edited model's losses and back — against
