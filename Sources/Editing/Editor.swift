@@ -164,7 +164,8 @@ public final class EditState: EditorState, @unchecked Sendable {
         for m in moduleNames { modules[m] = Module() }
     }
 
-    /// Named tensors for the checkpoint store: `delta_weight.<m>`, `delta_bias.<m>`, `reps.<m>.<layer>`,
+    /// Named tensors for the checkpoint store: `delta_weight.<m>`, `delta_bias.<m>`,
+    /// `past.<m>.<layer>.keys|values|score_keys` (`reps.<m>.<layer>` while legacy tensors await their editor),
     /// `gram.<m>` (its upper triangle, row by row, when exactly symmetric), `cross.<m>` and `edit_count`.
     public func tensors() -> [String: Tensor] {
         var out: [String: Tensor] = ["edit_count": Tensor(shape: [1], values: [Float(editCount)])]

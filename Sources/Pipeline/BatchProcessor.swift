@@ -34,7 +34,8 @@ public struct PipelineSettings: Sendable {
     /// A version stores its whole edit state when more than this many edits would have to be applied again
     /// to rebuild it from the nearest version that does; else only what the editor cannot rebuild
     /// (`replay_edits`; DAFNet: its per-edit rows, not ΔW or the least-squares sums). 0: every version whole.
-    public var keyframeEdits = 100
+    /// Default 200: 100 versions of 10 edits on the sample model in 85.5 MB, a load at most 2.1 s (README).
+    public var keyframeEdits = 200
     /// Attempts at a batch while HEAD keeps moving under it (rollbacks) before giving up.
     public var maxAttempts = 5
     /// Commit on a HEAD made on another base model (its manifest's hash differs from the model's).

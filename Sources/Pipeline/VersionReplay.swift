@@ -4,8 +4,8 @@ import Storage
 import TensorCore
 
 /// Stored versions as edit states. A version committed with `replay_edits` stores only the tensors its
-/// editor cannot rebuild (for DAFNet the per-edit representations and router keys, not ΔW or the
-/// least-squares sums): its state is that of the nearest ancestor holding a whole state (or the empty
+/// editor cannot rebuild (for DAFNet the past's per-edit projections and the router's keys, not ΔW or
+/// the least-squares sums): its state is that of the nearest ancestor holding a whole state (or the empty
 /// state) with the batches since applied again, exactly as the daemon applied them, and checked against
 /// what the version stores.
 public enum VersionReplay {
