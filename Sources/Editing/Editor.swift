@@ -220,12 +220,12 @@ public final class EditState: EditorState, @unchecked Sendable {
             case "past":
                 // past.<module>.<layer>.<keys|values|score_keys>
                 let rest = parts[1].split(separator: ".").map(String.init)
+                let module = rest.dropLast(2).joined(separator: ".")
                 guard rest.count >= 3, let l = Int(rest[rest.count - 2]), ["keys", "values", "score_keys"].contains(rest.last!),
-                      let m = modules[rest.dropLast(2).joined(separator: ".")] else {
+                      modules[module] != nil else {
                     throw EditingError.invalidInput("edit state: bad past projection name \"\(key)\"")
                 }
-                _ = m
-                pastParts[rest.dropLast(2).joined(separator: "."), default: [:]][l, default: [:]][rest.last!] = t.copy()
+                pastParts[module, default: [:]][l, default: [:]][rest.last!] = t.copy()
             default:
                 throw EditingError.invalidInput("edit state: unexpected tensor \"\(key)\"")
             }
@@ -250,7 +250,13 @@ public final class EditState: EditorState, @unchecked Sendable {
     /// ΔW, Δb and the least-squares sums: the networks' outputs fold into them and nothing else reads them
     /// back, so replaying the edits rebuilds them.
     public var rebuiltByReplay: Set<String> {
-        Set(tensors().keys.filter { n in ["delta_weight.", "delta_bias.", "gram.", "cross."].contains { n.hasPrefix($0) } })
+        var names = Set<String>()
+        for (name, m) in modules {
+            for (prefix, t) in [("delta_weight.", m.deltaWeight), ("delta_bias.", m.deltaBias), ("gram.", m.gram), ("cross.", m.cross)] where t != nil {
+                names.insert(prefix + name)
+            }
+        }
+        return names
     }
 
     public func copy() -> EditState {
