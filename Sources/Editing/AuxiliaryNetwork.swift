@@ -140,9 +140,6 @@ public final class PastProjections: @unchecked Sendable {
         keys[l] = k; values[l] = v; scoreKeys[l] = sk; rows[l] = k.shape[0]
     }
 
-    /// Rows the memo holds at every layer (0 when it holds none or disagrees between layers).
-    public var pastRows: Int { rows.allSatisfy { $0 == rows.first } ? max(rows.first ?? 0, 0) : 0 }
-
     /// Every layer complete (a memo that can stand for its past's representations).
     public var isComplete: Bool { keys.allSatisfy { $0 != nil } && values.allSatisfy { $0 != nil } && scoreKeys.allSatisfy { $0 != nil } }
 
@@ -340,9 +337,6 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return heads == 1 ? outs[0] : tape.concatColumns(outs)
     }
 
-    /// `rows` projected by the plain (untaped) weights of `name`, each row computed alike however many are
-    /// projected with it, so projections kept in a memo (a few rows at a time, as edits arrive) are
-    /// bit-identical to those of a state loaded from disk (all rows at once).
     /// The memo of a past given by its representations (per layer, [past, dim]): what a sequence's state
     /// keeps instead of them.
     public func projections(ofPast reps: [Tensor]) -> PastProjections {
@@ -357,6 +351,9 @@ public final class AuxiliaryNetwork: @unchecked Sendable {
         return memo
     }
 
+    /// `rows` projected by the plain (untaped) weights of `name`, each row computed alike however many are
+    /// projected with it, so projections kept in a memo (a few rows at a time, as edits arrive) are
+    /// bit-identical to those of a state loaded from disk (all rows at once).
     private func project(_ rows: Tensor, _ name: String) -> Tensor {
         let w = byName[name + ".weight"]!.value, b = byName[name + ".bias"]!.value
         let OC = w.shape[0], C = w.shape[1], N = rows.count / max(C, 1)

@@ -28,8 +28,7 @@ public enum BLAS {
     }
 
     /// C[N,N] = alpha · AᵀA + beta · C for A [K, N] row-major, computed on the upper triangle and mirrored to
-    /// the lower one, so that C is exactly symmetric (when it was before: a `beta` update keeps the lower half
-    /// of a non-symmetric C out of the result).
+    /// the lower one, so that C comes out exactly symmetric (the lower half of the C given is not read).
     public static func syrk(_ c: UnsafeMutablePointer<Float>, _ a: UnsafePointer<Float>, N: Int, K: Int,
                             alpha: Float = 1, beta: Float = 0) {
         if N == 0 { return }
