@@ -37,17 +37,27 @@ public struct EditLog: Sendable {
     public static func fileName(_ index: Int) -> String { filePrefix + String(format: "%06d", index) + fileSuffix }
 
     /// The names of a stored version's log files, in order.
-    private static func fileNames(of version: VersionTensorSource) -> [String] {
-        version.manifest.files.map(\.name).filter { $0.hasPrefix(filePrefix) && $0.hasSuffix(fileSuffix) }.sorted()
+    private static func fileNames(of version: VersionTensorSource) -> [String] { fileNames(version.manifest.files) }
+
+    private static func fileNames(_ files: [FileEntry]) -> [String] {
+        files.map(\.name).filter { $0.hasPrefix(filePrefix) && $0.hasSuffix(fileSuffix) }.sorted()
     }
 
     /// How many edits a stored version's log holds (its lines counted, none decoded).
     static func count(in store: CheckpointStore, version: Int) throws -> Int { try count(of: try store.source(.number(version))) }
 
     static func count(of version: VersionTensorSource) throws -> Int {
-        try fileNames(of: version).reduce(0) { n, name in
-            n + (try version.file(name)).reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
-        }
+        try fileNames(of: version).reduce(0) { n, name in n + lineCount(try version.file(name)) }
+    }
+
+    /// The same for a version known by its link in the chain.
+    static func count(of link: ManifestLink, in store: CheckpointStore) throws -> Int {
+        let entries = Dictionary(link.files.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
+        return try fileNames(link.files).reduce(0) { n, name in n + lineCount(try store.decodeFile(entries[name]!, version: link.version)) }
+    }
+
+    private static func lineCount(_ data: Data) -> Int {
+        data.withUnsafeBytes { raw in raw.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) } }
     }
 
     /// The log of a stored version (empty when it has none).

@@ -45,7 +45,7 @@ public enum VersionReplay {
         var start = log.count
         var batches: [ReplayBatch] = []
         for v in chain {
-            let end = try EditLog.count(of: VersionTensorSource(store: store, manifest: v))
+            let end = try EditLog.count(of: v, in: store)
             guard start <= end, end <= all.count else {
                 throw PipelineError.replay(version: m.version, reason: "the edit log of version \(v.version) does not extend its parent's")
             }

@@ -104,6 +104,18 @@ public struct RecoveryReport: Sendable, Equatable {
     }
 }
 
+/// What opening a store cleans up of interrupted operations.
+public enum Recovery: Sendable, Equatable {
+    /// Nothing: the store as it lies on disk.
+    case none
+    /// What a reader could trip over: temporary files, a torn history or log line, versions no record
+    /// names, HEAD's missing history record. Cost: listings and the history, whatever the store holds.
+    case leftovers
+    /// `leftovers`, and blobs that no manifest references (an interrupted commit's or gc's). Reads every
+    /// manifest: for writers (the daemon, gc, rollback, restores), not for each read of a version.
+    case full
+}
+
 /// A version read back and verified.
 public struct LoadedVersion {
     public let manifest: Manifest
@@ -139,7 +151,7 @@ public final class CheckpointStore: @unchecked Sendable {
     public let root: URL
     public let configuration: StoreConfiguration
     public let fileSystem: any StoreFileSystem
-    /// What opening cleaned up (nil when opened with `recover: false`).
+    /// What opening cleaned up (nil when opened with `recover: .none`).
     public private(set) var recovery: RecoveryReport?
 
     let rootPath: String
@@ -152,10 +164,10 @@ public final class CheckpointStore: @unchecked Sendable {
     var markerPath: String { rootPath + "/store.json" }
 
     /// Opens the store at `url`. With `create`, a missing folder (or one holding only hidden files)
-    /// becomes a new empty store. With `recover` (the default), leftovers of interrupted operations
-    /// are cleaned under the store lock.
+    /// becomes a new empty store. `recover` says what leftovers of interrupted operations are cleaned
+    /// under the store lock (all of them by default).
     public init(at url: URL, create: Bool = false, configuration: StoreConfiguration = StoreConfiguration(),
-                fileSystem: any StoreFileSystem = POSIXFileSystem(), recover: Bool = true) throws {
+                fileSystem: any StoreFileSystem = POSIXFileSystem(), recover: Recovery = .full) throws {
         root = url.standardizedFileURL
         rootPath = root.path
         self.configuration = configuration
@@ -163,8 +175,8 @@ public final class CheckpointStore: @unchecked Sendable {
         try storeIO { try openOrCreate(create: create) }
         // A store this process cannot write (permissions, a read-only mount) is opened for reading:
         // nothing to clean up from here, and reads take a shared lock when they take one.
-        if recover && faccessat(AT_FDCWD, rootPath, W_OK, AT_EACCESS) == 0 {
-            recovery = try withLock { try recoverLocked() }
+        if recover != .none && faccessat(AT_FDCWD, rootPath, W_OK, AT_EACCESS) == 0 {
+            recovery = try withLock { try recoverLocked(recover) }
         }
     }
 
@@ -474,7 +486,7 @@ public final class CheckpointStore: @unchecked Sendable {
         return tensor
     }
 
-    func decodeFile(_ entry: FileEntry, version: Int) throws -> Data {
+    public func decodeFile(_ entry: FileEntry, version: Int) throws -> Data {
         guard blobExists(entry.blob) else { throw StoreError.missingBlob(hash: entry.blob, version: version, entry: entry.name) }
         let blob = try readVerifiedBlob(entry.blob)
         var data = Data(count: entry.bytes)
@@ -507,18 +519,26 @@ public final class CheckpointStore: @unchecked Sendable {
     /// its whole state (nil: none does, the rebuild starts from the empty state) and the versions after it up
     /// to `version`, oldest first (empty when `version` holds its whole state). A missing manifest on the way
     /// is an error naming it.
-    public func replayChain(of version: Int) throws -> (base: Int?, versions: [Manifest]) {
-        var chain: [Manifest] = []
-        var m = try manifest(version)
+    public func replayChain(of version: Int) throws -> (base: Int?, versions: [ManifestLink]) {
+        var chain: [ManifestLink] = []
+        var m = try link(version)
         while m.replayEdits != nil {
             chain.append(m)
             guard let p = m.parent else { return (nil, chain.reversed()) }
             guard FileUtil.exists(manifestPath(p)) else {
                 throw StoreError.replayChainBroken(version: version, missing: p)
             }
-            m = try manifest(p)
+            m = try link(p)
         }
         return (m.version, chain.reversed())
+    }
+
+    /// What a walk along the versions reads of a manifest (its tensor list, most of its bytes, not decoded).
+    public func link(_ version: Int) throws -> ManifestLink {
+        let path = manifestPath(version)
+        guard FileUtil.exists(path) else { throw StoreError.versionNotFound(version) }
+        let data = try storeIO { try FileUtil.read(path, limit: 1 << 28) }
+        return try ManifestLink.decode(data, path: path, expectedVersion: version)
     }
 
     /// The tensors of a version, verified.
@@ -813,13 +833,13 @@ public final class CheckpointStore: @unchecked Sendable {
 
     // MARK: Recovery
 
-    /// Cleans leftovers of interrupted operations (done by `init` unless `recover: false`).
+    /// Cleans every leftover of interrupted operations (done by `init` unless told otherwise).
     @discardableResult
     public func recover() throws -> RecoveryReport {
-        try withLock { try recoverLocked() }
+        try withLock { try recoverLocked(.full) }
     }
 
-    func recoverLocked() throws -> RecoveryReport {
+    func recoverLocked(_ scope: Recovery) throws -> RecoveryReport {
         var report = RecoveryReport()
         try storeIO {
             var dirs = [rootPath, objectsPath, versionsPath, evaluationsPath]
@@ -868,7 +888,7 @@ public final class CheckpointStore: @unchecked Sendable {
         // costs its blobs.
         var referenced = Set<String>()
         var unreadable: String?
-        for v in try versions() {
+        for v in try versions() where scope == .full {
             do {
                 referenced.formUnion(try manifest(v).blobs)
             } catch {
@@ -878,7 +898,7 @@ public final class CheckpointStore: @unchecked Sendable {
         }
         if let unreadable {
             report.blobCleanupSkipped = unreadable
-        } else {
+        } else if scope == .full {
             try storeIO {
                 var removed = false
                 for name in try FileUtil.list(objectsPath) where Hex.isSHA256(name) && !referenced.contains(name) {

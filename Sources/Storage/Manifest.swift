@@ -170,6 +170,41 @@ public struct ManifestOrigin: Codable, Sendable, Equatable {
     }
 }
 
+/// A manifest's place in the version chain and its files, decoded without its tensor list (what walking
+/// a chain of versions needs; the tensors' parts are most of a manifest's bytes and of its decoding).
+public struct ManifestLink: Decodable, Sendable, Equatable {
+    public let version: Int
+    public let parent: Int?
+    public let replayEdits: Int?
+    public let files: [FileEntry]
+
+    enum CodingKeys: String, CodingKey {
+        case version, parent, files
+        case replayEdits = "replay_edits"
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        version = try c.decode(Int.self, forKey: .version)
+        parent = try c.decodeIfPresent(Int.self, forKey: .parent)
+        replayEdits = try c.decodeIfPresent(Int.self, forKey: .replayEdits)
+        files = try c.decodeIfPresent([FileEntry].self, forKey: .files) ?? []
+    }
+
+    static func decode(_ data: Data, path: String, expectedVersion: Int) throws -> ManifestLink {
+        let link: ManifestLink
+        do {
+            link = try JSONDecoder().decode(ManifestLink.self, from: data)
+        } catch {
+            throw StoreError.badManifest(path: path, reason: "not a valid manifest JSON (\(Manifest.decodingSummary(error)))")
+        }
+        guard link.version == expectedVersion else {
+            throw StoreError.badManifest(path: path, reason: "version \(link.version) in a file named for \(expectedVersion)")
+        }
+        return link
+    }
+}
+
 /// An immutable version manifest: `versions/<8-digit version>.json`.
 public struct Manifest: Codable, Sendable, Equatable {
     /// Format 1: every tensor one blob. Format 2 (written only when a tensor has several parts, so

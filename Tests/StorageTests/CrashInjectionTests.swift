@@ -144,7 +144,7 @@ final class CrashInjectionTests: XCTestCase {
                 let setup = try CheckpointStore(at: root, create: true, fileSystem: NoSyncFileSystem())
                 try setup.commit(CommitRequest(tensors: stateA))
                 let faulty = FaultInjectingFileSystem(failAt: k, mode: mode)
-                let store = try CheckpointStore(at: root, fileSystem: faulty, recover: false)
+                let store = try CheckpointStore(at: root, fileSystem: faulty, recover: .none)
                 var succeeded = false
                 do {
                     try store.commit(CommitRequest(tensors: stateB, files: ["log.jsonl": Data("{\"edit\":1}\n".utf8)],
@@ -177,7 +177,7 @@ final class CrashInjectionTests: XCTestCase {
                 try setup.commit(CommitRequest(tensors: stateA))
                 try setup.commit(CommitRequest(tensors: stateB))
                 let faulty = FaultInjectingFileSystem(failAt: k, mode: mode)
-                let store = try CheckpointStore(at: root, fileSystem: faulty, recover: false)
+                let store = try CheckpointStore(at: root, fileSystem: faulty, recover: .none)
                 var succeeded = false
                 do {
                     try store.rollback(to: .number(1))
@@ -201,7 +201,7 @@ final class CrashInjectionTests: XCTestCase {
             try setup.commit(CommitRequest(tensors: stateB))
             try setup.commit(CommitRequest(tensors: ["x": randomTensor([8], seed: 40)]))
             let faulty = FaultInjectingFileSystem(failAt: k, mode: .crash)
-            let store = try CheckpointStore(at: root, fileSystem: faulty, recover: false)
+            let store = try CheckpointStore(at: root, fileSystem: faulty, recover: .none)
             var succeeded = false
             do {
                 _ = try store.gc(keep: 1)

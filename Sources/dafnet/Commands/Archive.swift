@@ -18,7 +18,7 @@ struct Archive: ParsableCommand {
 
         func run() throws {
             try runMapped {
-                let report = try CheckpointArchive.create(store: try location.open(), version: version.ref,
+                let report = try CheckpointArchive.create(store: try location.openForReading(), version: version.ref,
                                                           to: URL(fileURLWithPath: out),
                                                           includeModel: includeModel.map { URL(fileURLWithPath: $0) })
                 print("wrote \(report.path): version \(report.version) (chain \(report.versions.map(String.init).joined(separator: " → "))), "

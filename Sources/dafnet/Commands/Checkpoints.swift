@@ -11,8 +11,15 @@ struct StoreLocationOptions: ParsableArguments {
 
     var url: URL { URL(fileURLWithPath: store) }
 
+    /// The store, for a command that changes it: every leftover of an interrupted operation cleaned first.
     func open(create: Bool = false) throws -> CheckpointStore {
         try CheckpointStore(at: url, create: create)
+    }
+
+    /// The store, for a command that only reads it: what a read could trip over cleaned, unreferenced
+    /// blobs left to the next writer (finding them reads every manifest).
+    func openForReading() throws -> CheckpointStore {
+        try CheckpointStore(at: url, recover: .leftovers)
     }
 }
 
@@ -43,7 +50,7 @@ struct Checkpoints: ParsableCommand {
         @Flag(help: "Print JSON.") var json = false
 
         func run() throws {
-            let rows = try runMapped { try location.open().summaries() }
+            let rows = try runMapped { try location.openForReading().summaries() }
             print(json ? try runMapped { try StoreText.json(rows) } : StoreText.list(rows))
         }
     }
@@ -56,7 +63,7 @@ struct Checkpoints: ParsableCommand {
 
         func run() throws {
             try runMapped {
-                let store = try location.open()
+                let store = try location.openForReading()
                 let v = try store.resolve(version.ref)
                 if json {
                     let data = try store.manifestData(v)
@@ -77,7 +84,7 @@ struct Checkpoints: ParsableCommand {
 
         func run() throws {
             try runMapped {
-                let store = try location.open()
+                let store = try location.openForReading()
                 let v = try store.resolve(version.ref)
                 var n = 0
                 for part in try EditLog.lineage(of: v, in: store) {
@@ -108,7 +115,7 @@ struct Checkpoints: ParsableCommand {
 
         func run() throws {
             try runMapped {
-                let store = try location.open()
+                let store = try location.openForReading()
                 let a = try store.resolve(from.ref), b = try store.resolve(to.ref)
                 if facts {
                     func edits(_ v: Int) throws -> [(String, String, Int)] {
@@ -145,7 +152,7 @@ struct Checkpoints: ParsableCommand {
         @Flag(help: "Print JSON.") var json = false
 
         func run() throws {
-            let store = try runMapped { try location.open() }
+            let store = try runMapped { try location.openForReading() }
             var report = try runMapped { try store.verify() }
             if rebuild { report.problems += try rebuildAll(store) }
             print(json ? try runMapped { try StoreText.json(report) } : StoreText.verify(report))
@@ -217,7 +224,7 @@ struct Checkpoints: ParsableCommand {
         @Flag(help: "Print JSON.") var json = false
 
         func run() throws {
-            let records = try runMapped { try location.open().history() }
+            let records = try runMapped { try location.openForReading().history() }
             print(json ? try runMapped { try StoreText.json(records) } : StoreText.history(records))
         }
     }

@@ -30,7 +30,7 @@ struct Export: ParsableCommand {
         let folder = try model.load()
         var resolved = 0
         try runMapped {
-            let store = try location.open()
+            let store = try location.openForReading()
             let loaded = try store.load(version.ref)
             resolved = loaded.manifest.version
             if !allowOtherBaseModel {

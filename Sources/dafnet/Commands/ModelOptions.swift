@@ -60,7 +60,7 @@ struct StoredVersionOptions: ParsableArguments {
     func load(for folder: ModelFolder) throws -> (store: CheckpointStore, version: LoadedVersion)? {
         guard let store else { return nil }
         return try runMapped {
-            let s = try CheckpointStore(at: URL(fileURLWithPath: store))
+            let s = try CheckpointStore(at: URL(fileURLWithPath: store), recover: .leftovers)
             let loaded = try s.load(version.ref)
             if !allowOtherBaseModel {
                 try loaded.manifest.requireBaseModel(PipelineResources.hashes(modelFolder: folder.url, editorFolder: nil).model)

@@ -16,7 +16,7 @@ struct Report: ParsableCommand {
 
     func run() throws {
         try runMapped {
-            let store = try location.open()
+            let store = try location.openForReading()
             let lines = try HistoryReport.load(store)
             let page = Data(HistoryReport.html(lines, context: try HistoryReport.Context.of(store), title: title).utf8)
             let url: URL
