@@ -77,7 +77,7 @@ public enum LeastSquares {
         guard t.shape.count == 1 else { return nil }
         let n = Int((Double(8 * t.count + 1).squareRoot() - 1) / 2)
         guard n * (n + 1) / 2 == t.count else { return nil }
-        let out = Tensor(shape: [n, n])
+        let out = Tensor(uninitializedShape: [n, n])
         let o = out.data, p = t.data
         var k = 0
         for i in 0..<n {

@@ -481,7 +481,7 @@ public final class CheckpointStore: @unchecked Sendable {
             guard blobExists(part.blob) else { throw StoreError.missingBlob(hash: part.blob, version: version, entry: entry.name) }
             return try readVerifiedBlob(part.blob)
         }
-        let tensor = Tensor(shape: entry.shape)
+        let tensor = Tensor(uninitializedShape: entry.shape)   // decoded whole, or thrown away
         try entry.decode(stored, into: UnsafeMutableRawPointer(tensor.data))
         return tensor
     }

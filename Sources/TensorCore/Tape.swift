@@ -112,7 +112,9 @@ extension Tape {
         let N = x.value.count / C
         let OC = layout == .outIn ? w.value.shape[0] : w.value.shape[1]
         precondition(w.value.count == C * OC, "linear: input \(x.shape) with weight \(w.shape)")
-        let out = Tensor(shape: Array(x.value.shape.dropLast()) + [OC])
+        // Filled whole: the bias rows then a product added, or a product with β = 0 (OpenBLAS sets C, never
+        // scales what it held).
+        let out = Tensor(uninitializedShape: Array(x.value.shape.dropLast()) + [OC])
         Kernels.linearForward(out.data, x.value.data, w.value.data, b?.value.data, N: N, C: C, OC: OC, layout: layout)
         var inputs = [x, w]
         if let b { inputs.append(b) }
@@ -141,7 +143,7 @@ extension Tape {
     private func addScaled(_ a: Variable, _ b: Variable, _ k: Float) -> Variable {
         let mode = broadcast(a.value, b.value)
         let n = a.value.count
-        let out = Tensor(shape: a.value.shape)
+        let out = Tensor(uninitializedShape: a.value.shape)
         let av = a.value.data, bv = b.value.data, o = out.data
         switch mode {
         case 0: for i in 0..<n { o[i] = av[i] + k * bv[i] }
@@ -211,8 +213,8 @@ extension Tape {
     /// LayerNorm over the last dimension.
     public func layerNorm(_ x: Variable, _ w: Variable?, _ b: Variable?, eps: Float = 1e-5) -> Variable {
         let C = x.value.shape.last!, N = x.value.count / C
-        let out = Tensor(shape: x.value.shape)
-        let mean = Tensor(shape: [N]), rstd = Tensor(shape: [N])
+        let out = Tensor(uninitializedShape: x.value.shape)
+        let mean = Tensor(uninitializedShape: [N]), rstd = Tensor(uninitializedShape: [N])
         Kernels.layerNormForward(out.data, mean: mean.data, rstd: rstd.data, x.value.data,
                                  weight: w?.value.data, bias: b?.value.data, N: N, C: C, eps: eps)
         return record(out, inputs: [x] + [w, b].compactMap { $0 }) { o in
@@ -487,7 +489,7 @@ extension Tape {
         let d = x.value.shape.last!
         precondition(x.value.count / d == lengths.count, "\(lengths.count) segments for \(x.shape)")
         let L = lengths.reduce(0, +)
-        let out = Tensor(shape: [L, d])
+        let out = Tensor(uninitializedShape: [L, d])
         var row = 0
         for (s, n) in lengths.enumerated() {
             for _ in 0..<n { (out.data + row * d).update(from: x.value.data + s * d, count: d); row += 1 }

@@ -10,12 +10,14 @@ public final class TensorStorage: @unchecked Sendable {
     /// ends there may grow in place, so older views of the same storage never see their rows change.
     var appendEnd = -1
 
-    public init(count: Int) {
+    /// `zeroed: false` leaves the values as the allocator gives them: only for storage whose every
+    /// element is written before any is read.
+    public init(count: Int, zeroed: Bool = true) {
         precondition(count >= 0, "negative element count")
         self.count = count
         let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * MemoryLayout<Float>.stride, alignment: 64)
         pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
-        pointer.initialize(repeating: 0, count: max(count, 1))
+        if zeroed { pointer.initialize(repeating: 0, count: max(count, 1)) }
     }
 
     deinit { UnsafeMutableRawPointer(pointer).deallocate() }
@@ -31,6 +33,15 @@ public struct Tensor: @unchecked Sendable, CustomStringConvertible {
     public init(shape: [Int]) {
         let n = shape.reduce(1, *)
         self.storage = TensorStorage(count: n)
+        self.offset = 0
+        self.shape = shape
+    }
+
+    /// A tensor of the given shape whose values are not set: every element must be written before any is
+    /// read (outputs that a kernel fills whole, copies). Saves the zeroing pass, which for large outputs
+    /// costs as much as writing them.
+    public init(uninitializedShape shape: [Int]) {
+        self.storage = TensorStorage(count: shape.reduce(1, *), zeroed: false)
         self.offset = 0
         self.shape = shape
     }
@@ -82,7 +93,7 @@ public struct Tensor: @unchecked Sendable, CustomStringConvertible {
     public func columnSlice(_ range: Range<Int>) -> Tensor {
         let C = shape.last!, N = count / max(C, 1), W = range.count
         precondition(range.lowerBound >= 0 && range.upperBound <= C, "columns \(range) out of \(shape)")
-        let out = Tensor(shape: [N, W])
+        let out = Tensor(uninitializedShape: [N, W])
         for n in 0..<N { (out.data + n * W).update(from: data + n * C + range.lowerBound, count: W) }
         return out
     }
@@ -91,7 +102,7 @@ public struct Tensor: @unchecked Sendable, CustomStringConvertible {
     public static func concatenatingRows(_ parts: [Tensor]) -> Tensor {
         precondition(!parts.isEmpty, "concatenatingRows: no tensors")
         let C = parts[0].shape.last!
-        let out = Tensor(shape: [parts.reduce(0) { $0 + $1.count } / max(C, 1), C])
+        let out = Tensor(uninitializedShape: [parts.reduce(0) { $0 + $1.count } / max(C, 1), C])
         var at = 0
         for p in parts { (out.data + at).update(from: p.data, count: p.count); at += p.count }
         return out
@@ -110,7 +121,8 @@ public struct Tensor: @unchecked Sendable, CustomStringConvertible {
             storage.appendEnd = need
             return Tensor(storage: storage, offset: 0, shape: [n + m, C])
         }
-        let grown = TensorStorage(count: max(need, 2 * count, 64 * C))
+        // The room after `need` is written by later appends before any view covers it.
+        let grown = TensorStorage(count: max(need, 2 * count, 64 * C), zeroed: false)
         grown.pointer.update(from: data, count: count)
         (grown.pointer + count).update(from: rows.data, count: rows.count)
         grown.appendEnd = need
@@ -119,7 +131,7 @@ public struct Tensor: @unchecked Sendable, CustomStringConvertible {
 
     /// An independent copy.
     public func copy() -> Tensor {
-        let t = Tensor(shape: shape)
+        let t = Tensor(uninitializedShape: shape)
         t.data.update(from: data, count: count)
         return t
     }
