@@ -609,18 +609,33 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     /// one call. `keep`: the edits join the state's past (their representations are appended); otherwise
     /// the state is left as it is.
     func networkOutputs(_ sig: [String: ModuleSignals], state: EditState, keep: Bool) -> [String: AuxOutput] {
-        var outputs: [String: AuxOutput] = [:]
-        for key in networks.keys.sorted() {
-            let net = networks[key]!, modules = modulesOfNetwork[key]!
-            let inputs = modules.map { m in
+        let keys = networks.keys.sorted()
+        let calls = keys.map { key in
+            let net = networks[key]!
+            return modulesOfNetwork[key]!.map { m in
                 let st = state.modules[m]!
                 // The past is the memo alone (MEND keeps none); a look (`keep` false) leaves it as it is.
                 if keep && fusion && st.past == nil { st.past = PastProjections(layers: net.config.layerN) }
                 return AuxInput(x: sig[m]!.x, lengths: sig[m]!.lengths, mode: routing[m]!.mode, pastReps: nil,
                                 memo: fusion ? st.past : nil, extendsMemo: keep)
             }
-            let outs = net.forward(tape: Tape(recording: false), inputs: inputs, trainingNorm: false, fusion: fusion)
-            for (m, out) in zip(modules, outs) { outputs[m] = out }
+        }
+        // The networks are independent (each reads its own weights and its own modules' memos), so they run
+        // side by side, one per core with single-threaded BLAS: a call of a few dozen rows is bound by
+        // streaming the weights, which two cores do faster than one BLAS pool split over each product.
+        // Each network's arithmetic is the same on any thread and at any BLAS thread count (OpenBLAS splits
+        // a product by rows and columns, never along the sum), so the outputs are too.
+        let results = ResultSlots<[AuxOutput]>(count: keys.count)
+        let run = {
+            Parallel.forEach(keys.count, costPerItem: Parallel.minimumWork) { i in
+                results[i] = self.networks[keys[i]]!.forward(tape: Tape(recording: false), inputs: calls[i], trainingNorm: false,
+                                                             fusion: self.fusion)
+            }
+        }
+        if keys.count > 1 && Parallel.cores > 1 { BLAS.singleThreaded(run) } else { run() }
+        var outputs: [String: AuxOutput] = [:]
+        for (i, key) in keys.enumerated() {
+            for (m, out) in zip(modulesOfNetwork[key]!, results[i]!) { outputs[m] = out }
         }
         return outputs
     }

@@ -8,6 +8,19 @@ public enum BLAS {
         set { openblas_set_num_threads(Int32(newValue)) }
     }
 
+    /// Runs `body` with OpenBLAS single-threaded, then restores the thread count: for work that runs its own
+    /// products side by side, one per core. OpenBLAS's workers busy-wait for a while after each threaded
+    /// product (taking the core the second caller needs), so they are stopped first; the next threaded
+    /// product starts them again (as after a fork). Not for use while other threads call BLAS.
+    public static func singleThreaded<T>(_ body: () throws -> T) rethrows -> T {
+        let before = threads
+        if before == 1 { return try body() }
+        _ = blas_thread_shutdown_()
+        threads = 1
+        defer { threads = before }
+        return try body()
+    }
+
     /// C[M,N] = alpha · op(A)[M,K] · op(B)[K,N] + beta · C, row-major, with leading dimensions.
     /// `transA`: A is stored [K, M] (lda ≥ M) instead of [M, K] (lda ≥ K); likewise `transB`.
     @inline(__always)

@@ -34,3 +34,24 @@ public enum Parallel {
         forChunks(count, costPerItem: costPerItem) { range in for i in range { body(i) } }
     }
 }
+
+/// One result slot per task of a parallel loop, each written only by its own task (no two tasks share a
+/// slot, so the slots need no lock; they are read after the loop).
+public final class ResultSlots<T>: @unchecked Sendable {
+    private let slots: UnsafeMutableBufferPointer<T?>
+
+    public init(count: Int) {
+        slots = .allocate(capacity: count)
+        slots.initialize(repeating: nil)
+    }
+
+    deinit {
+        _ = slots.deinitialize()
+        slots.deallocate()
+    }
+
+    public subscript(_ i: Int) -> T? {
+        get { slots[i] }
+        set { slots[i] = newValue }
+    }
+}

@@ -20,6 +20,8 @@ struct BenchEditor: ParsableCommand {
     var past = 1000
     @Option(help: "Edits per call in the timed inference (one call of this many edits after the past ones).")
     var batch = 1
+    @Option(help: "Timed inference calls (after the past edits).")
+    var calls = 10
     @Option(help: "Losses on at most this many of a step's edits (the editor's loss_sample when absent).")
     var lossSample: Int?
     @Flag(help: "Print JSON.")
@@ -31,12 +33,13 @@ struct BenchEditor: ParsableCommand {
     func run() throws {
         let ns = lengths.split(separator: ",").compactMap { Int($0) }
         guard !ns.isEmpty, ns.allSatisfy({ $0 > 0 }) else { throw ValidationError("--lengths must be positive integers") }
+        guard calls > 0, batch > 0 else { throw ValidationError("--calls and --batch must be positive") }
         reuseLargeAllocations()
         let folder = try model.load(requireTokenizer: true)
         let editor = try runMapped { try DAFNetEditor.load(from: editorOption.url, model: folder.model, tokenizer: folder.tokenizer!) }
         let dataURL = data.map { URL(fileURLWithPath: $0) } ?? Embedded.samples().appendingPathComponent("dafset/train.jsonl")
         let pool = try runMapped { try EditBatch.read(dataURL) }.filter { !$0.rephrases.isEmpty }
-        guard pool.count >= max(ns.max()!, past + 10 * batch) else { throw ValidationError("\(dataURL.path) holds \(pool.count) edits with rephrasings") }
+        guard pool.count >= max(ns.max()!, past + calls * batch) else { throw ValidationError("\(dataURL.path) holds \(pool.count) edits with rephrasings") }
         let run = FileManager.default.temporaryDirectory.appendingPathComponent("dafnet-bench-editor-\(getpid())")
         defer { try? FileManager.default.removeItem(at: run) }
         let trainer = try runMapped { try MetaTrainer(editor: editor, pool: pool, runDir: run) }
@@ -59,16 +62,16 @@ struct BenchEditor: ParsableCommand {
             printError(String(format: "length %d: %.2f s/step (signals %.2f, networks %.2f, losses %.2f, backward %.2f)",
                               n, row.seconds, row.signals, row.networks, row.losses, row.backward))
         }
-        // Inference: `past` edits one call each, then 10 calls of `batch` edits timed.
+        // Inference: `past` edits one call each, then `calls` calls of `batch` edits timed.
         let state = editor.newState()
         for r in pool.prefix(past) { _ = try runMapped { try editor.apply([r], to: state) } }
         var times = EditTimings()
-        for c in 0..<10 {
+        for c in 0..<calls {
             let t = try runMapped { try editor.apply(Array(pool[(past + c * batch)..<(past + (c + 1) * batch)]), to: state) }
             times.signal += t.signal; times.auxiliary += t.auxiliary; times.apply += t.apply
         }
         folder.model.clearEdits()
-        let perEdit = 1000 / Double(10 * batch)
+        let perEdit = 1000 / Double(calls * batch)
         let out = Output(steps: rows, pastEdits: past, inferenceMsPerEdit: times.total * perEdit, auxiliaryMsPerEdit: times.auxiliary * perEdit,
                          signalMsPerEdit: times.signal * perEdit)
         if json { try printJSON(out) } else {
