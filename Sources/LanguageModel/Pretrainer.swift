@@ -238,9 +238,11 @@ public final class Pretrainer {
             if step % config.logEvery == 0 || step == totalSteps {
                 let elapsed = Date().timeIntervalSince(windowStart)
                 let tps = Double(config.logEvery * B * T) / max(elapsed, 1e-9)
-                let eta = Double(totalSteps - step) * Date().timeIntervalSince(started) / Double(max(step - startStep, 1))
-                let line = String(format: "step %d/%d loss %.4f lr %.2e grad-norm %.2f %.0f tokens/s eta %.0f min",
-                                  step, totalSteps, lossSum / tokenSum, opt.learningRate, norm, tps, eta / 60)
+                // To where this run stops: stopAfter when it comes first.
+                let end = min(totalSteps, stopAfter ?? totalSteps)
+                let eta = Double(max(end - step, 0)) * Date().timeIntervalSince(started) / Double(max(step - startStep, 1))
+                let line = String(format: "step %d/%d loss %.4f lr %.2e grad-norm %.2f %.0f tokens/s eta %.0f min to step %d",
+                                  step, totalSteps, lossSum / tokenSum, opt.learningRate, norm, tps, eta / 60, end)
                 log(line)
                 progress(line)
                 lossSum = 0; tokenSum = 0; windowStart = Date()

@@ -104,9 +104,11 @@ struct TrainEditor: ParsableCommand {
             if recent.count > 6 { recent.removeFirst() }
             let (s0, t0) = recent.first!
             let pace = s.step > s0 ? Date().timeIntervalSince(t0) / Double(s.step - s0) : s.seconds
-            let eta = pace * Double(total - s.step)
-            printProgress(String(format: "step %d/%d  rel %.3f gen %.3f loc %.3f  %.2f s/step  %.2f episodes/s  eta %.0f min",
-                                 s.step, total, s.reliability, s.generality, s.locality, pace, episodes / max(pace, 1e-9), eta / 60))
+            // To where this run stops: --stop-after when it comes first.
+            let end = min(total, stopAfter ?? total)
+            let eta = pace * Double(max(end - s.step, 0))
+            printProgress(String(format: "step %d/%d  rel %.3f gen %.3f loc %.3f  %.2f s/step  %.2f episodes/s  eta %.0f min to step %d",
+                                 s.step, total, s.reliability, s.generality, s.locality, pace, episodes / max(pace, 1e-9), eta / 60, end))
         }
         if writeEditor {
             guard comm.size == 1 else { throw ValidationError("--write-editor runs without mpirun") }
