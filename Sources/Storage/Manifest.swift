@@ -192,12 +192,7 @@ public struct ManifestLink: Decodable, Sendable, Equatable {
     }
 
     static func decode(_ data: Data, path: String, expectedVersion: Int) throws -> ManifestLink {
-        let link: ManifestLink
-        do {
-            link = try JSONDecoder().decode(ManifestLink.self, from: data)
-        } catch {
-            throw StoreError.badManifest(path: path, reason: "not a valid manifest JSON (\(Manifest.decodingSummary(error)))")
-        }
+        let link = try Manifest.json(ManifestLink.self, data, path: path)
         guard link.version == expectedVersion else {
             throw StoreError.badManifest(path: path, reason: "version \(link.version) in a file named for \(expectedVersion)")
         }
@@ -318,16 +313,20 @@ public struct Manifest: Codable, Sendable, Equatable {
 
     /// Parses and validates manifest bytes; `expectedVersion` is the number in the file name.
     static func decode(_ data: Data, path: String, expectedVersion: Int?) throws -> Manifest {
-        let manifest: Manifest
-        do {
-            manifest = try JSONDecoder().decode(Manifest.self, from: data)
-        } catch {
-            throw StoreError.badManifest(path: path, reason: "not a valid manifest JSON (\(decodingSummary(error)))")
-        }
+        let manifest = try json(Manifest.self, data, path: path)
         if let reason = manifest.validationProblem(expectedVersion: expectedVersion) {
             throw StoreError.badManifest(path: path, reason: reason)
         }
         return manifest
+    }
+
+    /// Manifest bytes decoded as `type` (the whole manifest or a part of it), or `badManifest`.
+    static func json<T: Decodable>(_ type: T.Type, _ data: Data, path: String) throws -> T {
+        do {
+            return try JSONDecoder().decode(type, from: data)
+        } catch {
+            throw StoreError.badManifest(path: path, reason: "not a valid manifest JSON (\(decodingSummary(error)))")
+        }
     }
 
     /// Every blob hash the version references.
