@@ -62,7 +62,7 @@ struct TrainEditor: ParsableCommand {
         if chosen { cfg.modules = EditorConfig.defaultModules(for: folder.model.spec) }
         comm.say("edited modules (\(chosen ? "the \(folder.model.spec.modelType) default: the MLP of the last three blocks" : "from \(configURL.lastPathComponent)")): "
                    + cfg.modules.joined(separator: ", "))
-        if cfg.baseModel == nil { cfg.baseModel = model.url.standardizedFileURL.lastPathComponent }
+        if cfg.baseModel == nil { cfg.baseModel = model.model == nil ? "samples/model" : model.url.standardizedFileURL.lastPathComponent }
         let pool = try runMapped { try EditBatch.read(dataURL) }
         let editor = try runMapped { try DAFNetEditor(config: cfg, model: folder.model, tokenizer: folder.tokenizer!) }
         editor.initialise(seed: cfg.training.seed)
