@@ -262,8 +262,11 @@ extension CheckpointStore {
 
     /// Per-tensor differences from version `a` to version `b` (both verified while read).
     public func diff(_ a: VersionRef, _ b: VersionRef) throws -> [TensorDifference] {
-        let va = try load(a).tensors
-        let vb = try load(b).tensors
+        Self.diff(try load(a).tensors, try load(b).tensors)
+    }
+
+    /// Per-tensor changes from the tensors `va` to `vb` (two states however they were read or rebuilt).
+    public static func diff(_ va: [String: Tensor], _ vb: [String: Tensor]) -> [TensorDifference] {
         let names = Set(va.keys).union(vb.keys).sorted(by: Manifest.precedes)
         return names.map { name in
             switch (va[name], vb[name]) {

@@ -3,6 +3,7 @@ import Evaluation
 import Foundation
 import Logging
 import Storage
+import TensorCore
 import XCTest
 @testable import Pipeline
 
@@ -556,6 +557,7 @@ final class BatchProcessorTests: XCTestCase {
                                                               Manifest.replayFormat, Manifest.replayFormat])
         let direct = h.editor.newState()
         let editorSHA = PipelineResources.hashes(modelFolder: Fixture.modelFolder, editorFolder: tmp.path("editor")).editor
+        var wholeStates: [[String: Tensor]] = []
         for (i, b) in batches.enumerated() {
             try h.editor.apply(b, to: direct, superseding: i == 1 ? [Fixture.request(1)] : [])
             let loaded = try h.store.load(.number(i + 1))
@@ -567,7 +569,17 @@ final class BatchProcessorTests: XCTestCase {
             let expected = direct.tensors()
             XCTAssertEqual(Set(rebuilt.keys), Set(expected.keys), "version \(i + 1)")
             for (name, t) in expected { XCTAssertEqual(rebuilt[name]?.array, t.array, "version \(i + 1): \(name)") }
+            wholeStates.append(rebuilt)
         }
+        // Whole version 3 against version 4, stored in part: as stored, the sums only version 3 holds show
+        // as removed; rebuilt (`checkpoints diff --rebuild`), every tensor is in both.
+        let gram = "gram." + Fixture.modules[0]
+        let stored: [TensorDifference] = CheckpointStore.diff(try h.store.load(.number(3)).tensors, try h.store.load(.number(4)).tensors)
+        XCTAssertEqual(stored.first { $0.name == gram }?.status, TensorDifference.Status.removed)
+        let whole: [TensorDifference] = CheckpointStore.diff(wholeStates[2], wholeStates[3])
+        let unmatched: [String] = whole.filter { [.removed, .added].contains($0.status) }.map(\.name)
+        XCTAssertEqual(unmatched, [])
+        XCTAssertEqual(whole.first { $0.name == gram }?.status, TensorDifference.Status.changed)
         XCTAssertNotNil(h.folder.model.router, "the rebuilt state is installed")
         // Another editor cannot rebuild it: refused by hash, and by the check when no hash is known.
         try Fixture.writeLeastSquaresEditor(to: tmp.path("other"), seed: 4, routeThreshold: 0.9)

@@ -111,6 +111,10 @@ struct Checkpoints: ParsableCommand {
         @Argument(help: "The first version.") var from: VersionArgument
         @Argument(help: "The second version.") var to: VersionArgument = VersionArgument(.head)
         @Flag(help: "The facts that changed: edits only in W (+) and only in V (−), by prompt and target.") var facts = false
+        @Flag(help: "Compare whole states: a version that stores part of its state (replay_edits) is rebuilt first with the model and editor (without it, what such a version leaves to the replay shows as removed or added).")
+        var rebuild = false
+        @OptionGroup var model: ModelOption
+        @OptionGroup var editorOption: EditorOption
         @Flag(help: "Print JSON.") var json = false
 
         func run() throws {
@@ -135,8 +139,21 @@ struct Checkpoints: ParsableCommand {
                     }
                     return
                 }
-                let rows = try store.diff(.number(a), .number(b))
+                let va = try store.load(.number(a)), vb = try store.load(.number(b))
+                let partial = [va, vb].filter { $0.manifest.replayEdits != nil }.map(\.manifest.version)
+                let rows: [TensorDifference]
+                if rebuild && !partial.isEmpty {
+                    let folder = try model.load(requireTokenizer: true)
+                    rows = CheckpointStore.diff(try wholeState(va, in: store, model: folder, editor: editorOption.url),
+                                                try wholeState(vb, in: store, model: folder, editor: editorOption.url))
+                } else {
+                    rows = CheckpointStore.diff(va.tensors, vb.tensors)
+                }
                 print(json ? try StoreText.json(rows) : StoreText.diff(rows, from: a, to: b))
+                if !rebuild && !partial.isEmpty && !json {
+                    print("(version\(partial.count == 1 ? "" : "s") \(partial.map(String.init).joined(separator: " and ")) store\(partial.count == 1 ? "s" : "") part of the state: "
+                          + "the tensors the editor rebuilds show as removed or added; --rebuild compares whole states)")
+                }
             }
         }
     }
