@@ -36,28 +36,27 @@ public struct EditLog: Sendable {
 
     public static func fileName(_ index: Int) -> String { filePrefix + String(format: "%06d", index) + fileSuffix }
 
-    /// The names of a stored version's log files, in order.
-    private static func fileNames(of version: VersionTensorSource) -> [String] { fileNames(version.manifest.files) }
-
-    private static func fileNames(_ files: [FileEntry]) -> [String] {
-        files.map(\.name).filter { $0.hasPrefix(filePrefix) && $0.hasSuffix(fileSuffix) }.sorted()
+    /// A stored version's log files, in order.
+    private static func logFiles(_ files: [FileEntry]) -> [FileEntry] {
+        files.filter { $0.name.hasPrefix(filePrefix) && $0.name.hasSuffix(fileSuffix) }.sorted { $0.name < $1.name }
     }
 
     /// How many edits a stored version's log holds (its lines counted, none decoded).
-    static func count(in store: CheckpointStore, version: Int) throws -> Int { try count(of: try store.source(.number(version))) }
-
     static func count(of version: VersionTensorSource) throws -> Int {
-        try fileNames(of: version).reduce(0) { n, name in n + lineCount(try version.file(name)) }
+        try count(version.manifest.files, of: version.manifest.version, in: version.store)
     }
 
     /// The same for a version known by its link in the chain.
     static func count(of link: ManifestLink, in store: CheckpointStore) throws -> Int {
-        let entries = Dictionary(link.files.map { ($0.name, $0) }, uniquingKeysWith: { a, _ in a })
-        return try fileNames(link.files).reduce(0) { n, name in n + lineCount(try store.decodeFile(entries[name]!, version: link.version)) }
+        try count(link.files, of: link.version, in: store)
     }
 
-    private static func lineCount(_ data: Data) -> Int {
-        data.withUnsafeBytes { raw in raw.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) } }
+    private static func count(_ files: [FileEntry], of version: Int, in store: CheckpointStore) throws -> Int {
+        try logFiles(files).reduce(0) { n, entry in
+            n + (try store.decodeFile(entry, version: version)).withUnsafeBytes { raw in
+                raw.reduce(0) { $0 + ($1 == UInt8(ascii: "\n") ? 1 : 0) }
+            }
+        }
     }
 
     /// The log of a stored version (empty when it has none).
@@ -69,8 +68,8 @@ public struct EditLog: Sendable {
     public static func load(from version: VersionTensorSource, chunkSize: Int = 1000) throws -> EditLog {
         var log = EditLog(chunkSize: chunkSize)
         let decoder = JSONDecoder()
-        for name in fileNames(of: version) {
-            let data = try version.file(name)
+        for entry in logFiles(version.manifest.files) {
+            let data = try version.store.decodeFile(entry, version: version.manifest.version)
             log.chunks.append(data)
             let lines = data.split(separator: UInt8(ascii: "\n"))
             log.counts.append(lines.count)
@@ -149,7 +148,7 @@ public struct EditLog: Sendable {
         var out: [(version: Int, batch: String?, edits: [EditRequest])] = []
         var start = 0
         for m in chain.reversed() {
-            let end = try count(in: store, version: m.version)
+            let end = try count(of: VersionTensorSource(store: store, manifest: m))
             out.append((m.version, m.batch?.name, Array(edits[min(start, edits.count)..<min(end, edits.count)])))
             start = end
         }

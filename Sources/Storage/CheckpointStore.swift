@@ -940,12 +940,4 @@ public struct VersionTensorSource: TensorSource {
         self.store = store
         self.manifest = manifest
     }
-
-    /// One stored file of the version, by name (its blob verified).
-    public func file(_ name: String) throws -> Data {
-        guard let entry = manifest.files.first(where: { $0.name == name }) else {
-            throw StoreError.fileNotFound(name: name, version: manifest.version)
-        }
-        return try store.decodeFile(entry, version: manifest.version)
-    }
 }
