@@ -884,37 +884,36 @@ public final class CheckpointStore: @unchecked Sendable {
                 report.removedUnfinishedVersions = unfinished
             }
         }
-        // Blobs no manifest references: only when every manifest reads, so a damaged manifest never
-        // costs its blobs.
-        var referenced = Set<String>()
-        var unreadable: String?
-        for v in try versions() where scope == .full {
-            do {
-                referenced.formUnion(try manifest(v).blobs)
-            } catch {
-                unreadable = "\(error)"
-                break
-            }
-        }
-        if let unreadable {
-            report.blobCleanupSkipped = unreadable
-        } else if scope == .full {
-            try storeIO {
-                var removed = false
-                for name in try FileUtil.list(objectsPath) where Hex.isSHA256(name) && !referenced.contains(name) {
-                    try fileSystem.removeFile(atPath: blobPath(name))
-                    report.removedBlobs.append(name)
-                    removed = true
-                }
-                if removed { try fileSystem.syncDirectory(atPath: objectsPath) }
-            }
-        }
+        if scope == .full { try removeUnreferencedBlobs(&report) }
         // HEAD moved but its history record was never appended.
         if let h = try? head(), try history().last?.version != h {
             try storeIO { try appendHistory(HistoryRecord(op: .recover, version: h, from: nil)) }
             report.recordedHead = true
         }
         return report
+    }
+
+    /// Blobs no manifest references (every manifest read): removed only when every manifest reads, so a
+    /// damaged manifest never costs its blobs.
+    private func removeUnreferencedBlobs(_ report: inout RecoveryReport) throws {
+        var referenced = Set<String>()
+        for v in try versions() {
+            do {
+                referenced.formUnion(try manifest(v).blobs)
+            } catch {
+                report.blobCleanupSkipped = "\(error)"
+                return
+            }
+        }
+        try storeIO {
+            var removed = false
+            for name in try FileUtil.list(objectsPath) where Hex.isSHA256(name) && !referenced.contains(name) {
+                try fileSystem.removeFile(atPath: blobPath(name))
+                report.removedBlobs.append(name)
+                removed = true
+            }
+            if removed { try fileSystem.syncDirectory(atPath: objectsPath) }
+        }
     }
 }
 
