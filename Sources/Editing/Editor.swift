@@ -530,12 +530,15 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     public func replay(_ batches: [ReplayBatch], onto anyState: EditorState) throws {
         let state = try own(anyState, as: EditState.self)
         for b in batches where !b.requests.isEmpty {
-            try fold(b.requests, into: state, superseding: b.superseded, solve: false)
+            try b.atItsThreadCount { _ = try fold(b.requests, into: state, superseding: b.superseded, solve: false) }
         }
+        // Solved as the last batch's apply solved it, at its thread count.
         if config.accumulation == .leastSquares {
-            for m in config.modules {
-                let st = state.modules[m]!
-                if let g = st.gram, let c = st.cross { st.deltaWeight = try solveLeastSquares(m, gram: g).solve(c) }
+            try (batches.last ?? ReplayBatch(requests: [], superseded: [])).atItsThreadCount {
+                for m in config.modules {
+                    let st = state.modules[m]!
+                    if let g = st.gram, let c = st.cross { st.deltaWeight = try solveLeastSquares(m, gram: g).solve(c) }
+                }
             }
         }
         install(state)

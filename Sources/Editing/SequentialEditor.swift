@@ -67,14 +67,24 @@ public protocol SequentialEditor: AnyObject {
     func replay(_ batches: [ReplayBatch], onto state: EditorState) throws
 }
 
-/// One batch of a replay: its edits and the earlier edits it superseded.
+/// One batch of a replay: its edits, the earlier edits it superseded, and the OpenBLAS thread count it was
+/// applied with (nil: unknown, replayed at the current count).
 public struct ReplayBatch: Sendable {
     public var requests: [EditRequest]
     public var superseded: [EditRequest]
+    public var blasThreads: Int?
 
-    public init(requests: [EditRequest], superseded: [EditRequest]) {
+    public init(requests: [EditRequest], superseded: [EditRequest], blasThreads: Int? = nil) {
         self.requests = requests
         self.superseded = superseded
+        self.blasThreads = blasThreads
+    }
+
+    /// Runs `body` at the thread count the batch was applied with: OpenBLAS sums some products differently
+    /// at one and at two threads, and a replay must repeat the batch's arithmetic bit for bit.
+    public func atItsThreadCount<T>(_ body: () throws -> T) rethrows -> T {
+        guard let n = blasThreads else { return try body() }
+        return try BLAS.withThreads(n, body)
     }
 }
 
@@ -85,7 +95,7 @@ extension SequentialEditor {
     }
 
     public func replay(_ batches: [ReplayBatch], onto state: EditorState) throws {
-        for b in batches { try apply(b.requests, to: state, superseding: b.superseded) }
+        for b in batches { try b.atItsThreadCount { try apply(b.requests, to: state, superseding: b.superseded) } }
         install(state)
     }
 

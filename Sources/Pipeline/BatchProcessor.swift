@@ -316,6 +316,8 @@ public final class BatchProcessor {
             if let o = stopped() { return o }
             // An edit whose prompt an earlier live edit has replaces it (the same fact, a new target).
             let superseded = try head.log.superseded(by: requests)
+            // Recorded in the version: a replay of the batch runs at the same count (`Manifest.blasThreads`).
+            let blasThreads = BLAS.threads
             do {
                 let e = try editor.apply(requests, to: head.state, superseding: superseded)
                 times.signal = e.signal; times.auxiliary = e.auxiliary; times.apply = e.apply
@@ -339,7 +341,8 @@ public final class BatchProcessor {
                                    head: head.number)
             }
             if let o = stopped() { return o }
-            guard let newHead = try commit(name, sha: sha, requests, head: head, report: report), let manifest = newHead.manifest else {
+            guard let newHead = try commit(name, sha: sha, requests, head: head, report: report,
+                                                  blasThreads: blasThreads), let manifest = newHead.manifest else {
                 guard attempt < settings.maxAttempts else { throw PipelineError.headUnstable(batch: name, attempts: attempt) }
                 continue
             }

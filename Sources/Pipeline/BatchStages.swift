@@ -182,7 +182,8 @@ extension BatchProcessor {
     /// Stage `commit`: the new version on `head` with the edit log and the evaluation, returned as the new
     /// HEAD; nil when HEAD is no longer `head` (a rollback came first, or slipped in during the commit and
     /// was put back): the batch starts again from the new HEAD.
-    func commit(_ name: String, sha: String, _ requests: [EditRequest], head: LoadedHead, report: BatchReport) throws -> LoadedHead? {
+    func commit(_ name: String, sha: String, _ requests: [EditRequest], head: LoadedHead, report: BatchReport,
+                blasThreads: Int) throws -> LoadedHead? {
         if try store.head() != head.number {
             logger.notice("HEAD moved while the batch was prepared; starting it again from the new HEAD",
                           metadata: ["batch": "\(name)", "was": "\(head.number.map(String.init) ?? "none")"])
@@ -204,7 +205,7 @@ extension BatchProcessor {
             let (tensors, replayEdits) = storedState(head, adding: requests.count)
             manifest = try store.commit(CommitRequest(tensors: tensors, files: files, baseModelSHA256: resources.baseModelSHA256,
                                                       editorSHA256: resources.editorSHA256, batch: BatchReference(name: name, sha256: sha),
-                                                      info: info, replayEdits: replayEdits))
+                                                      info: info, replayEdits: replayEdits, blasThreads: blasThreads))
         } catch StoreError.currentWithError(let v, let underlying) {
             logger.warning("committed, but a final step of the commit failed", metadata: ["version": "\(v)", "error": "\(underlying)"])
             manifest = try store.manifest(v)

@@ -50,7 +50,7 @@ public enum VersionReplay {
                 throw PipelineError.replay(version: m.version, reason: "the edit log of version \(v.version) does not extend its parent's")
             }
             let requests = Array(all[start..<end])
-            batches.append(ReplayBatch(requests: requests, superseded: try log.superseded(by: requests)))
+            batches.append(ReplayBatch(requests: requests, superseded: try log.superseded(by: requests), blasThreads: v.blasThreads))
             try log.append(requests)
             start = end
         }

@@ -67,9 +67,12 @@ public struct CommitRequest {
     /// Set when `tensors` are only part of the state: the rest is rebuilt by applying this many edits again
     /// from the nearest ancestor holding its whole state (`Manifest.replayEdits`).
     public var replayEdits: Int?
+    /// The OpenBLAS thread count the batch was applied with (`Manifest.blasThreads`).
+    public var blasThreads: Int?
 
     public init(tensors: [String: Tensor], files: [String: Data] = [:], baseModelSHA256: String? = nil,
-                editorSHA256: String? = nil, batch: BatchReference? = nil, info: JSONValue? = nil, replayEdits: Int? = nil) {
+                editorSHA256: String? = nil, batch: BatchReference? = nil, info: JSONValue? = nil, replayEdits: Int? = nil,
+                blasThreads: Int? = nil) {
         self.tensors = tensors
         self.files = files
         self.baseModelSHA256 = baseModelSHA256
@@ -77,6 +80,7 @@ public struct CommitRequest {
         self.batch = batch
         self.info = info
         self.replayEdits = replayEdits
+        self.blasThreads = blasThreads
     }
 }
 
@@ -644,6 +648,7 @@ public final class CheckpointStore: @unchecked Sendable {
             if let hash, !Hex.isSHA256(hash) { throw StoreError.invalidCommit("\(label) hash '\(hash)' is not a lowercase sha256 hex string") }
         }
         if let r = request.replayEdits, r < 1 { throw StoreError.invalidCommit("replay_edits \(r) is not positive") }
+        if let n = request.blasThreads, n < 1 { throw StoreError.invalidCommit("blas_threads \(n) is not positive") }
         return try withLock { try commitLocked(request) }
     }
 
@@ -756,7 +761,7 @@ public final class CheckpointStore: @unchecked Sendable {
             let manifest = Manifest(version: number, parent: parent, parentManifestSHA256: parentSHA, baseModelSHA256: request.baseModelSHA256,
                                     editorSHA256: request.editorSHA256, batch: request.batch, created: Timestamp.now(),
                                     tensors: tensorEntries, files: fileEntries, stateSHA256: stateSHA, info: request.info,
-                                    replayEdits: request.replayEdits)
+                                    replayEdits: request.replayEdits, blasThreads: request.blasThreads)
             let data = try manifest.encoded()
             try data.withUnsafeBytes { try install($0, at: manifestPath(number), in: versionsPath, temps: &temps) }
             manifestWritten = true

@@ -176,11 +176,13 @@ public struct ManifestLink: Decodable, Sendable, Equatable {
     public let version: Int
     public let parent: Int?
     public let replayEdits: Int?
+    public let blasThreads: Int?
     public let files: [FileEntry]
 
     enum CodingKeys: String, CodingKey {
         case version, parent, files
         case replayEdits = "replay_edits"
+        case blasThreads = "blas_threads"
     }
 
     public init(from decoder: Decoder) throws {
@@ -188,6 +190,7 @@ public struct ManifestLink: Decodable, Sendable, Equatable {
         version = try c.decode(Int.self, forKey: .version)
         parent = try c.decodeIfPresent(Int.self, forKey: .parent)
         replayEdits = try c.decodeIfPresent(Int.self, forKey: .replayEdits)
+        blasThreads = try c.decodeIfPresent(Int.self, forKey: .blasThreads)
         files = try c.decodeIfPresent([FileEntry].self, forKey: .files) ?? []
     }
 
@@ -237,6 +240,11 @@ public struct Manifest: Codable, Sendable, Equatable {
     /// many edits, from the nearest ancestor that holds its whole state (or from the empty state when no
     /// ancestor does), are applied again to rebuild the rest. nil: the version holds its whole state.
     public var replayEdits: Int?
+    /// The OpenBLAS thread count the version's batch was applied with: OpenBLAS sums some products
+    /// differently at one and at two threads, so a replay of the batch runs at this count to repeat it bit for
+    /// bit. Absent in versions made before it was recorded (replayed at the current count), and on versions
+    /// no batch made.
+    public var blasThreads: Int?
 
     enum CodingKeys: String, CodingKey {
         case format, version, parent, batch, created, tensors, files, info, origin
@@ -245,6 +253,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         case stateSHA256 = "state_sha256"
         case parentManifestSHA256 = "parent_manifest_sha256"
         case replayEdits = "replay_edits"
+        case blasThreads = "blas_threads"
     }
 
     public init(from decoder: Decoder) throws {
@@ -263,11 +272,12 @@ public struct Manifest: Codable, Sendable, Equatable {
         info = try c.decodeIfPresent(JSONValue.self, forKey: .info)
         origin = try c.decodeIfPresent(ManifestOrigin.self, forKey: .origin)
         replayEdits = try c.decodeIfPresent(Int.self, forKey: .replayEdits)
+        blasThreads = try c.decodeIfPresent(Int.self, forKey: .blasThreads)
     }
 
     init(version: Int, parent: Int?, parentManifestSHA256: String?, baseModelSHA256: String?, editorSHA256: String?, batch: BatchReference?,
          created: String, tensors: [TensorEntry], files: [FileEntry], stateSHA256: String, info: JSONValue?,
-         origin: ManifestOrigin? = nil, replayEdits: Int? = nil) {
+         origin: ManifestOrigin? = nil, replayEdits: Int? = nil, blasThreads: Int? = nil) {
         self.format = replayEdits != nil ? Self.replayFormat : tensors.contains { $0.parts.count != 1 } ? Self.partsFormat : Self.singleBlobFormat
         self.version = version
         self.parent = parent
@@ -282,6 +292,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         self.info = info
         self.origin = origin
         self.replayEdits = replayEdits
+        self.blasThreads = blasThreads
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -300,6 +311,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         if let info { try c.encode(info, forKey: .info) } else { try c.encodeNil(forKey: .info) }
         try c.encodeIfPresent(origin, forKey: .origin)
         try c.encodeIfPresent(replayEdits, forKey: .replayEdits)
+        try c.encodeIfPresent(blasThreads, forKey: .blasThreads)
     }
 
     /// The manifest as stored: pretty-printed JSON with sorted keys and a final newline.
@@ -336,6 +348,7 @@ public struct Manifest: Codable, Sendable, Equatable {
     func validationProblem(expectedVersion: Int?) -> String? {
         guard [Self.singleBlobFormat, Self.partsFormat, Self.replayFormat].contains(format) else { return "unknown format '\(format)'" }
         if let r = replayEdits, r < 1 { return "replay_edits \(r) is not positive" }
+        if let n = blasThreads, n < 1 { return "blas_threads \(n) is not positive" }
         if (replayEdits != nil) != (format == Self.replayFormat) { return "replay_edits and format '\(format)' disagree" }
         guard version >= 1 else { return "version \(version) is not positive" }
         if let expectedVersion, expectedVersion != version {

@@ -59,6 +59,7 @@ public enum StoreText {
         if let r = m.replayEdits {
             lines.append("replay       \(r) edits: the rest of the state is rebuilt by applying them again on the nearest ancestor holding a whole state")
         }
+        if let n = m.blasThreads { lines.append("blas threads \(n) (the batch was applied, and is replayed, at this OpenBLAS thread count)") }
         lines.append("tensors      \(m.tensors.count)")
         for t in m.tensors {
             lines.append("  \(pad(t.name, 48)) \(pad(shape(t.shape), 14)) \(t.dtype)  \(t.bytes) B → \(t.storedBytes) B  \(t.parts.count == 1 ? String(t.parts[0].blob.prefix(12)) : "\(t.parts.count) parts, last \(t.parts.last!.blob.prefix(12))")")

@@ -9,14 +9,22 @@ public enum BLAS {
     }
 
     /// Runs `body` with OpenBLAS single-threaded, then restores the thread count: for work that runs its own
-    /// products side by side, one per core. OpenBLAS's workers busy-wait for a while after each threaded
-    /// product (taking the core the second caller needs), so they are stopped first; the next threaded
-    /// product starts them again (as after a fork). Not for use while other threads call BLAS.
+    /// products side by side, one per core. Not for use while other threads call BLAS.
     public static func singleThreaded<T>(_ body: () throws -> T) rethrows -> T {
+        try withThreads(1, body)
+    }
+
+    /// Runs `body` with OpenBLAS at `count` threads, then restores the count. OpenBLAS sums some products
+    /// differently at one and at several threads, so work that must repeat earlier results bit for bit runs
+    /// at the count they were made with. Going down to one thread, the workers are stopped first: they
+    /// busy-wait for a while after each threaded product (taking the core a second caller needs); the next
+    /// threaded product starts them again (as after a fork). Not for use while other threads call BLAS.
+    public static func withThreads<T>(_ count: Int, _ body: () throws -> T) rethrows -> T {
         let before = threads
-        if before == 1 { return try body() }
-        _ = blas_thread_shutdown_()
-        threads = 1
+        let count = max(1, count)
+        if before == count { return try body() }
+        if count == 1 { _ = blas_thread_shutdown_() }
+        threads = count
         defer { threads = before }
         return try body()
     }

@@ -616,6 +616,42 @@ final class BatchProcessorTests: XCTestCase {
         for (name, t) in atFive { XCTAssertEqual(restored[name]?.array, t.array, name) }
     }
 
+    /// OpenBLAS sums some products differently at one and at two threads (the fixture's logits backward,
+    /// vocabulary 1,000, differs in its last bits), so a batch replayed at another thread count than it was
+    /// applied with would not rebuild. Each version records its batch's count and the replay runs each batch
+    /// at it: three batches at 2 / 1 / 2 threads rebuild, at either count, to the state applied directly.
+    func testReplayUsesEachBatchsBLASThreadCount() throws {
+        let tmp = TempDir("replay-threads")
+        try Fixture.writeLeastSquaresEditor(to: tmp.path("editor"), routeThreshold: 0.9)
+        let h = try Harness(editorFolder: tmp.path("editor"), keyframeEdits: 100)
+        let batches: [[EditRequest]] = [(0..<3).map(Fixture.request), (3..<5).map(Fixture.request), (5..<8).map(Fixture.request)]
+        let counts = [2, 1, 2]
+        let threadsBefore = BLAS.threads
+        let direct = h.editor.newState()
+        var expected: [[String: Tensor]] = []
+        for (i, b) in batches.enumerated() {
+            try h.drop("\(i).jsonl", try EditBatch.encode(b))
+            try BLAS.withThreads(counts[i]) { try h.processor.runOnce() }
+            try BLAS.withThreads(counts[i]) { _ = try h.editor.apply(b, to: direct) }
+            expected.append(direct.tensors().mapValues { $0.copy() })  // the state updates its sums in place
+        }
+        XCTAssertEqual(try h.store.manifests().map(\.blasThreads), counts)
+        XCTAssertEqual(try h.store.manifests().map(\.replayEdits), [3, 5, 8], "every version stored in part")
+        let editorSHA = PipelineResources.hashes(modelFolder: Fixture.modelFolder, editorFolder: tmp.path("editor")).editor
+        for threads in [1, 2] {
+            for v in 1...3 {
+                let rebuilt = try BLAS.withThreads(threads) {
+                    try VersionReplay.state(of: try h.store.load(.number(v)), in: h.store, editor: h.editor, editorSHA256: editorSHA).tensors()
+                }
+                XCTAssertEqual(Set(rebuilt.keys), Set(expected[v - 1].keys), "version \(v) at \(threads) threads")
+                for (name, t) in expected[v - 1] {
+                    XCTAssertTrue(rebuilt[name]?.array == t.array, "version \(v) rebuilt at \(threads) threads: \(name) differs")
+                }
+            }
+        }
+        XCTAssertEqual(BLAS.threads, threadsBefore, "the thread count comes back")
+    }
+
     /// A training-free AlphaEdit editor goes through the daemon through the registry: versions hold its own
     /// state (ΔW and the earlier edits' keys), HEAD equals the editor applied directly, a rollback and the
     /// same batch again give the same state, and the version exports.
