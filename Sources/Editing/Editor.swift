@@ -259,6 +259,11 @@ public final class EditState: EditorState, @unchecked Sendable {
         return names
     }
 
+    /// With `least_squares`, ΔW: the solution of the sums' system, which `replay` solves again from them.
+    public var derivedFromRest: Set<String> {
+        Set(modules.compactMap { name, m in m.gram != nil && m.cross != nil && m.deltaWeight != nil ? "delta_weight." + name : nil })
+    }
+
     public func copy() -> EditState {
         let s = EditState(moduleNames: Array(modules.keys))
         s.editCount = editCount

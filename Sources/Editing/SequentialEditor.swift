@@ -32,11 +32,15 @@ public protocol EditorState: AnyObject {
     /// The names among `tensors()` that `SequentialEditor.replay` of the state's edits rebuilds exactly from
     /// the rest, so that a stored version may leave them out (empty: every tensor must be stored).
     var rebuiltByReplay: Set<String> { get }
+    /// The names among `tensors()` that `SequentialEditor.replay` with no batches computes exactly from the
+    /// rest, so that a version holding its whole state may leave them out (empty: none).
+    var derivedFromRest: Set<String> { get }
 }
 
 extension EditorState {
     public var router: EditRouter? { nil }
     public var rebuiltByReplay: Set<String> { [] }
+    public var derivedFromRest: Set<String> { [] }
 
     /// Bytes held.
     public var byteCount: Int { tensors().values.reduce(0) { $0 + $1.count * 4 } }

@@ -33,9 +33,10 @@ public struct PipelineSettings: Sendable {
     public var editLogChunk = 1000
     /// A version stores its whole edit state when more than this many edits would have to be applied again
     /// to rebuild it from the nearest version that does; else only what the editor cannot rebuild
-    /// (`replay_edits`; DAFNet: its per-edit rows, not ΔW or the least-squares sums). 0: every version whole.
-    /// Default 200: 100 versions of 10 edits on the sample model in 85.5 MB, a load at most 2.1 s (README).
-    public var keyframeEdits = 200
+    /// (`replay_edits`; DAFNet: its per-edit rows, not ΔW or the least-squares sums), and a whole version
+    /// leaves out what the editor derives from the rest (`derived`: a least-squares ΔW). 0: every version
+    /// whole, every tensor stored. Default 120: 100 versions of 10 edits on the sample model in 96.9 MB (README).
+    public var keyframeEdits = 120
     /// Attempts at a batch while HEAD keeps moving under it (rollbacks) before giving up.
     public var maxAttempts = 5
     /// Commit on a HEAD made on another base model (its manifest's hash differs from the model's).

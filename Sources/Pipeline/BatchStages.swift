@@ -167,16 +167,17 @@ extension BatchProcessor {
         return report
     }
 
-    /// What the version after `head` stores: its whole state when rebuilding it would replay more than
-    /// `keyframeEdits` edits (counted from the nearest version holding a whole state) or the editor cannot
-    /// rebuild anything; else the rest and how many edits rebuild it.
-    func storedState(_ head: LoadedHead, adding edits: Int) -> (tensors: [String: Tensor], replayEdits: Int?) {
+    /// What the version after `head` stores: its whole state, less what the editor derives from the rest,
+    /// when rebuilding it would replay more than `keyframeEdits` edits (counted from the nearest version
+    /// holding a whole state) or the editor cannot rebuild anything; else the rest and how many edits rebuild it.
+    func storedState(_ head: LoadedHead, adding edits: Int) -> (tensors: [String: Tensor], replayEdits: Int?, derived: [String]) {
         let tensors = head.state.tensors()
         let rebuilt = head.state.rebuiltByReplay
         guard let replay = settings.replayEdits(parent: head.manifest?.replayEdits, adding: edits, rebuildable: !rebuilt.isEmpty) else {
-            return (tensors, nil)
+            let derived = settings.keyframeEdits > 0 ? head.state.derivedFromRest : []
+            return (tensors.filter { !derived.contains($0.key) }, nil, Array(derived))
         }
-        return (tensors.filter { !rebuilt.contains($0.key) }, replay)
+        return (tensors.filter { !rebuilt.contains($0.key) }, replay, [])
     }
 
     /// Stage `commit`: the new version on `head` with the edit log and the evaluation, returned as the new
@@ -202,10 +203,11 @@ extension BatchProcessor {
         ])
         let manifest: Manifest
         do {
-            let (tensors, replayEdits) = storedState(head, adding: requests.count)
+            let (tensors, replayEdits, derived) = storedState(head, adding: requests.count)
             manifest = try store.commit(CommitRequest(tensors: tensors, files: files, baseModelSHA256: resources.baseModelSHA256,
                                                       editorSHA256: resources.editorSHA256, batch: BatchReference(name: name, sha256: sha),
-                                                      info: info, replayEdits: replayEdits, blasThreads: blasThreads))
+                                                      info: info, replayEdits: replayEdits, blasThreads: blasThreads,
+                                                      derived: derived))
         } catch StoreError.currentWithError(let v, let underlying) {
             logger.warning("committed, but a final step of the commit failed", metadata: ["version": "\(v)", "error": "\(underlying)"])
             manifest = try store.manifest(v)

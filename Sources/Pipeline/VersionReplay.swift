@@ -7,12 +7,13 @@ import TensorCore
 /// editor cannot rebuild (for DAFNet the past's per-edit projections and the router's keys, not ΔW or
 /// the least-squares sums): its state is that of the nearest ancestor holding a whole state (or the empty
 /// state) with the batches since applied again, exactly as the daemon applied them, and checked against
-/// what the version stores.
+/// what the version stores. A whole version may leave out what its editor derives from the rest (`derived`:
+/// DAFNet's least-squares ΔW, solved again from the stored sums).
 public enum VersionReplay {
-    /// Throws when `m` has to be rebuilt and was made by an editor other than the one whose weights hash to
-    /// `editorSHA256` (nothing is checked where either is unknown).
+    /// Throws when `m` needs its editor to load (`Manifest.needsEditor`) and was made by an editor other than
+    /// the one whose weights hash to `editorSHA256` (nothing is checked where either is unknown).
     public static func requireEditor(_ m: Manifest, _ editorSHA256: String?) throws {
-        if m.replayEdits != nil, let made = m.editorSHA256, let given = editorSHA256, made != given {
+        if m.needsEditor, let made = m.editorSHA256, let given = editorSHA256, made != given {
             throw PipelineError.replay(version: m.version, reason: "it was made by the editor with weights sha256 \(made), "
                                        + "and rebuilding it needs that editor (--editor); the editor given has \(given)")
         }
@@ -25,7 +26,18 @@ public enum VersionReplay {
         let m = loaded.manifest
         guard let expected = m.replayEdits else {
             let state = try editor.restoreState(loaded.tensors)
-            editor.install(state)
+            guard let derived = m.derived else {
+                editor.install(state)
+                return state
+            }
+            // What the daemon computed after the batch, computed again: the same function on the same stored
+            // tensors, at the thread count the batch was applied with.
+            try requireEditor(m, editorSHA256)
+            try editor.replay([ReplayBatch(requests: [], superseded: [], blasThreads: m.blasThreads)], onto: state)
+            let made = state.tensors()
+            if let missing = derived.first(where: { made[$0] == nil }) {
+                throw PipelineError.replay(version: m.version, reason: "its editor does not compute the derived tensor '\(missing)' from the rest")
+            }
             return state
         }
         try requireEditor(m, editorSHA256)

@@ -69,10 +69,13 @@ public struct CommitRequest {
     public var replayEdits: Int?
     /// The OpenBLAS thread count the batch was applied with (`Manifest.blasThreads`).
     public var blasThreads: Int?
+    /// Tensors of the state left out of a whole version because the editor computes them from the rest
+    /// (`Manifest.derived`); empty: none.
+    public var derived: [String]
 
     public init(tensors: [String: Tensor], files: [String: Data] = [:], baseModelSHA256: String? = nil,
                 editorSHA256: String? = nil, batch: BatchReference? = nil, info: JSONValue? = nil, replayEdits: Int? = nil,
-                blasThreads: Int? = nil) {
+                blasThreads: Int? = nil, derived: [String] = []) {
         self.tensors = tensors
         self.files = files
         self.baseModelSHA256 = baseModelSHA256
@@ -81,6 +84,7 @@ public struct CommitRequest {
         self.info = info
         self.replayEdits = replayEdits
         self.blasThreads = blasThreads
+        self.derived = derived
     }
 }
 
@@ -649,6 +653,10 @@ public final class CheckpointStore: @unchecked Sendable {
         }
         if let r = request.replayEdits, r < 1 { throw StoreError.invalidCommit("replay_edits \(r) is not positive") }
         if let n = request.blasThreads, n < 1 { throw StoreError.invalidCommit("blas_threads \(n) is not positive") }
+        if !request.derived.isEmpty,
+           let problem = Manifest.derivedProblem(request.derived, stored: Set(request.tensors.keys), replayEdits: request.replayEdits) {
+            throw StoreError.invalidCommit(problem)
+        }
         return try withLock { try commitLocked(request) }
     }
 
@@ -761,7 +769,8 @@ public final class CheckpointStore: @unchecked Sendable {
             let manifest = Manifest(version: number, parent: parent, parentManifestSHA256: parentSHA, baseModelSHA256: request.baseModelSHA256,
                                     editorSHA256: request.editorSHA256, batch: request.batch, created: Timestamp.now(),
                                     tensors: tensorEntries, files: fileEntries, stateSHA256: stateSHA, info: request.info,
-                                    replayEdits: request.replayEdits, blasThreads: request.blasThreads)
+                                    replayEdits: request.replayEdits, blasThreads: request.blasThreads,
+                                    derived: request.derived.isEmpty ? nil : request.derived.sorted(by: Manifest.precedes))
             let data = try manifest.encoded()
             try data.withUnsafeBytes { try install($0, at: manifestPath(number), in: versionsPath, temps: &temps) }
             manifestWritten = true

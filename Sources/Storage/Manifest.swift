@@ -212,6 +212,9 @@ public struct Manifest: Codable, Sendable, Equatable {
     /// Format 3 (written only for a version that holds part of its state, `replay_edits`), so that an older
     /// dafnet refuses it instead of loading a state without the parts it would have to rebuild.
     public static let replayFormat = "dafnet-checkpoint-manifest/3"
+    /// Format 4 (written only for a whole version that leaves out tensors its editor derives from the rest,
+    /// `derived`), so that an older dafnet refuses it instead of loading a state without them.
+    public static let derivedFormat = "dafnet-checkpoint-manifest/4"
     public static let tensorDType = "F32"
 
     public var format: String
@@ -245,9 +248,13 @@ public struct Manifest: Codable, Sendable, Equatable {
     /// bit. Absent in versions made before it was recorded (replayed at the current count), and on versions
     /// no batch made.
     public var blasThreads: Int?
+    /// Set on a whole version that leaves out tensors of its state which the editor that made it computes
+    /// from the rest (`CommitRequest.derived`; DAFNet and MEND with `least_squares`: `delta_weight.*`, the
+    /// solution of the stored sums' system): their names. nil on every other version.
+    public var derived: [String]?
 
     enum CodingKeys: String, CodingKey {
-        case format, version, parent, batch, created, tensors, files, info, origin
+        case format, version, parent, batch, created, tensors, files, info, origin, derived
         case baseModelSHA256 = "base_model_sha256"
         case editorSHA256 = "editor_sha256"
         case stateSHA256 = "state_sha256"
@@ -273,12 +280,14 @@ public struct Manifest: Codable, Sendable, Equatable {
         origin = try c.decodeIfPresent(ManifestOrigin.self, forKey: .origin)
         replayEdits = try c.decodeIfPresent(Int.self, forKey: .replayEdits)
         blasThreads = try c.decodeIfPresent(Int.self, forKey: .blasThreads)
+        derived = try c.decodeIfPresent([String].self, forKey: .derived)
     }
 
     init(version: Int, parent: Int?, parentManifestSHA256: String?, baseModelSHA256: String?, editorSHA256: String?, batch: BatchReference?,
          created: String, tensors: [TensorEntry], files: [FileEntry], stateSHA256: String, info: JSONValue?,
-         origin: ManifestOrigin? = nil, replayEdits: Int? = nil, blasThreads: Int? = nil) {
-        self.format = replayEdits != nil ? Self.replayFormat : tensors.contains { $0.parts.count != 1 } ? Self.partsFormat : Self.singleBlobFormat
+         origin: ManifestOrigin? = nil, replayEdits: Int? = nil, blasThreads: Int? = nil, derived: [String]? = nil) {
+        self.format = replayEdits != nil ? Self.replayFormat : derived != nil ? Self.derivedFormat
+            : tensors.contains { $0.parts.count != 1 } ? Self.partsFormat : Self.singleBlobFormat
         self.version = version
         self.parent = parent
         self.parentManifestSHA256 = parentManifestSHA256
@@ -293,6 +302,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         self.origin = origin
         self.replayEdits = replayEdits
         self.blasThreads = blasThreads
+        self.derived = derived
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -312,6 +322,7 @@ public struct Manifest: Codable, Sendable, Equatable {
         try c.encodeIfPresent(origin, forKey: .origin)
         try c.encodeIfPresent(replayEdits, forKey: .replayEdits)
         try c.encodeIfPresent(blasThreads, forKey: .blasThreads)
+        try c.encodeIfPresent(derived, forKey: .derived)
     }
 
     /// The manifest as stored: pretty-printed JSON with sorted keys and a final newline.
@@ -346,10 +357,14 @@ public struct Manifest: Codable, Sendable, Equatable {
 
     /// The first structural problem, or nil.
     func validationProblem(expectedVersion: Int?) -> String? {
-        guard [Self.singleBlobFormat, Self.partsFormat, Self.replayFormat].contains(format) else { return "unknown format '\(format)'" }
+        guard [Self.singleBlobFormat, Self.partsFormat, Self.replayFormat, Self.derivedFormat].contains(format) else {
+            return "unknown format '\(format)'"
+        }
         if let r = replayEdits, r < 1 { return "replay_edits \(r) is not positive" }
         if let n = blasThreads, n < 1 { return "blas_threads \(n) is not positive" }
         if (replayEdits != nil) != (format == Self.replayFormat) { return "replay_edits and format '\(format)' disagree" }
+        if (derived != nil) != (format == Self.derivedFormat) { return "derived and format '\(format)' disagree" }
+        if let derived, let problem = Self.derivedProblem(derived, stored: Set(tensors.map(\.name)), replayEdits: replayEdits) { return problem }
         guard version >= 1 else { return "version \(version) is not positive" }
         if let expectedVersion, expectedVersion != version {
             return "the file is named for version \(expectedVersion) but holds version \(version)"
@@ -400,6 +415,23 @@ public struct Manifest: Codable, Sendable, Equatable {
         }
         return nil
     }
+
+    /// What is wrong with a list of derived tensor names (`Manifest.derived`), or nil: it must name at least
+    /// one tensor, each once, none of them stored, and only on a version that holds its whole state.
+    static func derivedProblem(_ derived: [String], stored: Set<String>, replayEdits: Int?) -> String? {
+        if derived.isEmpty { return "derived names no tensor" }
+        if replayEdits != nil { return "derived on a version stored in part (replay_edits)" }
+        var seen = Set<String>()
+        for name in derived {
+            guard !name.isEmpty, !name.contains("\0"), seen.insert(name).inserted else { return "derived tensor name '\(name)' is empty or repeated" }
+            if stored.contains(name) { return "derived tensor '\(name)' is also stored" }
+        }
+        return nil
+    }
+
+    /// Whether loading the version's whole state needs the editor that made it: to replay batches
+    /// (`replayEdits`) or to compute `derived` tensors.
+    public var needsEditor: Bool { replayEdits != nil || derived != nil }
 
     /// The canonical name order: UTF-8 bytes.
     public static func precedes(_ a: String, _ b: String) -> Bool {

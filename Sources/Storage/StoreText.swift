@@ -59,6 +59,9 @@ public enum StoreText {
         if let r = m.replayEdits {
             lines.append("replay       \(r) edits: the rest of the state is rebuilt by applying them again on the nearest ancestor holding a whole state")
         }
+        if let d = m.derived {
+            lines.append("derived      \(d.joined(separator: ", ")): not stored, computed from the rest by the editor that made the version")
+        }
         if let n = m.blasThreads { lines.append("blas threads \(n) (the batch was applied, and is replayed, at this OpenBLAS thread count)") }
         lines.append("tensors      \(m.tensors.count)")
         for t in m.tensors {

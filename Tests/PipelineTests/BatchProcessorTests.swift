@@ -475,6 +475,33 @@ final class BatchProcessorTests: XCTestCase {
         for m in Fixture.modules {
             XCTAssertEqual(loaded.tensors["delta_weight." + m]!.array, direct.delta(m).weight!.array, m)
         }
+        XCTAssertEqual(try a.store.manifests().map(\.derived), [nil, nil], "keyframeEdits 0: every tensor stored")
+        // With versions stored in part allowed, a whole version leaves ΔW out (the solution of the stored
+        // sums' system): the load solves it again, bit for bit the daemon's, and installs it.
+        let b = try Harness(editorFolder: tmp.path("editor"), keyframeEdits: 1)
+        try b.drop("0.jsonl", try Fixture.batch(0..<3))
+        try b.drop("1.jsonl", try Fixture.batch(3..<5))
+        try b.processor.runOnce()
+        let inMemory = try XCTUnwrap(b.processor.committedHead?.state)
+        let deltas = Fixture.modules.map { "delta_weight." + $0 }
+        XCTAssertEqual(try b.store.manifests().map(\.derived), [deltas.sorted(), deltas.sorted()])
+        XCTAssertEqual(try b.store.manifests().map(\.format), [Manifest.derivedFormat, Manifest.derivedFormat])
+        let stored = try b.store.load()
+        XCTAssertTrue(Set(stored.tensors.keys).isDisjoint(with: deltas))
+        let editorSHA = PipelineResources.hashes(modelFolder: Fixture.modelFolder, editorFolder: tmp.path("editor")).editor
+        b.folder.model.clearEdits()
+        let solved = try VersionReplay.state(of: stored, in: b.store, editor: b.editor, editorSHA256: editorSHA)
+        for m in Fixture.modules {
+            XCTAssertTrue(solved.delta(m).weight?.array == inMemory.delta(m).weight!.array, "\(m): ΔW solved at load")
+            XCTAssertTrue(solved.delta(m).weight?.array == direct.delta(m).weight!.array, "\(m): ΔW of the editor applied directly")
+            XCTAssertTrue(b.folder.model.linears[m]!.deltaWeight?.array == direct.delta(m).weight!.array, "\(m): installed")
+        }
+        // Another editor would solve another ΔW: refused by hash.
+        try Fixture.writeLeastSquaresEditor(to: tmp.path("other"), seed: 4)
+        let otherSHA = PipelineResources.hashes(modelFolder: Fixture.modelFolder, editorFolder: tmp.path("other")).editor
+        XCTAssertThrowsError(try VersionReplay.state(of: stored, in: b.store, editor: b.editor, editorSHA256: otherSHA)) { error in
+            guard case PipelineError.replay(2, _) = error else { return XCTFail("\(error)") }
+        }
     }
 
     /// With a routed editor the held-out perplexity after a batch whose keys no held-out line reaches is the
@@ -553,7 +580,7 @@ final class BatchProcessorTests: XCTestCase {
         try h.processor.runOnce()
         XCTAssertEqual(h.names("done").count, 5)
         XCTAssertEqual(try h.store.manifests().map(\.replayEdits), [2, 4, nil, 3, 4])
-        XCTAssertEqual(try h.store.manifests().map(\.format), [Manifest.replayFormat, Manifest.replayFormat, Manifest.partsFormat,
+        XCTAssertEqual(try h.store.manifests().map(\.format), [Manifest.replayFormat, Manifest.replayFormat, Manifest.derivedFormat,
                                                               Manifest.replayFormat, Manifest.replayFormat])
         let direct = h.editor.newState()
         let editorSHA = PipelineResources.hashes(modelFolder: Fixture.modelFolder, editorFolder: tmp.path("editor")).editor
@@ -563,7 +590,7 @@ final class BatchProcessorTests: XCTestCase {
             let loaded = try h.store.load(.number(i + 1))
             let names = Set(loaded.tensors.keys)
             XCTAssertEqual(names.contains("gram." + Fixture.modules[0]), i == 2, "only version 3 stores the sums")
-            XCTAssertEqual(names.contains("delta_weight." + Fixture.modules[0]), i == 2)
+            XCTAssertFalse(names.contains("delta_weight." + Fixture.modules[0]), "ΔW is solved at load, never stored")
             XCTAssertTrue(names.contains("route.keys"))
             let rebuilt = try VersionReplay.state(of: loaded, in: h.store, editor: h.editor, editorSHA256: editorSHA).tensors()
             let expected = direct.tensors()

@@ -395,6 +395,42 @@ final class CheckpointStoreTests: XCTestCase {
         XCTAssertTrue(try store.verify().problems.contains { $0.contains("parent 3, which its state is rebuilt from, is missing") })
     }
 
+    /// A whole version may leave out tensors its editor derives from the rest (`derived`): format 4, the
+    /// names sorted. A commit refuses a derived name that is also stored, repeated, empty, or on a version
+    /// stored in part; a manifest whose format and `derived` disagree is refused when read.
+    func testDerivedTensorsAreNamedInFormat4() throws {
+        let (store, root) = try newStore()
+        let w = "transformer.h.2.mlp.c_fc.delta_weight", other = "transformer.h.3.mlp.c_fc.delta_weight"
+        var rest = state(1)
+        rest[w] = nil
+        let m = try store.commit(CommitRequest(tensors: rest, derived: [w, other].reversed()))
+        XCTAssertEqual(m.format, Manifest.derivedFormat)
+        XCTAssertEqual(m.derived, [w, other])
+        XCTAssertTrue(m.needsEditor)
+        XCTAssertEqual(Set(try store.loadTensors(.number(1)).keys), Set(rest.keys))
+        XCTAssertNil(try store.commit(CommitRequest(tensors: state(2))).derived, "nothing derived: no list, format 1")
+        XCTAssertEqual(try store.manifest(2).format, Manifest.singleBlobFormat)
+        for (request, why) in [(CommitRequest(tensors: state(3), derived: [w]), "also stored"),
+                               (CommitRequest(tensors: rest, derived: [other, other]), "repeated"),
+                               (CommitRequest(tensors: rest, derived: [""]), "empty"),
+                               (CommitRequest(tensors: rest, replayEdits: 2, derived: [w]), "stored in part")] {
+            guard case StoreError.invalidCommit(let reason)? = expectError({ try store.commit(request) }) as? StoreError,
+                  reason.contains(why) else { return XCTFail("\(why): \(String(describing: expectError { try store.commit(request) }))") }
+        }
+        XCTAssertEqual(try store.versions(), [1, 2], "nothing committed by a refused request")
+        // Format and list must agree, either way.
+        let path = root.appendingPathComponent(Manifest.fileName(1))
+        var noList = m
+        noList.derived = nil
+        var wrongFormat = try store.manifest(2)
+        wrongFormat.derived = [w]
+        for (bad, file) in [(noList, path), (wrongFormat, root.appendingPathComponent(Manifest.fileName(2)))] {
+            try bad.encoded().write(to: file)
+            guard case StoreError.badManifest(_, let why)? = expectError({ try store.manifest(bad.version) }) as? StoreError,
+                  why.contains("derived") else { return XCTFail("version \(bad.version): format and derived disagree") }
+        }
+    }
+
     func testGCRefusesWhenAManifestIsUnreadable() throws {
         let (store, root) = try newStore()
         try store.commit(CommitRequest(tensors: state(1)))

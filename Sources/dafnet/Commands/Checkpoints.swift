@@ -140,7 +140,7 @@ struct Checkpoints: ParsableCommand {
                     return
                 }
                 let va = try store.load(.number(a)), vb = try store.load(.number(b))
-                let partial = [va, vb].filter { $0.manifest.replayEdits != nil }.map(\.manifest.version)
+                let partial = [va, vb].filter { $0.manifest.needsEditor }.map(\.manifest.version)
                 let rows: [TensorDifference]
                 if rebuild && !partial.isEmpty {
                     let folder = try model.load(requireTokenizer: true)
@@ -162,7 +162,7 @@ struct Checkpoints: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Re-hash every blob, decode every frame, check every manifest; exits 1 on a problem.")
         @OptionGroup var location: StoreLocationOptions
-        @Flag(help: "Also rebuild every version that stores part of its state (replay_edits) with the model and editor, check it against what it stores, and print the seconds each took.")
+        @Flag(help: "Also rebuild every version that stores part of its state (replay_edits) or leaves out what its editor derives (derived) with the model and editor, check it against what it stores, and print the seconds each took.")
         var rebuild = false
         @OptionGroup var model: ModelOption
         @OptionGroup var editorOption: EditorOption
@@ -178,7 +178,7 @@ struct Checkpoints: ParsableCommand {
 
         /// Rebuilds each version stored in part, printing its time; returns the problems.
         func rebuildAll(_ store: CheckpointStore) throws -> [String] {
-            let partial = try runMapped { try store.manifests() }.filter { $0.replayEdits != nil }
+            let partial = try runMapped { try store.manifests() }.filter { $0.needsEditor }
             guard !partial.isEmpty else { return [] }
             let folder = try model.load(requireTokenizer: true)
             let editor = try runMapped { try EditorRegistry.load(from: editorOption.url, model: folder.model, tokenizer: folder.tokenizer!) }
@@ -188,7 +188,8 @@ struct Checkpoints: ParsableCommand {
                 let t0 = Date()
                 do {
                     _ = try VersionReplay.state(of: try store.load(.number(m.version)), in: store, editor: editor, editorSHA256: hash)
-                    if !json { print(String(format: "version %d: rebuilt (%d edits replayed) in %.2f s", m.version, m.replayEdits!, Date().timeIntervalSince(t0))) }
+                    let how = m.replayEdits.map { "\($0) edits replayed" } ?? "derived tensors computed"
+                    if !json { print("version \(m.version): rebuilt (\(how)) in " + String(format: "%.2f s", Date().timeIntervalSince(t0))) }
                 } catch {
                     problems.append("version \(m.version): \(error)")
                 }

@@ -81,10 +81,10 @@ struct StoredVersionOptions: ParsableArguments {
 }
 
 /// A stored version's whole edit state: as stored, or, for a version that stores only what its editor
-/// cannot rebuild (`replay_edits`), rebuilt by replaying its edits with the editor in `editor` (which must
-/// be the one that made it).
+/// cannot rebuild (`replay_edits`) or leaves out what it derives (`derived`), completed with the editor in
+/// `editor` (which must be the one that made it).
 func wholeState(_ loaded: LoadedVersion, in store: CheckpointStore, model folder: ModelFolder, editor: URL) throws -> [String: Tensor] {
-    guard loaded.manifest.replayEdits != nil else { return loaded.tensors }
+    guard loaded.manifest.needsEditor else { return loaded.tensors }
     return try runMapped {
         let hash = PipelineResources.hashes(modelFolder: folder.url, editorFolder: editor).editor
         try VersionReplay.requireEditor(loaded.manifest, hash)
