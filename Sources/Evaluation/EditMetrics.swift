@@ -147,7 +147,9 @@ public enum EditMetrics {
             var counts: [[String]: Int] = [:]
             for i in 0...(words.count - n) { counts[Array(words[i..<(i + n)]), default: 0] += 1 }
             let total = Double(words.count - n + 1)
-            return counts.values.reduce(0.0) { h, c in let p = Double(c) / total; return h - p * Foundation.log2(p) }
+            // Summed in a fixed order (the counts sorted): a dictionary's order changes from process to process
+            // (Swift seeds its hashing per run), and so would the last bits of the sum.
+            return counts.values.sorted().reduce(0.0) { h, c in let p = Double(c) / total; return h - p * Foundation.log2(p) }
         }
         return (2.0 / 3.0 * entropy(2) + 4.0 / 3.0 * entropy(3)) / 2
     }

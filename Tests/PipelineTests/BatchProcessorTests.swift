@@ -848,6 +848,20 @@ final class BatchProcessorTests: XCTestCase {
         XCTAssertEqual(EditMetrics.ngramEntropy("Polish.The"), 1.0 / 3, accuracy: 1e-12)
         XCTAssertEqual(EditMetrics.ngramEntropy("word"), 0)
         XCTAssertLessThan(EditMetrics.ngramEntropy("the the the the the the the the"), EditMetrics.ngramEntropy("the cat sat on the mat by the door"))
+        // The same bits in every process: the terms are summed in the counts' sorted order, not in a dictionary's
+        // order (which Swift's per-process hash seed changes). Bigrams of this text: counts 1…24 for 24 pairs.
+        var words: [String] = []
+        for k in 1...24 { for _ in 0..<k { words.append("w\(k) v\(k)") } }
+        let text = words.joined(separator: " ")
+        var bigrams: [String: Int] = [:], trigrams: [String: Int] = [:]
+        let tokens = text.split(separator: " ").map(String.init)
+        for i in 0..<(tokens.count - 1) { bigrams[tokens[i] + " " + tokens[i + 1], default: 0] += 1 }
+        for i in 0..<(tokens.count - 2) { trigrams[tokens[i...(i + 2)].joined(separator: " "), default: 0] += 1 }
+        func sortedEntropy(_ counts: [String: Int], total: Int) -> Double {
+            counts.values.sorted().reduce(0.0) { h, c in let p = Double(c) / Double(total); return h - p * log2(p) }
+        }
+        let exact = (2.0 / 3.0 * sortedEntropy(bigrams, total: tokens.count - 1) + 4.0 / 3.0 * sortedEntropy(trigrams, total: tokens.count - 2)) / 2
+        XCTAssertEqual(EditMetrics.ngramEntropy(text).bitPattern, exact.bitPattern)
         XCTAssertEqual(EditMetrics.fluencyIndices(count: 3, sample: 8), [0, 1, 2])
         XCTAssertEqual(EditMetrics.fluencyIndices(count: 10, sample: 4), [0, 2, 5, 7])
         XCTAssertEqual(EditMetrics.fluencyIndices(count: 10, sample: 0), [])
