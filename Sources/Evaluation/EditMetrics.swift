@@ -110,21 +110,52 @@ public enum EditMetrics {
     }
 
     /// `tokens` greedy tokens after each prompt by the edited and the unedited model (one decode),
-    /// generated through end-of-text (left out of the text, the pieces joined by a space), as ROME and
-    /// EasyEdit generate for fluency: a model that stopped at the first end-of-text would give a one-word
-    /// text whose n-gram entropy says nothing.
+    /// generated through end-of-text (`continuationText`), as ROME and EasyEdit generate for fluency.
     public static func greedyContinuationsEditedAndUnedited(_ model: TransformerLM, _ tokenizer: Tokenizer, prompts: [String],
                                                             tokens: Int) throws -> (edited: [String], unedited: [String]) {
         let ids = prompts.map { tokenizer.encode($0) }
         let g = try model.generateGreedyEditedAndUnedited(prompts: ids, maxNewTokens: tokens, stop: nil)
-        func text(_ out: [[Int]]) -> [String] {
-            zip(ids, out).map { p, g in
-                let new = Array(g.dropFirst(p.count))
-                guard let eos = tokenizer.eosTokenID else { return tokenizer.decode(new) }
-                return new.split(separator: eos).map { tokenizer.decode(Array($0)).trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
+        func text(_ out: [[Int]]) -> [String] { zip(ids, out).map { continuationText(Array($1.dropFirst($0.count)), tokenizer) } }
+        return (text(g.edited), text(g.unedited))
+    }
+
+    /// A fluency continuation's text: its tokens through end-of-text, each end-of-text left out and the pieces
+    /// joined by a space (a model that stopped at the first end-of-text would give a one-word text whose
+    /// n-gram entropy says nothing).
+    static func continuationText(_ new: [Int], _ tokenizer: Tokenizer) -> String {
+        guard let eos = tokenizer.eosTokenID else { return tokenizer.decode(new) }
+        return new.split(separator: eos).map { tokenizer.decode(Array($0)).trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
+    }
+
+    /// The answers (`answerTokens`, stopping at end-of-text) of every prompt when `answers`, and the
+    /// `fluencyTokens`-token continuations of the prompts at `fluent`, by the edited and the unedited model, in
+    /// one decode: a prompt with a continuation is decoded once, through end-of-text, and its answer is the
+    /// continuation's start (a sequence's tokens do not depend on the others decoded with it).
+    static func answersAndContinuations(_ model: TransformerLM, _ tokenizer: Tokenizer, prompts: [String], answers: Bool,
+                                        answerTokens: Int, fluent: [Int], fluencyTokens: Int)
+        throws -> (answers: [(after: String, before: String)?], continuations: [(after: String, before: String)?]) {
+        let eos = tokenizer.eosTokenID, fluentSet = Set(fluent)
+        let decoded = prompts.indices.filter { answers || fluentSet.contains($0) }
+        let ids = decoded.map { tokenizer.encode(prompts[$0]) }
+        let requests = zip(decoded, ids).map { i, p in
+            fluentSet.contains(i) ? GreedyRequest(prompt: p, maxNewTokens: max(fluencyTokens, answers ? answerTokens : 0), stop: nil)
+                : GreedyRequest(prompt: p, maxNewTokens: answerTokens, stop: eos)
+        }
+        let g = try model.generateGreedyEditedAndUnedited(requests)
+        var answerTexts = [(after: String, before: String)?](repeating: nil, count: prompts.count)
+        var continuations = answerTexts
+        for (k, i) in decoded.enumerated() {
+            let new = (g.edited[k].dropFirst(ids[k].count), g.unedited[k].dropFirst(ids[k].count))
+            if answers {
+                func answer(_ t: ArraySlice<Int>) -> String { tokenizer.decode(Array(t.prefix(answerTokens).prefix { $0 != eos })) }
+                answerTexts[i] = (answer(new.0), answer(new.1))
+            }
+            if fluentSet.contains(i) {
+                continuations[i] = (continuationText(Array(new.0.prefix(fluencyTokens)), tokenizer),
+                                    continuationText(Array(new.1.prefix(fluencyTokens)), tokenizer))
             }
         }
-        return (text(g.edited), text(g.unedited))
+        return (answerTexts, continuations)
     }
 
     static func mean(_ xs: [Double]) -> Double? { xs.isEmpty ? nil : xs.reduce(0, +) / Double(xs.count) }
@@ -214,19 +245,18 @@ public enum EditMetrics {
                                            generality: mean(gens), locality: mean(locs))
             edits.append(e)
         }
-        if answers {
-            let tok = editor.tokenizer
-            let (after, before) = try greedyAnswersEditedAndUnedited(model, tok, prompts: requests.map(\.prompt), maxTokens: answerTokens)
-            for i in requests.indices { edits[i].answerAfter = after[i]; edits[i].answerBefore = before[i] }
-        }
-        if fluencyTokens > 0 {
-            let picked = fluencyIndices(count: requests.count, sample: fluencySample)
-            let prompts = picked.map { requests[$0].prompt }
-            let (after, before) = try greedyContinuationsEditedAndUnedited(model, editor.tokenizer, prompts: prompts, tokens: fluencyTokens)
-            for (k, i) in picked.enumerated() {
-                edits[i].continuationAfter = after[k]
-                edits[i].fluencyAfter = ngramEntropy(prompts[k] + after[k])
-                edits[i].fluencyBefore = ngramEntropy(prompts[k] + before[k])
+        if answers || fluencyTokens > 0 {
+            let picked = fluencyTokens > 0 ? fluencyIndices(count: requests.count, sample: fluencySample) : []
+            let prompts = requests.map(\.prompt)
+            let g = try answersAndContinuations(model, editor.tokenizer, prompts: prompts, answers: answers,
+                                                answerTokens: answerTokens, fluent: picked, fluencyTokens: fluencyTokens)
+            for i in requests.indices {
+                if let a = g.answers[i] { edits[i].answerAfter = a.after; edits[i].answerBefore = a.before }
+                if let c = g.continuations[i] {
+                    edits[i].continuationAfter = c.after
+                    edits[i].fluencyAfter = ngramEntropy(prompts[i] + c.after)
+                    edits[i].fluencyBefore = ngramEntropy(prompts[i] + c.before)
+                }
             }
         }
         var result = EditEvaluation(edits: edits, reliability: mean(edits.map(\.reliability)) ?? 0,

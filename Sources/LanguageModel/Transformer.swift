@@ -744,15 +744,12 @@ public final class TransformerLM: @unchecked Sendable {
     /// or at the model's context. Each result is what `generateGreedy(prompt:)` gives for its prompt alone.
     /// Prompts go `chunk` at a time.
     public func generateGreedy(prompts: [[Int]], maxNewTokens: Int, stop: Int? = nil, chunk: Int = 64) throws -> [[Int]] {
-        var out: [[Int]] = []
-        out.reserveCapacity(prompts.count)
-        var start = 0
-        while start < prompts.count {
-            let part = Array(prompts[start..<min(start + chunk, prompts.count)])
-            start += part.count
-            out += try generateGreedyChunk(part, maxNewTokens: maxNewTokens, stop: stop, uneditedFrom: nil)
-        }
-        return out
+        try generateGreedy(prompts.map { GreedyRequest(prompt: $0, maxNewTokens: maxNewTokens, stop: stop) }, chunk: chunk)
+    }
+
+    /// The same with each prompt's own length and stop token.
+    public func generateGreedy(_ requests: [GreedyRequest], chunk: Int = 64) throws -> [[Int]] {
+        try inChunks(requests, chunk: chunk) { try generateGreedyChunk($0, uneditedFrom: nil) }
     }
 
     /// Greedy decoding of each prompt by the edited model and by the unedited one in the same steps (the
@@ -760,37 +757,69 @@ public final class TransformerLM: @unchecked Sendable {
     /// what `generateGreedy` gives for its prompt, with the edits and within `withoutEdits`.
     public func generateGreedyEditedAndUnedited(prompts: [[Int]], maxNewTokens: Int, stop: Int? = nil,
                                                 chunk: Int = 32) throws -> (edited: [[Int]], unedited: [[Int]]) {
-        var edited: [[Int]] = [], unedited: [[Int]] = []
-        var start = 0
-        while start < prompts.count {
-            let part = Array(prompts[start..<min(start + chunk, prompts.count)])
-            start += part.count
-            let both = try generateGreedyChunk(part + part, maxNewTokens: maxNewTokens, stop: stop, uneditedFrom: part.count)
-            edited += both.prefix(part.count)
-            unedited += both.suffix(part.count)
-        }
-        return (edited, unedited)
+        try generateGreedyEditedAndUnedited(prompts.map { GreedyRequest(prompt: $0, maxNewTokens: maxNewTokens, stop: stop) }, chunk: chunk)
     }
 
-    private func generateGreedyChunk(_ prompts: [[Int]], maxNewTokens: Int, stop: Int?, uneditedFrom: Int?) throws -> [[Int]] {
-        let caches = prompts.map { makeCache(capacity: min($0.count + maxNewTokens, spec.maxPositions)) }
-        var out = prompts
-        var running = Array(prompts.indices)
+    /// The same with each prompt's own length and stop token.
+    public func generateGreedyEditedAndUnedited(_ requests: [GreedyRequest], chunk: Int = 32) throws -> (edited: [[Int]], unedited: [[Int]]) {
+        let pairs = try inChunks(requests, chunk: chunk) { part in
+            let both = try generateGreedyChunk(part + part, uneditedFrom: part.count)
+            return Array(zip(both.prefix(part.count), both.suffix(part.count)))
+        }
+        return (pairs.map(\.0), pairs.map(\.1))
+    }
+
+    /// Runs `decode` over chunks of at most `chunk` requests, the longest first (a chunk runs as many steps
+    /// as its longest request, so long requests are decoded together rather than one in every chunk), and
+    /// returns each request's result in the order given.
+    func inChunks<R>(_ requests: [GreedyRequest], chunk: Int, _ decode: ([GreedyRequest]) throws -> [R]) rethrows -> [R] {
+        let order = requests.indices.sorted { (requests[$0].maxNewTokens, $1) > (requests[$1].maxNewTokens, $0) }
+        var out: [R?] = Array(repeating: nil, count: requests.count)
+        var start = 0
+        while start < order.count {
+            let indices = Array(order[start..<min(start + max(1, chunk), order.count)])
+            start += indices.count
+            for (i, r) in zip(indices, try decode(indices.map { requests[$0] })) { out[i] = r }
+        }
+        return out.map { $0! }
+    }
+
+    private func generateGreedyChunk(_ requests: [GreedyRequest], uneditedFrom: Int?) throws -> [[Int]] {
+        let caches = requests.map { makeCache(capacity: min($0.prompt.count + $0.maxNewTokens, spec.maxPositions)) }
+        var out = requests.map(\.prompt)
+        var running = requests.indices.filter { requests[$0].maxNewTokens > 0 }
+        guard !running.isEmpty else { return out }
         // Among the running sequences (kept in order), those before this position run with the edits.
         func split() -> Int? { uneditedFrom.map { u in running.firstIndex { $0 >= u } ?? running.count } }
-        var logits = try forwardCached(prompts, caches: caches, uneditedFrom: split())
-        for step in 0..<maxNewTokens {
+        var logits = try forwardCached(running.map { out[$0] }, caches: running.map { caches[$0] }, uneditedFrom: split())
+        while true {
             let next = logits.argmaxRows()
             var still: [Int] = []
             for (row, i) in running.enumerated() {
                 out[i].append(next[row])
-                if next[row] != stop && caches[i].length < caches[i].capacity { still.append(i) }
+                let r = requests[i]
+                if next[row] != r.stop && out[i].count - r.prompt.count < r.maxNewTokens && caches[i].length < caches[i].capacity {
+                    still.append(i)
+                }
             }
             running = still
-            if running.isEmpty || step == maxNewTokens - 1 { break }
+            if running.isEmpty { break }
             logits = try forwardCached(running.map { [out[$0].last!] }, caches: running.map { caches[$0] }, uneditedFrom: split())
         }
         return out
+    }
+}
+
+/// One prompt of a greedy decode: at most `maxNewTokens` tokens after it, stopping after `stop` (nil: never).
+public struct GreedyRequest: Sendable, Equatable {
+    public var prompt: [Int]
+    public var maxNewTokens: Int
+    public var stop: Int?
+
+    public init(prompt: [Int], maxNewTokens: Int, stop: Int?) {
+        self.prompt = prompt
+        self.maxNewTokens = maxNewTokens
+        self.stop = stop
     }
 }
 

@@ -136,6 +136,16 @@ final class TransformerTests: XCTestCase {
             let stopped = try model.generateGreedyEditedAndUnedited(prompts: prompts, maxNewTokens: 8, stop: stop)
             XCTAssertEqual(stopped.edited, try prompts.map { try model.generateGreedy(prompt: $0, maxNewTokens: 8, stop: stop) }, name)
             XCTAssertEqual(stopped.unedited, try model.withoutEdits { try prompts.map { try model.generateGreedy(prompt: $0, maxNewTokens: 8, stop: stop) } }, name)
+            // Each prompt with its own length and stop, in chunks taken longest first: each as decoded alone.
+            let requests = zip(prompts, [(3, stop), (8, nil), (1, nil), (5, stop)]).map { GreedyRequest(prompt: $0, maxNewTokens: $1.0, stop: $1.1) }
+            let own = try model.generateGreedyEditedAndUnedited(requests, chunk: 2)
+            let ownEdited = try requests.map { try model.generateGreedy(prompt: $0.prompt, maxNewTokens: $0.maxNewTokens, stop: $0.stop) }
+            XCTAssertEqual(own.edited, ownEdited, name)
+            XCTAssertEqual(own.unedited, try model.withoutEdits {
+                try requests.map { try model.generateGreedy(prompt: $0.prompt, maxNewTokens: $0.maxNewTokens, stop: $0.stop) }
+            }, name)
+            XCTAssertEqual(try model.generateGreedy(requests, chunk: 3), ownEdited, name)
+            XCTAssertEqual(ownEdited.map(\.count), zip(prompts, [3, 8, 1, 5]).map { $0.count + $1 }, "\(name): the lengths asked for")
             model.clearEdits()
         }
     }

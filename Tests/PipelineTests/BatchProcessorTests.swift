@@ -889,6 +889,17 @@ final class BatchProcessorTests: XCTestCase {
         let continuation = try XCTUnwrap(r.perEdit[1].continuationAfter)
         XCTAssertEqual(r.perEdit[1].fluencyAfter!, EditMetrics.ngramEntropy(r.perEdit[1].prompt + continuation), accuracy: 1e-12)
         XCTAssertEqual(fluency.after, (r.perEdit[0].fluencyAfter! + r.perEdit[1].fluencyAfter!) / 2, accuracy: 1e-12)
+        // Answers and continuations come from one decode: each equals its prompt's own decode, with version 2's
+        // edits (installed) and without them.
+        let model = h.editor.model, tok = h.editor.tokenizer, settings = h.processor.settings
+        for e in r.perEdit {
+            XCTAssertEqual(e.answerAfter, try EditMetrics.greedyAnswer(model, tok, prompt: e.prompt, maxTokens: settings.answerTokens))
+            XCTAssertEqual(e.answerBefore, try model.withoutEdits { try EditMetrics.greedyAnswer(model, tok, prompt: e.prompt, maxTokens: settings.answerTokens) })
+            let alone = try EditMetrics.greedyContinuationsEditedAndUnedited(model, tok, prompts: [e.prompt], tokens: settings.fluencyTokens)
+            XCTAssertEqual(e.continuationAfter, alone.edited[0])
+            XCTAssertEqual(e.fluencyAfter, EditMetrics.ngramEntropy(e.prompt + alone.edited[0]))
+            XCTAssertEqual(e.fluencyBefore, EditMetrics.ngramEntropy(e.prompt + alone.unedited[0]))
+        }
         XCTAssertEqual(r.retention?.earlierEdits, 3)
         XCTAssertEqual(r.retention?.sampled, 3)
         let kept = try XCTUnwrap(r.retention?.perEdit)
