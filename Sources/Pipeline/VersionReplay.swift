@@ -19,16 +19,32 @@ public enum VersionReplay {
         }
     }
 
+    /// A version's whole edit state as a walk over versions carries it: the state (installed on the editor's
+    /// model) and, when the walk read it, the edit log it holds.
+    public struct Rebuilt {
+        public let version: Int
+        public let state: EditorState
+        var log: EditLog?
+        /// The edits replayed since the nearest whole version (0: the version is whole).
+        let replayed: Int
+    }
+
     /// The edit state of `loaded` (a version of `store`), installed on the editor's model. `editorSHA256`
     /// (the editor's weights) must be the one the version was made with when it has to be replayed.
     public static func state(of loaded: LoadedVersion, in store: CheckpointStore, editor: SequentialEditor,
                              editorSHA256: String?) throws -> EditorState {
+        try rebuilt(loaded, in: store, editor: editor, editorSHA256: editorSHA256).state
+    }
+
+    /// The same, kept for a walk (`continuing`).
+    public static func rebuilt(_ loaded: LoadedVersion, in store: CheckpointStore, editor: SequentialEditor,
+                               editorSHA256: String?) throws -> Rebuilt {
         let m = loaded.manifest
         guard let expected = m.replayEdits else {
             let state = try editor.restoreState(loaded.tensors)
             guard let derived = m.derived else {
                 editor.install(state)
-                return state
+                return Rebuilt(version: m.version, state: state, log: nil, replayed: 0)
             }
             // What the daemon computed after the batch, computed again: the same function on the same stored
             // tensors, at the thread count the batch was applied with.
@@ -38,7 +54,7 @@ public enum VersionReplay {
             if let missing = derived.first(where: { made[$0] == nil }) {
                 throw PipelineError.replay(version: m.version, reason: "its editor does not compute the derived tensor '\(missing)' from the rest")
             }
-            return state
+            return Rebuilt(version: m.version, state: state, log: nil, replayed: 0)
         }
         try requireEditor(m, editorSHA256)
         let (base, chain) = try store.replayChain(of: m.version)
@@ -52,11 +68,43 @@ public enum VersionReplay {
             state = editor.newState()
             log = EditLog()
         }
-        // The version's log holds every edit of its lineage; each version on the way added one batch.
+        let batches = try replayBatches(of: loaded, links: chain, in: store, after: &log)
+        try checkCount(m, replayed: batches.reduce(0) { $0 + $1.requests.count })
+        try editor.replay(batches, onto: state)
+        try check(state, against: loaded, replayed: expected)
+        return Rebuilt(version: m.version, state: state, log: log, replayed: expected)
+    }
+
+    /// `loaded`, a version stored in part whose parent is the version `previous` holds, rebuilt by applying its
+    /// one batch to `previous`'s state (which it takes: the state is folded in place), with the same checks
+    /// as a rebuild from the nearest whole version and the same result, since a replay applies its batches
+    /// one by one. What a walk over a store's versions in order (`checkpoints verify --rebuild`) uses instead
+    /// of replaying each version's whole chain again.
+    public static func continuing(_ previous: Rebuilt, to loaded: LoadedVersion, in store: CheckpointStore,
+                                  editor: SequentialEditor, editorSHA256: String?) throws -> Rebuilt {
+        let m = loaded.manifest
+        guard let expected = m.replayEdits, m.parent == previous.version else {
+            throw PipelineError.replay(version: m.version, reason: "it does not continue version \(previous.version) by replay")
+        }
+        try requireEditor(m, editorSHA256)
+        var log = try previous.log ?? EditLog.load(from: store, version: previous.version)
+        let batches = try replayBatches(of: loaded, links: [try store.link(m.version)], in: store, after: &log)
+        try checkCount(m, replayed: previous.replayed + batches.reduce(0) { $0 + $1.requests.count })
+        try editor.replay(batches, onto: previous.state)
+        try check(previous.state, against: loaded, replayed: expected)
+        return Rebuilt(version: m.version, state: previous.state, log: log, replayed: expected)
+    }
+
+    /// The batches of the versions `links` (oldest first, ending with `loaded`), after the edits `log` holds;
+    /// `log` is extended by them. The version's log holds every edit of its lineage; each version on the way
+    /// added one batch.
+    static func replayBatches(of loaded: LoadedVersion, links: [ManifestLink], in store: CheckpointStore,
+                              after log: inout EditLog) throws -> [ReplayBatch] {
+        let m = loaded.manifest
         let all = try EditLog.load(from: VersionTensorSource(store: store, manifest: m)).all()
         var start = log.count
         var batches: [ReplayBatch] = []
-        for v in chain {
+        for v in links {
             let end = try EditLog.count(of: v, in: store)
             guard start <= end, end <= all.count else {
                 throw PipelineError.replay(version: m.version, reason: "the edit log of version \(v.version) does not extend its parent's")
@@ -66,12 +114,20 @@ public enum VersionReplay {
             try log.append(requests)
             start = end
         }
-        let replayed = batches.reduce(0) { $0 + $1.requests.count }
-        guard replayed == expected else {
-            throw PipelineError.replay(version: m.version, reason: "its manifest says \(expected) edits are replayed, its log holds \(replayed)")
+        return batches
+    }
+
+    /// The edits a rebuild replays must be the number the manifest records.
+    static func checkCount(_ m: Manifest, replayed: Int) throws {
+        guard replayed == m.replayEdits else {
+            throw PipelineError.replay(version: m.version, reason: "its manifest says \(m.replayEdits ?? 0) edits are replayed, its log holds \(replayed)")
         }
-        try editor.replay(batches, onto: state)
-        // What the replay rebuilt must be what the version stores, bit for bit.
+    }
+
+    /// What a replay rebuilt must be what the version stores, bit for bit (and the number of edits its manifest
+    /// says are replayed, those of its chain).
+    static func check(_ state: EditorState, against loaded: LoadedVersion, replayed expected: Int) throws {
+        let m = loaded.manifest
         let rebuilt = state.tensors()
         let derived = state.rebuiltByReplay
         for name in Set(rebuilt.keys).subtracting(derived).union(loaded.tensors.keys).sorted() {
@@ -80,7 +136,6 @@ public enum VersionReplay {
                 throw PipelineError.replay(version: m.version, reason: "replaying its \(expected) edits does not give the stored tensor '\(name)'")
             }
         }
-        return state
     }
 
     /// The tensors of `base`, an ancestor of `loaded`: each one whose stored parts begin `loaded`'s tensor of

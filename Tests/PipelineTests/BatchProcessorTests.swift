@@ -598,6 +598,26 @@ final class BatchProcessorTests: XCTestCase {
             for (name, t) in expected { XCTAssertEqual(rebuilt[name]?.array, t.array, "version \(i + 1): \(name)") }
             wholeStates.append(rebuilt)
         }
+        // A walk over the versions in order, each one stored in part continuing its parent's rebuilt state with
+        // its batch (`checkpoints verify --rebuild`), gives every version's state bit for bit.
+        var walk: VersionReplay.Rebuilt?
+        for v in 1...5 {
+            let loaded = try h.store.load(.number(v))
+            if let w = walk, loaded.manifest.replayEdits != nil {
+                walk = try VersionReplay.continuing(w, to: loaded, in: h.store, editor: h.editor, editorSHA256: editorSHA)
+            } else {
+                walk = try VersionReplay.rebuilt(loaded, in: h.store, editor: h.editor, editorSHA256: editorSHA)
+            }
+            let state = try XCTUnwrap(walk).state.tensors()
+            XCTAssertEqual(Set(state.keys), Set(wholeStates[v - 1].keys), "version \(v)")
+            for (name, t) in wholeStates[v - 1] { XCTAssertTrue(state[name]?.array == t.array, "walk, version \(v): \(name)") }
+        }
+        // Only a version whose parent the walk holds continues it.
+        let atTwo = try VersionReplay.rebuilt(try h.store.load(.number(2)), in: h.store, editor: h.editor, editorSHA256: editorSHA)
+        XCTAssertThrowsError(try VersionReplay.continuing(atTwo, to: try h.store.load(.number(5)), in: h.store, editor: h.editor,
+                                                          editorSHA256: editorSHA)) { error in
+            guard case PipelineError.replay(5, _) = error else { return XCTFail("\(error)") }
+        }
         // Whole version 3 against version 4, stored in part: as stored, the sums only version 3 holds show
         // as removed; rebuilt (`checkpoints diff --rebuild`), every tensor is in both.
         let gram = "gram." + Fixture.modules[0]

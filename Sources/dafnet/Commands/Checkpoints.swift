@@ -164,6 +164,8 @@ struct Checkpoints: ParsableCommand {
         @OptionGroup var location: StoreLocationOptions
         @Flag(help: "Also rebuild every version that stores part of its state (replay_edits) or leaves out what its editor derives (derived) with the model and editor, check it against what it stores, and print the seconds each took.")
         var rebuild = false
+        @Flag(help: "With --rebuild: rebuild each version from its nearest whole ancestor on its own, as a load does (each version's seconds are then its load's), instead of walking the versions in order, each continuing its parent's rebuilt state with its one batch.")
+        var eachOnItsOwn = false
         @OptionGroup var model: ModelOption
         @OptionGroup var editorOption: EditorOption
         @Flag(help: "Print JSON.") var json = false
@@ -176,19 +178,31 @@ struct Checkpoints: ParsableCommand {
             if !report.isClean { throw ExitCode(ExitStatus.checkFailed) }
         }
 
-        /// Rebuilds each version stored in part, printing its time; returns the problems.
+        /// Rebuilds each version that needs its editor, printing its time; returns the problems. Versions are
+        /// taken in order, and one stored in part whose parent was just rebuilt continues that state with its
+        /// batch (the same result as its own rebuild, at a fraction of the cost) unless `eachOnItsOwn`.
         func rebuildAll(_ store: CheckpointStore) throws -> [String] {
-            let partial = try runMapped { try store.manifests() }.filter { $0.needsEditor }
-            guard !partial.isEmpty else { return [] }
+            let manifests = try runMapped { try store.manifests() }
+            guard manifests.contains(where: \.needsEditor) else { return [] }
             let folder = try model.load(requireTokenizer: true)
             let editor = try runMapped { try EditorRegistry.load(from: editorOption.url, model: folder.model, tokenizer: folder.tokenizer!) }
             let hash = PipelineResources.hashes(modelFolder: folder.url, editorFolder: editorOption.url).editor
             var problems: [String] = []
-            for m in partial {
+            var previous: VersionReplay.Rebuilt?
+            for m in manifests where m.needsEditor {
                 let t0 = Date()
+                let last = previous
+                previous = nil  // a continuation folds the state in place: after a failure it is not the parent's
                 do {
-                    _ = try VersionReplay.state(of: try store.load(.number(m.version)), in: store, editor: editor, editorSHA256: hash)
-                    let how = m.replayEdits.map { "\($0) edits replayed" } ?? "derived tensors computed"
+                    let loaded = try store.load(.number(m.version))
+                    let how: String
+                    if !eachOnItsOwn, let last, m.replayEdits != nil, m.parent == last.version {
+                        previous = try VersionReplay.continuing(last, to: loaded, in: store, editor: editor, editorSHA256: hash)
+                        how = "continued from version \(last.version)"
+                    } else {
+                        previous = try VersionReplay.rebuilt(loaded, in: store, editor: editor, editorSHA256: hash)
+                        how = m.replayEdits.map { "\($0) edits replayed" } ?? "derived tensors computed"
+                    }
                     if !json { print("version \(m.version): rebuilt (\(how)) in " + String(format: "%.2f s", Date().timeIntervalSince(t0))) }
                 } catch {
                     problems.append("version \(m.version): \(error)")
