@@ -599,6 +599,14 @@ public final class TransformerLM: @unchecked Sendable {
                 Kernels.swigluBackward(dgate: dpre[0].data, dup: dpre[1].data, dout: dact.data, gate: a.mlpPre[l][0].data,
                                        up: a.mlpPre[l][1].data, count: N * FF)
             }
+            // The lowest block's attention half is needed only for its gradients or a captured module in it:
+            // without them, the MLP inputs' signals are the last thing the walk down computes.
+            let lastHalf = !parameterGradients && l == stopLayer
+                && !([layer.attnOut] + layer.qkv).contains { capture.contains($0.name) }
+            if lastHalf {
+                for (m, d) in zip(layer.mlpIn, dpre) { captured(m, dout: d.data, inp: a.ln2[l]) }
+                break
+            }
             dln.zero()
             for (m, d) in zip(layer.mlpIn, dpre) {
                 m.backward(dinp: dln.data, dout: d.data, inp: a.ln2[l].data, N: N, parameterGradients: parameterGradients,
