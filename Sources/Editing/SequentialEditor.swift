@@ -86,6 +86,7 @@ public struct ReplayBatch: Sendable {
 
     /// Runs `body` at the thread count the batch was applied with: OpenBLAS sums some products differently
     /// at one and at two threads, and a replay must repeat the batch's arithmetic bit for bit.
+    @discardableResult
     public func atItsThreadCount<T>(_ body: () throws -> T) rethrows -> T {
         guard let n = blasThreads else { return try body() }
         return try BLAS.withThreads(n, body)
