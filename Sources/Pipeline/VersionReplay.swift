@@ -124,8 +124,8 @@ public enum VersionReplay {
         }
     }
 
-    /// What a replay rebuilt must be what the version stores, bit for bit (and the number of edits its manifest
-    /// says are replayed, those of its chain).
+    /// What a replay rebuilt must be what the version stores, bit for bit (`expected`: the edits its manifest
+    /// says are replayed, for the message).
     static func check(_ state: EditorState, against loaded: LoadedVersion, replayed expected: Int) throws {
         let m = loaded.manifest
         let rebuilt = state.tensors()
