@@ -506,20 +506,31 @@ public final class CheckpointStore: @unchecked Sendable {
         return data
     }
 
-    /// Loads and verifies a whole version: every blob re-hashed and decoded, `state_sha256` recomputed.
+    /// Loads and verifies a whole version: every blob re-hashed and decoded, `state_sha256` recomputed. The
+    /// tensors and files are read and decoded on all cores at once; the state hash runs over them in order,
+    /// and the first failure in the manifest's order is the one thrown.
     public func load(_ ref: VersionRef = .head) throws -> LoadedVersion {
         let version = try resolve(ref)
         let m = try manifest(version)
+        let count = m.tensors.count + m.files.count
+        let decoded = ResultSlots<Result<Tensor?, Error>>(count: count)
+        DispatchQueue.concurrentPerform(iterations: count) { i in
+            decoded[i] = Result {
+                if i < m.tensors.count { return try decodeTensor(m.tensors[i], version: version) }
+                _ = try decodeFile(m.files[i - m.tensors.count], version: version)
+                return nil
+            }
+        }
         var tensors: [String: Tensor] = [:]
         var state = StateHasher()
-        for entry in m.tensors {
-            let t = try decodeTensor(entry, version: version)
+        for (i, entry) in m.tensors.enumerated() {
+            let t = try decoded[i]!.get()!
             state.add(name: entry.name, shape: entry.shape, values: UnsafeRawBufferPointer(start: t.data, count: entry.bytes))
             tensors[entry.name] = t
         }
         let actual = state.finalize()
         guard actual == m.stateSHA256 else { throw StoreError.stateMismatch(version: version, expected: m.stateSHA256, actual: actual) }
-        for f in m.files { _ = try decodeFile(f, version: version) }
+        for i in m.tensors.count..<count { _ = try decoded[i]!.get() }
         return LoadedVersion(manifest: m, tensors: tensors)
     }
 
