@@ -144,6 +144,7 @@ public enum VersionReplay {
     static func baseTensors(_ base: VersionTensorSource, of loaded: LoadedVersion) throws -> [String: Tensor] {
         let own = Dictionary(uniqueKeysWithValues: loaded.manifest.tensors.map { ($0.name, $0) })
         var out: [String: Tensor] = [:]
+        var read: [String] = []
         for e in base.manifest.tensors {
             if let mine = own[e.name], let t = loaded.tensors[e.name], e.bytes <= mine.bytes,
                e.shape.dropFirst() == mine.shape.dropFirst(), Array(mine.parts.prefix(e.parts.count)) == e.parts {
@@ -151,9 +152,9 @@ public enum VersionReplay {
                 cut.data.update(from: t.data, count: cut.count)
                 out[e.name] = cut
             } else {
-                out[e.name] = try base.tensor(e.name)
+                read.append(e.name)
             }
         }
-        return out
+        return out.merging(try base.tensors(read)) { a, _ in a }
     }
 }

@@ -506,31 +506,30 @@ public final class CheckpointStore: @unchecked Sendable {
         return data
     }
 
-    /// Loads and verifies a whole version: every blob re-hashed and decoded, `state_sha256` recomputed. The
-    /// tensors and files are read and decoded on all cores at once; the state hash runs over them in order,
-    /// and the first failure in the manifest's order is the one thrown.
+    /// Reads, hash-checks and decodes `entries` of `version` on all cores at once; the first failure in their
+    /// order is the one thrown.
+    func decodeTensors(_ entries: [TensorEntry], version: Int) throws -> [Tensor] {
+        let decoded = ResultSlots<Result<Tensor, Error>>(count: entries.count)
+        DispatchQueue.concurrentPerform(iterations: entries.count) { i in
+            decoded[i] = Result { try decodeTensor(entries[i], version: version) }
+        }
+        return try entries.indices.map { try decoded[$0]!.get() }
+    }
+
+    /// Loads and verifies a whole version: every blob re-hashed and decoded (the tensors on all cores at once),
+    /// `state_sha256` recomputed over them in order.
     public func load(_ ref: VersionRef = .head) throws -> LoadedVersion {
         let version = try resolve(ref)
         let m = try manifest(version)
-        let count = m.tensors.count + m.files.count
-        let decoded = ResultSlots<Result<Tensor?, Error>>(count: count)
-        DispatchQueue.concurrentPerform(iterations: count) { i in
-            decoded[i] = Result {
-                if i < m.tensors.count { return try decodeTensor(m.tensors[i], version: version) }
-                _ = try decodeFile(m.files[i - m.tensors.count], version: version)
-                return nil
-            }
-        }
         var tensors: [String: Tensor] = [:]
         var state = StateHasher()
-        for (i, entry) in m.tensors.enumerated() {
-            let t = try decoded[i]!.get()!
+        for (entry, t) in zip(m.tensors, try decodeTensors(m.tensors, version: version)) {
             state.add(name: entry.name, shape: entry.shape, values: UnsafeRawBufferPointer(start: t.data, count: entry.bytes))
             tensors[entry.name] = t
         }
         let actual = state.finalize()
         guard actual == m.stateSHA256 else { throw StoreError.stateMismatch(version: version, expected: m.stateSHA256, actual: actual) }
-        for i in m.tensors.count..<count { _ = try decoded[i]!.get() }
+        for f in m.files { _ = try decodeFile(f, version: version) }
         return LoadedVersion(manifest: m, tensors: tensors)
     }
 
@@ -957,6 +956,15 @@ public struct VersionTensorSource: TensorSource {
     }
 
     public func entry(_ name: String) -> TensorEntry? { manifest.tensors.first { $0.name == name } }
+
+    /// Several tensors by name, read and decoded on all cores at once.
+    public func tensors(_ names: [String]) throws -> [String: Tensor] {
+        let entries = try names.map { name in
+            guard let e = entry(name) else { throw StoreError.tensorNotFound(name: name, version: manifest.version) }
+            return e
+        }
+        return Dictionary(uniqueKeysWithValues: zip(names, try store.decodeTensors(entries, version: manifest.version)))
+    }
 
     /// The version `manifest` (already read) of `store`: its tensors and files read without reading the
     /// manifest again.
