@@ -531,12 +531,13 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     }
 
     /// Replays as `apply` did, batch by batch; the least-squares system is solved once, after the last batch
-    /// (ΔW depends only on the sums, so the result is the same bit for bit).
-    public func replay(_ batches: [ReplayBatch], onto anyState: EditorState) throws {
+    /// (ΔW depends only on the sums, so the result is the same bit for bit), unless `finish` is false.
+    public func replay(_ batches: [ReplayBatch], onto anyState: EditorState, finish: Bool) throws {
         let state = try own(anyState, as: EditState.self)
         for b in batches where !b.requests.isEmpty {
             try b.atItsThreadCount { _ = try fold(b.requests, into: state, superseding: b.superseded, solve: false) }
         }
+        guard finish else { return }
         // Solved as the last batch's apply solved it, at its thread count.
         if config.accumulation == .leastSquares {
             try (batches.last ?? ReplayBatch(requests: [], superseded: [])).atItsThreadCount {

@@ -67,8 +67,11 @@ public protocol SequentialEditor: AnyObject {
     @discardableResult func apply(_ requests: [EditRequest], to state: EditorState, superseding superseded: [EditRequest]) throws -> EditTimings
     /// Applies stored batches again, in order, onto `state` (the state of the version they start from), with
     /// the same result bit for bit as the `apply` calls that made them; installs the result. An editor may skip
-    /// work that a later batch makes moot.
-    func replay(_ batches: [ReplayBatch], onto state: EditorState) throws
+    /// work that a later batch makes moot. `finish` false leaves what the replay would compute last from the
+    /// rest (`EditorState.rebuiltByReplay` tensors that nothing folded later reads, such as a least-squares ΔW)
+    /// stale and the state uninstalled: for a walk that checks only the tensors a version stores and goes on
+    /// folding (an editor without such a step ignores it).
+    func replay(_ batches: [ReplayBatch], onto state: EditorState, finish: Bool) throws
 }
 
 /// One batch of a replay: its edits, the earlier edits it superseded, and the OpenBLAS thread count it was
@@ -99,7 +102,12 @@ extension SequentialEditor {
         try apply(requests, to: state)
     }
 
+    /// Replays and finishes (`replay(_:onto:finish:)`).
     public func replay(_ batches: [ReplayBatch], onto state: EditorState) throws {
+        try replay(batches, onto: state, finish: true)
+    }
+
+    public func replay(_ batches: [ReplayBatch], onto state: EditorState, finish: Bool) throws {
         for b in batches { try b.atItsThreadCount { try apply(b.requests, to: state, superseding: b.superseded) } }
         install(state)
     }

@@ -79,9 +79,10 @@ public enum VersionReplay {
     /// one batch to `previous`'s state (which it takes: the state is folded in place), with the same checks
     /// as a rebuild from the nearest whole version and the same result, since a replay applies its batches
     /// one by one. What a walk over a store's versions in order (`checkpoints verify --rebuild`) uses instead
-    /// of replaying each version's whole chain again.
+    /// of replaying each version's whole chain again. `finish` false skips what only the installed state needs
+    /// (a least-squares ΔW's solve) and leaves the state uninstalled: the walk checks only what versions store.
     public static func continuing(_ previous: Rebuilt, to loaded: LoadedVersion, in store: CheckpointStore,
-                                  editor: SequentialEditor, editorSHA256: String?) throws -> Rebuilt {
+                                  editor: SequentialEditor, editorSHA256: String?, finish: Bool = true) throws -> Rebuilt {
         let m = loaded.manifest
         guard let expected = m.replayEdits, m.parent == previous.version else {
             throw PipelineError.replay(version: m.version, reason: "it does not continue version \(previous.version) by replay")
@@ -90,7 +91,7 @@ public enum VersionReplay {
         var log = try previous.log ?? EditLog.load(from: store, version: previous.version)
         let batches = try replayBatches(of: loaded, links: [try store.link(m.version)], in: store, after: &log)
         try checkCount(m, replayed: previous.replayed + batches.reduce(0) { $0 + $1.requests.count })
-        try editor.replay(batches, onto: previous.state)
+        try editor.replay(batches, onto: previous.state, finish: finish)
         try check(previous.state, against: loaded, replayed: expected)
         return Rebuilt(version: m.version, state: previous.state, log: log, replayed: expected)
     }

@@ -600,17 +600,23 @@ final class BatchProcessorTests: XCTestCase {
         }
         // A walk over the versions in order, each one stored in part continuing its parent's rebuilt state with
         // its batch (`checkpoints verify --rebuild`), gives every version's state bit for bit.
+        // A step that does not finish (`finish: false`, what the walk uses) leaves ΔW stale and nothing else.
         var walk: VersionReplay.Rebuilt?
         for v in 1...5 {
             let loaded = try h.store.load(.number(v))
+            var finished = true
             if let w = walk, loaded.manifest.replayEdits != nil {
-                walk = try VersionReplay.continuing(w, to: loaded, in: h.store, editor: h.editor, editorSHA256: editorSHA)
+                finished = v != 4
+                walk = try VersionReplay.continuing(w, to: loaded, in: h.store, editor: h.editor, editorSHA256: editorSHA, finish: finished)
             } else {
                 walk = try VersionReplay.rebuilt(loaded, in: h.store, editor: h.editor, editorSHA256: editorSHA)
             }
-            let state = try XCTUnwrap(walk).state.tensors()
+            let rebuilt = try XCTUnwrap(walk).state
+            let state = rebuilt.tensors()
             XCTAssertEqual(Set(state.keys), Set(wholeStates[v - 1].keys), "version \(v)")
-            for (name, t) in wholeStates[v - 1] { XCTAssertTrue(state[name]?.array == t.array, "walk, version \(v): \(name)") }
+            for (name, t) in wholeStates[v - 1] where finished || !rebuilt.rebuiltByReplay.contains(name) || !name.hasPrefix("delta_weight.") {
+                XCTAssertTrue(state[name]?.array == t.array, "walk, version \(v): \(name)")
+            }
         }
         // Only a version whose parent the walk holds continues it.
         let atTwo = try VersionReplay.rebuilt(try h.store.load(.number(2)), in: h.store, editor: h.editor, editorSHA256: editorSHA)

@@ -197,7 +197,8 @@ struct Checkpoints: ParsableCommand {
                     let loaded = try store.load(.number(m.version))
                     let how: String
                     if !eachOnItsOwn, let last, m.replayEdits != nil, m.parent == last.version {
-                        previous = try VersionReplay.continuing(last, to: loaded, in: store, editor: editor, editorSHA256: hash)
+                        previous = try VersionReplay.continuing(last, to: loaded, in: store, editor: editor, editorSHA256: hash,
+                                                                finish: false)
                         how = "continued from version \(last.version)"
                     } else {
                         previous = try VersionReplay.rebuilt(loaded, in: store, editor: editor, editorSHA256: hash)
