@@ -632,8 +632,9 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         // The networks are independent (each reads its own weights and its own modules' memos), so they run
         // side by side, one per core with single-threaded BLAS: a call of a few dozen rows is bound by
         // streaming the weights, which two cores do faster than one BLAS pool split over each product.
-        // Each network's arithmetic is the same on any thread and at any BLAS thread count (OpenBLAS splits
-        // a product by rows and columns, never along the sum), so the outputs are too.
+        // Each network's arithmetic is the same on any thread; its thread count is not: OpenBLAS sums some
+        // products differently at one and at two threads. Side by side they run single-threaded, else at the
+        // batch's count, which a replay repeats (`ReplayBatch.blasThreads`).
         let results = ResultSlots<[AuxOutput]>(count: keys.count)
         let run = {
             Parallel.forEach(keys.count, costPerItem: Parallel.minimumWork) { i in
