@@ -99,16 +99,6 @@ public enum EditMetrics {
         return zip(promptIds, generated).map { answerTokens($1, promptCount: $0.count, eos: eos) }
     }
 
-    /// The edited and the unedited model's greedy answers to each prompt, in one decode
-    /// (`generateGreedyEditedAndUnedited`).
-    public static func greedyAnswersEditedAndUnedited(_ model: TransformerLM, _ tokenizer: Tokenizer, prompts: [String],
-                                                      maxTokens: Int) throws -> (edited: [String], unedited: [String]) {
-        let ids = prompts.map { tokenizer.encode($0) }, eos = tokenizer.eosTokenID
-        let g = try model.generateGreedyEditedAndUnedited(prompts: ids, maxNewTokens: maxTokens, stop: eos)
-        func text(_ out: [[Int]]) -> [String] { zip(ids, out).map { tokenizer.decode(answerTokens($1, promptCount: $0.count, eos: eos)) } }
-        return (text(g.edited), text(g.unedited))
-    }
-
     /// `tokens` greedy tokens after each prompt by the edited and the unedited model (one decode),
     /// generated through end-of-text (`continuationText`), as ROME and EasyEdit generate for fluency.
     public static func greedyContinuationsEditedAndUnedited(_ model: TransformerLM, _ tokenizer: Tokenizer, prompts: [String],
@@ -145,14 +135,14 @@ public enum EditMetrics {
         var answerTexts = [(after: String, before: String)?](repeating: nil, count: prompts.count)
         var continuations = answerTexts
         for (k, i) in decoded.enumerated() {
-            let new = (g.edited[k].dropFirst(ids[k].count), g.unedited[k].dropFirst(ids[k].count))
+            let n = ids[k].count
             if answers {
-                func answer(_ t: ArraySlice<Int>) -> String { tokenizer.decode(Array(t.prefix(answerTokens).prefix { $0 != eos })) }
-                answerTexts[i] = (answer(new.0), answer(new.1))
+                func answer(_ g: [Int]) -> String { tokenizer.decode(EditMetrics.answerTokens(Array(g.prefix(n + answerTokens)), promptCount: n, eos: eos)) }
+                answerTexts[i] = (answer(g.edited[k]), answer(g.unedited[k]))
             }
             if fluentSet.contains(i) {
-                continuations[i] = (continuationText(Array(new.0.prefix(fluencyTokens)), tokenizer),
-                                    continuationText(Array(new.1.prefix(fluencyTokens)), tokenizer))
+                func continuation(_ g: [Int]) -> String { continuationText(Array(g.dropFirst(n).prefix(fluencyTokens)), tokenizer) }
+                continuations[i] = (continuation(g.edited[k]), continuation(g.unedited[k]))
             }
         }
         return (answerTexts, continuations)
