@@ -50,8 +50,8 @@ public enum VersionReplay {
             // tensors, at the thread count the batch was applied with.
             try requireEditor(m, editorSHA256)
             try editor.replay([ReplayBatch(requests: [], superseded: [], blasThreads: m.blasThreads)], onto: state)
-            let made = state.tensors()
-            if let missing = derived.first(where: { made[$0] == nil }) {
+            let made = state.derivedFromRest
+            if let missing = derived.first(where: { !made.contains($0) }) {
                 throw PipelineError.replay(version: m.version, reason: "its editor does not compute the derived tensor '\(missing)' from the rest")
             }
             return Rebuilt(version: m.version, state: state, log: nil, replayed: 0)
