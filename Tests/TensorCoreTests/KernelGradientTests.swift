@@ -101,6 +101,86 @@ final class KernelGradientTests: XCTestCase {
         XCTAssertLessThan(dw1.maxAbsDifference(dw), 1e-3)
     }
 
+    /// The norms' per-row sums run eight rows side by side (`Kernels.rowSums`); each row must still be summed in
+    /// a plain loop's order, to the bit: a replay of stored versions compares states bit for bit, so any other
+    /// order would make versions written before it unreadable.
+    func testNormsEqualPlainLoopsBitForBit() {
+        var rng = RNG(seed: 35)
+        func same(_ a: Tensor, _ b: Tensor, _ what: String) {
+            XCTAssertEqual(memcmp(a.data, b.data, a.count * 4), 0, what)
+        }
+        for (N, C) in [(1, 6), (7, 256), (8, 256), (9, 1280), (19, 64), (33, 1280)] {
+            let x = randn([N, C], &rng), w = randn([C], &rng), b = randn([C], &rng), g = randn([N, C], &rng)
+            for affine in [true, false] {
+                let wp = affine ? UnsafePointer(w.data) : nil, bp = affine ? UnsafePointer(b.data) : nil
+                // Layer norm, as one row after another in plain loops.
+                let out0 = Tensor(shape: [N, C]), mean0 = Tensor(shape: [N]), rstd0 = Tensor(shape: [N])
+                let dx0 = randn([N, C], &rng), dw0 = Tensor(shape: [C]), db0 = Tensor(shape: [C])
+                let dx = dx0.copy(), dw = Tensor(shape: [C]), db = Tensor(shape: [C])
+                for n in 0..<N {
+                    let xr = x.data + n * C, o = out0.data + n * C
+                    var m: Float = 0
+                    for c in 0..<C { m += xr[c] }
+                    m /= Float(C)
+                    var v: Float = 0
+                    for c in 0..<C { let d = xr[c] - m; v += d * d }
+                    v /= Float(C)
+                    let s = 1 / (v + 1e-5).squareRoot()
+                    for c in 0..<C {
+                        var y = (xr[c] - m) * s
+                        if let wp { y *= wp[c] }
+                        if let bp { y += bp[c] }
+                        o[c] = y
+                    }
+                    mean0[n] = m; rstd0[n] = s
+                }
+                for n in 0..<N {
+                    let xr = x.data + n * C, gr = g.data + n * C, d = dx0.data + n * C, m = mean0[n], s = rstd0[n]
+                    var a: Float = 0, bb: Float = 0
+                    for c in 0..<C {
+                        let norm = (xr[c] - m) * s, dnorm = gr[c] * (wp?[c] ?? 1)
+                        a += dnorm; bb += dnorm * norm
+                        db0[c] += gr[c]; dw0[c] += norm * gr[c]
+                    }
+                    a /= Float(C); bb /= Float(C)
+                    for c in 0..<C {
+                        let norm = (xr[c] - m) * s, dnorm = gr[c] * (wp?[c] ?? 1)
+                        d[c] += (dnorm - a - norm * bb) * s
+                    }
+                }
+                let out = Tensor(shape: [N, C]), mean = Tensor(shape: [N]), rstd = Tensor(shape: [N])
+                Kernels.layerNormForward(out.data, mean: mean.data, rstd: rstd.data, x.data, weight: wp, bias: bp, N: N, C: C)
+                // One chunk, so that dweight and dbias take the rows in the reference's order.
+                Kernels.layerNormBackward(dinp: dx.data, dweight: dw.data, dbias: db.data, dout: g.data, inp: x.data, weight: wp,
+                                          mean: mean.data, rstd: rstd.data, N: N, C: C)
+                let tag = "N \(N) C \(C) affine \(affine)"
+                same(out, out0, "layer norm " + tag); same(mean, mean0, "mean " + tag); same(rstd, rstd0, "rstd " + tag)
+                same(dx, dx0, "layer norm backward " + tag)
+                if N * C * 6 < Parallel.minimumWork { same(dw, dw0, "dweight " + tag); same(db, db0, "dbias " + tag) }
+            }
+            // RMS norm.
+            let out0 = Tensor(shape: [N, C]), rr0 = Tensor(shape: [N]), dx0 = randn([N, C], &rng)
+            let dx = dx0.copy()
+            for n in 0..<N {
+                let xr = x.data + n * C, o = out0.data + n * C
+                var ss: Float = 0
+                for c in 0..<C { ss += xr[c] * xr[c] }
+                let r = 1 / (ss / Float(C) + 1e-6).squareRoot()
+                for c in 0..<C { o[c] = w[c] * (xr[c] * r) }
+                rr0[n] = r
+                let gr = g.data + n * C, d = dx0.data + n * C
+                var dot: Float = 0
+                for c in 0..<C { dot += gr[c] * w[c] * xr[c] }
+                let k = dot * r * r * r / Float(C)
+                for c in 0..<C { d[c] += gr[c] * w[c] * r - xr[c] * k }
+            }
+            let out = Tensor(shape: [N, C]), rr = Tensor(shape: [N])
+            Kernels.rmsNormForward(out.data, rrms: rr.data, x.data, weight: w.data, N: N, C: C)
+            Kernels.rmsNormBackward(dinp: dx.data, dweight: nil, dout: g.data, inp: x.data, weight: w.data, rrms: rr.data, N: N, C: C)
+            same(out, out0, "rms norm N \(N) C \(C)"); same(rr, rr0, "rrms N \(N) C \(C)"); same(dx, dx0, "rms norm backward N \(N) C \(C)")
+        }
+    }
+
     func testRMSNorm() {
         var rng = RNG(seed: 4)
         let N = 4, C = 6

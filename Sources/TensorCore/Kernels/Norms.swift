@@ -9,26 +9,55 @@ extension Kernels {
         N: Int, C: Int, eps: Float = 1e-5
     ) {
         Parallel.forChunks(N, costPerItem: 4 * C) { range in
-            for n in range {
-                let x = inp + n * C
-                var m: Float = 0
-                for c in 0..<C { m += x[c] }
-                m /= Float(C)
-                var v: Float = 0
-                for c in 0..<C { let d = x[c] - m; v += d * d }
-                v /= Float(C)
+            forRowGroups(range) { n, rows in
+                // Each row's mean and variance in the order of a plain loop (`rowSums`).
+                let m = rowSums(rows, C) { r, c in inp[(n + r) * C + c] } / Float(C)
+                let v = rowSums(rows, C) { r, c in let d = inp[(n + r) * C + c] - m[r]; return d * d } / Float(C)
                 let s = 1 / (v + eps).squareRoot()
-                let o = out + n * C
-                for c in 0..<C {
-                    var y = (x[c] - m) * s
-                    if let weight { y *= weight[c] }
-                    if let bias { y += bias[c] }
-                    o[c] = y
+                for r in 0..<rows {
+                    let x = inp + (n + r) * C, o = out + (n + r) * C
+                    let mr = m[r], sr = s[r]
+                    for c in 0..<C {
+                        var y = (x[c] - mr) * sr
+                        if let weight { y *= weight[c] }
+                        if let bias { y += bias[c] }
+                        o[c] = y
+                    }
+                    mean?[n + r] = mr
+                    rstd?[n + r] = sr
                 }
-                mean?[n] = m
-                rstd?[n] = s
             }
         }
+    }
+
+    /// Calls `body(first, count)` over `range` in groups of eight rows (`count` 8), then the rest one by one
+    /// (`count` 1).
+    @inline(__always)
+    static func forRowGroups(_ range: Range<Int>, _ body: (Int, Int) -> Void) {
+        var n = range.lowerBound
+        while n + 8 <= range.upperBound { body(n, 8); n += 8 }
+        while n < range.upperBound { body(n, 1); n += 1 }
+    }
+
+    /// The sums Σ_c term(r, c) of `rows` rows (8, or 1 in lane 0), each added in the order of a plain loop
+    /// (c = 0, 1, …, one float add at a time), so the result is the same bit for bit as that loop's: a replay
+    /// of stored versions compares states to the bit, and versions written before must stay readable. A
+    /// single chain of adds waits on each add's latency; the eight rows' chains interleave and keep the
+    /// adder busy.
+    @inline(__always)
+    static func rowSums(_ rows: Int, _ C: Int, _ term: (Int, Int) -> Float) -> SIMD8<Float> {
+        if rows < 8 {
+            var s0: Float = 0
+            for c in 0..<C { s0 += term(0, c) }
+            return SIMD8(s0, 0, 0, 0, 0, 0, 0, 0)
+        }
+        var s0: Float = 0, s1: Float = 0, s2: Float = 0, s3: Float = 0
+        var s4: Float = 0, s5: Float = 0, s6: Float = 0, s7: Float = 0
+        for c in 0..<C {
+            s0 += term(0, c); s1 += term(1, c); s2 += term(2, c); s3 += term(3, c)
+            s4 += term(4, c); s5 += term(5, c); s6 += term(6, c); s7 += term(7, c)
+        }
+        return SIMD8(s0, s1, s2, s3, s4, s5, s6, s7)
     }
 
     /// Adds LayerNorm gradients into dinp, dweight, dbias.
@@ -88,13 +117,14 @@ extension Kernels {
         N: Int, C: Int, eps: Float = 1e-6
     ) {
         Parallel.forChunks(N, costPerItem: 3 * C) { range in
-            for n in range {
-                let x = inp + n * C, o = out + n * C
-                var ss: Float = 0
-                for c in 0..<C { ss += x[c] * x[c] }
-                let r = 1 / (ss / Float(C) + eps).squareRoot()
-                for c in 0..<C { o[c] = weight[c] * (x[c] * r) }
-                rrms?[n] = r
+            forRowGroups(range) { n, rows in
+                let ss = rowSums(rows, C) { r, c in let x = inp[(n + r) * C + c]; return x * x }
+                let rr = 1 / (ss / Float(C) + eps).squareRoot()
+                for i in 0..<rows {
+                    let x = inp + (n + i) * C, o = out + (n + i) * C, r = rr[i]
+                    for c in 0..<C { o[c] = weight[c] * (x[c] * r) }
+                    rrms?[n + i] = r
+                }
             }
         }
     }
