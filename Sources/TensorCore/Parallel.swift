@@ -16,7 +16,7 @@ public enum Parallel {
     public static func forChunks(_ count: Int, costPerItem: Int = 1, _ body: (Range<Int>) -> Void) {
         if count <= 0 { return }
         let chunks = min(cores, count)
-        if chunks <= 1 || count * costPerItem < minimumWork {
+        if chunks <= 1 || count * costPerItem < minimumWork || insideLoop {
             body(0..<count)
             return
         }
@@ -24,9 +24,24 @@ public enum Parallel {
         DispatchQueue.concurrentPerform(iterations: chunks) { c in
             let lo = c * size
             let hi = min(count, lo + size)
-            if lo < hi { body(lo..<hi) }
+            guard lo < hi else { return }
+            let outer = pthread_getspecific(loopKey)
+            pthread_setspecific(loopKey, UnsafeRawPointer(bitPattern: 1))
+            defer { pthread_setspecific(loopKey, outer) }
+            body(lo..<hi)
         }
     }
+
+    /// Marks the threads running a chunk of a parallel loop: a loop inside a chunk (a kernel called by one of
+    /// two networks run side by side) stays on its thread, since the outer loop already holds the cores.
+    private static let loopKey: pthread_key_t = {
+        var key = pthread_key_t()
+        pthread_key_create(&key, nil)
+        return key
+    }()
+
+    /// Whether the calling thread runs a chunk of a parallel loop.
+    public static var insideLoop: Bool { pthread_getspecific(loopKey) != nil }
 
     /// Calls `body(i)` for each `i` in `0..<count`, in parallel when worthwhile.
     @inline(__always)

@@ -31,4 +31,34 @@ final class ParallelTests: XCTestCase {
             XCTAssertEqual(product(i).array, threaded[i].array, "product \(i) after the workers restarted")
         }
     }
+
+    /// A parallel loop inside a chunk of another (a kernel of one of two networks run side by side) stays on
+    /// the chunk's thread: the outer loop already holds the cores. Outside any loop, and after one, a loop
+    /// splits again.
+    func testALoopInsideALoopStaysOnItsThread() throws {
+        try XCTSkipIf(Parallel.cores < 2, "one core: no loop splits")
+        XCTAssertFalse(Parallel.insideLoop)
+        let outer = ResultSlots<(inside: Bool, ranges: [Range<Int>])>(count: 2)
+        Parallel.forEach(2, costPerItem: Parallel.minimumWork) { i in
+            let lock = NSLock()
+            var ranges: [Range<Int>] = []
+            Parallel.forChunks(1_000, costPerItem: Parallel.minimumWork) { range in
+                lock.lock(); ranges.append(range); lock.unlock()
+            }
+            outer[i] = (Parallel.insideLoop, ranges)
+        }
+        for i in 0..<2 {
+            XCTAssertEqual(outer[i]!.inside, true, "chunk \(i) runs inside a loop")
+            XCTAssertEqual(outer[i]!.ranges, [0..<1_000], "the inner loop of chunk \(i) ran as one chunk on its thread")
+        }
+        XCTAssertFalse(Parallel.insideLoop, "the calling thread is outside a loop again")
+        let chunks = ResultSlots<Bool>(count: Parallel.cores)
+        var calls = 0
+        let lock = NSLock()
+        Parallel.forChunks(Parallel.cores, costPerItem: Parallel.minimumWork) { range in
+            lock.lock(); calls += 1; lock.unlock()
+            for i in range { chunks[i] = true }
+        }
+        XCTAssertEqual(calls, Parallel.cores, "outside a loop the work splits into one chunk per core")
+    }
 }
