@@ -305,19 +305,20 @@ public final class TransformerLM: @unchecked Sendable {
         init(spec s: TransformerSpec, B: Int, T: Int, qkvOuts: [Int], mlpInCount: Int, cached: Bool = false) {
             self.B = B; self.T = T; N = B * T
             let N = B * T, C = s.hidden, L = s.layers
-            func many(_ shape: [Int]) -> [Tensor] { (0..<L).map { _ in Tensor(shape: shape) } }
-            residual = (0...L).map { _ in Tensor(shape: [N, C]) }
+            func one(_ shape: [Int]) -> Tensor { Tensor(shape: shape) }
+            func many(_ shape: [Int]) -> [Tensor] { (0..<L).map { _ in one(shape) } }
+            residual = (0...L).map { _ in one([N, C]) }
             ln1 = many([N, C]); ln1Mean = many([N]); ln1Rstd = many([N])
-            qkv = (0..<L).map { _ in qkvOuts.map { Tensor(shape: [N, $0]) } }
+            qkv = (0..<L).map { _ in qkvOuts.map { one([N, $0]) } }
             probs = cached ? [] : many([B, s.heads, T, T])
             att = many([N, s.qDim])
             res1 = many([N, C])
             ln2 = many([N, C]); ln2Mean = many([N]); ln2Rstd = many([N])
-            mlpPre = (0..<L).map { _ in (0..<mlpInCount).map { _ in Tensor(shape: [N, s.intermediate]) } }
+            mlpPre = (0..<L).map { _ in (0..<mlpInCount).map { _ in one([N, s.intermediate]) } }
             mlpAct = many([N, s.intermediate])
-            lnf = Tensor(shape: [N, C]); lnfMean = Tensor(shape: [N]); lnfRstd = Tensor(shape: [N])
-            logits = Tensor(shape: [cached ? 0 : N, s.vocabSize])
-            scratch = Tensor(shape: [N, C])
+            lnf = one([N, C]); lnfMean = one([N]); lnfRstd = one([N])
+            logits = one([cached ? 0 : N, s.vocabSize])
+            scratch = one([N, C])
         }
     }
 
@@ -359,7 +360,7 @@ public final class TransformerLM: @unchecked Sendable {
         let out = Tensor(shape: [sequences.count, C])
         guard !sequences.isEmpty else { return out }
         let rows = try PackedRows(sequences, spec: spec)
-        let a = withoutEdits { run(rows, blocks: 0..<(layer + 1)) }
+        let a = withoutEdits { run(rows, blocks: 0..<(layer + 1), stoppingAt: site) }
         let x = site == .attentionInput ? a.ln1[layer] : a.ln2[layer]
         for (i, (seg, p)) in zip(rows.segments, positions).enumerated() {
             precondition(p >= 0 && p < seg.count, "siteRows: position \(p) outside a sequence of \(seg.count)")
@@ -452,12 +453,14 @@ public final class TransformerLM: @unchecked Sendable {
     /// One block over the rows of `a`: a padded batch (`segments` nil, attention within each sequence of
     /// `batch`) or packed sequences (`segments`), each continuing its own key/value cache if it has one.
     /// `editedRows`: only the first rows see the edits (the rest run as the unedited model).
+    /// `stoppingAt`: return once the stream at that site is normalised (and routed), leaving the rest of the block.
     private func forwardLayer(_ l: Int, _ layer: Layer, _ a: Activations, batch: TokenBatch, segments: [Segment]?,
-                              editedRows: Int? = nil) {
+                              editedRows: Int? = nil, stoppingAt site: RouteSite? = nil) {
         let N = a.N, C = spec.hidden
         let x = a.residual[l]
         norm(a.ln1[l], mean: a.ln1Mean[l], rstd: a.ln1Rstd[l], x, layer.norm1, layer.norm1Bias, N: N)
         route(l, .attentionInput, a.ln1[l], a, batch: batch, segments: segments)
+        if site == .attentionInput { return }
         for (m, out) in zip(layer.qkv, a.qkv[l]) { m.forward(out.data, a.ln1[l].data, N: N, editedRows: editedRows, routed: a.routed) }
         let (q, k, v, qs, kvs) = qkvPointers(a.qkv[l])
         if let rotary {
@@ -491,6 +494,7 @@ public final class TransformerLM: @unchecked Sendable {
         Kernels.add(a.res1[l].data, x.data, a.scratch.data, count: N * C)
         norm(a.ln2[l], mean: a.ln2Mean[l], rstd: a.ln2Rstd[l], a.res1[l], layer.norm2, layer.norm2Bias, N: N)
         route(l, .mlpInput, a.ln2[l], a, batch: batch, segments: segments)
+        if site == .mlpInput { return }
         for (m, out) in zip(layer.mlpIn, a.mlpPre[l]) { m.forward(out.data, a.ln2[l].data, N: N, editedRows: editedRows, routed: a.routed) }
         let count = N * spec.intermediate
         switch spec.mlp {
@@ -714,7 +718,9 @@ public final class TransformerLM: @unchecked Sendable {
 
     /// Packed rows through `blocks`; the stream entering the first of them is the embeddings (from block 0)
     /// or `input` [rows, hidden]. The stream leaving the last is `residual[blocks.upperBound]`.
-    func run(_ rows: PackedRows, blocks: Range<Int>, input: Tensor? = nil, editedRows: Int? = nil) -> Activations {
+    /// `stoppingAt`: the last block stops once its stream at that site is normalised (what `siteRows` reads).
+    func run(_ rows: PackedRows, blocks: Range<Int>, input: Tensor? = nil, editedRows: Int? = nil,
+             stoppingAt site: RouteSite? = nil) -> Activations {
         let N = rows.count, C = spec.hidden
         let a = Activations(spec: spec, B: 1, T: N, qkvOuts: layers[0].qkv.map(\.outFeatures), mlpInCount: layers[0].mlpIn.count,
                             cached: true)
@@ -728,7 +734,10 @@ public final class TransformerLM: @unchecked Sendable {
         precondition(router.map { $0.layer >= blocks.lowerBound } ?? true,
                      "a run from block \(blocks.lowerBound) starts above the router's block")
         let batch = TokenBatch(ids: rows.ids, B: 1, T: N, mask: nil, positions: rows.positions)
-        for l in blocks { forwardLayer(l, layers[l], a, batch: batch, segments: rows.segments, editedRows: editedRows) }
+        for l in blocks {
+            forwardLayer(l, layers[l], a, batch: batch, segments: rows.segments, editedRows: editedRows,
+                         stoppingAt: l == blocks.upperBound - 1 ? site : nil)
+        }
         return a
     }
 
