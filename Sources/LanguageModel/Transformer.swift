@@ -302,10 +302,13 @@ public final class TransformerLM: @unchecked Sendable {
 
         /// `cached`: for the cached path, which attends over its caches and takes the logits of last tokens
         /// only: no [B, heads, T, T] probabilities and no [N, vocab] logits.
+        /// The buffers are not zeroed: a forward writes each one whole (embeddings, norms, products, the
+        /// attention's probabilities and outputs, sums) before anything reads it, and a block a run does not
+        /// reach is never read.
         init(spec s: TransformerSpec, B: Int, T: Int, qkvOuts: [Int], mlpInCount: Int, cached: Bool = false) {
             self.B = B; self.T = T; N = B * T
             let N = B * T, C = s.hidden, L = s.layers
-            func one(_ shape: [Int]) -> Tensor { Tensor(shape: shape) }
+            func one(_ shape: [Int]) -> Tensor { Tensor(uninitializedShape: shape) }
             func many(_ shape: [Int]) -> [Tensor] { (0..<L).map { _ in one(shape) } }
             residual = (0...L).map { _ in one([N, C]) }
             ln1 = many([N, C]); ln1Mean = many([N]); ln1Rstd = many([N])
