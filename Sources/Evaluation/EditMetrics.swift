@@ -231,7 +231,7 @@ public enum EditMetrics {
             g += genItems[i].count
             let locs = zip(locFlat[l..<(l + locItems[i].count)], localityReference.predictions[i]).map { $0.agreement(with: $1) }
             l += locItems[i].count
-            var e = EditEvaluation.PerEdit(prompt: r.prompt, targetNew: r.targetNew, reliability: rel[i].accuracy,
+            let e = EditEvaluation.PerEdit(prompt: r.prompt, targetNew: r.targetNew, reliability: rel[i].accuracy,
                                            generality: mean(gens), locality: mean(locs))
             edits.append(e)
         }
