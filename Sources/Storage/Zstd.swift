@@ -40,12 +40,14 @@ public enum ZstdError: Error, CustomStringConvertible, Equatable, Sendable {
         }
     }
 
-    static func from(code: Int) -> ZstdError {
+    /// The error of a failed zstd call; `windowLogMax`, the decoder's window cap, names the limit a frame
+    /// over it exceeded.
+    static func from(code: Int, windowLogMax: Int32 = Zstd.defaultWindowLogMax) -> ZstdError {
         let errorCode = ZSTD_getErrorCode(code)
         let name = String(cString: ZSTD_getErrorName(code))
         switch errorCode {
         case ZSTD_error_checksum_wrong: return .checksumMismatch
-        case ZSTD_error_frameParameter_windowTooLarge: return .windowTooLarge(windowLogMax: Zstd.defaultWindowLogMax)
+        case ZSTD_error_frameParameter_windowTooLarge: return .windowTooLarge(windowLogMax: windowLogMax)
         case ZSTD_error_prefix_unknown: return .notAFrame
         case ZSTD_error_memory_allocation, ZSTD_error_parameter_unsupported, ZSTD_error_parameter_outOfBound,
              ZSTD_error_stage_wrong, ZSTD_error_init_missing:
@@ -144,11 +146,7 @@ public enum Zstd {
             var extra = ZSTD_outBuffer(dst: spare, size: 1, pos: 0)
             let hint = outBuffer.pos == outBuffer.size ? ZSTD_decompressStream(context, &extra, &inBuffer)
                 : ZSTD_decompressStream(context, &outBuffer, &inBuffer)
-            if ZSTD_isError(hint) != 0 {
-                let error = ZstdError.from(code: hint)
-                if case .windowTooLarge = error { throw ZstdError.windowTooLarge(windowLogMax: windowLogMax) }
-                throw error
-            }
+            if ZSTD_isError(hint) != 0 { throw ZstdError.from(code: hint, windowLogMax: windowLogMax) }
             if extra.pos > 0 { throw ZstdError.sizeMismatch(expected: output.count, actual: nil) }
             complete = hint == 0
             // The input is used up and the call moved nothing: the frame ends early.
@@ -275,11 +273,7 @@ public final class ZstdDecompressor {
         while !frameComplete {
             var outBuffer = ZSTD_outBuffer(dst: chunk, size: chunkSize, pos: 0)
             let hint = ZSTD_decompressStream(context, &outBuffer, &inBuffer)
-            if ZSTD_isError(hint) != 0 {
-                let error = ZstdError.from(code: hint)
-                if case .windowTooLarge = error { throw ZstdError.windowTooLarge(windowLogMax: windowLogMax) }
-                throw error
-            }
+            if ZSTD_isError(hint) != 0 { throw ZstdError.from(code: hint, windowLogMax: windowLogMax) }
             if outBuffer.pos > 0 { try sink(UnsafeRawBufferPointer(start: chunk, count: outBuffer.pos)) }
             if hint == 0 { frameComplete = true; break }
             // No more input and the output was not full: zstd needs more input.
