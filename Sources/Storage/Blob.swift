@@ -88,33 +88,19 @@ public enum BlobCodec {
         let elementSize = shuffle ? shuffleElementSize! : 1
         guard elementSize <= 255 else { throw BlobError.badHeader("shuffle element size \(elementSize) above 255") }
         let bound = headerSize + Zstd.compressBound(raw.count)
-        var thrown: Error?
-        let out = [UInt8](unsafeUninitializedCapacity: bound) { buffer, initialized in
-            initialized = 0
-            let base = UnsafeMutableRawBufferPointer(buffer)
+        return try [UInt8](capacity: bound) { base in
             for i in 0..<4 { base[i] = magic[i] }
             base[4] = formatVersion
             base[5] = shuffle ? 1 : 0
             base[6] = UInt8(elementSize)
             base[7] = 0
             let frameArea = UnsafeMutableRawBufferPointer(rebasing: base[headerSize...])
-            do {
-                let n: Int
-                if shuffle && raw.count > 0 {
-                    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: raw.count, alignment: 64)
-                    defer { scratch.deallocate() }
-                    ByteShuffle.shuffle(raw, into: scratch, elementSize: elementSize)
-                    n = try Zstd.compress(UnsafeRawBufferPointer(scratch), level: level, into: frameArea)
-                } else {
-                    n = try Zstd.compress(raw, level: level, into: frameArea)
-                }
-                initialized = headerSize + n
-            } catch {
-                thrown = error
-            }
+            guard shuffle && raw.count > 0 else { return headerSize + (try Zstd.compress(raw, level: level, into: frameArea)) }
+            let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: raw.count, alignment: 64)
+            defer { scratch.deallocate() }
+            ByteShuffle.shuffle(raw, into: scratch, elementSize: elementSize)
+            return headerSize + (try Zstd.compress(UnsafeRawBufferPointer(scratch), level: level, into: frameArea))
         }
-        if let thrown { throw thrown }
-        return out
     }
 
     /// Reads and checks the header.

@@ -63,6 +63,23 @@ private func check(_ code: Int) throws -> Int {
     return code
 }
 
+extension Array where Element == UInt8 {
+    /// Bytes written by `fill` into `capacity` uninitialized ones; `fill` returns how many it wrote, and an
+    /// error it throws is rethrown (nothing is kept).
+    init(capacity: Int, filling fill: (UnsafeMutableRawBufferPointer) throws -> Int) throws {
+        var thrown: Error?
+        self.init(unsafeUninitializedCapacity: capacity) { buffer, initialized in
+            do {
+                initialized = try fill(UnsafeMutableRawBufferPointer(UnsafeMutableBufferPointer(rebasing: buffer[0..<capacity])))
+            } catch {
+                thrown = error
+                initialized = 0
+            }
+        }
+        if let thrown { throw thrown }
+    }
+}
+
 /// zstd frames: the checksum flag is always on when compressing; decoding caps the window.
 public enum Zstd {
     /// Largest decoder window accepted: 2^27 = 128 MiB (zstd's own default limit).
@@ -109,18 +126,7 @@ public enum Zstd {
 
     /// Compresses `input` into a new array holding one frame.
     public static func compress(_ input: UnsafeRawBufferPointer, level: Int32 = 3) throws -> [UInt8] {
-        var thrown: Error?
-        let bound = compressBound(input.count)
-        let result = [UInt8](unsafeUninitializedCapacity: bound) { buffer, initialized in
-            do {
-                initialized = try compress(input, level: level, into: UnsafeMutableRawBufferPointer(buffer))
-            } catch {
-                thrown = error
-                initialized = 0
-            }
-        }
-        if let thrown { throw thrown }
-        return result
+        try [UInt8](capacity: compressBound(input.count)) { try compress(input, level: level, into: $0) }
     }
 
     /// Decodes exactly one frame from `frame` into `output`, whose size is the expected content size.
@@ -161,26 +167,16 @@ public enum Zstd {
     public static func decompress(_ frame: UnsafeRawBufferPointer, limit: Int, requireChecksum: Bool = true,
                                   windowLogMax: Int32 = defaultWindowLogMax) throws -> [UInt8] {
         try checkFrameHeader(frame, requireChecksum: requireChecksum)
-        var out: [UInt8] = []
         let declared = ZSTD_getFrameContentSize(frame.baseAddress, frame.count)
         if declared != UInt64.max && declared != UInt64.max - 1 {
             guard declared <= UInt64(limit) else { throw ZstdError.outputTooLarge(limit: limit) }
             // The size is in the header (every frame this store writes): decoded in place as above.
-            var thrown: Error?
-            let size = Int(declared)
-            out = [UInt8](unsafeUninitializedCapacity: size) { buffer, initialized in
-                do {
-                    try decompress(frame, into: UnsafeMutableRawBufferPointer(UnsafeMutableBufferPointer(rebasing: buffer[0..<size])),
-                                   requireChecksum: requireChecksum, windowLogMax: windowLogMax)
-                    initialized = size
-                } catch {
-                    thrown = error
-                    initialized = 0
-                }
+            return try [UInt8](capacity: Int(declared)) { buffer in
+                try decompress(frame, into: buffer, requireChecksum: requireChecksum, windowLogMax: windowLogMax)
+                return buffer.count
             }
-            if let thrown { throw thrown }
-            return out
         }
+        var out: [UInt8] = []
         let decompressor = try ZstdDecompressor(windowLogMax: windowLogMax)
         let done = try decompressor.decompress(frame) { chunk in
             guard out.count + chunk.count <= limit else { throw ZstdError.outputTooLarge(limit: limit) }
