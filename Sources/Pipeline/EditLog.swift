@@ -133,7 +133,10 @@ public struct EditLog: Sendable {
     }
 
     /// Every edit of the log, in order (superseded ones included).
-    public func all() throws -> [EditRequest] { try lines(Array(0..<count)) }
+    public func all() throws -> [EditRequest] { try edits(0..<count) }
+
+    /// The edits at positions `range` of the log, in order (only those lines decoded).
+    public func edits(_ range: Range<Int>) throws -> [EditRequest] { try lines(Array(range)) }
 
     /// The edits a version holds, batch by batch: for each version of its lineage (root first), the
     /// batch that made it and the edits it added (the difference of its log and its parent's).

@@ -102,15 +102,16 @@ public enum VersionReplay {
     static func replayBatches(of loaded: LoadedVersion, links: [ManifestLink], in store: CheckpointStore,
                               after log: inout EditLog) throws -> [ReplayBatch] {
         let m = loaded.manifest
-        let all = try EditLog.load(from: VersionTensorSource(store: store, manifest: m)).all()
+        // Only the batches' own edits are decoded, and the version's own log is read once.
+        let versionLog = try EditLog.load(from: VersionTensorSource(store: store, manifest: m))
         var start = log.count
         var batches: [ReplayBatch] = []
         for v in links {
-            let end = try EditLog.count(of: v, in: store)
-            guard start <= end, end <= all.count else {
+            let end = v.version == m.version ? versionLog.count : try EditLog.count(of: v, in: store)
+            guard start <= end, end <= versionLog.count else {
                 throw PipelineError.replay(version: m.version, reason: "the edit log of version \(v.version) does not extend its parent's")
             }
-            let requests = Array(all[start..<end])
+            let requests = try versionLog.edits(start..<end)
             batches.append(ReplayBatch(requests: requests, superseded: try log.superseded(by: requests), blasThreads: v.blasThreads))
             try log.append(requests)
             start = end
