@@ -684,7 +684,7 @@ final class BatchProcessorTests: XCTestCase {
         var expected: [[String: Tensor]] = []
         for (i, b) in batches.enumerated() {
             try h.drop("\(i).jsonl", try EditBatch.encode(b))
-            try BLAS.withThreads(counts[i]) { try h.processor.runOnce() }
+            try BLAS.withThreads(counts[i]) { _ = try h.processor.runOnce() }
             try BLAS.withThreads(counts[i]) { _ = try h.editor.apply(b, to: direct) }
             expected.append(direct.tensors().mapValues { $0.copy() })  // the state updates its sums in place
         }
