@@ -39,6 +39,10 @@ extension EditorConfig {
         if let t = routeThreshold, !(t > -1 && t < 1) {
             throw DecodingError.dataCorruptedError(forKey: .routeThreshold, in: c, debugDescription: "route_threshold is a cosine: it must lie in (-1, 1)")
         }
+        lsShardEdits = try c.value(.lsShardEdits, lsShardEdits)
+        if let n = lsShardEdits, n < 1 {
+            throw DecodingError.dataCorruptedError(forKey: .lsShardEdits, in: c, debugDescription: "ls_shard_edits must be at least 1")
+        }
     }
 }
 

@@ -7,18 +7,26 @@ import Tokenizers
 /// --store`, `facts --store`) routes its edits the same way: `route.keys` [K, C] (whitened, unit rows),
 /// `route.whitening` [C, C], `route.settings` [3] = (block, site, threshold of the keys added last), and
 /// `route.thresholds` [K], each key's threshold (absent in states written before it: every key then has
-/// the settings' threshold).
+/// the settings' threshold), and with shards (`ls_shard_edits`) `route.shards` [K] and `route.edits` [K], each
+/// key's shard and the place of its edit in the sequence of edits (absent: shard 0, no edit).
 public enum RouteTensors {
     public static let keys = "route.keys"
     public static let whitening = "route.whitening"
     public static let settings = "route.settings"
     public static let thresholds = "route.thresholds"
-    public static let names: Set = [keys, whitening, settings, thresholds]
+    public static let shards = "route.shards"
+    public static let edits = "route.edits"
+    public static let names: Set = [keys, whitening, settings, thresholds, shards, edits]
 
     public static func tensors(of router: EditRouter) -> [String: Tensor] {
-        [keys: router.keys, whitening: router.whitening,
-         settings: Tensor(shape: [3], values: [Float(router.layer), Float(router.site.rawValue), router.threshold]),
-         thresholds: Tensor(shape: [router.keyThresholds.count], values: router.keyThresholds)]
+        var out = [keys: router.keys, whitening: router.whitening,
+                   settings: Tensor(shape: [3], values: [Float(router.layer), Float(router.site.rawValue), router.threshold]),
+                   thresholds: Tensor(shape: [router.keyThresholds.count], values: router.keyThresholds)]
+        if let e = router.keyEdits {
+            out[shards] = Tensor(shape: [router.keyShards.count], values: router.keyShards.map(Float.init))
+            out[edits] = Tensor(shape: [e.count], values: e.map(Float.init))
+        }
+        return out
     }
 
     /// The router the tensors describe (nil when they hold none), or an error naming what is wrong.
@@ -42,7 +50,23 @@ public enum RouteTensors {
             perKey = t.array
             guard perKey!.allSatisfy({ $0.isFinite }) else { throw EditingError.invalidInput("edit state: \(thresholds) must be finite") }
         }
-        return EditRouter(layer: Int(s[0]), site: site, threshold: s[2], whitening: w.copy(), keys: k.copy(), keyThresholds: perKey)
+        // Per key: a shard, an edit's place (−1: unknown), both present or both absent.
+        func counts(_ name: String, least: Float) throws -> [Int32]? {
+            guard let t = tensors[name] else { return nil }
+            guard t.rank == 1, t.count == k.shape[0] else {
+                throw EditingError.shapeMismatch(name: name, expected: [k.shape[0]], found: t.shape, file: "edit state")
+            }
+            guard t.array.allSatisfy({ $0 >= least && $0 == $0.rounded() && $0 < 16_777_216 }) else {
+                throw EditingError.invalidInput("edit state: \(name) must hold whole numbers ≥ \(Int(least))")
+            }
+            return t.array.map { Int32($0) }
+        }
+        let keyShards = try counts(shards, least: 0), keyEdits = try counts(edits, least: -1)
+        guard (keyShards == nil) == (keyEdits == nil) else {
+            throw EditingError.invalidInput("edit state: \(shards) and \(edits) go together")
+        }
+        return EditRouter(layer: Int(s[0]), site: site, threshold: s[2], whitening: w.copy(), keys: k.copy(), keyThresholds: perKey,
+                          keyShards: keyShards, keyEdits: keyEdits)
     }
 
     /// Whether the tensors hold a router.
@@ -80,9 +104,11 @@ extension DAFNetEditor {
     /// subject's last token in the prompt, and at the last token of the subject read alone, as a text starts
     /// and with the space it has inside a sentence (the context before a subject moves its stream; these
     /// two carry none); the prompt's last token when the edit names no subject or its prompt lacks it.
-    func routeKeys(_ requests: [EditRequest], layer: Int, site: RouteSite, whitening: Tensor) throws -> Tensor {
-        var sequences: [[Int]] = [], positions: [Int] = []
+    func routeKeys(_ requests: [EditRequest], layer: Int, site: RouteSite, whitening: Tensor) throws -> (keys: Tensor, perEdit: [Int]) {
+        var sequences: [[Int]] = [], positions: [Int] = [], perEdit: [Int] = []
         for r in requests {
+            let before = sequences.count
+            defer { perEdit.append(sequences.count - before) }
             let ids = tokenizer.encode(r.prompt)
             if let s = subjectTokens(r, promptTokens: ids.count) {
                 sequences.append(ids); positions.append(s.upperBound - 1)
@@ -95,7 +121,7 @@ extension DAFNetEditor {
             }
         }
         let raw = try model.siteRows(sequences, at: positions, layer: layer, site: site)
-        return EditRouter.project(raw.data, N: raw.shape[0], whitening: whitening)
+        return (EditRouter.project(raw.data, N: raw.shape[0], whitening: whitening), perEdit)
     }
 
     /// Where this editor's router reads and its whitening (computed once).
@@ -106,14 +132,31 @@ extension DAFNetEditor {
     }
 
     /// The state's router grown by the keys of `requests` (a new router on the first routed call): the
-    /// earlier keys keep their thresholds, the new ones get `threshold`.
-    func grownRouter(_ current: EditRouter?, for requests: [EditRequest], threshold: Float) throws -> EditRouter {
+    /// earlier keys keep their thresholds, the new ones get `threshold`. With shards (`shards`: per request,
+    /// its shard), each key also records its shard and its edit's place (after the state's `editCount`
+    /// earlier edits), and the keys of the edits at the places `retired` never match again (a superseded
+    /// edit's shard may keep its pull, which no input should reach).
+    func grownRouter(_ current: EditRouter?, for requests: [EditRequest], threshold: Float, shards: [Int32]?,
+                     editCount: Int, retired: Set<Int>) throws -> EditRouter {
         let setup = try routeSetup()
         let whitening = current?.whitening ?? setup.whitening
-        let new = try routeKeys(requests, layer: setup.layer, site: setup.site, whitening: whitening)
+        let (new, perEdit) = try routeKeys(requests, layer: setup.layer, site: setup.site, whitening: whitening)
         let keys = current.map { Tensor.concatenatingRows([$0.keys, new]) } ?? new
-        let thresholds = (current?.keyThresholds ?? []) + [Float](repeating: threshold, count: new.shape[0])
+        var thresholds = (current?.keyThresholds ?? []) + [Float](repeating: threshold, count: new.shape[0])
+        guard let shards else {
+            return EditRouter(layer: setup.layer, site: setup.site, threshold: threshold, whitening: whitening, keys: keys,
+                              keyThresholds: thresholds)
+        }
+        // Keys from before shards were recorded belong to shard 0 and to no known edit (−1 is never retired).
+        let old = current?.keys.shape[0] ?? 0
+        let keyShards = (current?.keyShards ?? []) + zip(perEdit, shards).flatMap { [Int32](repeating: $1, count: $0) }
+        let keyEdits = (current?.keyEdits ?? [Int32](repeating: -1, count: old))
+            + perEdit.enumerated().flatMap { [Int32](repeating: Int32(editCount + $0.offset), count: $0.element) }
+        for (k, e) in keyEdits.enumerated() where retired.contains(Int(e)) { thresholds[k] = Self.retiredThreshold }
         return EditRouter(layer: setup.layer, site: setup.site, threshold: threshold, whitening: whitening, keys: keys,
-                          keyThresholds: thresholds)
+                          keyThresholds: thresholds, keyShards: keyShards, keyEdits: keyEdits)
     }
+
+    /// The threshold of a retired key: above any cosine.
+    static let retiredThreshold: Float = 2
 }

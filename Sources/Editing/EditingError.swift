@@ -11,6 +11,8 @@ public enum EditingError: Error, CustomStringConvertible, Equatable, Sendable {
     case invalidInput(String)
     /// A routed edit state cannot be merged into plain weights without dropping its routing.
     case routedExport
+    /// An edit state split into shards (`ls_shard_edits`) has one ΔW per shard, chosen per input by routing.
+    case shardedExport
 
     public var description: String {
         switch self {
@@ -29,6 +31,9 @@ public enum EditingError: Error, CustomStringConvertible, Equatable, Sendable {
         case .routedExport:
             return "the version's edits are routed (the editor's route_threshold: they apply only to inputs near an edit's key), "
                 + "which a model folder's weights cannot express; --unrouted merges them for every input instead"
+        case .shardedExport:
+            return "the version's edits are split into shards (the editor's ls_shard_edits), each with its own ΔW that routing picks "
+                + "per input; a model folder's weights can hold only one, so it cannot be exported (even --unrouted)"
         }
     }
 }

@@ -62,6 +62,11 @@ public struct EditorConfig: Codable, Sendable {
     /// When set, the edits apply only where an input comes within this cosine of an edit's key (see
     /// `EditRouter`); nil applies them to every input, as the paper does.
     public var routeThreshold: Float?
+    /// `least_squares` with `route_threshold`: every this many edits, the sums so far are solved once more,
+    /// that ΔW is frozen as a shard and the sums start again empty; a routed input sees the shard of the
+    /// closest edit key it matched (as WISE's side memories), so that no solve holds more than this many
+    /// edits. nil: one shard for every edit. Inference only (meta-training episodes are one shard).
+    public var lsShardEdits: Int?
     public var training = MetaTrainingConfig()
 
     public init() {}
@@ -69,7 +74,7 @@ public struct EditorConfig: Codable, Sendable {
     enum CodingKeys: String, CodingKey, CaseIterable {
         case method, modules, baseModel = "base_model", editBias = "edit_bias", auxModel = "aux_model", initEditLR = "init_edit_lr"
         case accumulation, lsLambda = "ls_lambda", lsLambdaScale = "ls_lambda_scale", signalRows = "signal_rows", contrastSubjects = "contrast_subjects"
-        case contrastWeight = "contrast_weight", routeThreshold = "route_threshold", training
+        case contrastWeight = "contrast_weight", routeThreshold = "route_threshold", lsShardEdits = "ls_shard_edits", training
     }
 
     /// The default for a GPT-2 model: the MLP `c_fc` and `c_proj` of the last three blocks.
@@ -152,11 +157,17 @@ public final class EditState: EditorState, @unchecked Sendable {
         /// `least_squares` only: Σ uuᵀ [in, in] over the edits' input rows, and Σ u·vᵀ [in, out] with their values.
         public var gram: Tensor?
         public var cross: Tensor?
+        /// `ls_shard_edits`: the ΔW of each frozen shard [in, out], in shard order.
+        public var frozen: [Tensor] = []
         init() {}
     }
 
     public private(set) var modules: [String: Module] = [:]
     public var editCount = 0
+    /// `ls_shard_edits`: the edits of each frozen shard, in shard order (each module's `frozen` holds their ΔW).
+    public var shardEdits: [Int] = []
+    /// The edits in the sums, not yet frozen in a shard.
+    public var openShardEdits: Int { editCount - shardEdits.reduce(0, +) }
     /// `route_threshold`: the keys of the edits so far and where the model compares them.
     public var router: EditRouter?
 
@@ -166,10 +177,13 @@ public final class EditState: EditorState, @unchecked Sendable {
 
     /// Named tensors for the checkpoint store: `delta_weight.<m>`, `delta_bias.<m>`,
     /// `past.<m>.<layer>.keys|values|score_keys` (`reps.<m>.<layer>` while legacy tensors await their editor),
-    /// `gram.<m>` (its upper triangle, row by row, when exactly symmetric), `cross.<m>` and `edit_count`.
+    /// `gram.<m>` (its upper triangle, row by row, when exactly symmetric), `cross.<m>` and `edit_count`; with
+    /// frozen shards `shard_edits` [shards] and `shard_delta.<s>.<m>`.
     public func tensors() -> [String: Tensor] {
         var out: [String: Tensor] = ["edit_count": Tensor(shape: [1], values: [Float(editCount)])]
+        if !shardEdits.isEmpty { out[Self.shardEditsName] = Tensor(shape: [shardEdits.count], values: shardEdits.map(Float.init)) }
         for (name, m) in modules {
+            for (i, w) in m.frozen.enumerated() { out["shard_delta.\(i).\(name)"] = w }
             if let w = m.deltaWeight { out["delta_weight." + name] = w }
             if let b = m.deltaBias { out["delta_bias." + name] = b }
             if let p = m.past, p.isComplete {
@@ -187,13 +201,23 @@ public final class EditState: EditorState, @unchecked Sendable {
         return out
     }
 
+    static let shardEditsName = "shard_edits"
+
     /// Rebuilds a state from `tensors()`; names outside `moduleNames` are an error.
     public convenience init(moduleNames: [String], tensors: [String: Tensor]) throws {
         self.init(moduleNames: moduleNames)
         router = try RouteTensors.router(from: tensors)
         var pastParts: [String: [Int: [String: Tensor]]] = [:]
+        var shardParts: [String: [Int: Tensor]] = [:]
         for (key, t) in tensors {
             if key == "edit_count" { editCount = Int(t[0]); continue }
+            if key == Self.shardEditsName {
+                guard t.rank == 1, t.array.allSatisfy({ $0 >= 1 && $0 == $0.rounded() }) else {
+                    throw EditingError.invalidInput("edit state: \"\(key)\" must list each frozen shard's edit count")
+                }
+                shardEdits = t.array.map { Int($0) }
+                continue
+            }
             if RouteTensors.names.contains(key) { continue }
             let parts = key.split(separator: ".", maxSplits: 1).map(String.init)
             guard parts.count == 2 else { throw EditingError.invalidInput("edit state: unexpected tensor \"\(key)\"") }
@@ -210,6 +234,13 @@ public final class EditState: EditorState, @unchecked Sendable {
                     m.gram = g
                 default: m.cross = t.copy()
                 }
+            case "shard_delta":
+                // shard_delta.<shard>.<module>
+                let rest = parts[1].split(separator: ".", maxSplits: 1).map(String.init)
+                guard rest.count == 2, let i = Int(rest[0]), i >= 0, modules[rest[1]] != nil else {
+                    throw EditingError.invalidInput("edit state: bad shard name \"\(key)\"")
+                }
+                shardParts[rest[1], default: [:]][i] = t.copy()
             case "reps":
                 guard let dot = parts[1].lastIndex(of: "."), let l = Int(parts[1][parts[1].index(after: dot)...]),
                       let m = modules[String(parts[1][..<dot])] else {
@@ -230,6 +261,16 @@ public final class EditState: EditorState, @unchecked Sendable {
                 throw EditingError.invalidInput("edit state: unexpected tensor \"\(key)\"")
             }
         }
+        for name in modules.keys {
+            let parts = shardParts[name] ?? [:]
+            guard parts.keys.sorted() == Array(0..<shardEdits.count) else {
+                throw EditingError.invalidInput("edit state: \(name) has \(parts.count) frozen shard(s), \(Self.shardEditsName) lists \(shardEdits.count)")
+            }
+            modules[name]!.frozen = (0..<shardEdits.count).map { parts[$0]! }
+        }
+        guard shardEdits.reduce(0, +) <= editCount else {
+            throw EditingError.invalidInput("edit state: the frozen shards hold more edits than edit_count")
+        }
         for (name, layers) in pastParts {
             let n = layers.count
             guard layers.keys.sorted() == Array(0..<n), layers.values.allSatisfy({ $0.count == 3 }),
@@ -247,6 +288,8 @@ public final class EditState: EditorState, @unchecked Sendable {
         (modules[module]?.deltaWeight, modules[module]?.deltaBias)
     }
 
+    public func frozenDeltas(_ module: String) -> [Tensor] { modules[module]?.frozen ?? [] }
+
     /// ΔW, Δb and the least-squares sums: the networks' outputs fold into them and nothing else reads them
     /// back, so replaying the edits rebuilds them.
     public var rebuiltByReplay: Set<String> {
@@ -255,6 +298,7 @@ public final class EditState: EditorState, @unchecked Sendable {
             for (prefix, t) in [("delta_weight.", m.deltaWeight), ("delta_bias.", m.deltaBias), ("gram.", m.gram), ("cross.", m.cross)] where t != nil {
                 names.insert(prefix + name)
             }
+            for i in m.frozen.indices { names.insert("shard_delta.\(i).\(name)") }
         }
         return names
     }
@@ -264,9 +308,14 @@ public final class EditState: EditorState, @unchecked Sendable {
         Set(modules.compactMap { name, m in m.gram != nil && m.cross != nil && m.deltaWeight != nil ? "delta_weight." + name : nil })
     }
 
+    /// Just after a shard was frozen the sums are empty: the whole state is the frozen shards (stored once for
+    /// every version that holds them), the networks' past and the router.
+    public var wholeCostsLittle: Bool { !shardEdits.isEmpty && openShardEdits == 0 }
+
     public func copy() -> EditState {
         let s = EditState(moduleNames: Array(modules.keys))
         s.editCount = editCount
+        s.shardEdits = shardEdits
         s.router = router  // immutable: shared
         for (k, m) in modules {
             s.modules[k]!.deltaWeight = m.deltaWeight?.copy()
@@ -275,6 +324,7 @@ public final class EditState: EditorState, @unchecked Sendable {
             s.modules[k]!.legacyReps = m.legacyReps.map { $0.copy() }
             s.modules[k]!.gram = m.gram?.copy()
             s.modules[k]!.cross = m.cross?.copy()
+            s.modules[k]!.frozen = m.frozen  // never written once frozen: shared
         }
         return s
     }
@@ -334,6 +384,12 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
                 throw EditingError.invalidConfig(file: "editor.json", field: "modules",
                                                  reason: "\"\(m)\" is in the last block: under signal_rows \(config.signalRows.rawValue) no later layer carries the subject's tokens to the answer")
             }
+        }
+        if config.lsShardEdits != nil {
+            let reason: String? = config.accumulation != .leastSquares ? "needs accumulation least_squares (shards are frozen solves)"
+                : config.routeThreshold == nil ? "needs route_threshold (a shard is chosen by the closest edit key)"
+                : config.contrastSubjects > 0 ? "cannot be combined with contrast_subjects" : nil
+            if let reason { throw EditingError.invalidConfig(file: "editor.json", field: "ls_shard_edits", reason: reason) }
         }
         self.config = config; self.model = model; self.tokenizer = tokenizer
         var shapes: [String: [String]] = [:]
@@ -520,7 +576,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     /// that a fact edited again holds its new target instead of the mean of both (their router keys stay:
     /// the new edits name the same subjects). The paper's decayed rule has no per-edit term to take out.
     @discardableResult
-    public func apply(_ requests: [EditRequest], to anyState: EditorState, superseding superseded: [EditRequest]) throws -> EditTimings {
+    public func apply(_ requests: [EditRequest], to anyState: EditorState, superseding superseded: [PriorEdit]) throws -> EditTimings {
         let state = try own(anyState, as: EditState.self)
         guard !requests.isEmpty else { return EditTimings() }
         var times = try fold(requests, into: state, superseding: superseded, solve: true)
@@ -553,12 +609,23 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     /// `apply` without installing: the edits folded into `state`; `solve: false` leaves a least-squares ΔW
     /// stale (for `replay`).
     @discardableResult
-    func fold(_ requests: [EditRequest], into state: EditState, superseding superseded: [EditRequest], solve: Bool) throws -> EditTimings {
+    func fold(_ requests: [EditRequest], into state: EditState, superseding prior: [PriorEdit], solve: Bool) throws -> EditTimings {
         var times = EditTimings()
         var t0 = Date()
         let sig = try checkedSignals(requests)
         let contrast = config.accumulation == .leastSquares ? contrastRows(requests) : [:]
-        let router = try config.routeThreshold.map { try grownRouter(state.router, for: requests, threshold: $0) }
+        let sharded = config.lsShardEdits != nil
+        let pieces = shardPieces(requests.count, open: state.openShardEdits)
+        var shardOfEdit: [Int32] = []
+        for (i, p) in pieces.enumerated() { shardOfEdit += [Int32](repeating: Int32(state.shardEdits.count + i), count: p.edits.count) }
+        // With shards, a superseded edit's rows come out of the sums only while its shard is open (a frozen
+        // shard keeps them), and its keys are retired either way, so that its subject reaches the new edit.
+        let frozenEdits = state.shardEdits.reduce(0, +)
+        let superseded = prior.filter { !sharded || $0.ordinal >= frozenEdits }.map(\.request)
+        let router = try config.routeThreshold.map {
+            try grownRouter(state.router, for: requests, threshold: $0, shards: sharded ? shardOfEdit : nil, editCount: state.editCount,
+                            retired: sharded ? Set(prior.map(\.ordinal)) : [])
+        }
         let taken = config.accumulation == .leastSquares && !superseded.isEmpty ? try checkedSignals(superseded) : nil
         let takenContrast = taken == nil ? [:] : contrastRows(superseded)
         times.signal = Date().timeIntervalSince(t0)
@@ -586,16 +653,47 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
                     st.cross = LeastSquares.cross(u, old.values.value, alpha: -lr, into: st.cross)
                 }
                 let u = sig[m]!.x.columnSlice(0..<out.x1.shape[1])
-                st.gram = LeastSquares.gram(u, into: st.gram)
-                if let c = contrast[m] { st.gram = LeastSquares.gram(c, into: st.gram) }
-                st.cross = LeastSquares.cross(u, out.values.value, alpha: lr, into: st.cross)
-                if solve { st.deltaWeight = try solveLeastSquares(m, gram: st.gram!).solve(st.cross!) }
+                if pieces.count == 1 && !pieces[0].freezes {
+                    st.gram = LeastSquares.gram(u, into: st.gram)
+                    if let c = contrast[m] { st.gram = LeastSquares.gram(c, into: st.gram) }
+                    st.cross = LeastSquares.cross(u, out.values.value, alpha: lr, into: st.cross)
+                } else {
+                    // Each piece's rows go into the open sums; a piece that fills its shard is solved and frozen.
+                    let starts = sig[m]!.lengths.reduce(into: [0]) { $0.append($0.last! + $1) }
+                    for p in pieces {
+                        let rows = starts[p.edits.lowerBound]..<starts[p.edits.upperBound]
+                        st.gram = LeastSquares.gram(u.rows(rows), into: st.gram)
+                        st.cross = LeastSquares.cross(u.rows(rows), out.values.value.rows(rows), alpha: lr, into: st.cross)
+                        guard p.freezes else { continue }
+                        st.frozen.append(try solveLeastSquares(m, gram: st.gram!).solve(st.cross!))
+                        st.gram = nil; st.cross = nil; st.deltaWeight = nil
+                    }
+                }
+                if solve, let g = st.gram, let c = st.cross { st.deltaWeight = try solveLeastSquares(m, gram: g).solve(c) }
             }
         }
+        let open = state.openShardEdits
+        state.shardEdits += pieces.filter(\.freezes).map { $0.edits.count + ($0.edits.lowerBound == 0 ? open : 0) }
         if let router { state.router = router }
         state.editCount += requests.count
         times.apply = Date().timeIntervalSince(t0)
         return times
+    }
+
+    /// How a call of `count` edits falls into shards (`ls_shard_edits`) when `open` edits are in the sums:
+    /// consecutive pieces of the call, each ending its shard (`freezes`) when it fills it; one piece without
+    /// shards.
+    func shardPieces(_ count: Int, open: Int) -> [(edits: Range<Int>, freezes: Bool)] {
+        guard let size = config.lsShardEdits, config.accumulation == .leastSquares else { return [(0..<count, false)] }
+        var pieces: [(edits: Range<Int>, freezes: Bool)] = []
+        var start = 0, room = size - open % size
+        while start < count {
+            let n = min(room, count - start)
+            pieces.append((start..<(start + n), n == room))
+            start += n
+            room = size
+        }
+        return pieces.isEmpty ? [(0..<0, false)] : pieces
     }
 
     /// The gradient signals of `requests`, checked: each edit fits the context and gives every module a

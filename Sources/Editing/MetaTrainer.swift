@@ -263,11 +263,11 @@ public final class MetaTrainer {
         let keys: Tensor
         if let poolIndices {
             for (i, r) in zip(poolIndices, requests) where routeKeyCache[i] == nil {
-                routeKeyCache[i] = try editor.routeKeys([r], layer: setup.layer, site: setup.site, whitening: setup.whitening)
+                routeKeyCache[i] = try editor.routeKeys([r], layer: setup.layer, site: setup.site, whitening: setup.whitening).keys
             }
             keys = Tensor.concatenatingRows(poolIndices.map { routeKeyCache[$0]! })
         } else {
-            keys = try editor.routeKeys(requests, layer: setup.layer, site: setup.site, whitening: setup.whitening)
+            keys = try editor.routeKeys(requests, layer: setup.layer, site: setup.site, whitening: setup.whitening).keys
         }
         return EditRouter(layer: setup.layer, site: setup.site, threshold: threshold, whitening: setup.whitening, keys: keys)
     }

@@ -27,6 +27,8 @@ public protocol EditorState: AnyObject {
     func tensors() -> [String: Tensor]
     /// The installed edits of a module.
     func delta(_ module: String) -> (weight: Tensor?, bias: Tensor?)
+    /// A module's frozen shards' ΔW (`ls_shard_edits`), in shard order: rows routed to shard s add the s-th.
+    func frozenDeltas(_ module: String) -> [Tensor]
     /// Which inputs see the edits (nil: all).
     var router: EditRouter? { get }
     /// The names among `tensors()` that `SequentialEditor.replay` of the state's edits rebuilds exactly from
@@ -35,12 +37,18 @@ public protocol EditorState: AnyObject {
     /// The names among `tensors()` that `SequentialEditor.replay` with no batches computes exactly from the
     /// rest, so that a version holding its whole state may leave them out (empty: none).
     var derivedFromRest: Set<String> { get }
+    /// Whether storing the whole state costs little beyond what a store already holds of its earlier states
+    /// (a sharded least-squares state just after a shard was frozen: no sums, and frozen shards that earlier
+    /// versions share), so that a version may as well store it whole and spare later loads a replay.
+    var wholeCostsLittle: Bool { get }
 }
 
 extension EditorState {
     public var router: EditRouter? { nil }
+    public func frozenDeltas(_ module: String) -> [Tensor] { [] }
     public var rebuiltByReplay: Set<String> { [] }
     public var derivedFromRest: Set<String> { [] }
+    public var wholeCostsLittle: Bool { false }
 
     /// Bytes held.
     public var byteCount: Int { tensors().values.reduce(0) { $0 + $1.count * 4 } }
@@ -64,7 +72,7 @@ public protocol SequentialEditor: AnyObject {
     /// facts with older targets). An editor whose state keeps each edit's pull as a sum takes the earlier
     /// edits out of it first; the default applies `requests` over them, as editors that fit each new edit on
     /// the edited model (FT, MEMIT) do.
-    @discardableResult func apply(_ requests: [EditRequest], to state: EditorState, superseding superseded: [EditRequest]) throws -> EditTimings
+    @discardableResult func apply(_ requests: [EditRequest], to state: EditorState, superseding superseded: [PriorEdit]) throws -> EditTimings
     /// Applies stored batches again, in order, onto `state` (the state of the version they start from), with
     /// the same result bit for bit as the `apply` calls that made them; installs the result. An editor may skip
     /// work that a later batch makes moot. `finish` false leaves what the replay would compute last from the
@@ -74,14 +82,23 @@ public protocol SequentialEditor: AnyObject {
     func replay(_ batches: [ReplayBatch], onto state: EditorState, finish: Bool) throws
 }
 
+/// An edit a state already holds, with its place in the state's sequence of edits (0 for the first edit
+/// applied; the index of its line in a version's edit log).
+public struct PriorEdit: Sendable {
+    public var request: EditRequest
+    public var ordinal: Int
+
+    public init(_ request: EditRequest, ordinal: Int) { self.request = request; self.ordinal = ordinal }
+}
+
 /// One batch of a replay: its edits, the earlier edits it superseded, and the OpenBLAS thread count it was
 /// applied with (nil: unknown, replayed at the current count).
 public struct ReplayBatch: Sendable {
     public var requests: [EditRequest]
-    public var superseded: [EditRequest]
+    public var superseded: [PriorEdit]
     public var blasThreads: Int?
 
-    public init(requests: [EditRequest], superseded: [EditRequest], blasThreads: Int? = nil) {
+    public init(requests: [EditRequest], superseded: [PriorEdit], blasThreads: Int? = nil) {
         self.requests = requests
         self.superseded = superseded
         self.blasThreads = blasThreads
@@ -98,7 +115,7 @@ public struct ReplayBatch: Sendable {
 
 extension SequentialEditor {
     @discardableResult
-    public func apply(_ requests: [EditRequest], to state: EditorState, superseding superseded: [EditRequest]) throws -> EditTimings {
+    public func apply(_ requests: [EditRequest], to state: EditorState, superseding superseded: [PriorEdit]) throws -> EditTimings {
         try apply(requests, to: state)
     }
 
@@ -144,6 +161,7 @@ extension SequentialEditor {
             let (w, b) = state.delta(m)
             model.linears[m]!.deltaWeight = w
             model.linears[m]!.deltaBias = b
+            model.linears[m]!.frozenDeltaWeights = state.frozenDeltas(m)
         }
         model.router = state.router
     }

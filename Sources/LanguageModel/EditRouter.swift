@@ -7,6 +7,16 @@ public enum RouteSite: Int, Sendable, CaseIterable {
     case mlpInput = 1
 }
 
+/// A position's closest key within its threshold: the key's shard and the cosine (`none`: no key).
+public struct RouteHit: Sendable, Equatable {
+    public var shard: Int32
+    public var cosine: Float
+    public static let none = RouteHit(shard: -1, cosine: -.infinity)
+
+    /// A sequence's route after a position with `hit`: the closer of the two keys (the earlier on a tie).
+    func continued(by hit: RouteHit) -> RouteHit { hit.shard >= 0 && hit.cosine > cosine ? hit : self }
+}
+
 /// Decides which positions see a model's edits, as GRACE and WISE route inputs to an edited memory
 /// only when they come close to an edit's key: a position whose stream at block `layer`'s `site` lies
 /// within cosine `threshold` of one of `keys` (after whitening) switches the edits on for itself and for
@@ -18,6 +28,9 @@ public enum RouteSite: Int, Sendable, CaseIterable {
 /// are already whitened and of unit length. Each key keeps the threshold it was added with
 /// (`keyThresholds`): a state continued by an editor with another threshold routes its earlier edits as
 /// before and applies the new threshold to the keys it adds.
+///
+/// With shards (`ls_shard_edits`), each key names the shard its edit was solved in (`keyShards`), and a
+/// routed position sees the shard of the closest key its sequence has matched so far.
 public final class EditRouter: @unchecked Sendable {
     public let layer: Int
     public let site: RouteSite
@@ -27,14 +40,28 @@ public final class EditRouter: @unchecked Sendable {
     public let keys: Tensor
     /// Per key, its cosine threshold [K].
     public let keyThresholds: [Float]
+    /// Per key, the shard of its edit [K] (all 0 without shards).
+    public let keyShards: [Int32]
+    /// One more than the largest shard of a key (1 without keys).
+    public let shardCount: Int
+    /// With shards: per key, the place of its edit in the state's sequence of edits [K] (what a superseding
+    /// edit finds its predecessor's keys by).
+    public let keyEdits: [Int32]?
 
-    /// `keyThresholds`: one per key; nil gives every key `threshold`.
-    public init(layer: Int, site: RouteSite, threshold: Float, whitening: Tensor, keys: Tensor, keyThresholds: [Float]? = nil) {
+    /// `keyThresholds`, `keyShards`, `keyEdits`: one per key; nil gives every key `threshold`, shard 0, and
+    /// no edit.
+    public init(layer: Int, site: RouteSite, threshold: Float, whitening: Tensor, keys: Tensor, keyThresholds: [Float]? = nil,
+                keyShards: [Int32]? = nil, keyEdits: [Int32]? = nil) {
         precondition(whitening.rank == 2 && whitening.shape[0] == whitening.shape[1], "whitening must be square")
         precondition(keys.rank == 2 && keys.shape[1] == whitening.shape[0], "keys \(keys.shape) for whitening \(whitening.shape)")
         precondition(keyThresholds.map { $0.count == keys.shape[0] } ?? true, "one threshold per key")
+        precondition(keyShards.map { $0.count == keys.shape[0] && $0.allSatisfy { $0 >= 0 } } ?? true, "one shard ≥ 0 per key")
+        precondition(keyEdits.map { $0.count == keys.shape[0] } ?? true, "one edit per key")
         self.layer = layer; self.site = site; self.threshold = threshold; self.whitening = whitening; self.keys = keys
         self.keyThresholds = keyThresholds ?? [Float](repeating: threshold, count: keys.shape[0])
+        self.keyShards = keyShards ?? [Int32](repeating: 0, count: keys.shape[0])
+        shardCount = Int(self.keyShards.max() ?? 0) + 1
+        self.keyEdits = keyEdits
     }
 
     public var width: Int { whitening.shape[0] }
@@ -55,9 +82,13 @@ public final class EditRouter: @unchecked Sendable {
     }
 
     /// Whether each of the `N` rows of `x` [N, C] is within some key's threshold of that key.
-    public func matches(_ x: UnsafePointer<Float>, N: Int) -> [Bool] {
+    public func matches(_ x: UnsafePointer<Float>, N: Int) -> [Bool] { closest(x, N: N).map { $0.shard >= 0 } }
+
+    /// For each of the `N` rows of `x` [N, C], the closest key among those it is within the threshold of
+    /// (the first such key on a tie), or `none`.
+    public func closest(_ x: UnsafePointer<Float>, N: Int) -> [RouteHit] {
         let K = keys.shape[0], C = width
-        var hit = [Bool](repeating: false, count: N)
+        var hit = [RouteHit](repeating: .none, count: N)
         guard K > 0, N > 0 else { return hit }
         let q = Self.project(x, N: N, whitening: whitening)
         let chunk = max(1, (1 << 20) / K)   // at most a million similarities at a time
@@ -69,7 +100,9 @@ public final class EditRouter: @unchecked Sendable {
             keyThresholds.withUnsafeBufferPointer { th in
                 for i in 0..<n {
                     let row = s.data + i * K
-                    for k in 0..<K where row[k] >= th[k] { hit[start + i] = true; break }
+                    var best = RouteHit.none
+                    for k in 0..<K where row[k] >= th[k] && row[k] > best.cosine { best = RouteHit(shard: keyShards[k], cosine: row[k]) }
+                    hit[start + i] = best
                 }
             }
             start += n

@@ -102,7 +102,7 @@ extension TransformerLM {
         for l in 0..<spec.layers {
             for name in spec.linearModules(layer: l) {
                 guard let m = linears[name] else { continue }
-                if m.outputOffsets != nil || (m.editsEnabled && (m.deltaWeight != nil || m.deltaBias != nil)) { return l }
+                if m.outputOffsets != nil || m.isEdited { return l }
             }
         }
         return spec.layers

@@ -31,14 +31,15 @@ public final class LinearModule: @unchecked Sendable {
         self.bias = bias
     }
 
-    /// out[N, out] = inp[N, in] · W (+ b) (+ ΔW, Δb on the first `editedRows` rows, default all, and of
-    /// those only the rows `routed` marks, when given).
+    /// out[N, out] = inp[N, in] · W (+ b) (+ the edit on the first `editedRows` rows, default all, and of
+    /// those only the rows `routed` sends to a shard, when given: ΔW, Δb; with frozen shards, a row sent to
+    /// shard s < `frozenDeltaWeights.count` adds that shard's ΔW instead of `deltaWeight`).
     func forward(_ out: UnsafeMutablePointer<Float>, _ inp: UnsafePointer<Float>, N: Int, editedRows: Int? = nil,
-                 routed: [Bool]? = nil) {
+                 routed: [Int32]? = nil) {
         Kernels.linearForward(out, inp, weight.value.data, bias?.value.data, N: N, C: inFeatures, OC: outFeatures, layout: layout)
-        if editsEnabled, deltaWeight != nil || deltaBias != nil {
-            for run in Self.editedRuns(min(editedRows ?? N, N), routed: routed) {
-                if let d = deltaWeight {
+        if isEdited {
+            for (run, shard) in Self.editedRuns(min(editedRows ?? N, N), routed: routed) {
+                if let d = weightDelta(shard: shard) {
                     BLAS.gemm(out + run.lowerBound * outFeatures, inp + run.lowerBound * inFeatures, d.data,
                               M: run.count, N: outFeatures, K: inFeatures, beta: 1)
                 }
@@ -54,28 +55,45 @@ public final class LinearModule: @unchecked Sendable {
         }
     }
 
-    /// The runs of consecutive rows below `edited` that `routed` marks (all of them without `routed`).
-    static func editedRuns(_ edited: Int, routed: [Bool]?) -> [Range<Int>] {
+    /// Frozen shards' edits to the weight (`ls_shard_edits`), each [inFeatures, outFeatures]: a routed row
+    /// sent to shard s < count adds the s-th; rows of later shards add `deltaWeight`.
+    public var frozenDeltaWeights: [Tensor] = []
+
+    /// Whether the module's forward adds an edit (one switched on and present).
+    public var isEdited: Bool { editsEnabled && (deltaWeight != nil || deltaBias != nil || !frozenDeltaWeights.isEmpty) }
+
+    /// The ΔW that rows routed to `shard` add.
+    func weightDelta(shard: Int32) -> Tensor? {
+        Int(shard) < frozenDeltaWeights.count ? frozenDeltaWeights[Int(shard)] : deltaWeight
+    }
+
+    /// The runs of consecutive rows below `edited` that `routed` sends to one shard (all of them, shard 0,
+    /// without `routed`); rows at −1 see no edit.
+    static func editedRuns(_ edited: Int, routed: [Int32]?) -> [(rows: Range<Int>, shard: Int32)] {
         guard edited > 0 else { return [] }
-        guard let routed else { return [0..<edited] }
-        var runs: [Range<Int>] = []
-        var start: Int?
-        for r in 0..<edited {
-            if routed[r] { if start == nil { start = r } } else if let s = start { runs.append(s..<r); start = nil }
+        guard let routed else { return [(0..<edited, 0)] }
+        var runs: [(rows: Range<Int>, shard: Int32)] = []
+        var start = 0
+        while start < edited {
+            let s = routed[start]
+            var end = start + 1
+            while end < edited && routed[end] == s { end += 1 }
+            if s >= 0 { runs.append((start..<end, s)) }
+            start = end
         }
-        if let s = start { runs.append(s..<edited) }
         return runs
     }
 
     /// Adds ∂/∂inp into `dinp` (when given) and, with `parameterGradients`, ∂/∂W and ∂/∂b into the grads.
     /// The edit's term goes to the rows `routed` marks, as in the forward.
     func backward(dinp: UnsafeMutablePointer<Float>?, dout: UnsafePointer<Float>, inp: UnsafePointer<Float>, N: Int,
-                  parameterGradients: Bool, routed: [Bool]? = nil) {
+                  parameterGradients: Bool, routed: [Int32]? = nil) {
         Kernels.linearBackward(dinp: dinp, dweight: parameterGradients ? weight.grad.data : nil,
                                dbias: parameterGradients ? bias?.grad.data : nil, dout: dout, inp: inp,
                                weight: weight.value.data, N: N, C: inFeatures, OC: outFeatures, layout: layout)
-        if editsEnabled, let dinp, let d = deltaWeight {
-            for run in Self.editedRuns(N, routed: routed) {
+        if editsEnabled, let dinp {
+            for (run, shard) in Self.editedRuns(N, routed: routed) {
+                guard let d = weightDelta(shard: shard) else { continue }
                 BLAS.gemm(dinp + run.lowerBound * inFeatures, dout + run.lowerBound * outFeatures, d.data,
                           M: run.count, N: inFeatures, K: outFeatures, transB: true, beta: 1)
             }
@@ -147,11 +165,12 @@ public final class KVCache: @unchecked Sendable {
         values = (0..<layers).map { _ in Tensor(shape: [capacity, kvDim]) }
     }
 
-    /// Whether a routed model's edits are on for this sequence (a position so far matched a key).
-    var routed = false
+    /// With a routed model: the shard of the closest key a position of this sequence has matched so far
+    /// (−1: none yet, the edits are off) and its cosine.
+    var route = RouteHit.none
 
     func advance(_ n: Int) { length += n }
-    public func reset() { length = 0; routed = false }
+    public func reset() { length = 0; route = .none }
 }
 
 /// A decoder-only transformer (GPT-2 or Llama family): parameters in one contiguous block with named
@@ -272,7 +291,7 @@ public final class TransformerLM: @unchecked Sendable {
 
     /// Removes every module edit and the router.
     public func clearEdits() {
-        for m in linears.values { m.deltaWeight = nil; m.deltaBias = nil }
+        for m in linears.values { m.deltaWeight = nil; m.deltaBias = nil; m.frozenDeltaWeights = [] }
         router = nil
     }
 
@@ -297,8 +316,9 @@ public final class TransformerLM: @unchecked Sendable {
         let logits: Tensor
         let scratch: Tensor              // [N, C]
         var batch: TokenBatch?
-        /// With a router: which rows see the edits (set at the router's block; nil: every row).
-        var routed: [Bool]?
+        /// With a router: per row, the shard whose edit it sees, −1 for none (set at the router's block;
+        /// nil: every row sees the edits).
+        var routed: [Int32]?
 
         /// `cached`: for the cached path, which attends over its caches and takes the logits of last tokens
         /// only: no [B, heads, T, T] probabilities and no [N, vocab] logits.
@@ -373,7 +393,9 @@ public final class TransformerLM: @unchecked Sendable {
     }
 
     /// With a router: which rows of the last forward saw the edits (nil: all of them, or no router).
-    public var lastRoutedRows: [Bool]? { acts?.routed }
+    public var lastRoutedRows: [Bool]? { acts?.routed?.map { $0 >= 0 } }
+    /// With a router: per row of the last forward, the shard whose edit it saw (−1: none).
+    public var lastRoutedShards: [Int32]? { acts?.routed }
 
     /// Releases the saved activations.
     public func releaseActivations() { acts = nil }
@@ -509,18 +531,19 @@ public final class TransformerLM: @unchecked Sendable {
     }
 
     /// At the router's block and site: marks the rows from each sequence's first match on (a cached
-    /// sequence continues its earlier state) as the ones that see the edits.
+    /// sequence continues its earlier state) as the ones that see the edits, each row with the shard of the
+    /// closest key its sequence has matched up to it.
     private func route(_ l: Int, _ site: RouteSite, _ x: Tensor, _ a: Activations, batch: TokenBatch, segments: [Segment]?) {
         guard let router, router.layer == l, router.site == site else { return }
-        var routed = [Bool](repeating: false, count: a.N)
+        var routed = [Int32](repeating: -1, count: a.N)
         if let segments {
-            // A sequence whose cache is already routed stays routed: only the others' rows are compared
-            // with the keys (in a decode step, usually the unedited half of the batch).
-            let open = segments.filter { $0.cache?.routed != true }
+            // With one shard, a sequence whose cache is already routed stays as it is: only the others' rows
+            // are compared with the keys (in a decode step, usually the unedited half of the batch).
+            let open = router.shardCount > 1 ? segments : segments.filter { $0.cache.map { $0.route.shard < 0 } ?? true }
             let openRows = open.reduce(0) { $0 + $1.count }
-            var hit = [Bool](repeating: false, count: a.N)
+            var hit = [RouteHit](repeating: .none, count: a.N)
             if openRows == a.N {
-                hit = router.matches(x.data, N: a.N)
+                hit = router.closest(x.data, N: a.N)
             } else if openRows > 0 {
                 let C = x.shape[1]
                 let gathered = Tensor(shape: [openRows, C])
@@ -529,7 +552,7 @@ public final class TransformerLM: @unchecked Sendable {
                     (gathered.data + at * C).update(from: x.data + seg.row * C, count: seg.count * C)
                     at += seg.count
                 }
-                let found = router.matches(gathered.data, N: openRows)
+                let found = router.closest(gathered.data, N: openRows)
                 at = 0
                 for seg in open {
                     for i in 0..<seg.count { hit[seg.row + i] = found[at + i] }
@@ -537,18 +560,18 @@ public final class TransformerLM: @unchecked Sendable {
                 }
             }
             for seg in segments {
-                var on = seg.cache?.routed ?? false
-                for r in seg.row..<(seg.row + seg.count) { on = on || hit[r]; routed[r] = on }
-                seg.cache?.routed = on
+                var state = seg.cache?.route ?? .none
+                for r in seg.row..<(seg.row + seg.count) { state = state.continued(by: hit[r]); routed[r] = state.shard }
+                seg.cache?.route = state
             }
         } else {
-            let hit = router.matches(x.data, N: a.N)
+            let hit = router.closest(x.data, N: a.N)
             for b in 0..<a.B {
-                var on = false
+                var state = RouteHit.none
                 for t in 0..<a.T {
                     let r = b * a.T + t
-                    on = on || (hit[r] && (batch.mask?[r] ?? 1) != 0)
-                    routed[r] = on
+                    if (batch.mask?[r] ?? 1) != 0 { state = state.continued(by: hit[r]) }
+                    routed[r] = state.shard
                 }
             }
         }

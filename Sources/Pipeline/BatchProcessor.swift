@@ -331,7 +331,7 @@ public final class BatchProcessor {
                 return try refused(.evaluate, "evaluation failed: \(error)", head: head.number)
             }
             if !superseded.isEmpty {
-                report.superseded = superseded.map { SupersededEdit(prompt: $0.prompt, targetNew: $0.targetNew) }
+                report.superseded = superseded.map { SupersededEdit(prompt: $0.request.prompt, targetNew: $0.request.targetNew) }
                 logger.notice("the batch edits facts edited before: their earlier edits are replaced",
                               metadata: ["batch": "\(name)", "superseded": "\(superseded.count)"])
             }

@@ -169,11 +169,13 @@ extension BatchProcessor {
 
     /// What the version after `head` stores: its whole state, less what the editor derives from the rest,
     /// when rebuilding it would replay more than `keyframeEdits` edits (counted from the nearest version
-    /// holding a whole state) or the editor cannot rebuild anything; else the rest and how many edits rebuild it.
+    /// holding a whole state), the editor cannot rebuild anything, or the whole state costs little
+    /// (`EditorState.wholeCostsLittle`); else the rest and how many edits rebuild it.
     func storedState(_ head: LoadedHead, adding edits: Int) -> (tensors: [String: Tensor], replayEdits: Int?, derived: [String]) {
         let tensors = head.state.tensors()
         let rebuilt = head.state.rebuiltByReplay
-        guard let replay = settings.replayEdits(parent: head.manifest?.replayEdits, adding: edits, rebuildable: !rebuilt.isEmpty) else {
+        let rebuildable = !rebuilt.isEmpty && !head.state.wholeCostsLittle
+        guard let replay = settings.replayEdits(parent: head.manifest?.replayEdits, adding: edits, rebuildable: rebuildable) else {
             let derived = settings.keyframeEdits > 0 ? head.state.derivedFromRest : []
             return (tensors.filter { !derived.contains($0.key) }, nil, Array(derived))
         }

@@ -92,10 +92,11 @@ public struct EditLog: Sendable {
         }
     }
 
-    /// The live edits that `requests` supersede (the last logged edit of each of their prompts), in log order.
-    public func superseded(by requests: [EditRequest]) throws -> [EditRequest] {
+    /// The live edits that `requests` supersede (the last logged edit of each of their prompts), in log order,
+    /// each with its index in the log.
+    public func superseded(by requests: [EditRequest]) throws -> [PriorEdit] {
         let indices = Set(requests.compactMap { lastOfPrompt[$0.prompt] }).sorted()
-        return try lines(indices)
+        return zip(try lines(indices), indices).map { PriorEdit($0, ordinal: $1) }
     }
 
     /// The files to commit with a version.

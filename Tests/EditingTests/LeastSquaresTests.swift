@@ -28,12 +28,13 @@ final class LeastSquaresTests: XCTestCase {
     /// A `least_squares` editor of gpt2-tiny's blocks 1–2 with key statistics from the preserved texts.
     static func editor(lambda: Float = 2, lambdaScale: Float = 1, seed: UInt64 = 3, contrast: Int = 0, contrastWeight: Float = 1,
                        modules: [String] = ["transformer.h.1.mlp.c_fc", "transformer.h.2.mlp.c_fc", "transformer.h.2.mlp.c_proj"],
-                       routeThreshold: Float? = nil, method: EditorMethod = .dafnet) throws -> DAFNetEditor {
+                       routeThreshold: Float? = nil, method: EditorMethod = .dafnet, shardEdits: Int? = nil) throws -> DAFNetEditor {
         let f = try ModelFolder.load(Self.folder, requireTokenizer: true)
         var cfg = EditorConfig()
         cfg.method = method
         cfg.modules = modules
         cfg.routeThreshold = routeThreshold
+        cfg.lsShardEdits = shardEdits
         cfg.auxModel.layerN = 2; cfg.auxModel.innerAttDim = 8; cfg.auxModel.ffnDim = 12; cfg.auxModel.outerAttDim = 6
         cfg.auxModel.outerScoreAttDim = 4
         cfg.initEditLR = 0.5
@@ -152,7 +153,7 @@ final class LeastSquaresTests: XCTestCase {
             let replaced = EditState(moduleNames: e.config.modules), plain = EditState(moduleNames: e.config.modules)
             let reference = EditState(moduleNames: e.config.modules)
             try e.apply([old, other], to: replaced)
-            try e.apply([new], to: replaced, superseding: [old])
+            try e.apply([new], to: replaced, superseding: [PriorEdit(old, ordinal: 0)])
             try e.apply([old, other], to: plain)
             try e.apply([new], to: plain)
             try e.apply([other, new], to: reference)

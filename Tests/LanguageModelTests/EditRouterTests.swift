@@ -163,6 +163,83 @@ final class EditRouterTests: XCTestCase {
         XCTAssertEqual(cached[1], unedited, "the sequence without a match decodes as the unedited model")
     }
 
+    /// A router with the identity whitening and `keys` (unit rows) of shards `shards`.
+    func shardedRouter(_ model: TransformerLM, keyRows: Tensor, threshold: Float, shards: [Int32]) -> EditRouter {
+        let plain = router(model, keyRows: keyRows, threshold: threshold)
+        return EditRouter(layer: 1, site: .mlpInput, threshold: threshold, whitening: plain.whitening, keys: plain.keys,
+                          keyShards: shards, keyEdits: shards)
+    }
+
+    /// `closest` takes, among the keys a row is within the threshold of, the one of the highest cosine.
+    func testClosestTakesTheNearestKeyWithinItsThreshold() {
+        let C = 4
+        let eye = Tensor(shape: [C, C], values: (0..<(C * C)).map { $0 % (C + 1) == 0 ? 1 : 0 })
+        let keyRows = Tensor(shape: [3, C], values: [1, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0])
+        let keys = EditRouter.project(keyRows.data, N: 3, whitening: eye)
+        let r = EditRouter(layer: 0, site: .mlpInput, threshold: 0.5, whitening: eye, keys: keys, keyThresholds: [0.5, 0.5, 0.99],
+                           keyShards: [0, 1, 2], keyEdits: [0, 1, 2])
+        let rows = Tensor(shape: [3, C], values: [1, 0.1, 0, 0, 1, 0.9, 0, 0, 0, 0.3, 1, 0])
+        let hits = r.closest(rows.data, N: 3)
+        XCTAssertEqual(hits.map(\.shard), [0, 1, -1], "nearest key; the third row's only near key has a threshold above its cosine")
+        XCTAssertEqual(hits[0].cosine, 1 / Float(1.01).squareRoot(), accuracy: 1e-6)
+        XCTAssertEqual(r.matches(rows.data, N: 3), [true, true, false])
+        XCTAssertEqual(r.shardCount, 3)
+    }
+
+    /// With shards, each routed row sees the shard of the closest key its sequence has matched so far (a
+    /// closer key later moves it, a farther one does not), and adds that shard's ΔW: a frozen shard's, or
+    /// the open one's for the shard after the frozen ones. The cached decode follows the same rule.
+    func testRowsSeeTheShardOfTheClosestKeyMatchedSoFar() throws {
+        let (model, module) = try editedModel()
+        let m = model.linears[module]!
+        var rng = RNG(seed: 5)
+        let frozen = Tensor.randn([m.inFeatures, m.outFeatures], std: 0.2, rng: &rng)
+        m.frozenDeltaWeights = [frozen]
+        let a = [5, 17, 40, 2, 9, 33, 21]
+        let rows = siteRows(model, module, a)
+        let r = shardedRouter(model, keyRows: Tensor.concatenatingRows([rows.rows(1..<2), rows.rows(4..<5)]), threshold: 0.999,
+                              shards: [1, 0])
+        model.router = r
+        let routed = model.forward(TokenBatch(a)).copy()
+        // What the rule gives from the rows' own closest keys.
+        var expected: [Int32] = [], state = RouteHit.none
+        for hit in r.closest(rows.data, N: a.count) { state = state.continued(by: hit); expected.append(state.shard) }
+        XCTAssertEqual(expected.prefix(4), [-1, 1, 1, 1])
+        XCTAssertEqual(model.lastRoutedShards, expected)
+        // Row by row, the module adds the ΔW of the row's shard: shard 0 is the frozen one, shard 1 the open one.
+        let x = siteRows(model, module, a)
+        let out = Tensor(shape: [a.count, m.outFeatures]), base = Tensor(shape: [a.count, m.outFeatures])
+        m.forward(out.data, x.data, N: a.count, routed: expected)
+        m.forward(base.data, x.data, N: a.count, routed: [Int32](repeating: -1, count: a.count))
+        for (row, shard) in expected.enumerated() {
+            let d = Tensor(shape: [1, m.outFeatures])
+            if shard >= 0 {
+                BLAS.gemm(d.data, x.data + row * m.inFeatures, (shard == 0 ? frozen : m.deltaWeight!).data, M: 1, N: m.outFeatures, K: m.inFeatures)
+            }
+            let got = out.rows(row..<(row + 1)), plain = base.rows(row..<(row + 1))
+            plain.add(d)
+            XCTAssertEqual(got.maxAbsDifference(plain), 0, accuracy: 1e-5, "row \(row) (shard \(shard))")
+        }
+        // Swapping the shards changes the output from the first match on.
+        model.router = shardedRouter(model, keyRows: Tensor.concatenatingRows([rows.rows(1..<2), rows.rows(4..<5)]), threshold: 0.999,
+                                     shards: [0, 1])
+        let swapped = model.forward(TokenBatch(a)).copy()
+        XCTAssertEqual(swapped.rows(0..<1).maxAbsDifference(routed.rows(0..<1)), 0, accuracy: 1e-6)
+        XCTAssertGreaterThan(swapped.rows(1..<2).maxAbsDifference(routed.rows(1..<2)), 1e-3)
+        // The cached decode equals the full forward at every step.
+        model.router = r
+        let prompts = [Array(a.prefix(3)), [60, 61]]
+        let cached = try model.generateGreedy(prompts: prompts, maxNewTokens: 6)
+        for (p, got) in zip(prompts, cached) {
+            var seq = p
+            for _ in 0..<6 {
+                let logits = model.forward(TokenBatch(seq))
+                seq.append(logits.rows((seq.count - 1)..<seq.count).argmaxRows()[0])
+            }
+            XCTAssertEqual(got, seq)
+        }
+    }
+
     /// The backward sends the edit's term only through routed rows: the gradient of the routed model's
     /// loss (all parameters) matches its finite difference along the gradient, and differs from the
     /// gradient with every row routed.

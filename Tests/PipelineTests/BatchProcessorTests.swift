@@ -555,13 +555,53 @@ final class BatchProcessorTests: XCTestCase {
         // HEAD's state is the editor's own, with the earlier edit superseded.
         let direct = h.editor.newState()
         try h.editor.apply(first, to: direct)
-        try h.editor.apply([again], to: direct, superseding: [first[1]])
+        try h.editor.apply([again], to: direct, superseding: [PriorEdit(first[1], ordinal: 1)])
         try h.editor.apply([later], to: direct)
         let loaded = try VersionReplay.state(of: try h.store.load(), in: h.store, editor: h.editor, editorSHA256: nil).tensors()
         for m in Fixture.modules {
             XCTAssertEqual(loaded["gram." + m]!.array, direct.tensors()["gram." + m]!.array, m)
             XCTAssertEqual(loaded["delta_weight." + m]!.array, direct.tensors()["delta_weight." + m]!.array, m)
         }
+    }
+
+    /// With shards (`ls_shard_edits`), a version just after a shard was frozen is stored whole (no sums; the
+    /// frozen shards' blobs are shared with the versions before), the others in part; every version loads
+    /// as the editor's own state bit for bit, a re-edit of a fact in a frozen shard included, and the walk
+    /// of `verify --rebuild` gives the same.
+    func testShardedVersionsThroughTheStore() throws {
+        let tmp = TempDir("sharded")
+        try Fixture.writeLeastSquaresEditor(to: tmp.path("editor"), routeThreshold: 0.9, shardEdits: 3)
+        let h = try Harness(editorFolder: tmp.path("editor"), keyframeEdits: 100)
+        var again = Fixture.request(1)
+        again.targetNew = again.targetNew == "jazz" ? "piano" : "jazz"
+        let batches: [[EditRequest]] = [(0..<2).map(Fixture.request), (2..<4).map(Fixture.request), (4..<6).map(Fixture.request),
+                                        [again], [Fixture.request(7)]]
+        for (i, b) in batches.enumerated() { try h.drop("\(i).jsonl", try EditBatch.encode(b)) }
+        try h.processor.runOnce()
+        XCTAssertEqual(h.names("done").count, 5)
+        XCTAssertEqual(try h.store.manifests().map(\.replayEdits), [2, 4, nil, 1, 2], "version 3 ends shard 2: stored whole")
+        let editorSHA = PipelineResources.hashes(modelFolder: Fixture.modelFolder, editorFolder: tmp.path("editor")).editor
+        let direct = h.editor.newState()
+        var walk: VersionReplay.Rebuilt?
+        for (i, b) in batches.enumerated() {
+            try h.editor.apply(b, to: direct, superseding: i == 3 ? [PriorEdit(Fixture.request(1), ordinal: 1)] : [])
+            let loaded = try h.store.load(.number(i + 1))
+            XCTAssertEqual(loaded.tensors.keys.contains { $0.hasPrefix("shard_delta.") }, i == 2, "version \(i + 1)")
+            let rebuilt = try VersionReplay.state(of: loaded, in: h.store, editor: h.editor, editorSHA256: editorSHA).tensors()
+            let expected = direct.tensors()
+            XCTAssertEqual(Set(rebuilt.keys), Set(expected.keys), "version \(i + 1)")
+            for (name, t) in expected { XCTAssertEqual(rebuilt[name]?.array, t.array, "version \(i + 1): \(name)") }
+            if let w = walk, loaded.manifest.replayEdits != nil {
+                walk = try VersionReplay.continuing(w, to: loaded, in: h.store, editor: h.editor, editorSHA256: editorSHA)
+            } else {
+                walk = try VersionReplay.rebuilt(loaded, in: h.store, editor: h.editor, editorSHA256: editorSHA)
+            }
+            let walked = try XCTUnwrap(walk).state.tensors()
+            for (name, t) in expected { XCTAssertEqual(walked[name]?.array, t.array, "walk, version \(i + 1): \(name)") }
+        }
+        let state = try XCTUnwrap(direct as? EditState)
+        XCTAssertEqual(state.shardEdits, [3, 3])
+        XCTAssertEqual(Array(state.router!.keyThresholds[3..<6]), [2, 2, 2], "the re-edited fact's earlier keys are retired")
     }
 
     /// Between whole versions (at most `keyframeEdits` edits apart) a version stores only what the editor
@@ -586,7 +626,7 @@ final class BatchProcessorTests: XCTestCase {
         let editorSHA = PipelineResources.hashes(modelFolder: Fixture.modelFolder, editorFolder: tmp.path("editor")).editor
         var wholeStates: [[String: Tensor]] = []
         for (i, b) in batches.enumerated() {
-            try h.editor.apply(b, to: direct, superseding: i == 1 ? [Fixture.request(1)] : [])
+            try h.editor.apply(b, to: direct, superseding: i == 1 ? [PriorEdit(Fixture.request(1), ordinal: 1)] : [])
             let loaded = try h.store.load(.number(i + 1))
             let names = Set(loaded.tensors.keys)
             XCTAssertEqual(names.contains("gram." + Fixture.modules[0]), i == 2, "only version 3 stores the sums")

@@ -31,10 +31,11 @@ enum Fixture {
 
     /// Writes a random `least_squares` editor (fixed seed) with key statistics from the fixture's own texts,
     /// routed when `routeThreshold` is given.
-    static func writeLeastSquaresEditor(to folder: URL, seed: UInt64 = 3, routeThreshold: Float? = nil) throws {
+    static func writeLeastSquaresEditor(to folder: URL, seed: UInt64 = 3, routeThreshold: Float? = nil, shardEdits: Int? = nil) throws {
         let f = try ModelFolder.load(modelFolder, requireTokenizer: true)
         var cfg = editorConfig()
         cfg.routeThreshold = routeThreshold
+        cfg.lsShardEdits = shardEdits
         cfg.accumulation = .leastSquares
         cfg.editBias = false
         cfg.initEditLR = 0.5
