@@ -614,8 +614,9 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         var t0 = Date()
         let sig = try checkedSignals(requests)
         let contrast = config.accumulation == .leastSquares ? contrastRows(requests) : [:]
-        let sharded = config.lsShardEdits != nil
-        let pieces = shardPieces(requests.count, open: state.openShardEdits)
+        let size = shardSize(for: state)
+        let sharded = size != nil
+        let pieces = shardPieces(requests.count, open: state.openShardEdits, size: size)
         var shardOfEdit: [Int32] = []
         for (i, p) in pieces.enumerated() { shardOfEdit += [Int32](repeating: Int32(state.shardEdits.count + i), count: p.edits.count) }
         // With shards, a superseded edit's rows come out of the sums only while its shard is open (a frozen
@@ -680,11 +681,18 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         return times
     }
 
-    /// How a call of `count` edits falls into shards (`ls_shard_edits`) when `open` edits are in the sums:
-    /// consecutive pieces of the call, each ending its shard (`freezes`) when it fills it; one piece without
-    /// shards.
-    func shardPieces(_ count: Int, open: Int) -> [(edits: Range<Int>, freezes: Bool)] {
-        guard let size = config.lsShardEdits, config.accumulation == .leastSquares else { return [(0..<count, false)] }
+    /// The shard size that folds edits into `state`: `ls_shard_edits` for a state begun with shards (its keys
+    /// record them) or empty; nil for one begun without, which stays so (its versions replay as they were
+    /// made, and shards start with a new store).
+    func shardSize(for state: EditState) -> Int? {
+        guard let size = config.lsShardEdits, state.editCount == 0 || state.router?.keyEdits != nil else { return nil }
+        return size
+    }
+
+    /// How a call of `count` edits falls into shards of `size` when `open` edits are in the sums: consecutive
+    /// pieces of the call, each ending its shard (`freezes`) when it fills it; one piece without shards.
+    func shardPieces(_ count: Int, open: Int, size: Int?) -> [(edits: Range<Int>, freezes: Bool)] {
+        guard let size else { return [(0..<count, false)] }
         var pieces: [(edits: Range<Int>, freezes: Bool)] = []
         var start = 0, room = size - open % size
         while start < count {

@@ -162,6 +162,23 @@ final class ShardTests: XCTestCase {
         }
     }
 
+    /// A state begun without shards stays without them under a sharded editor: it folds as the unsharded
+    /// editor folds it, so versions made before shards replay as they were made.
+    func testAStateBegunWithoutShardsStaysSo() throws {
+        let plain = try LeastSquaresTests.editor(routeThreshold: 0.9, method: .mend)
+        let sharded = try editor()
+        let a = EditState(moduleNames: plain.config.modules), b = EditState(moduleNames: plain.config.modules)
+        try plain.apply(Array(Self.edits[0..<2]), to: a)
+        try plain.apply(Array(Self.edits[0..<2]), to: b)
+        try plain.apply(Array(Self.edits[2..<5]), to: a)
+        try sharded.apply(Array(Self.edits[2..<5]), to: b)
+        XCTAssertEqual(b.shardEdits, [])
+        XCTAssertNil(b.router?.keyEdits)
+        let ta = a.tensors(), tb = b.tensors()
+        XCTAssertEqual(Set(ta.keys), Set(tb.keys))
+        for (n, t) in ta { XCTAssertEqual(tb[n]?.array, t.array, n) }
+    }
+
     func testShardsNeedRoutedLeastSquares() throws {
         XCTAssertThrowsError(try LeastSquaresTests.editor(routeThreshold: nil, shardEdits: 2)) { error in
             guard case let .invalidConfig(_, field, reason)? = error as? EditingError else { return XCTFail("\(error)") }
