@@ -166,6 +166,11 @@ public final class EditState: EditorState, @unchecked Sendable {
     public var editCount = 0
     /// `ls_shard_edits`: the edits of each frozen shard, in shard order (each module's `frozen` holds their ΔW).
     public var shardEdits: [Int] = []
+    /// The shard size this state folds its edits with (nil: one solve), fixed by its first edit from the
+    /// editor's `ls_shard_edits` and kept whatever later editors say, so that its versions replay as they were
+    /// made; `shardSizeDecided` once fixed (a restored state is: without a record, it has no shards).
+    public var shardSize: Int?
+    var shardSizeDecided = false
     /// The edits in the sums, not yet frozen in a shard.
     public var openShardEdits: Int { editCount - shardEdits.reduce(0, +) }
     /// `route_threshold`: the keys of the edits so far and where the model compares them.
@@ -182,6 +187,7 @@ public final class EditState: EditorState, @unchecked Sendable {
     public func tensors() -> [String: Tensor] {
         var out: [String: Tensor] = ["edit_count": Tensor(shape: [1], values: [Float(editCount)])]
         if !shardEdits.isEmpty { out[Self.shardEditsName] = Tensor(shape: [shardEdits.count], values: shardEdits.map(Float.init)) }
+        if let n = shardSize { out[Self.shardSizeName] = Tensor(shape: [1], values: [Float(n)]) }
         for (name, m) in modules {
             for (i, w) in m.frozen.enumerated() { out["shard_delta.\(i).\(name)"] = w }
             if let w = m.deltaWeight { out["delta_weight." + name] = w }
@@ -202,15 +208,24 @@ public final class EditState: EditorState, @unchecked Sendable {
     }
 
     static let shardEditsName = "shard_edits"
+    static let shardSizeName = "shard_size"
 
     /// Rebuilds a state from `tensors()`; names outside `moduleNames` are an error.
     public convenience init(moduleNames: [String], tensors: [String: Tensor]) throws {
         self.init(moduleNames: moduleNames)
         router = try RouteTensors.router(from: tensors)
+        shardSizeDecided = true
         var pastParts: [String: [Int: [String: Tensor]]] = [:]
         var shardParts: [String: [Int: Tensor]] = [:]
         for (key, t) in tensors {
             if key == "edit_count" { editCount = Int(t[0]); continue }
+            if key == Self.shardSizeName {
+                guard t.count == 1, t[0] >= 1, t[0] == t[0].rounded(), t[0] < 16_777_216 else {
+                    throw EditingError.invalidInput("edit state: \"\(key)\" must be one whole number ≥ 1")
+                }
+                shardSize = Int(t[0])
+                continue
+            }
             if key == Self.shardEditsName {
                 guard t.rank == 1, t.array.allSatisfy({ $0 >= 1 && $0 == $0.rounded() }) else {
                     throw EditingError.invalidInput("edit state: \"\(key)\" must list each frozen shard's edit count")
@@ -316,6 +331,8 @@ public final class EditState: EditorState, @unchecked Sendable {
         let s = EditState(moduleNames: Array(modules.keys))
         s.editCount = editCount
         s.shardEdits = shardEdits
+        s.shardSize = shardSize
+        s.shardSizeDecided = shardSizeDecided
         s.router = router  // immutable: shared
         for (k, m) in modules {
             s.modules[k]!.deltaWeight = m.deltaWeight?.copy()
@@ -550,6 +567,14 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
 
     public func newState() -> EditorState { EditState(moduleNames: config.modules) }
 
+    /// An empty state whose shard size is the one `tensors` records (none when they record none).
+    public func newState(foldingAs tensors: [String: Tensor]) -> EditorState {
+        let state = EditState(moduleNames: config.modules)
+        state.shardSize = tensors[EditState.shardSizeName].map { Int($0[0]) }
+        state.shardSizeDecided = true
+        return state
+    }
+
     public func restoreState(_ tensors: [String: Tensor]) throws -> EditorState {
         let state = try EditState(moduleNames: config.modules, tensors: tensors)
         // A state stored with its past's representations: their projections through this editor's networks.
@@ -681,12 +706,15 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
         return times
     }
 
-    /// The shard size that folds edits into `state`: `ls_shard_edits` for a state begun with shards (its keys
-    /// record them) or empty; nil for one begun without, which stays so (its versions replay as they were
-    /// made, and shards start with a new store).
+    /// The shard size that folds edits into `state`: the one it records, else (its first edit) `ls_shard_edits`.
+    /// A state begun without shards stays so (its versions replay as they were made; shards start with a new
+    /// store), and one begun with them keeps their size under another editor's setting.
     func shardSize(for state: EditState) -> Int? {
-        guard let size = config.lsShardEdits, state.editCount == 0 || state.router?.keyEdits != nil else { return nil }
-        return size
+        if !state.shardSizeDecided {
+            state.shardSize = state.editCount == 0 ? config.lsShardEdits : nil
+            state.shardSizeDecided = true
+        }
+        return state.shardSize
     }
 
     /// How a call of `count` edits falls into shards of `size` when `open` edits are in the sums: consecutive

@@ -64,6 +64,9 @@ public protocol SequentialEditor: AnyObject {
     var moduleNames: [String] { get }
     /// The state before any edit.
     func newState() -> EditorState
+    /// The state before any edit, folding as the state `tensors` (a stored version reached from it by
+    /// replay) records it was folded: what a replay from nothing starts from.
+    func newState(foldingAs tensors: [String: Tensor]) -> EditorState
     /// A state from the tensors `EditorState.tensors()` wrote (for example a stored version).
     func restoreState(_ tensors: [String: Tensor]) throws -> EditorState
     /// Applies `requests` in order, folds them into `state`, and installs the result on the model.
@@ -118,6 +121,8 @@ extension SequentialEditor {
     public func apply(_ requests: [EditRequest], to state: EditorState, superseding superseded: [PriorEdit]) throws -> EditTimings {
         try apply(requests, to: state)
     }
+
+    public func newState(foldingAs tensors: [String: Tensor]) -> EditorState { newState() }
 
     /// Replays and finishes (`replay(_:onto:finish:)`).
     public func replay(_ batches: [ReplayBatch], onto state: EditorState) throws {

@@ -162,8 +162,9 @@ final class ShardTests: XCTestCase {
         }
     }
 
-    /// A state begun without shards stays without them under a sharded editor: it folds as the unsharded
-    /// editor folds it, so versions made before shards replay as they were made.
+    /// A state records the shard size of its first edit and keeps it: one begun without shards stays without
+    /// them under a sharded editor (it folds as the unsharded editor folds it, so versions made before shards
+    /// replay as they were made), and one begun with them keeps their size.
     func testAStateBegunWithoutShardsStaysSo() throws {
         let plain = try LeastSquaresTests.editor(routeThreshold: 0.9, method: .mend)
         let sharded = try editor()
@@ -177,6 +178,18 @@ final class ShardTests: XCTestCase {
         let ta = a.tensors(), tb = b.tensors()
         XCTAssertEqual(Set(ta.keys), Set(tb.keys))
         for (n, t) in ta { XCTAssertEqual(tb[n]?.array, t.array, n) }
+        // A replay from nothing towards such a state starts unsharded too, whatever the editor says.
+        let replayed = try XCTUnwrap(sharded.newState(foldingAs: ta) as? EditState)
+        try sharded.replay([ReplayBatch(requests: Array(Self.edits[0..<2]), superseded: []),
+                            ReplayBatch(requests: Array(Self.edits[2..<5]), superseded: [])], onto: replayed)
+        for (n, t) in ta { XCTAssertEqual(replayed.tensors()[n]?.array, t.array, n) }
+        // And a state begun with shards keeps its size under an editor without them.
+        let kept = EditState(moduleNames: plain.config.modules)
+        try sharded.apply(Array(Self.edits[0..<1]), to: kept)
+        try plain.apply(Array(Self.edits[1..<5]), to: kept)
+        XCTAssertEqual(kept.shardSize, 2)
+        XCTAssertEqual(kept.shardEdits, [2, 2])
+        XCTAssertEqual(try EditState(moduleNames: plain.config.modules, tensors: kept.tensors()).shardSize, 2)
     }
 
     func testShardsNeedRoutedLeastSquares() throws {
