@@ -691,7 +691,7 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
                         st.gram = LeastSquares.gram(u.rows(rows), into: st.gram)
                         st.cross = LeastSquares.cross(u.rows(rows), out.values.value.rows(rows), alpha: lr, into: st.cross)
                         guard p.freezes else { continue }
-                        st.frozen.append(try solveLeastSquares(m, gram: st.gram!).solve(st.cross!))
+                        st.frozen.append(LeastSquares.roundedForStorage(try solveLeastSquares(m, gram: st.gram!).solve(st.cross!)))
                         st.gram = nil; st.cross = nil; st.deltaWeight = nil
                     }
                 }

@@ -192,6 +192,31 @@ final class ShardTests: XCTestCase {
         XCTAssertEqual(try EditState(moduleNames: plain.config.modules, tensors: kept.tensors()).shardSize, 2)
     }
 
+    /// A frozen shard keeps float16's 10 mantissa bits (rounded to nearest, ties to even, as a conversion to
+    /// float16 rounds within its range) and float32's exponent.
+    func testFrozenShardsKeepTenMantissaBits() throws {
+        var rng = RNG(seed: 9)
+        let t = Tensor.randn([4096], std: 1, rng: &rng)
+        for i in 0..<t.count { t[i] *= Float(pow(10.0, Double(i % 7) - 3)) }   // 1e-3 … 1e3
+        t[0] = 1 + Float(1 << 12) / Float(1 << 23)   // just below halfway: rounds down
+        t[1] = 1 + Float(3 << 12) / Float(1 << 23)   // halfway above an odd last bit: rounds up to even
+        t[2] = 1 + Float(1 << 12) / Float(1 << 23) * 3 - Float(1 << 12) / Float(1 << 23) * 2   // 1 + half a step: ties to even (down)
+        let original = t.array
+        LeastSquares.roundedForStorage(t)
+        for (i, v) in original.enumerated() {
+            // float16 itself only within its normal range; below it, the same 10 bits with float32's exponent.
+            if abs(v) >= 6.2e-5 && abs(v) <= 65000 { XCTAssertEqual(t[i], Float(Float16(v)), "\(v)") }
+            XCTAssertLessThanOrEqual(abs(t[i] - v), abs(v) / 2048, "\(v)")
+            XCTAssertEqual(t[i].bitPattern & 0x1FFF, 0)
+        }
+        let e = try editor()
+        let state = EditState(moduleNames: e.config.modules)
+        try e.apply(Array(Self.edits[0..<2]), to: state)
+        for m in e.config.modules {
+            XCTAssertTrue(state.modules[m]!.frozen[0].array.allSatisfy { $0.bitPattern & 0x1FFF == 0 }, m)
+        }
+    }
+
     func testShardsNeedRoutedLeastSquares() throws {
         XCTAssertThrowsError(try LeastSquaresTests.editor(routeThreshold: nil, shardEdits: 2)) { error in
             guard case let .invalidConfig(_, field, reason)? = error as? EditingError else { return XCTFail("\(error)") }
