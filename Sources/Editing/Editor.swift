@@ -710,8 +710,9 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     /// A state begun without shards stays so (its versions replay as they were made; shards start with a new
     /// store), and one begun with them keeps their size under another editor's setting.
     func shardSize(for state: EditState) -> Int? {
+        // Undecided only while new and empty (a restored state is decided): its first edit decides.
         if !state.shardSizeDecided {
-            state.shardSize = state.editCount == 0 ? config.lsShardEdits : nil
+            state.shardSize = config.lsShardEdits
             state.shardSizeDecided = true
         }
         return state.shardSize
