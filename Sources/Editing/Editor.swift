@@ -140,6 +140,33 @@ public struct MetaTrainingConfig: Codable, Sendable {
     }
 }
 
+/// The names of a sharded state's frozen ΔW, `shard_delta.<shard>.<module>`: written and read by `EditState`,
+/// read by `EditedModelExport` (which installs a state without its editor).
+public enum ShardTensors {
+    static let prefix = "shard_delta."
+
+    static func name(shard: Int, module: String) -> String { prefix + "\(shard)." + module }
+
+    /// Per module named in `tensors`, its frozen shards in shard order; an error naming a malformed name, or
+    /// a module whose shards are not numbered 0…n−1.
+    static func frozen(in tensors: [String: Tensor]) throws -> [String: [Tensor]] {
+        var byModule: [String: [Int: Tensor]] = [:]
+        for (name, t) in tensors where name.hasPrefix(prefix) {
+            let rest = name.dropFirst(prefix.count).split(separator: ".", maxSplits: 1).map(String.init)
+            guard rest.count == 2, let i = Int(rest[0]), i >= 0 else { throw EditingError.invalidInput("edit state: bad shard name \"\(name)\"") }
+            byModule[rest[1], default: [:]][i] = t
+        }
+        var out: [String: [Tensor]] = [:]
+        for (module, shards) in byModule {
+            guard shards.keys.sorted() == Array(0..<shards.count) else {
+                throw EditingError.invalidInput("edit state: the frozen shards of \(module) are not numbered 0…\(shards.count - 1)")
+            }
+            out[module] = (0..<shards.count).map { shards[$0]! }
+        }
+        return out
+    }
+}
+
 /// Everything needed to continue a sequence of edits exactly: per module ΔW, Δb and the auxiliary
 /// network's past — the fusion attention's projections of each past edit's sample representation (keys,
 /// values and score keys, one row per edit per layer: all the network reads of the past) —, the
@@ -189,7 +216,7 @@ public final class EditState: EditorState, @unchecked Sendable {
         if !shardEdits.isEmpty { out[Self.shardEditsName] = Tensor(shape: [shardEdits.count], values: shardEdits.map(Float.init)) }
         if let n = shardSize { out[Self.shardSizeName] = Tensor(shape: [1], values: [Float(n)]) }
         for (name, m) in modules {
-            for (i, w) in m.frozen.enumerated() { out["shard_delta.\(i).\(name)"] = w }
+            for (i, w) in m.frozen.enumerated() { out[ShardTensors.name(shard: i, module: name)] = w }
             if let w = m.deltaWeight { out["delta_weight." + name] = w }
             if let b = m.deltaBias { out["delta_bias." + name] = b }
             if let p = m.past, p.isComplete {
@@ -216,7 +243,7 @@ public final class EditState: EditorState, @unchecked Sendable {
         router = try RouteTensors.router(from: tensors)
         shardSizeDecided = true
         var pastParts: [String: [Int: [String: Tensor]]] = [:]
-        var shardParts: [String: [Int: Tensor]] = [:]
+        let frozen = try ShardTensors.frozen(in: tensors)
         for (key, t) in tensors {
             if key == "edit_count" { editCount = Int(t[0]); continue }
             if key == Self.shardSizeName {
@@ -250,12 +277,7 @@ public final class EditState: EditorState, @unchecked Sendable {
                 default: m.cross = t.copy()
                 }
             case "shard_delta":
-                // shard_delta.<shard>.<module>
-                let rest = parts[1].split(separator: ".", maxSplits: 1).map(String.init)
-                guard rest.count == 2, let i = Int(rest[0]), i >= 0, modules[rest[1]] != nil else {
-                    throw EditingError.invalidInput("edit state: bad shard name \"\(key)\"")
-                }
-                shardParts[rest[1], default: [:]][i] = t.copy()
+                continue   // `frozen`, above
             case "reps":
                 guard let dot = parts[1].lastIndex(of: "."), let l = Int(parts[1][parts[1].index(after: dot)...]),
                       let m = modules[String(parts[1][..<dot])] else {
@@ -276,12 +298,15 @@ public final class EditState: EditorState, @unchecked Sendable {
                 throw EditingError.invalidInput("edit state: unexpected tensor \"\(key)\"")
             }
         }
+        if let stranger = frozen.keys.first(where: { modules[$0] == nil }) {
+            throw EditingError.invalidInput("edit state: frozen shards of \"\(stranger)\", which the editor does not edit")
+        }
         for name in modules.keys {
-            let parts = shardParts[name] ?? [:]
-            guard parts.keys.sorted() == Array(0..<shardEdits.count) else {
-                throw EditingError.invalidInput("edit state: \(name) has \(parts.count) frozen shard(s), \(Self.shardEditsName) lists \(shardEdits.count)")
+            let shards = frozen[name] ?? []
+            guard shards.count == shardEdits.count else {
+                throw EditingError.invalidInput("edit state: \(name) has \(shards.count) frozen shard(s), \(Self.shardEditsName) lists \(shardEdits.count)")
             }
-            modules[name]!.frozen = (0..<shardEdits.count).map { parts[$0]! }
+            modules[name]!.frozen = shards.map { $0.copy() }
         }
         guard shardEdits.reduce(0, +) <= editCount else {
             throw EditingError.invalidInput("edit state: the frozen shards hold more edits than edit_count")
@@ -313,7 +338,7 @@ public final class EditState: EditorState, @unchecked Sendable {
             for (prefix, t) in [("delta_weight.", m.deltaWeight), ("delta_bias.", m.deltaBias), ("gram.", m.gram), ("cross.", m.cross)] where t != nil {
                 names.insert(prefix + name)
             }
-            for i in m.frozen.indices { names.insert("shard_delta.\(i).\(name)") }
+            for i in m.frozen.indices { names.insert(ShardTensors.name(shard: i, module: name)) }
         }
         return names
     }

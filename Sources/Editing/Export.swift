@@ -18,21 +18,13 @@ public enum EditedModelExport {
             }
         }
         model.router = router
-        var shards: [String: [Int: Tensor]] = [:]
-        for (name, t) in tensors where name.hasPrefix(shardPrefix) {
-            let rest = name.dropFirst(shardPrefix.count).split(separator: ".", maxSplits: 1).map(String.init)
-            guard rest.count == 2, let i = Int(rest[0]), i >= 0 else { throw EditingError.invalidInput("edit state: bad shard name \"\(name)\"") }
-            guard let lin = model.linears[rest[1]] else { throw EditingError.unknownModule(rest[1]) }
-            guard t.count == lin.inFeatures * lin.outFeatures else {
-                throw EditingError.shapeMismatch(name: name, expected: [lin.inFeatures, lin.outFeatures], found: t.shape, file: "edit state")
+        for (m, shards) in try ShardTensors.frozen(in: tensors) {
+            guard let lin = model.linears[m] else { throw EditingError.unknownModule(m) }
+            for (i, t) in shards.enumerated() where t.count != lin.inFeatures * lin.outFeatures {
+                throw EditingError.shapeMismatch(name: ShardTensors.name(shard: i, module: m), expected: [lin.inFeatures, lin.outFeatures],
+                                                 found: t.shape, file: "edit state")
             }
-            shards[rest[1], default: [:]][i] = t.reshaped([lin.inFeatures, lin.outFeatures])
-        }
-        for (m, byIndex) in shards {
-            guard byIndex.keys.sorted() == Array(0..<byIndex.count) else {
-                throw EditingError.invalidInput("edit state: the frozen shards of \(m) are not numbered 0…\(byIndex.count - 1)")
-            }
-            model.linears[m]!.frozenDeltaWeights = (0..<byIndex.count).map { byIndex[$0]! }
+            lin.frozenDeltaWeights = shards.map { $0.reshaped([lin.inFeatures, lin.outFeatures]) }
         }
         for (name, t) in tensors {
             for (prefix, isWeight) in [("delta_weight.", true), ("delta_bias.", false)] where name.hasPrefix(prefix) {
@@ -79,15 +71,13 @@ public enum EditedModelExport {
 
     public static let provenanceFile = "dafnet-export.json"
 
-    static let shardPrefix = "shard_delta."
-
     /// A routed state (`route_threshold`) applies its edits only to inputs near an edit's key, which a
     /// plain model folder cannot express: it is refused unless `unrouted`, which merges ΔW for every input
     /// (what the editor without routing would give). A state with frozen shards (`ls_shard_edits`) has no
     /// single ΔW to merge and is refused either way.
     public static func export(model folder: ModelFolder, state tensors: [String: Tensor], to out: URL,
                               dtype: SafetensorsDType = .F32, provenance: Provenance? = nil, unrouted: Bool = false) throws {
-        if tensors.keys.contains(where: { $0.hasPrefix(shardPrefix) }) { throw EditingError.shardedExport }
+        if tensors.keys.contains(where: { $0.hasPrefix(ShardTensors.prefix) }) { throw EditingError.shardedExport }
         if RouteTensors.present(in: tensors) && !unrouted {
             throw EditingError.routedExport
         }
