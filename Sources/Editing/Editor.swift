@@ -237,22 +237,26 @@ public final class EditState: EditorState, @unchecked Sendable {
     static let shardEditsName = "shard_edits"
     static let shardSizeName = "shard_size"
 
+    /// The shard size `tensors` record (nil: none), or an error when it is not one whole number ≥ 1.
+    static func recordedShardSize(in tensors: [String: Tensor]) throws -> Int? {
+        guard let t = tensors[shardSizeName] else { return nil }
+        guard t.count == 1, t[0] >= 1, t[0] == t[0].rounded(), t[0] < 16_777_216 else {
+            throw EditingError.invalidInput("edit state: \"\(shardSizeName)\" must be one whole number ≥ 1")
+        }
+        return Int(t[0])
+    }
+
     /// Rebuilds a state from `tensors()`; names outside `moduleNames` are an error.
     public convenience init(moduleNames: [String], tensors: [String: Tensor]) throws {
         self.init(moduleNames: moduleNames)
         router = try RouteTensors.router(from: tensors)
+        shardSize = try Self.recordedShardSize(in: tensors)
         shardSizeDecided = true
         var pastParts: [String: [Int: [String: Tensor]]] = [:]
         let frozen = try ShardTensors.frozen(in: tensors)
         for (key, t) in tensors {
             if key == "edit_count" { editCount = Int(t[0]); continue }
-            if key == Self.shardSizeName {
-                guard t.count == 1, t[0] >= 1, t[0] == t[0].rounded(), t[0] < 16_777_216 else {
-                    throw EditingError.invalidInput("edit state: \"\(key)\" must be one whole number ≥ 1")
-                }
-                shardSize = Int(t[0])
-                continue
-            }
+            if key == Self.shardSizeName { continue }   // `recordedShardSize`, above
             if key == Self.shardEditsName {
                 guard t.rank == 1, t.array.allSatisfy({ $0 >= 1 && $0 == $0.rounded() }) else {
                     throw EditingError.invalidInput("edit state: \"\(key)\" must list each frozen shard's edit count")
@@ -593,9 +597,9 @@ public final class DAFNetEditor: SequentialEditor, @unchecked Sendable {
     public func newState() -> EditorState { EditState(moduleNames: config.modules) }
 
     /// An empty state whose shard size is the one `tensors` records (none when they record none).
-    public func newState(foldingAs tensors: [String: Tensor]) -> EditorState {
+    public func newState(foldingAs tensors: [String: Tensor]) throws -> EditorState {
         let state = EditState(moduleNames: config.modules)
-        state.shardSize = tensors[EditState.shardSizeName].map { Int($0[0]) }
+        state.shardSize = try EditState.recordedShardSize(in: tensors)
         state.shardSizeDecided = true
         return state
     }

@@ -66,7 +66,7 @@ public protocol SequentialEditor: AnyObject {
     func newState() -> EditorState
     /// The state before any edit, folding as the state `tensors` (a stored version reached from it by
     /// replay) records it was folded: what a replay from nothing starts from.
-    func newState(foldingAs tensors: [String: Tensor]) -> EditorState
+    func newState(foldingAs tensors: [String: Tensor]) throws -> EditorState
     /// A state from the tensors `EditorState.tensors()` wrote (for example a stored version).
     func restoreState(_ tensors: [String: Tensor]) throws -> EditorState
     /// Applies `requests` in order, folds them into `state`, and installs the result on the model.
@@ -122,7 +122,7 @@ extension SequentialEditor {
         try apply(requests, to: state)
     }
 
-    public func newState(foldingAs tensors: [String: Tensor]) -> EditorState { newState() }
+    public func newState(foldingAs tensors: [String: Tensor]) throws -> EditorState { newState() }
 
     /// Replays and finishes (`replay(_:onto:finish:)`).
     public func replay(_ batches: [ReplayBatch], onto state: EditorState) throws {

@@ -65,7 +65,7 @@ public enum VersionReplay {
             state = try editor.restoreState(try baseTensors(source, of: loaded))
             log = try EditLog.load(from: source)
         } else {
-            state = editor.newState(foldingAs: loaded.tensors)
+            state = try editor.newState(foldingAs: loaded.tensors)
             log = EditLog()
         }
         let batches = try replayBatches(of: loaded, links: chain, in: store, after: &log)

@@ -179,7 +179,13 @@ final class ShardTests: XCTestCase {
         XCTAssertEqual(Set(ta.keys), Set(tb.keys))
         for (n, t) in ta { XCTAssertEqual(tb[n]?.array, t.array, n) }
         // A replay from nothing towards such a state starts unsharded too, whatever the editor says.
-        let replayed = try XCTUnwrap(sharded.newState(foldingAs: ta) as? EditState)
+        let replayed = try XCTUnwrap(try sharded.newState(foldingAs: ta) as? EditState)
+        // A damaged record is an error, not a shard size of 0.
+        for bad: Float in [0, -3, 2.5] {
+            XCTAssertThrowsError(try sharded.newState(foldingAs: ["shard_size": Tensor(shape: [1], values: [bad])])) { error in
+                XCTAssertTrue("\(error)".contains("shard_size"), "\(error)")
+            }
+        }
         try sharded.replay([ReplayBatch(requests: Array(Self.edits[0..<2]), superseded: []),
                             ReplayBatch(requests: Array(Self.edits[2..<5]), superseded: [])], onto: replayed)
         for (n, t) in ta { XCTAssertEqual(replayed.tensors()[n]?.array, t.array, n) }
